@@ -1,0 +1,52 @@
+"""Per-layer KV caches. The cache owns its position (`offset`) and the attention mask; the model does not."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from .config import ModelConfig
+
+
+class KVCache:
+    """Keys and values of every token seen, preallocated in steps of `step` tokens and returned as views."""
+
+    step = 256
+
+    def __init__(self):
+        self.keys: mx.array | None = None  # (B, n_kv, capacity, head_dim)
+        self.values: mx.array | None = None
+        self.offset = 0
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        B, n_kv, L, head_dim = keys.shape
+        end = self.offset + L
+        if self.keys is None or end > self.keys.shape[2]:
+            capacity = (end + self.step - 1) // self.step * self.step
+            new_k = mx.zeros((B, n_kv, capacity, head_dim), keys.dtype)
+            new_v = mx.zeros((B, n_kv, capacity, values.shape[-1]), values.dtype)
+            if self.keys is not None:
+                new_k[..., : self.offset, :] = self.keys[..., : self.offset, :]
+                new_v[..., : self.offset, :] = self.values[..., : self.offset, :]
+            self.keys, self.values = new_k, new_v
+        self.keys[..., self.offset : end, :] = keys
+        self.values[..., self.offset : end, :] = values
+        self.offset = end
+        return self.keys[..., :end, :], self.values[..., :end, :]
+
+    def mask(self, n_queries: int) -> str:
+        # Bottom-right aligned causal mask: query i (position offset + i) sees keys 0 .. offset + i.
+        return "causal"
+
+    def trim(self, n: int) -> int:
+        """Forget the last n tokens (n is clipped to what is held); returns how many were removed."""
+        n = min(n, self.offset)
+        self.offset -= n
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+def make_cache(cfg: ModelConfig) -> list[KVCache]:
+    return [KVCache() for _ in range(cfg.num_hidden_layers)]

@@ -1,0 +1,261 @@
+"""Model configuration parsed from a Hugging Face ``config.json``.
+
+Field names are the ``config.json`` keys verbatim, so a reader can hold the two side by side.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from .errors import UserError
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "qwen3_moe")
+
+
+class ConfigError(UserError, ValueError):
+    """A checkpoint's config.json is missing, malformed or describes a model we cannot run."""
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """YaRN context extension (the only rope scaling Qwen2.5/Qwen3 checkpoints use)."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None  # None: 0.1 * ln(factor) + 1, as in the YaRN paper
+    truncate: bool = True
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_type: str
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    torch_dtype: str = "bfloat16"
+    rope_scaling: RopeScaling | None = None
+    # Mixture of experts (qwen3_moe); zero experts means every layer is dense.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    # MLX quantization as written by mlx-lm / our convert: {"group_size", "bits", "mode", per-layer overrides}.
+    quantization: dict | None = None
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return (
+            self.num_experts > 0
+            and layer not in self.mlp_only_layers
+            and (layer + 1) % self.decoder_sparse_step == 0
+        )
+
+    @property
+    def n_rep(self) -> int:
+        """Query heads per KV head (GQA group size)."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "config.json") -> "ModelConfig":
+        return _parse(raw, source)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: file not found") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a JSON object at the top level")
+        return _parse(raw, str(path))
+
+    def to_dict(self) -> dict:
+        """The Hugging Face spelling of this config (what convert writes back to config.json)."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "rope_scaling":
+                value = None if value is None else {"rope_type": "yarn", **vars(value)}
+                if value is not None and value["attention_factor"] is None:
+                    del value["attention_factor"]
+            elif f.name == "mlp_only_layers":
+                value = list(value)
+            elif f.name == "quantization" and value is None:
+                continue
+            out[f.name] = value
+        if self.num_experts == 0:
+            for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+                        "decoder_sparse_step", "mlp_only_layers"):
+                out.pop(key)
+        out["architectures"] = [_ARCHITECTURES[self.model_type]]
+        return out
+
+
+_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+
+
+def _parse(raw: dict, source: str) -> ModelConfig:
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"{source}: model_type {model_type!r} is not supported "
+            f"(qwen-mlx runs {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+
+    def need(key: str, kind: type):
+        if key not in raw:
+            raise ConfigError(f"{source}: required key {key!r} is missing")
+        return _typed(raw[key], kind, key, source)
+
+    def opt(key: str, kind: type, default):
+        value = raw.get(key)
+        return default if value is None else _typed(value, kind, key, source)
+
+    hidden = need("hidden_size", int)
+    heads = need("num_attention_heads", int)
+    kv_heads = opt("num_key_value_heads", int, heads)
+    for key, value in (("hidden_size", hidden), ("num_attention_heads", heads), ("num_key_value_heads", kv_heads)):
+        if value <= 0:
+            raise ConfigError(f"{source}: {key} must be positive, got {value}")
+    if heads % kv_heads:
+        raise ConfigError(
+            f"{source}: num_attention_heads ({heads}) is not divisible by num_key_value_heads ({kv_heads})"
+        )
+    # Qwen3 states head_dim explicitly (it is not hidden_size // heads there); Qwen2 derives it.
+    head_dim = opt("head_dim", int, 0) or hidden // heads
+    if head_dim % 2:
+        raise ConfigError(f"{source}: head_dim must be even for rotary embeddings, got {head_dim}")
+
+    rope_theta, rope_scaling = _parse_rope(raw, source)
+    # transformers 5 writes num_local_experts for what older configs call num_experts.
+    num_experts = opt("num_experts", int, 0) or opt("num_local_experts", int, 0)
+    if model_type != "qwen3_moe":
+        num_experts = 0
+    dtype = raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"
+
+    cfg = ModelConfig(
+        model_type=model_type,
+        hidden_size=hidden,
+        num_hidden_layers=need("num_hidden_layers", int),
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate_size=need("intermediate_size", int) if num_experts == 0 else opt("intermediate_size", int, 0),
+        vocab_size=need("vocab_size", int),
+        rms_norm_eps=opt("rms_norm_eps", float, 1e-6),
+        rope_theta=rope_theta,
+        max_position_embeddings=opt("max_position_embeddings", int, 32768),
+        # Qwen2's config class defaults tie_word_embeddings to False, Qwen3's too.
+        tie_word_embeddings=opt("tie_word_embeddings", bool, False),
+        # Qwen2 always has QKV bias (its config has no attention_bias key); Qwen3 has none unless stated.
+        attention_bias=True if model_type == "qwen2" else opt("attention_bias", bool, False),
+        torch_dtype=str(dtype),
+        rope_scaling=rope_scaling,
+        num_experts=num_experts,
+        num_experts_per_tok=opt("num_experts_per_tok", int, 0),
+        moe_intermediate_size=opt("moe_intermediate_size", int, 0),
+        norm_topk_prob=opt("norm_topk_prob", bool, False),
+        decoder_sparse_step=opt("decoder_sparse_step", int, 1),
+        mlp_only_layers=tuple(_typed(i, int, "mlp_only_layers", source) for i in raw.get("mlp_only_layers") or ()),
+        quantization=_parse_quantization(raw, source),
+    )
+    if cfg.num_hidden_layers <= 0 or cfg.vocab_size <= 0:
+        raise ConfigError(f"{source}: num_hidden_layers and vocab_size must be positive")
+    if num_experts:
+        if not 0 < cfg.num_experts_per_tok <= num_experts:
+            raise ConfigError(
+                f"{source}: num_experts_per_tok ({cfg.num_experts_per_tok}) must be between 1 and "
+                f"num_experts ({num_experts})"
+            )
+        if cfg.moe_intermediate_size <= 0:
+            raise ConfigError(f"{source}: moe_intermediate_size is required for a qwen3_moe model")
+        if cfg.decoder_sparse_step <= 0:
+            raise ConfigError(f"{source}: decoder_sparse_step must be positive")
+    if any(not cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)) and cfg.intermediate_size <= 0:
+        raise ConfigError(f"{source}: intermediate_size is required for the dense MLP layers")
+    return cfg
+
+
+def _parse_rope(raw: dict, source: str) -> tuple[float, RopeScaling | None]:
+    # Hub checkpoints: rope_theta + rope_scaling. transformers 5: rope_parameters {rope_type, rope_theta, ...}.
+    params = raw.get("rope_parameters") or {}
+    scaling = raw.get("rope_scaling") or params
+    if not isinstance(params, dict) or not isinstance(scaling, dict):
+        raise ConfigError(f"{source}: rope_scaling / rope_parameters must be JSON objects")
+    theta = raw.get("rope_theta", params.get("rope_theta"))
+    if theta is None:
+        raise ConfigError(f"{source}: rope_theta is missing (neither rope_theta nor rope_parameters.rope_theta)")
+    theta = _typed(theta, float, "rope_theta", source)
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type in ("default", None):
+        return theta, None
+    if rope_type != "yarn":
+        raise ConfigError(f"{source}: rope type {rope_type!r} is not supported (only default and yarn)")
+    factor = _typed(scaling.get("factor"), float, "rope_scaling.factor", source)
+    if factor < 1.0:
+        raise ConfigError(f"{source}: rope_scaling.factor must be at least 1, got {factor}")
+    original = scaling.get("original_max_position_embeddings", raw.get("max_position_embeddings"))
+    attention_factor = scaling.get("attention_factor")
+    return theta, RopeScaling(
+        factor=factor,
+        original_max_position_embeddings=_typed(original, int, "original_max_position_embeddings", source),
+        beta_fast=_typed(scaling.get("beta_fast") or 32, float, "beta_fast", source),
+        beta_slow=_typed(scaling.get("beta_slow") or 1, float, "beta_slow", source),
+        attention_factor=None if attention_factor is None else _typed(attention_factor, float, "attention_factor",
+                                                                      source),
+        truncate=bool(scaling.get("truncate", True)),
+    )
+
+
+def _parse_quantization(raw: dict, source: str) -> dict | None:
+    quant = raw.get("quantization")
+    hf_quant = raw.get("quantization_config")
+    if quant is None and isinstance(hf_quant, dict) and "quant_method" not in hf_quant:
+        quant = hf_quant  # mlx-lm writes the same section under both names
+    if quant is None:
+        if isinstance(hf_quant, dict):
+            raise ConfigError(
+                f"{source}: quantization method {hf_quant.get('quant_method')!r} is not supported "
+                "(qwen-mlx loads bf16/fp16/fp32 or MLX-quantized checkpoints; convert with `qwen-mlx convert`)"
+            )
+        return None
+    if not isinstance(quant, dict):
+        raise ConfigError(f"{source}: quantization must be a JSON object")
+    bits = _typed(quant.get("bits"), int, "quantization.bits", source)
+    group_size = _typed(quant.get("group_size"), int, "quantization.group_size", source)
+    if bits not in (2, 3, 4, 5, 6, 8) or group_size not in (32, 64, 128):
+        raise ConfigError(
+            f"{source}: unsupported quantization bits={bits} group_size={group_size} "
+            "(bits 2/3/4/5/6/8, group size 32/64/128)"
+        )
+    return quant
+
+
+def _typed(value, kind: type, key: str, source: str):
+    # bool is an int in Python; a config that says "num_hidden_layers": true is wrong, not 1.
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind) and not isinstance(value, bool)
+    if not ok:
+        raise ConfigError(f"{source}: {key} must be {kind.__name__}, got {value!r}")
+    return kind(value)

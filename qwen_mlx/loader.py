@@ -1,0 +1,191 @@
+"""Find a checkpoint (local directory or hub id), check its files, and load its weights lazily into a Model.
+
+Safetensors files are untrusted: each header is parsed and checked by the `safetensors` package (its Rust parser
+validates offsets, sizes and the file length) and every tensor's name, dtype and shape is checked against the
+model before `mx.load` sees the file. Code in a checkpoint (`*.py`, `auto_map`) is never downloaded or run.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import ConfigError, ModelConfig
+from .errors import UserError
+from .model import Model
+from .quant import quantize_model
+
+# What a model needs from the hub: weights, configs, tokenizer and template. Never code.
+HUB_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "tokenizer*", "vocab.json", "merges.txt"]
+
+_DTYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16, "U32": mx.uint32}
+_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|scales|biases)$")
+
+
+class LoadError(UserError):
+    """A checkpoint cannot be found or loaded; the message is one sentence naming the file or tensor."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    dtype: str  # safetensors spelling: F32, BF16, ...
+    shape: tuple[int, ...]
+
+
+def resolve(path_or_repo: str | Path) -> Path:
+    """A local checkpoint directory, or a hub id downloaded (only the files a model needs) into the HF cache."""
+    path = Path(path_or_repo).expanduser()
+    if path.is_dir():
+        return path
+    text = str(path_or_repo)
+    if path.exists():
+        raise LoadError(f"{text}: not a directory (pass the checkpoint directory, or a .gguf file to `convert`)")
+    if text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise LoadError(f"{text}: no such checkpoint directory")
+    return _download(text)
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except RepositoryNotFoundError:
+        raise LoadError(f"{repo_id}: no such model on the Hugging Face hub (or it is private)") from None
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        raise LoadError(
+            f"{repo_id}: could not download it from the Hugging Face hub and it is not in the local cache "
+            f"({type(e).__name__}); download it where you have a connection, or pass --model PATH to a local "
+            "checkpoint directory"
+        ) from None
+
+
+def load_config(path: Path) -> ModelConfig:
+    try:
+        return ModelConfig.from_file(path / "config.json")
+    except ConfigError as e:
+        raise LoadError(str(e)) from None
+
+
+def load_model(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None) -> tuple[Model, Path]:
+    """Build the model described by config.json and load its weights; returns the model and the checkpoint dir.
+
+    Weights keep the checkpoint's dtype unless `dtype` is given (quantized weights keep theirs). They are read
+    lazily and materialized once.
+    """
+    path = resolve(path_or_repo)
+    cfg = load_config(path)
+    index = read_index(path)
+    model = Model(cfg)
+    if cfg.quantization:
+        quantize_model(model, cfg.quantization, present=set(index))
+    weights = _load_weights(index, cfg)
+    check_weights(model, index, weights, cfg)
+    if dtype is not None:
+        weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    model.load_weights(list(weights.items()), strict=True)
+    mx.eval(model.parameters())
+    model.eval()
+    return model, path
+
+
+def read_index(path: Path) -> dict[str, TensorInfo]:
+    """Every tensor of the checkpoint with its file, dtype and shape, read from the headers only."""
+    from safetensors import safe_open
+
+    files = _weight_files(path)
+    index: dict[str, TensorInfo] = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="numpy") as f:
+                for name in f.keys():
+                    piece = f.get_slice(name)
+                    dtype, shape = piece.get_dtype(), tuple(piece.get_shape())
+                    if name in index:
+                        raise LoadError(f"{file.name}: tensor {name} also appears in {index[name].file.name}")
+                    index[name] = TensorInfo(file, dtype, shape)
+        except LoadError:
+            raise
+        except Exception as e:  # the Rust parser's errors: bad header, offsets, sizes, truncated file
+            raise LoadError(f"{file}: not a valid safetensors file ({_one_line(e)})") from None
+    return index
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index_file = path / "model.safetensors.index.json"
+    if not index_file.exists():
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise LoadError(f"{path}: no *.safetensors weight files in this directory")
+        return files
+    try:
+        weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise LoadError(f"{index_file}: not a valid safetensors index (expected a 'weight_map' object)") from None
+    for name in names:
+        if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
+            raise LoadError(f"{index_file}: shard name {name!r} is not a .safetensors file in this directory")
+        if not (path / name).is_file():
+            raise LoadError(f"{index_file}: shard {name} is listed but missing")
+    return [path / name for name in names]
+
+
+def _load_weights(index: dict[str, TensorInfo], cfg: ModelConfig) -> dict[str, mx.array]:
+    for name, info in index.items():
+        if info.dtype not in _DTYPES:
+            raise LoadError(f"{info.file.name}: tensor {name} has dtype {info.dtype}, which qwen-mlx does not load")
+    weights: dict[str, mx.array] = {}
+    for file in sorted({info.file for info in index.values()}):
+        weights.update(mx.load(str(file)))  # lazy: read when evaluated
+    return sanitize(weights, cfg)
+
+
+def sanitize(weights: dict[str, mx.array], cfg: ModelConfig) -> dict[str, mx.array]:
+    """Hugging Face names -> ours: drop what a model does not use, stack per-expert MoE tensors (E, out, in)."""
+    out: dict[str, mx.array] = {}
+    experts: dict[tuple[str, str, str], dict[int, mx.array]] = {}
+    for name, value in weights.items():
+        if name.endswith("rotary_emb.inv_freq") or (cfg.tie_word_embeddings and name.startswith("lm_head.")):
+            continue
+        m = _EXPERT.match(name)
+        if m:
+            prefix, e, proj, kind = m.groups()
+            experts.setdefault((prefix, proj, kind), {})[int(e)] = value
+            continue
+        out[name] = value
+    for (prefix, proj, kind), per_expert in experts.items():
+        if sorted(per_expert) != list(range(cfg.num_experts)):
+            missing = sorted(set(range(cfg.num_experts)) - set(per_expert))
+            raise LoadError(f"tensor {prefix}.experts.{missing[0] if missing else '?'}.{proj}.{kind} is missing")
+        out[f"{prefix}.switch_mlp.{proj}.{kind}"] = mx.stack([per_expert[e] for e in range(cfg.num_experts)])
+    return out
+
+
+def check_weights(model: nn.Module, index: dict[str, TensorInfo], weights: dict[str, mx.array],
+                  cfg: ModelConfig) -> None:
+    """Every parameter present with the model's shape, nothing unexpected; errors name the tensor and file."""
+    expected = {name: p.shape for name, p in tree_flatten(model.parameters())}
+    for name, shape in expected.items():
+        if name not in weights:
+            raise LoadError(f"checkpoint has no tensor {name} (needed by this {cfg.model_type} config)")
+        got = tuple(weights[name].shape)
+        if got != tuple(shape):
+            where = index[name].file.name if name in index else "the checkpoint"
+            raise LoadError(f"{where}: tensor {name} has shape {got}, the config needs {tuple(shape)}")
+    extra = sorted(set(weights) - set(expected))
+    if extra:
+        more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
+        raise LoadError(f"checkpoint has tensor {extra[0]}{more} that this {cfg.model_type} config does not use")
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split()) or type(e).__name__

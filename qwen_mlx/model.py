@@ -1,0 +1,183 @@
+"""Qwen2 / Qwen3 / Qwen3-MoE decoder in MLX.
+
+Module paths equal the Hugging Face weight names (model.layers.0.self_attn.q_proj ...), so loading renames nothing.
+No loading, quantization or backend choice here: quantized layers are swapped in from outside (quant.py) and the
+fused ops live in kernels/.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from . import kernels
+from .config import ModelConfig
+from .rope import Rope, make_rope, softmax_scale
+
+
+class Cache(Protocol):
+    """What attention needs from a per-layer KV cache (see cache.py)."""
+
+    offset: int  # tokens seen so far = position of the next token
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]: ...
+
+    def mask(self, n_queries: int) -> str | mx.array:
+        """Mask for `mx.fast.scaled_dot_product_attention` over what update_and_fetch returned."""
+        ...
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, rope: Rope):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        if cfg.model_type != "qwen2":  # Qwen3: RMSNorm over each head of q and k, before RoPE
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.rms_norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.rms_norm_eps)
+        self._freqs = rope.wavelengths  # underscore: a constant, not a parameter
+        self.scale = softmax_scale(cfg, rope)
+
+    def __call__(self, x: mx.array, cache: Cache | None) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
+        if "q_norm" in self:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, heads, L, head_dim)
+
+        offset = cache.offset if cache is not None else 0
+        q = kernels.rope(q, offset=offset, freqs=self._freqs)
+        k = kernels.rope(k, offset=offset, freqs=self._freqs)
+        if cache is not None:
+            mask = cache.mask(L)  # before the update: it depends on the positions already held
+            k, v = cache.update_and_fetch(k, v)  # (B, n_kv, S, head_dim), rotated keys are what is cached
+        else:
+            mask = "causal"
+        # GQA: the fused kernel maps each group of n_rep query heads to its KV head; nothing is repeated.
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)  # (B, heads, L, head_dim)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SwitchLinear(nn.Module):
+    """A stack of per-expert linear layers (E, out, in); each token goes through the experts it is routed to."""
+
+    def __init__(self, in_dims: int, out_dims: int, num_experts: int):
+        super().__init__()
+        scale = in_dims**-0.5
+        self.weight = mx.random.uniform(-scale, scale, (num_experts, out_dims, in_dims))
+
+    def __call__(self, x: mx.array, experts: mx.array, sorted_experts: bool = False) -> mx.array:
+        # x: (..., 1 or k, 1, in), experts: (..., k) -> (..., k, 1, out)
+        return kernels.gather_mm(x, self.weight, experts, sorted_experts)
+
+
+class SparseMoE(nn.Module):
+    """Qwen3-MoE feed-forward: softmax router, top-k experts, optional renormalization, no shared expert."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        dim, hidden, n = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
+        self.gate = nn.Linear(dim, n, bias=False)
+        self.switch_mlp = SwitchMLP(dim, hidden, n)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        probs = mx.softmax(self.gate(x).astype(mx.float32), axis=-1)  # (B, L, E)
+        experts = mx.stop_gradient(mx.argpartition(-probs, kth=self.top_k - 1, axis=-1)[..., : self.top_k])
+        weights = mx.take_along_axis(probs, experts, axis=-1)  # (B, L, k)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(axis=-1, keepdims=True)
+        y = self.switch_mlp(x, experts)  # (B, L, k, dim)
+        return (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+
+
+class SwitchMLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, num_experts: int):
+        super().__init__()
+        self.gate_proj = SwitchLinear(dim, hidden, num_experts)
+        self.up_proj = SwitchLinear(dim, hidden, num_experts)
+        self.down_proj = SwitchLinear(hidden, dim, num_experts)
+
+    def __call__(self, x: mx.array, experts: mx.array) -> mx.array:
+        # x: (B, L, dim), experts: (B, L, k) -> (B, L, k, dim)
+        B, L, k = experts.shape
+        if experts.size < 64:  # decode: each token reads only its k experts
+            x = mx.expand_dims(x, (-2, -3))  # (B, L, 1, 1, dim)
+            h = nn.silu(self.gate_proj(x, experts)) * self.up_proj(x, experts)
+            return self.down_proj(h, experts).squeeze(-2)  # (B, L, k, dim)
+        # Prefill: sort the (token, expert) pairs by expert so that each expert's weights are read once.
+        flat = experts.flatten()
+        order = mx.argsort(flat)
+        x = x.reshape(B * L, 1, -1)[order // k]  # (B*L*k, 1, dim), grouped by expert
+        idx = flat[order]
+        h = nn.silu(self.gate_proj(x, idx, True)) * self.up_proj(x, idx, True)
+        y = self.down_proj(h, idx, True)  # (B*L*k, 1, dim)
+        return y[mx.argsort(order)].reshape(B, L, k, -1)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, rope: Rope, layer: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, rope)
+        self.mlp = SparseMoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+    def __call__(self, x: mx.array, cache: Cache | None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class QwenModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        rope = make_rope(cfg)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = [Block(cfg, rope, i) for i in range(cfg.num_hidden_layers)]
+        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+    def __call__(self, tokens: mx.array, cache: list[Cache] | None) -> mx.array:
+        h = self.embed_tokens(tokens)  # (B, L, dim)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cache[i] if cache is not None else None)
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    """The causal LM: tokens (B, L) -> logits (B, L, vocab)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = QwenModel(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def __call__(self, tokens: mx.array, cache: list[Cache] | None = None) -> mx.array:
+        h = self.model(tokens, cache)
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    @property
+    def layers(self) -> list[Block]:
+        return self.model.layers

@@ -1,0 +1,34 @@
+"""Session fixtures: tiny random checkpoints in the real Hugging Face layout, built once per test session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+# Tests never reach the network: hub look-ups fail fast instead of hanging.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+from make_tiny_checkpoint import write_tiny_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """tiny_checkpoint(variant, dtype="float32", **overrides) -> Path, each built once per session."""
+    built: dict[tuple, Path] = {}
+
+    def get(variant: str, dtype: str = "float32", **overrides) -> Path:
+        key = (variant, dtype, tuple(sorted(overrides.items())))
+        if key not in built:
+            name = "-".join([variant, dtype, *(f"{k}{v}" for k, v in sorted(overrides.items()))])
+            built[key] = write_tiny_checkpoint(tmp_path_factory.mktemp(name), variant, dtype, overrides=overrides)
+        return built[key]
+
+    return get

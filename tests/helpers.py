@@ -1,0 +1,42 @@
+"""Reference decoders shared by the parity tests: ours, transformers' and mlx-lm's, all greedy."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from qwen_mlx.cache import make_cache
+
+
+def greedy_ours(model, prompt: np.ndarray, n: int, cache=None) -> list[int]:
+    """Prefill the prompt, then decode one token at a time through the KV cache."""
+    cache = cache if cache is not None else make_cache(model.config)
+    logits = model(mx.array(prompt)[None], cache)
+    out = []
+    for _ in range(n):
+        token = mx.argmax(logits[:, -1], axis=-1)
+        out.append(token.item())
+        logits = model(token[:, None], cache)
+    return out
+
+
+def greedy_transformers(hf_model, prompt: np.ndarray, n: int) -> list[int]:
+    """transformers' own KV-cached greedy decode, without stopping at eos."""
+    import torch
+
+    out = hf_model.generate(torch.tensor(prompt)[None], max_new_tokens=n, do_sample=False, eos_token_id=[],
+                            pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def greedy_mlx_lm(path, prompt: np.ndarray, n: int) -> list[int]:
+    from mlx_lm.generate import generate_step
+    from mlx_lm.utils import load_model
+
+    model, _ = load_model(path)
+    steps = generate_step(mx.array(prompt), model, max_tokens=n, sampler=lambda x: mx.argmax(x, axis=-1))
+    return [int(token) for token, _ in steps]
+
+
+def prompt_ids(n: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 151643, n)
