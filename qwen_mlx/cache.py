@@ -1,4 +1,4 @@
-"""Per-layer KV caches. The cache owns its position (`offset`) and the attention mask; the model does not."""
+"""Per-layer KV caches. A cache owns its position (`offset`), its storage and the attention over it."""
 
 from __future__ import annotations
 
@@ -33,9 +33,10 @@ class KVCache:
         self.offset = end
         return self.keys[..., :end, :], self.values[..., :end, :]
 
-    def mask(self, n_queries: int) -> str:
-        # Bottom-right aligned causal mask: query i (position offset + i) sees keys 0 .. offset + i.
-        return "causal"
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+        keys, values = self.update_and_fetch(k, v)
+        # "causal" is bottom-right aligned: query i (position offset + i) sees keys 0 .. offset + i.
+        return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask="causal")
 
     def trim(self, n: int) -> int:
         """Forget the last n tokens (n is clipped to what is held); returns how many were removed."""

@@ -18,14 +18,13 @@ from .rope import Rope, make_rope, softmax_scale
 
 
 class Cache(Protocol):
-    """What attention needs from a per-layer KV cache (see cache.py)."""
+    """A per-layer KV cache (see cache.py). It owns the position and the storage format, so it also runs the
+    attention over what it holds (a quantized cache attends with quantized matmuls, a rotating one masks its ring)."""
 
     offset: int  # tokens seen so far = position of the next token
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]: ...
-
-    def mask(self, n_queries: int) -> str | mx.array:
-        """Mask for `mx.fast.scaled_dot_product_attention` over what update_and_fetch returned."""
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+        """Append k, v (B, n_kv, L, head_dim) and attend q (B, heads, L, head_dim) causally over all held keys."""
         ...
 
 
@@ -56,13 +55,12 @@ class Attention(nn.Module):
         offset = cache.offset if cache is not None else 0
         q = kernels.rope(q, offset=offset, freqs=self._freqs)
         k = kernels.rope(k, offset=offset, freqs=self._freqs)
-        if cache is not None:
-            mask = cache.mask(L)  # before the update: it depends on the positions already held
-            k, v = cache.update_and_fetch(k, v)  # (B, n_kv, S, head_dim), rotated keys are what is cached
+        # GQA: the fused attention maps each group of n_rep query heads to its KV head; nothing is repeated.
+        if cache is None:
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask="causal")
         else:
-            mask = "causal"
-        # GQA: the fused kernel maps each group of n_rep query heads to its KV head; nothing is repeated.
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)  # (B, heads, L, head_dim)
+            out = cache.attend(q, k, v, self.scale)  # rotated keys are what is cached
+        # out: (B, heads, L, head_dim)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
