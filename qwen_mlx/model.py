@@ -171,7 +171,10 @@ class Model(nn.Module):
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def __call__(self, tokens: mx.array, cache: list[Cache] | None = None) -> mx.array:
-        h = self.model(tokens, cache)
+        return self.head(self.model(tokens, cache))
+
+    def head(self, h: mx.array) -> mx.array:
+        """Final hidden states (B, L, dim) -> logits (B, L, vocab)."""
         if self.config.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)

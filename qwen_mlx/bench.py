@@ -1,0 +1,286 @@
+"""`qwen-mlx bench`: prefill and decode speed, memory and roofline fraction, side by side with mlx-lm.
+
+Both engines run on the very same weight arrays (shared, not copied), greedy, in one process: ours through
+`generate_tokens`, mlx-lm through its own `generate_step`. JSON schema (stable, "qwen-mlx-bench/1"):
+
+    {"schema": "qwen-mlx-bench/1", "device": str, "bandwidth_gbs": float, "bandwidth_source": "table|measured|flag",
+     "mlx_version": str, "mlx_lm_version": str | null,
+     "cases": [{"model": str, "bits": "bf16|8|4", "layers": int, "engine": "qwen-mlx|mlx-lm",
+                "prompt_tokens": int, "gen_tokens": int, "prefill_tps": float, "decode_tps": float,
+                "ttft_s": float, "peak_memory_bytes": int, "weight_bytes": int, "kv_cache_bytes": int,
+                "weight_bytes_per_token": int, "roofline_fraction": float}],
+     "ratios": [{"model", "bits", "prompt_tokens", "decode_ratio", "prefill_ratio"}]}   # ours / mlx-lm
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .cache import make_cache
+from .config import ModelConfig
+from .errors import UserError
+from .generate import GenerationStats, generate_tokens
+from .model import Model
+from .quant import quantize_model
+
+_QWEN3 = dict(model_type="qwen3", vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1000000.0,
+              max_position_embeddings=40960, head_dim=128, attention_bias=False)
+PRESETS: dict[str, dict] = {  # dimensions of the real checkpoints' config.json
+    "qwen3-0.6b": dict(_QWEN3, hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, intermediate_size=3072, tie_word_embeddings=True),
+    "qwen3-1.7b": dict(_QWEN3, hidden_size=2048, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, intermediate_size=6144, tie_word_embeddings=True),
+    "qwen3-4b": dict(_QWEN3, hidden_size=2560, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, intermediate_size=9728, tie_word_embeddings=True),
+    "qwen3-8b": dict(_QWEN3, hidden_size=4096, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, intermediate_size=12288, tie_word_embeddings=False),
+    "qwen3-30b-a3b": dict(_QWEN3, model_type="qwen3_moe", hidden_size=2048, num_hidden_layers=48,
+                          num_attention_heads=32, num_key_value_heads=4, intermediate_size=6144,
+                          moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+                          decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False),
+}
+
+# Memory bandwidth in GB/s by device name (Apple's and NVIDIA's published figures).
+BANDWIDTH_GBS = {
+    "Apple M1": 68, "Apple M1 Pro": 200, "Apple M1 Max": 400, "Apple M1 Ultra": 800,
+    "Apple M2": 100, "Apple M2 Pro": 200, "Apple M2 Max": 400, "Apple M2 Ultra": 800,
+    "Apple M3": 100, "Apple M3 Pro": 150, "Apple M3 Max": 400, "Apple M3 Ultra": 819,
+    "Apple M4": 120, "Apple M4 Pro": 273, "Apple M4 Max": 546,
+    "NVIDIA H100 80GB HBM3": 3350, "NVIDIA H200": 4800,
+}
+
+
+@dataclass
+class Case:
+    model: str
+    bits: str
+    layers: int
+    engine: str
+    prompt_tokens: int
+    gen_tokens: int
+    prefill_tps: float
+    decode_tps: float
+    ttft_s: float
+    peak_memory_bytes: int
+    weight_bytes: int
+    kv_cache_bytes: int
+    weight_bytes_per_token: int
+    roofline_fraction: float
+
+
+def preset_config(name: str, layers: int | None) -> ModelConfig:
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r} (choose from {', '.join(PRESETS)})")
+    raw = dict(PRESETS[name])
+    if layers:
+        raw["num_hidden_layers"] = layers
+    return ModelConfig.from_dict(raw, f"preset {name}")
+
+
+def random_model(cfg: ModelConfig, bits: str) -> Model:
+    """A model with random bf16 weights, quantized to `bits` (mlx-lm's affine layout, group 64)."""
+    model = Model(cfg)
+    model.set_dtype(mx.bfloat16)
+    if bits != "bf16":
+        quantize_model(model, {"group_size": 64, "bits": int(bits)})
+    mx.eval(model.parameters())
+    return model
+
+
+def mlx_lm_twin(model: Model, cfg: ModelConfig, bits: str) -> nn.Module:
+    """mlx-lm's own model class for this config, holding the very same weight arrays."""
+    from mlx_lm.models import qwen3, qwen3_moe
+
+    module = qwen3_moe if cfg.model_type == "qwen3_moe" else qwen3
+    raw = cfg.to_dict()
+    twin = module.Model(module.ModelArgs.from_dict(raw))
+    if bits != "bf16":
+        ours = {name for name, _ in tree_flatten(model.parameters())}
+        nn.quantize(twin, group_size=64, bits=int(bits),
+                    class_predicate=lambda path, m: hasattr(m, "to_quantized") and f"{path}.scales" in ours)
+    twin.load_weights(tree_flatten(model.parameters()), strict=True)
+    twin.eval()
+    return twin
+
+
+def weight_bytes_per_token(model: Model, cfg: ModelConfig) -> int:
+    """Weight bytes one decode token reads: every matrix once, the routed experts' share of the expert stacks,
+    one row of an untied embedding."""
+    total = 0
+    for name, p in tree_flatten(model.parameters()):
+        if name.startswith("model.embed_tokens.") and not cfg.tie_word_embeddings:
+            continue
+        if ".switch_mlp." in name:
+            total += p.nbytes * cfg.num_experts_per_tok // cfg.num_experts
+        else:
+            total += p.nbytes
+    return total
+
+
+def device_bandwidth(flag: float | None) -> tuple[str, float, str]:
+    if mx.metal.is_available():
+        name = mx.metal.device_info().get("device_name", "Apple GPU")
+    elif mx.cuda.is_available():
+        name = "CUDA GPU"
+    else:
+        name = "CPU"
+    if flag:
+        return name, flag, "flag"
+    if name in BANDWIDTH_GBS:
+        return name, float(BANDWIDTH_GBS[name]), "table"
+    return name, measure_bandwidth(), "measured"
+
+
+def measure_bandwidth(n_bytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    """Copy benchmark: GB/s of bytes read plus bytes written by `x + 0` over a large array."""
+    x = mx.zeros(n_bytes // 4, mx.float32)
+    mx.eval(x)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        mx.eval(x + 1)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n_bytes / best / 1e9
+
+
+def _time_ours(model: Model, prompt: list[int], gen: int) -> tuple[float, float, float, int, int]:
+    cache = make_cache(model.config)
+    stats = GenerationStats()
+    n = sum(1 for _ in generate_tokens(model, prompt, cache, max_tokens=gen, stats=stats))
+    if n != gen:
+        raise RuntimeError(f"generated {n} tokens, expected {gen}")
+    return stats.prompt_tps, stats.decode_tps, stats.time_to_first_token, stats.peak_memory, \
+        sum(c.nbytes for c in cache)
+
+
+def _time_mlx_lm(twin: nn.Module, prompt: list[int], gen: int) -> tuple[float, float, float, int, int]:
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(twin)
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    first = last = None
+    n = 0
+    for _token, _ in generate_step(mx.array(prompt), twin, max_tokens=gen, prompt_cache=cache,
+                                   sampler=lambda x: mx.argmax(x, axis=-1)):
+        last = time.perf_counter()
+        first = first or last
+        n += 1
+    ttft = first - start
+    decode = (n - 1) / (last - first) if n > 1 and last > first else 0.0
+    return len(prompt) / ttft, decode, ttft, mx.get_peak_memory(), sum(c.nbytes for c in cache)
+
+
+def run(presets: list[str], bits_list: list[str], prompt_lengths: list[int], gen_tokens: int, *,
+        layers: int | None = None, repeats: int = 3, warmup: int = 1, with_mlx_lm: bool = True,
+        bandwidth: float | None = None, seed: int = 0, log=print) -> dict:
+    device, gbs, source = device_bandwidth(bandwidth)
+    log(f"device {device}, bandwidth {gbs:.0f} GB/s ({source})")
+    cases: list[Case] = []
+    for name, bits, model, twin in _models(presets, bits_list, layers, with_mlx_lm, seed):
+        cfg = model.config
+        engines = {"qwen-mlx": lambda p, g, m=model: _time_ours(m, p, g)}
+        if twin is not None:
+            engines["mlx-lm"] = lambda p, g, t=twin: _time_mlx_lm(t, p, g)
+        weights = sum(p.nbytes for _, p in tree_flatten(model.parameters()))
+        per_token = weight_bytes_per_token(model, cfg)
+        for plen in prompt_lengths:
+            prompt = mx.random.randint(0, cfg.vocab_size, (plen,), key=mx.random.key(seed)).tolist()
+            for _ in range(warmup):
+                for timer in engines.values():
+                    timer(prompt, min(gen_tokens, 8))
+            # Engines alternate within each repeat, so a change in machine load hits both alike.
+            runs = {engine: [] for engine in engines}
+            for _ in range(repeats):
+                for engine, timer in engines.items():
+                    runs[engine].append(timer(prompt, gen_tokens))
+            for engine, results in runs.items():
+                prefill, decode, ttft = (statistics.median(r[i] for r in results) for i in range(3))
+                case = Case(name, bits, cfg.num_hidden_layers, engine, plen, gen_tokens, prefill, decode, ttft,
+                            max(r[3] for r in results), weights, max(r[4] for r in results), per_token,
+                            per_token * decode / (gbs * 1e9))
+                cases.append(case)
+                log(_row(case))
+        del model, twin, engines
+        mx.clear_cache()
+    return {
+        "schema": "qwen-mlx-bench/1", "device": device, "bandwidth_gbs": gbs, "bandwidth_source": source,
+        "mlx_version": mx.__version__, "mlx_lm_version": _mlx_lm_version() if with_mlx_lm else None,
+        "cases": [asdict(c) for c in cases], "ratios": _ratios(cases),
+    }
+
+
+def _models(sources: list[str], bits_list: list[str], layers: int | None, with_mlx_lm: bool, seed: int):
+    """(name, bits, our model, mlx-lm's model or None) for each preset x bits, or each checkpoint path."""
+    for source in sources:
+        if source not in PRESETS:  # a checkpoint: its own weights and quantization; mlx-lm loads its own copy
+            from .loader import load_model
+
+            model, path = load_model(source)
+            quant = model.config.quantization
+            twin = None
+            if with_mlx_lm:
+                from mlx_lm.utils import load_model as mlx_lm_load
+
+                twin = mlx_lm_load(path)[0]
+            yield Path(source).name, str(quant["bits"]) if quant else "bf16", model, twin
+            continue
+        cfg = preset_config(source, layers)
+        for bits in bits_list:
+            mx.random.seed(seed)
+            model = random_model(cfg, bits)
+            yield source, bits, model, mlx_lm_twin(model, cfg, bits) if with_mlx_lm else None
+
+
+def _ratios(cases: list[Case]) -> list[dict]:
+    by_key = {(c.model, c.bits, c.prompt_tokens, c.engine): c for c in cases}
+    out = []
+    for (model, bits, plen, engine), ours in by_key.items():
+        theirs = by_key.get((model, bits, plen, "mlx-lm"))
+        if engine == "qwen-mlx" and theirs:
+            out.append({"model": model, "bits": bits, "prompt_tokens": plen,
+                        "decode_ratio": ours.decode_tps / theirs.decode_tps if theirs.decode_tps else 0.0,
+                        "prefill_ratio": ours.prefill_tps / theirs.prefill_tps if theirs.prefill_tps else 0.0})
+    return out
+
+
+def _mlx_lm_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("mlx-lm")
+    except Exception:  # not installed: the comparison columns are simply absent
+        return None
+
+
+HEADER = (f"{'model':<14} {'bits':>4} {'layers':>6} {'engine':<9} {'prompt':>6} {'prefill tok/s':>13} "
+          f"{'decode tok/s':>12} {'ttft s':>7} {'peak MiB':>9} {'roofline':>8}")
+
+
+def _row(c: Case) -> str:
+    return (f"{c.model:<14} {c.bits:>4} {c.layers:>6} {c.engine:<9} {c.prompt_tokens:>6} {c.prefill_tps:>13.1f} "
+            f"{c.decode_tps:>12.1f} {c.ttft_s:>7.3f} {c.peak_memory_bytes / 2**20:>9.0f} "
+            f"{100 * c.roofline_fraction:>7.1f}%")
+
+
+def format_ratios(result: dict) -> str:
+    lines = [f"{'model':<14} {'bits':>4} {'prompt':>6} {'decode ours/mlx-lm':>19} {'prefill ours/mlx-lm':>20}"]
+    for r in result["ratios"]:
+        lines.append(f"{r['model']:<14} {r['bits']:>4} {r['prompt_tokens']:>6} {r['decode_ratio']:>18.2f}x "
+                     f"{r['prefill_ratio']:>19.2f}x")
+    return "\n".join(lines)
+
+
+def write_json(result: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(path)
