@@ -92,7 +92,10 @@ def load_model(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None) -> tu
     if dtype is not None:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
-    mx.eval(model.parameters())
+    del weights
+    # One tensor at a time: a stacked MoE projection then exists once plus its experts' pieces, never more.
+    for _, p in tree_flatten(model.parameters()):
+        mx.eval(p)
     model.eval()
     return model, path
 
@@ -150,10 +153,13 @@ def _load_weights(index: dict[str, TensorInfo], cfg: ModelConfig) -> dict[str, m
 
 
 def sanitize(weights: dict[str, mx.array], cfg: ModelConfig) -> dict[str, mx.array]:
-    """Hugging Face names -> ours: drop what a model does not use, stack per-expert MoE tensors (E, out, in)."""
+    """Hugging Face names -> ours: drop what a model does not use, stack per-expert MoE tensors (E, out, in).
+
+    Consumes `weights` (emptied), so that each expert piece is freed as soon as it has been stacked."""
     out: dict[str, mx.array] = {}
     experts: dict[tuple[str, str, str], dict[int, mx.array]] = {}
-    for name, value in weights.items():
+    while weights:
+        name, value = weights.popitem()
         if name.endswith("rotary_emb.inv_freq") or (cfg.tie_word_embeddings and name.startswith("lm_head.")):
             continue
         m = _EXPERT.match(name)
@@ -166,8 +172,25 @@ def sanitize(weights: dict[str, mx.array], cfg: ModelConfig) -> dict[str, mx.arr
         if sorted(per_expert) != list(range(cfg.num_experts)):
             missing = sorted(set(range(cfg.num_experts)) - set(per_expert))
             raise LoadError(f"tensor {prefix}.experts.{missing[0] if missing else '?'}.{proj}.{kind} is missing")
-        out[f"{prefix}.switch_mlp.{proj}.{kind}"] = mx.stack([per_expert[e] for e in range(cfg.num_experts)])
+        name = f"{prefix}.switch_mlp.{proj}.{kind}"
+        out[name] = _stack_in_place([per_expert.pop(e) for e in range(cfg.num_experts)], name)
     return out
+
+
+def _stack_in_place(pieces: list[mx.array], name: str) -> mx.array:
+    """mx.stack without a second copy: each expert is read straight into its slot of one buffer, so loading
+    never holds more than the stacked tensor plus one expert."""
+    shape, dtype = pieces[0].shape, pieces[0].dtype
+    for e, piece in enumerate(pieces):
+        if piece.shape != shape or piece.dtype != dtype:
+            raise LoadError(f"expert {e} of {name} has shape {tuple(piece.shape)} {piece.dtype}, "
+                            f"expert 0 has {tuple(shape)} {dtype}")
+    stacked = mx.zeros((len(pieces), *shape), dtype)
+    for e in range(len(pieces)):
+        stacked[e] = pieces[e]  # the old buffer has no other reference, so MLX updates it in place
+        pieces[e] = None  # and the piece, once read, is dropped
+        mx.eval(stacked)
+    return stacked
 
 
 def check_weights(model: nn.Module, index: dict[str, TensorInfo], weights: dict[str, mx.array],

@@ -60,13 +60,13 @@ def random_weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
     def norm(dim):
         return (1.0 + 0.2 * rng.standard_normal(dim)).astype(np.float32)
 
-    w = {"model.embed_tokens.weight": rng.normal(0, 1.0, (VOCAB, d)).astype(np.float32),
+    w = {"model.embed_tokens.weight": rng.normal(0, 1.0, (cfg["vocab_size"], d)).astype(np.float32),
          "model.norm.weight": norm(d)}
     if cfg["tie_word_embeddings"]:
         # A zero-mean final norm, or the tied head scores the input token highest and greedy repeats it forever.
         w["model.norm.weight"] = rng.standard_normal(d).astype(np.float32)
     if not cfg["tie_word_embeddings"]:
-        w["lm_head.weight"] = linear(VOCAB, d) * 4
+        w["lm_head.weight"] = linear(cfg["vocab_size"], d) * 4
     for i in range(n_layers):
         p = f"model.layers.{i}."
         w[p + "input_layernorm.weight"] = norm(d)

@@ -119,3 +119,23 @@ def test_cli_info_on_a_good_checkpoint(tiny_checkpoint):
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "qwen3_moe" in run.stdout and "8 experts, 2 active" in run.stdout
+
+
+@pytest.mark.parametrize("variant", ["qwen3_moe", "qwen2"])
+def test_peak_memory_while_loading_stays_near_the_weights(tmp_path, variant):
+    """Experts dominate this checkpoint (vocab cut to 1000), so stacking them must not copy them twice."""
+    from mlx.utils import tree_flatten
+
+    from make_tiny_checkpoint import write_tiny_checkpoint
+
+    overrides = dict(vocab_size=1000, hidden_size=256, num_hidden_layers=4)
+    if variant == "qwen3_moe":
+        overrides.update(num_experts=64, moe_intermediate_size=256)
+    path = write_tiny_checkpoint(tmp_path / variant, variant, "bfloat16", overrides=overrides)
+    mx.clear_cache()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    model, _ = load_model(path)
+    weights = sum(p.nbytes for _, p in tree_flatten(model.parameters()))
+    assert weights > 20 * 2**20
+    assert mx.get_peak_memory() - base <= 1.1 * weights
