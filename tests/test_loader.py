@@ -131,6 +131,8 @@ def test_peak_memory_while_loading_stays_near_the_weights(tmp_path, variant):
     overrides = dict(vocab_size=1000, hidden_size=256, num_hidden_layers=4)
     if variant == "qwen3_moe":
         overrides.update(num_experts=64, moe_intermediate_size=256)
+    else:
+        overrides.update(intermediate_size=8192)
     path = write_tiny_checkpoint(tmp_path / variant, variant, "bfloat16", overrides=overrides)
     mx.clear_cache()
     base = mx.get_active_memory()
