@@ -12,9 +12,11 @@ def _info(args: argparse.Namespace) -> None:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from .loader import load_model
+    from .loader import check_finite, load_model
 
     model, path = load_model(args.model)
+    if args.check:
+        check_finite(model)
     cfg = model.config
     params = tree_flatten(model.parameters())
     n_bytes = sum(p.nbytes for _, p in params)
@@ -35,6 +37,8 @@ def _info(args: argparse.Namespace) -> None:
     print(f"weights      {n_bytes / 2**20:.1f} MiB, "
           + (f"{quant['bits']}-bit group {quant['group_size']}" if quant else cfg.torch_dtype))
     print(f"device       {mx.default_device()}")
+    if args.check:
+        print("check        every tensor is finite")
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -80,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Load a checkpoint (directory or hub id), check every tensor, describe it.")
     info.add_argument("-m", "--model", required=True, metavar="PATH",
                       help="checkpoint directory or Hugging Face hub id (e.g. Qwen/Qwen3-0.6B)")
+    info.add_argument("--check", action="store_true", help="also read every weight and report any NaN or infinity")
     info.set_defaults(run=_info)
 
     from .bench import PRESETS  # a plain dict; importing it is cheap

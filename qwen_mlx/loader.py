@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,7 +120,25 @@ def read_index(path: Path) -> dict[str, TensorInfo]:
             raise
         except Exception as e:  # the Rust parser's errors: bad header, offsets, sizes, truncated file
             raise LoadError(f"{file}: not a valid safetensors file ({_one_line(e)})") from None
+        _refuse_duplicate_keys(file)
     return index
+
+
+def _refuse_duplicate_keys(file: Path) -> None:
+    """The Rust parser keeps the last of two entries with one name; another reader may keep the first and read
+    an entry nobody checked. The header's size and shape were bounded by safe_open already."""
+    with open(file, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = f.read(length)
+
+    def pairs(items: list[tuple[str, object]]) -> dict:
+        keys = [k for k, _ in items]
+        if len(set(keys)) != len(keys):
+            dup = next(k for k in keys if keys.count(k) > 1)
+            raise LoadError(f"{file}: not a valid safetensors file (tensor {dup} appears twice in the header)")
+        return dict(items)
+
+    json.loads(header, object_pairs_hook=pairs)
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -208,6 +227,16 @@ def check_weights(model: nn.Module, index: dict[str, TensorInfo], weights: dict[
     if extra:
         more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
         raise LoadError(f"checkpoint has tensor {extra[0]}{more} that this {cfg.model_type} config does not use")
+
+
+def check_finite(model: nn.Module) -> None:
+    """Raise naming the first tensor that holds NaN or infinity (quantized weights: their scales and biases)."""
+    for name, p in tree_flatten(model.parameters()):
+        if mx.issubdtype(p.dtype, mx.floating):
+            bad = (~mx.isfinite(p)).sum().item()
+            if bad:
+                raise LoadError(f"tensor {name} has {bad} non-finite values (NaN or infinity): the checkpoint is "
+                                "corrupt")
 
 
 def _one_line(e: Exception) -> str:
