@@ -30,10 +30,14 @@ def greedy_transformers(hf_model, prompt: np.ndarray, n: int) -> list[int]:
 
 
 def greedy_mlx_lm(path, prompt: np.ndarray, n: int) -> list[int]:
-    from mlx_lm.generate import generate_step
     from mlx_lm.utils import load_model
 
-    model, _ = load_model(path)
+    return greedy_mlx_lm_model(load_model(path)[0], prompt, n)
+
+
+def greedy_mlx_lm_model(model, prompt: np.ndarray, n: int) -> list[int]:
+    from mlx_lm.generate import generate_step
+
     steps = generate_step(mx.array(prompt), model, max_tokens=n, sampler=lambda x: mx.argmax(x, axis=-1))
     return [int(token) for token, _ in steps]
 
