@@ -19,10 +19,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from make_tiny_checkpoint import write_tiny_checkpoint  # noqa: E402
+from make_tokenizer import write_qwen_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory):
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A real Qwen3 tokenizer (tokenizer.json from the qwen.tiktoken ranks, Qwen3's chat template)."""
+    return write_qwen_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tokenizer_dir):
     """tiny_checkpoint(variant, dtype="float32", **overrides) -> Path, each built once per session."""
     built: dict[tuple, Path] = {}
 
@@ -30,7 +37,8 @@ def tiny_checkpoint(tmp_path_factory):
         key = (variant, dtype, tuple(sorted(overrides.items())))
         if key not in built:
             name = "-".join([variant, dtype, *(f"{k}{v}" for k, v in sorted(overrides.items()))])
-            built[key] = write_tiny_checkpoint(tmp_path_factory.mktemp(name), variant, dtype, overrides=overrides)
+            built[key] = write_tiny_checkpoint(tmp_path_factory.mktemp(name), variant, dtype, overrides=overrides,
+                                               tokenizer_dir=tokenizer_dir)
         return built[key]
 
     return get
