@@ -45,6 +45,11 @@ class KVCache:
         return n
 
     @property
+    def state(self) -> list[mx.array]:
+        """The arrays that hold what the cache has seen (what to evaluate after a prefill chunk)."""
+        return [] if self.keys is None else [self.keys, self.values]
+
+    @property
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 

@@ -58,7 +58,9 @@ def prefill(model: Model, tokens: mx.array, cache: list[Cache], *, chunk: int = 
     for start in range(0, tokens.size, chunk):
         if stop is not None and stop.is_set():
             return False
-        mx.eval(model.model(tokens[None, start : start + chunk], cache))  # writes every layer's cache
+        model.model(tokens[None, start : start + chunk], cache)
+        # Evaluate the caches, not the output: the last layer's MLP is not needed for a prompt's non-final tokens.
+        mx.eval([c.state for c in cache])
     return True
 
 

@@ -22,6 +22,7 @@ class Cache(Protocol):
     attention over what it holds (a quantized cache attends with quantized matmuls, a rotating one masks its ring)."""
 
     offset: int  # tokens seen so far = position of the next token
+    state: list[mx.array]  # the arrays holding what the cache has seen
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
         """Append k, v (B, n_kv, L, head_dim) and attend q (B, heads, L, head_dim) causally over all held keys."""
