@@ -1,0 +1,108 @@
+"""Our sandboxed rendering of the checkpoint's template against transformers' apply_chat_template, and hostile
+templates refused quickly with nothing escaping the sandbox."""
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from qwen_mlx.tokenizer import TemplateError, Tokenizer
+
+REASONING_HISTORY = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n4"},
+    {"role": "user", "content": "And 3+3?"},
+    {"role": "assistant", "content": "<think>\nagain\n</think>\n\n6"},
+    {"role": "user", "content": "Thanks! 你好 😀"},
+]
+CASES = {
+    "single": [{"role": "user", "content": "hi"}],
+    "system": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+    "three_turns_with_reasoning": REASONING_HISTORY,
+    "reasoning_content_field": [{"role": "user", "content": "q"},
+                                {"role": "assistant", "content": "a", "reasoning_content": "r"},
+                                {"role": "user", "content": "q2"}],
+    "tool_turns": [{"role": "user", "content": "weather?"},
+                   {"role": "assistant", "content": "",
+                    "tool_calls": [{"function": {"name": "get", "arguments": {"city": "Paris <&>"}}}]},
+                   {"role": "tool", "content": "sunny"}],
+}
+TOOLS = [{"type": "function", "function": {"name": "get", "description": "Weather <b>now</b>",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tiny_checkpoint):
+    from transformers import AutoTokenizer
+
+    path = tiny_checkpoint("qwen3")
+    return Tokenizer.from_dir(path), AutoTokenizer.from_pretrained(path)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("thinking", [True, False])
+def test_rendering_equals_transformers(tokenizers, case, thinking):
+    ours, theirs = tokenizers
+    tools = TOOLS if case == "tool_turns" else None
+    expected = theirs.apply_chat_template(CASES[case], tokenize=False, add_generation_prompt=True,
+                                          enable_thinking=thinking, tools=tools)
+    got = ours.apply_chat_template(CASES[case], enable_thinking=thinking, tools=tools)
+    assert got == expected
+    assert ours.encode(got) == theirs.encode(expected, add_special_tokens=False)
+
+
+def test_earlier_reasoning_is_dropped_and_thinking_switch_is_rendered(tokenizers):
+    ours, _ = tokenizers
+    text = ours.apply_chat_template(REASONING_HISTORY)
+    assert "add them" not in text and "again" not in text and text.endswith("<|im_start|>assistant\n")
+    assert ours.apply_chat_template(CASES["single"], enable_thinking=False).endswith(
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+CANARY_NAME = "escaped.txt"
+HOSTILE = {
+    "globals_via_cycler": "{{ cycler.__init__.__globals__.os.system('touch CANARY') }}",
+    "class_mro_subclasses": "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "attr_filter": "{{ (''|attr('__class__')|attr('__mro__'))[1].__subclasses__() }}",
+    "format_traversal": "{{ '{0.__class__.__init__.__globals__}'.format(messages) }}",
+    "messages_append": "{{ messages.append({'role': 'user', 'content': 'x'}) }}",
+    "nested_loops": "{% for i in range(100000) %}{% for j in range(100000) %}{{ '' }}{% endfor %}{% endfor %}",
+    "huge_string_multiplication": "{{ 'a' * 10000000000 }}",
+    "runaway_macro_recursion": "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+    "output_flood": "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}",
+    "huge_center": "{{ ''.center(10000000000) }}",
+    "printf_padding": "{{ '%999999999s' | format('x') }}",
+    "request_import": "{{ self._TemplateReference__context.cycler.__init__.__globals__.os }}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_template_is_refused(tokenizers, name, tmp_path, monkeypatch):
+    ours, _ = tokenizers
+    monkeypatch.chdir(tmp_path)
+    hostile = Tokenizer(ours._backend, HOSTILE[name].replace("CANARY", str(tmp_path / CANARY_NAME)), ours.eos_ids)
+    start = time.perf_counter()
+    with pytest.raises(TemplateError) as e:
+        hostile.apply_chat_template(CASES["single"])
+    assert time.perf_counter() - start < 5
+    assert str(e.value).startswith("chat template") and "\n" not in str(e.value)
+    assert not (tmp_path / CANARY_NAME).exists()
+
+
+def test_hostile_template_through_the_cli(tiny_checkpoint, tmp_path):
+    """The real CLI: one line on stderr, exit 1, nothing written, the canary absent."""
+    ckpt = shutil.copytree(tiny_checkpoint("qwen3"), tmp_path / "ckpt")
+    config = json.loads((ckpt / "tokenizer_config.json").read_text())
+    canary = tmp_path / CANARY_NAME
+    config["chat_template"] = HOSTILE["globals_via_cycler"].replace("CANARY", str(canary))
+    (ckpt / "tokenizer_config.json").write_text(json.dumps(config))
+    before = sorted(p.name for p in ckpt.iterdir())
+    run = subprocess.run([sys.executable, "-m", "qwen_mlx.cli", "generate", "--model", str(ckpt), "--prompt", "hi",
+                          "--max-tokens", "2"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode == 1, run.stderr
+    assert run.stderr.strip().startswith("qwen-mlx: error: chat template") and len(run.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in ckpt.iterdir()) == before and not canary.exists()
