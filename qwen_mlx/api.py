@@ -1,0 +1,159 @@
+"""The public Python API: load a model, generate, stream, chat.
+
+    llm = qwen_mlx.load("Qwen/Qwen3-4B")
+    reply = llm.generate("Why is the sky blue?", think=False)
+    for event in llm.stream([{"role": "user", "content": "hi"}]):
+        print(event.kind, event.text)
+    chat = llm.chat(system="You are terse.")
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import mlx.core as mx
+
+from .cache import make_cache
+from .generate import GenerationStats, generate_tokens
+from .loader import load_model
+from .model import Cache, Model
+from .sampling import SamplingParams, make_sampler
+from .thinking import ThinkingSplitter, prompt_opens_thinking
+from .tokenizer import Tokenizer
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass
+class Event:
+    """One piece of a streamed reply. kind "thinking"/"answer" carry text; the last event is "done"."""
+
+    kind: Literal["thinking", "answer", "done"]
+    text: str
+    stats: GenerationStats
+    finish_reason: FinishReason | None = None  # set on "done"
+
+
+@dataclass
+class Reply:
+    text: str  # the answer
+    thinking: str
+    stats: GenerationStats
+    finish_reason: FinishReason
+
+
+Prompt = str | list[dict]
+
+
+class LLM:
+    """A loaded model with its tokenizer."""
+
+    def __init__(self, model: Model, tokenizer: Tokenizer, path: Path):
+        self.model, self.tokenizer, self.path = model, tokenizer, path
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def prompt_tokens(self, prompt: Prompt, *, think: bool = True, system: str | None = None) -> list[int]:
+        """The token ids the chat template renders for a message list (a string is one user message)."""
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if system is not None:
+            messages = [{"role": "system", "content": system}, *messages]
+        return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, enable_thinking=think))
+
+    def sampling(self, think: bool, **overrides) -> SamplingParams:
+        """The checkpoint's recommended sampling for thinking or non-thinking turns, with overrides."""
+        return SamplingParams.for_checkpoint(self.path, thinking=think, **overrides)
+
+    def stream(self, prompt: Prompt, *, think: bool = True, system: str | None = None, max_tokens: int = 1024,
+               sampling: SamplingParams | None = None, stop: threading.Event | None = None,
+               stop_strings: tuple[str, ...] = ()) -> Iterator[Event]:
+        """Stream a reply: thinking and answer text as it is decoded, then a "done" event with the stats."""
+        tokens = self.prompt_tokens(prompt, think=think, system=system)
+        yield from stream_reply(self, tokens, make_cache(self.config), tokens, sampling or self.sampling(think),
+                                max_tokens=max_tokens, stop=stop, stop_strings=stop_strings)
+
+    def generate(self, prompt: Prompt, **kwargs) -> Reply:
+        """The whole reply at once; takes the same arguments as `stream`."""
+        return collect(self.stream(prompt, **kwargs))
+
+    def chat(self, *, system: str | None = None, think: bool = True, max_kv_size: int | None = None,
+             kv_bits: int | None = None, sampling: SamplingParams | None = None):
+        """A multi-turn conversation that keeps its KV cache between turns (see chat.ChatSession)."""
+        from .chat import ChatSession
+
+        return ChatSession(self, system=system, think=think, max_kv_size=max_kv_size, kv_bits=kv_bits,
+                           sampling=sampling)
+
+
+def load(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None) -> LLM:
+    """Load a checkpoint directory or hub id (downloaded once into the Hugging Face cache)."""
+    model, path = load_model(path_or_repo, dtype=dtype)
+    return LLM(model, Tokenizer.from_dir(path), path)
+
+
+def stream_reply(llm: LLM, prompt: list[int], cache: list[Cache], new_tokens: list[int], sampling: SamplingParams,
+                 *, max_tokens: int, stop: threading.Event | None = None, stop_strings: tuple[str, ...] = (),
+                 generated: list[int] | None = None) -> Iterator[Event]:
+    """Generate after `prompt`, of which `cache` already holds all but `new_tokens`; split the tokens into
+    thinking and answer text as they arrive. Generated ids are appended to `generated` when given."""
+    tok = llm.tokenizer
+    stats = GenerationStats()
+    splitter = ThinkingSplitter(tok.think_id, tok.think_end_id, prompt_opens_thinking(prompt, tok.think_id,
+                                                                                      tok.think_end_id))
+    detok = tok.detokenizer()
+    eos = set(tok.eos_ids)
+    generated = generated if generated is not None else []
+    channel = "thinking" if splitter.in_thinking else "answer"
+    answer = ""
+    reason: FinishReason = "length"
+    for token in generate_tokens(llm.model, new_tokens, cache, sampler=make_sampler(sampling),
+                                 max_tokens=max_tokens, stats=stats, stop=stop):
+        generated.append(token)
+        if token in eos:
+            reason = "stop"
+            break
+        kind = splitter.feed(token)
+        if kind is None:  # a think marker: finish the text of the channel it closes
+            text = detok.flush()
+            if text:
+                yield Event(channel, text, stats)
+            channel = "thinking" if splitter.in_thinking else "answer"
+            continue
+        text = detok.add(token)
+        if not text:
+            continue
+        if kind == "answer" and stop_strings:
+            answer += text
+            hit = min((answer.find(s) for s in stop_strings if s in answer), default=-1)
+            if hit >= 0:
+                text = text[: max(0, len(text) - (len(answer) - hit))]
+                if text:
+                    yield Event(kind, text, stats)
+                reason = "stop"
+                break
+        yield Event(kind, text, stats)
+    else:
+        if stop is not None and stop.is_set():
+            reason = "cancelled"
+    text = detok.flush()
+    if text and reason != "stop":
+        yield Event(channel, text, stats)
+    yield Event("done", "", stats, reason)
+
+
+def collect(events: Iterator[Event]) -> Reply:
+    answer, thinking = [], []
+    for event in events:
+        if event.kind == "answer":
+            answer.append(event.text)
+        elif event.kind == "thinking":
+            thinking.append(event.text)
+        else:
+            return Reply("".join(answer), "".join(thinking), event.stats, event.finish_reason)
+    raise RuntimeError("the event stream ended without a 'done' event")

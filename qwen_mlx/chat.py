@@ -1,0 +1,76 @@
+"""A multi-turn conversation that keeps its KV cache, so each turn prefills only what changed."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+from .api import LLM, Event, stream_reply
+from .cache import make_cache
+from .sampling import SamplingParams
+
+
+class ChatSession:
+    """Message history plus the KV cache of the tokens last run.
+
+    Each turn renders the whole history with the chat template, keeps the longest common token prefix of that and
+    what the cache holds, trims the rest, and prefills only the difference. (Qwen3's template drops earlier turns'
+    reasoning, so the previous answer is re-read without its think block: that is the template's choice, and the
+    cache follows it exactly.)
+    """
+
+    def __init__(self, llm: LLM, *, system: str | None = None, think: bool = True, max_kv_size: int | None = None,
+                 kv_bits: int | None = None, sampling: SamplingParams | None = None):
+        self.llm = llm
+        self.think = think
+        self.sampling = sampling
+        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        self._cache_options = {"max_size": max_kv_size, "bits": kv_bits}
+        self.cache = self._new_cache()
+        self._cached: list[int] = []  # the tokens the cache holds, in order
+        self.last_prefill = 0  # tokens prefilled by the last turn
+
+    def _new_cache(self):
+        options = {k: v for k, v in self._cache_options.items() if v is not None}
+        return make_cache(self.llm.config, **options)
+
+    def send(self, text: str, *, think: bool | None = None, max_tokens: int = 1024,
+             stop: threading.Event | None = None) -> Iterator[Event]:
+        """Add a user message and stream the reply; the reply (even a cut-off one) joins the history."""
+        think = self.think if think is None else think
+        self.messages.append({"role": "user", "content": text})
+        prompt = self.llm.prompt_tokens(self.messages, think=think)
+        keep = self._reuse(prompt)
+        new = prompt[keep:]
+        self.last_prefill = len(new)
+        sampling = self.sampling or self.llm.sampling(think)
+        generated: list[int] = []
+        answer, thinking = [], []
+        for event in stream_reply(self.llm, prompt, self.cache, new, sampling, max_tokens=max_tokens, stop=stop,
+                                  generated=generated):
+            (answer if event.kind == "answer" else thinking if event.kind == "thinking" else []).append(event.text)
+            yield event
+        content = "".join(answer)
+        if thinking:
+            content = "<think>\n" + "".join(thinking).strip("\n") + "\n</think>\n\n" + content.lstrip("\n")
+        self.messages.append({"role": "assistant", "content": content})
+        self._cached = (prompt + generated)[: self.cache[0].offset]
+
+    def _reuse(self, prompt: list[int]) -> int:
+        """Trim the cache to the longest prefix it shares with `prompt` (leaving at least one token to run);
+        returns that prefix's length."""
+        common = 0
+        for a, b in zip(self._cached, prompt):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(prompt) - 1)
+        held = self.cache[0].offset
+        if held - common > 0 and any(c.trim(held - common) != held - common for c in self.cache):
+            self.cache, common = self._new_cache(), 0  # this cache cannot forget that far back: start over
+        return common
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt stays)."""
+        self.messages = [m for m in self.messages if m["role"] == "system"]
+        self.cache, self._cached = self._new_cache(), []

@@ -1,0 +1,77 @@
+"""The public API end to end on a tiny checkpoint: streaming events, chat sessions reusing their cache."""
+
+import threading
+
+import pytest
+
+import qwen_mlx
+from qwen_mlx.sampling import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoint):
+    return qwen_mlx.load(tiny_checkpoint("qwen3"))
+
+
+def common_prefix(a, b):
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def test_stream_events_then_done(llm):
+    events = list(llm.stream("hello", max_tokens=10, sampling=GREEDY))
+    assert events[-1].kind == "done" and events[-1].finish_reason == "length"
+    assert {e.kind for e in events[:-1]} <= {"answer", "thinking"}
+    reply = llm.generate("hello", max_tokens=10, sampling=GREEDY)
+    assert reply.text + reply.thinking == "".join(e.text for e in events[:-1])
+    assert reply.stats.generated_tokens == 10 and reply.stats.prompt_tokens == len(llm.prompt_tokens("hello"))
+
+
+def test_turn_two_prefills_only_what_changed_and_equals_a_fresh_session(llm):
+    chat = llm.chat(system="Be brief.", think=False, sampling=GREEDY)
+    list(chat.send("first question", max_tokens=8))
+    turn1 = chat.last_prefill
+    held = chat._cached
+    assert turn1 == len(llm.prompt_tokens(chat.messages[:2], think=False))  # all of it, the first time
+    reply2 = "".join(e.text for e in chat.send("second question", max_tokens=8))
+    prompt2 = llm.prompt_tokens(chat.messages[:-1], think=False)
+    assert chat.last_prefill == len(prompt2) - common_prefix(held, prompt2)
+    # reused: everything up to turn 1's answer header (the template re-renders that answer without its empty
+    # <think>\n\n</think>\n\n block, 4 tokens)
+    assert common_prefix(held, prompt2) >= turn1 - 4
+    # a fresh session given the same history says the same
+    fresh = llm.chat(think=False, sampling=GREEDY)
+    fresh.messages = [dict(m) for m in chat.messages[:-2]]
+    assert "".join(e.text for e in fresh.send("second question", max_tokens=8)) == reply2
+    assert fresh.last_prefill == len(prompt2)
+
+
+def test_cancel_keeps_the_partial_answer_and_the_next_turn_is_consistent(llm):
+    stop = threading.Event()
+    chat = llm.chat(think=False, sampling=GREEDY)
+    seen = []
+    for event in chat.send("tell me a story", max_tokens=50, stop=stop):
+        seen.append(event)
+        if len(seen) == 3:
+            stop.set()
+    assert seen[-1].kind == "done" and seen[-1].finish_reason == "cancelled"
+    assert chat.messages[-1]["role"] == "assistant"
+    assert chat.messages[-1]["content"] == "".join(e.text for e in seen if e.kind == "answer")
+    nxt = "".join(e.text for e in chat.send("go on", max_tokens=6))
+    fresh = llm.chat(think=False, sampling=GREEDY)
+    fresh.messages = [dict(m) for m in chat.messages[:-2]]
+    assert "".join(e.text for e in fresh.send("go on", max_tokens=6)) == nxt
+
+
+def test_stop_strings_cut_the_answer(llm):
+    full = llm.generate("hello", max_tokens=12, sampling=GREEDY, think=False).text
+    assert len(full) > 6
+    stop_at = full[3:6]
+    cut = llm.generate("hello", max_tokens=12, sampling=GREEDY, think=False, stop_strings=(stop_at,))
+    assert cut.finish_reason == "stop" and cut.text == full[: full.find(stop_at)]
