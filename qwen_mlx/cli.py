@@ -41,6 +41,62 @@ def _info(args: argparse.Namespace) -> None:
         print("check        every tensor is finite")
 
 
+DEFAULT_MODEL = "Qwen/Qwen3-0.6B"
+
+
+def _sampling_overrides(args: argparse.Namespace) -> dict:
+    names = {"temp": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+             "repetition_penalty": "repetition_penalty", "seed": "seed"}
+    return {field: getattr(args, flag) for flag, field in names.items() if getattr(args, flag) is not None}
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from .api import load
+
+    llm = load(args.model)
+    sampling = llm.sampling(args.think, **_sampling_overrides(args))
+    show_thinking = args.show_thinking
+    color = sys.stderr.isatty()
+    done = None
+    for event in llm.stream(args.prompt, think=args.think, system=args.system, max_tokens=args.max_tokens,
+                            sampling=sampling):
+        if event.kind == "answer":
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        elif event.kind == "thinking" and show_thinking:
+            sys.stderr.write(f"\x1b[2m{event.text}\x1b[0m" if color else event.text)
+            sys.stderr.flush()
+        elif event.kind == "done":
+            done = event
+    sys.stdout.write("\n")
+    if args.stats and done is not None:
+        s = done.stats
+        print(f"prompt {s.prompt_tokens} tokens at {s.prompt_tps:.1f} tok/s, first token after "
+              f"{s.time_to_first_token:.2f} s; {s.generated_tokens} tokens at {s.decode_tps:.1f} tok/s; "
+              f"peak memory {s.peak_memory / 2**30:.2f} GiB; finished: {done.finish_reason}", file=sys.stderr)
+
+
+def _add_model_argument(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    parser.add_argument("-m", "--model", default=default, required=default is None, metavar="PATH",
+                        help="checkpoint directory or Hugging Face hub id"
+                             + (f" (default: {default})" if default else ""))
+
+
+def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--think", action=argparse.BooleanOptionalAction, default=True,
+                        help="let Qwen3 think before answering (default: on; --no-think for a direct answer)")
+    parser.add_argument("--system", metavar="TEXT", help="system prompt")
+    parser.add_argument("--max-tokens", type=int, default=1024, metavar="N", help="most tokens to generate "
+                        "(default: 1024)")
+    parser.add_argument("--temp", type=float, metavar="T", help="temperature; 0 is greedy (default: the "
+                        "checkpoint's recommendation for thinking or non-thinking turns)")
+    parser.add_argument("--top-k", type=int, metavar="K", help="keep the K most likely tokens")
+    parser.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling mass")
+    parser.add_argument("--min-p", type=float, metavar="P", help="drop tokens below P x the top probability")
+    parser.add_argument("--repetition-penalty", type=float, metavar="R", help="penalize recently seen tokens")
+    parser.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
+
+
 def _bench(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -86,6 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="checkpoint directory or Hugging Face hub id (e.g. Qwen/Qwen3-0.6B)")
     info.add_argument("--check", action="store_true", help="also read every weight and report any NaN or infinity")
     info.set_defaults(run=_info)
+
+    generate = sub.add_parser("generate", help="answer one prompt, streaming plain text to stdout",
+                              description="Answer one prompt with the checkpoint's chat template. The answer "
+                                          "streams to stdout as plain text (pipe-friendly); the thinking goes to "
+                                          "stderr with --show-thinking.")
+    _add_model_argument(generate, DEFAULT_MODEL)
+    generate.add_argument("-p", "--prompt", required=True, help="the user message")
+    _add_generation_arguments(generate)
+    generate.add_argument("--show-thinking", action="store_true", help="print the thinking to stderr")
+    generate.add_argument("--stats", action="store_true", help="print speed and memory to stderr at the end")
+    generate.set_defaults(run=_generate)
 
     from .bench import PRESETS  # a plain dict; importing it is cheap
 

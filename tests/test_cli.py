@@ -1,0 +1,42 @@
+"""The command line as a user runs it (subprocesses, no network)."""
+
+import subprocess
+import sys
+
+
+def cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "qwen_mlx.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_generate_prints_plain_text_when_piped(tiny_checkpoint):
+    run = cli("generate", "-m", str(tiny_checkpoint("qwen3")), "--prompt", "hi", "--max-tokens", "5", "--temp", "0")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() and "\x1b" not in run.stdout and "\x1b" not in run.stderr
+    again = cli("generate", "-m", str(tiny_checkpoint("qwen3")), "--prompt", "hi", "--max-tokens", "5", "--temp", "0")
+    assert again.stdout == run.stdout  # greedy is deterministic
+
+
+def test_stats_line(tiny_checkpoint):
+    run = cli("generate", "-m", str(tiny_checkpoint("qwen3")), "-p", "hi", "--max-tokens", "4", "--stats",
+              "--no-think")
+    assert run.returncode == 0 and "4 tokens at" in run.stderr and "finished: length" in run.stderr
+
+
+def test_bad_flags_get_argparse_errors():
+    run = cli("generate", "--prompt", "hi", "--max-tokens", "many")
+    assert run.returncode == 2 and "argument --max-tokens: invalid int value: 'many'" in run.stderr
+    run = cli("frobnicate")
+    assert run.returncode == 2 and "invalid choice: 'frobnicate'" in run.stderr
+
+
+def test_offline_default_model_names_the_flag():
+    run = cli("generate", "--prompt", "hi")  # HF_HUB_OFFLINE=1 in the tests; the default model is not cached
+    assert run.returncode == 1 and "--model PATH" in run.stderr and "Traceback" not in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
+
+
+def test_help_is_fast_and_complete():
+    for command in ("generate", "bench", "info"):
+        run = cli(command, "--help", timeout=30)
+        assert run.returncode == 0 and "--model" in run.stdout
