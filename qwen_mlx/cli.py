@@ -76,6 +76,15 @@ def _generate(args: argparse.Namespace) -> None:
               f"peak memory {s.peak_memory / 2**30:.2f} GiB; finished: {done.finish_reason}", file=sys.stderr)
 
 
+def _chat(args: argparse.Namespace) -> None:
+    from tui.app import ChatApp
+    from tui.engine import ModelEngine
+
+    engine = ModelEngine(args.model, system=args.system, max_kv_size=args.max_kv_size, kv_bits=args.kv_bits,
+                         max_tokens=args.max_tokens, sampling_overrides=_sampling_overrides(args))
+    ChatApp(engine, think=args.think).run()
+
+
 def _add_model_argument(parser: argparse.ArgumentParser, default: str | None = None) -> None:
     parser.add_argument("-m", "--model", default=default, required=default is None, metavar="PATH",
                         help="checkpoint directory or Hugging Face hub id"
@@ -142,6 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="checkpoint directory or Hugging Face hub id (e.g. Qwen/Qwen3-0.6B)")
     info.add_argument("--check", action="store_true", help="also read every weight and report any NaN or infinity")
     info.set_defaults(run=_info)
+
+    chat = sub.add_parser("chat", help="the terminal chat app",
+                          description="Chat in the terminal: the answer streams as Markdown, the model's thinking "
+                                      "in a collapsible block (ctrl+t shows/hides it, /think and /no_think switch "
+                                      "it), live tokens/s in the status bar, Esc stops an answer and keeps it.")
+    _add_model_argument(chat, DEFAULT_MODEL)
+    _add_generation_arguments(chat)
+    chat.add_argument("--max-kv-size", type=int, metavar="N", help="keep at most N tokens of context in the KV "
+                      "cache (fixed memory; the oldest turns are forgotten, the system prompt kept)")
+    chat.add_argument("--kv-bits", type=int, choices=[4, 8], help="store the KV cache quantized to 4 or 8 bits")
+    chat.set_defaults(run=_chat)
 
     generate = sub.add_parser("generate", help="answer one prompt, streaming plain text to stdout",
                               description="Answer one prompt with the checkpoint's chat template. The answer "

@@ -5,6 +5,7 @@ This layer knows token ids only; text, chat and thinking live above it (see api.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -44,6 +45,12 @@ class GenerationStats:
         return (self.generated_tokens - 1) / self.decode_seconds if self.decode_seconds else 0.0
 
 
+@functools.cache
+def generation_stream() -> mx.Stream:
+    """The stream generation runs on: thread-local, so the TUI's worker thread (or any thread) can generate."""
+    return mx.new_thread_local_stream(mx.default_device())
+
+
 def logits_last(model: Model, tokens: mx.array, cache: list[Cache]) -> mx.array:
     """Run tokens (L,) through the model and return the float32 logits of the last position only, (1, vocab):
     the LM head, the largest matmul, is not computed for the other positions."""
@@ -76,7 +83,13 @@ def generate_tokens(model: Model, prompt: list[int], cache: list[Cache], *, samp
     """
     if not prompt:
         raise ValueError("generate_tokens needs at least one prompt token")
-    stats = stats if stats is not None else GenerationStats()
+    with mx.stream(generation_stream()):
+        yield from _generate(model, prompt, cache, sampler, max_tokens, prefill_chunk,
+                             stats if stats is not None else GenerationStats(), stop)
+
+
+def _generate(model: Model, prompt: list[int], cache: list[Cache], sampler: Sampler, max_tokens: int,
+              prefill_chunk: int, stats: GenerationStats, stop: threading.Event | None) -> Iterator[int]:
     stats._start = time.perf_counter()
     mx.reset_peak_memory()
     history = list(prompt)

@@ -20,18 +20,22 @@ from .config import ModelConfig, RopeScaling
 class Rope:
     inv_freq: mx.array  # (head_dim // 2,) float32, radians per position
     attention_factor: float  # multiplies cos and sin (1.0 without YaRN)
+    wavelengths: mx.array  # 1 / inv_freq: the `freqs` argument of `mx.fast.rope` (angle = position / freqs)
 
-    @property
-    def wavelengths(self) -> mx.array:
-        """1 / inv_freq: the `freqs` argument of `mx.fast.rope` (angle = position / freqs)."""
-        return 1.0 / self.inv_freq
+
+def _rope(inv_freq: mx.array, attention_factor: float) -> Rope:
+    wavelengths = 1.0 / inv_freq
+    # Evaluated now, on this thread's stream: a lazy constant would be computed later on whichever thread first
+    # runs the model, and MLX streams belong to the thread that made them.
+    mx.eval(inv_freq, wavelengths)
+    return Rope(inv_freq, attention_factor, wavelengths)
 
 
 def make_rope(cfg: ModelConfig) -> Rope:
     dim = cfg.head_dim
     inv_freq = 1.0 / cfg.rope_theta ** (mx.arange(0, dim, 2, dtype=mx.float32) / dim)
     if cfg.rope_scaling is None:
-        return Rope(inv_freq, 1.0)
+        return _rope(inv_freq, 1.0)
     return _yarn(inv_freq, dim, cfg.rope_theta, cfg.rope_scaling)
 
 
@@ -52,7 +56,7 @@ def _yarn(inv_freq: mx.array, dim: int, base: float, s: RopeScaling) -> Rope:
     attention_factor = s.attention_factor
     if attention_factor is None:
         attention_factor = 0.1 * math.log(s.factor) + 1.0 if s.factor > 1 else 1.0
-    return Rope(inv_freq, attention_factor)
+    return _rope(inv_freq, attention_factor)
 
 
 def softmax_scale(cfg: ModelConfig, rope: Rope) -> float:

@@ -3,6 +3,11 @@
 import mlx.core as mx
 
 
+def backend() -> str:
+    """Which implementation the fused ops use: "reference" (MLX ops) until the custom kernels land."""
+    return "reference"
+
+
 def rope(x: mx.array, *, offset, freqs: mx.array) -> mx.array:
     """NeoX-layout rotary embedding of x (B, n_heads, L, head_dim) at positions offset .. offset + L - 1."""
     return mx.fast.rope(x, x.shape[-1], traditional=False, base=None, scale=1.0, offset=offset, freqs=freqs)

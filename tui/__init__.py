@@ -1,0 +1,1 @@
+"""The Textual chat app (`qwen-mlx chat`)."""

@@ -1,0 +1,179 @@
+"""`qwen-mlx chat`: a streaming terminal chat with a live think block and live speed."""
+
+from __future__ import annotations
+
+import threading
+
+from textual import work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.message import Message
+from textual.widgets import Collapsible, Footer, Markdown, Static
+
+from qwen_mlx.api import Event
+
+from .engine import Engine
+from .widgets import PromptInput, Turn, format_summary
+
+HELP = ("Enter sends · ctrl+j newline · Esc stops · ctrl+t shows/hides thinking · "
+        "/think /no_think switch thinking · /clear forgets the conversation · ctrl+q quits")
+
+
+class Piece(Message):
+    """One event of a reply, posted from the generation thread (post_message is thread-safe, never waits)."""
+
+    def __init__(self, turn: Turn, event: Event):
+        super().__init__()
+        self.turn, self.event = turn, event
+
+
+class Failed(Message):
+    """Generation raised: the message is shown in the turn and the app stays usable."""
+
+    def __init__(self, turn: Turn, error: str):
+        super().__init__()
+        self.turn, self.error = turn, error
+
+
+class ChatApp(App):
+    CSS_PATH = "chat.tcss"
+    TITLE = "qwen-mlx"
+    BINDINGS = [
+        Binding("escape", "stop", "Stop", priority=True, id="stop"),
+        Binding("ctrl+t", "toggle_thinking", "Thinking", id="toggle_thinking"),
+        Binding("ctrl+q", "quit", "Quit", id="quit"),
+    ]
+
+    def __init__(self, engine: Engine, *, think: bool = True, auto_collapse: bool = True):
+        super().__init__()
+        self.engine = engine
+        self.think = think
+        self.show_thinking = True
+        self.auto_collapse = auto_collapse  # collapse a turn's thinking when its answer starts
+        self.stop_event = threading.Event()
+        self.generating = False
+        self.live = None  # GenerationStats of the reply being generated
+        self.last = None  # (stats, finish_reason) of the last finished reply
+        self._streams = {}
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="transcript"):
+            yield Static(HELP, id="help", markup=False)
+        yield PromptInput(id="prompt", show_line_numbers=False)
+        yield Static("", id="status", markup=False)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#transcript").anchor()
+        self.query_one(PromptInput).focus()
+        self.set_interval(0.25, self.refresh_status)
+        self.refresh_status()
+
+    # --- input ---------------------------------------------------------------------------------------------
+    async def on_prompt_input_submitted(self, message: PromptInput.Submitted) -> None:
+        text = message.text
+        if text.startswith("/"):
+            self.command(text)
+            return
+        if self.generating:
+            self.notify("Still answering: press Esc to stop first.", severity="warning")
+            return
+        turn = Turn(text, self.show_thinking)
+        await self.query_one("#transcript").mount(turn)
+        self.generating = True
+        self.stop_event.clear()
+        self.generate(turn, text)
+
+    def command(self, text: str) -> None:
+        name = text.split()[0].lower()
+        if name in ("/think", "/no_think"):
+            self.think = name == "/think"
+            self.notify(f"Thinking {'on' if self.think else 'off'} for the next turns.")
+        elif name == "/clear":
+            if self.generating:
+                self.notify("Stop the answer first (Esc).", severity="warning")
+                return
+            self.engine.reset()
+            self.query(Turn).remove()
+            self.notify("Conversation cleared.")
+        else:
+            self.notify(f"Unknown command {name}. {HELP}", severity="error")
+        self.refresh_status()
+
+    def action_stop(self) -> None:
+        if self.generating:
+            self.stop_event.set()
+
+    def action_toggle_thinking(self) -> None:
+        self.show_thinking = not self.show_thinking
+        for block in self.query("Collapsible.thinking"):
+            block.collapsed = not self.show_thinking
+
+    # --- generation (worker thread) -----------------------------------------------------------------------
+    @work(thread=True, exclusive=True, group="generate")
+    def generate(self, turn: Turn, text: str) -> None:
+        try:
+            for event in self.engine.send(text, think=self.think, stop=self.stop_event):
+                self.post_message(Piece(turn, event))
+        except Exception as e:  # shown to the user; the app stays usable
+            self.post_message(Failed(turn, f"{type(e).__name__}: {e}"))
+
+    async def on_failed(self, message: Failed) -> None:
+        message.turn.query_one(".summary", Static).update(f"error: {message.error}")
+        self.notify(message.error, severity="error")
+        self.generating = False
+        self.live = None
+
+    async def on_piece(self, piece: Piece) -> None:
+        turn, event = piece.turn, piece.event
+        if event.kind == "done":
+            await self.finish(turn, event)
+            return
+        self.live = event.stats
+        if event.kind == "thinking":
+            block = turn.query_one(Collapsible)
+            block.display = True
+            turn.thinking_text += event.text
+            await self.stream_to(turn, turn.query_one(".thinking-text", Markdown), event.text)
+        else:
+            if not turn.answer_text and turn.thinking_text and self.auto_collapse:
+                turn.query_one(Collapsible).collapsed = True
+                turn.query_one(Collapsible).title = "Thought"
+            turn.answer_text += event.text
+            await self.stream_to(turn, turn.query_one(".answer", Markdown), event.text)
+
+    async def stream_to(self, turn: Turn, markdown: Markdown, text: str) -> None:
+        stream = self._streams.get(markdown)
+        if stream is None:
+            stream = self._streams[markdown] = Markdown.get_stream(markdown)
+        await stream.write(text)
+
+    async def finish(self, turn: Turn, event: Event) -> None:
+        for markdown in turn.query(Markdown):
+            stream = self._streams.pop(markdown, None)
+            if stream is not None:
+                await stream.stop()
+        # one full render at the end: the streamed tail parse is an approximation while text arrives
+        await turn.query_one(".answer", Markdown).update(turn.answer_text)
+        if turn.thinking_text:
+            await turn.query_one(".thinking-text", Markdown).update(turn.thinking_text)
+        turn.query_one(".summary", Static).update(format_summary(event.stats, event.finish_reason))
+        self.last = (event.stats, event.finish_reason)
+        self.generating = False
+        self.live = None
+        self.refresh_status()
+
+    # --- status bar ------------------------------------------------------------------------------------------
+    def refresh_status(self) -> None:
+        parts = [self.engine.name, self.engine.details, f"think {'on' if self.think else 'off'}"]
+        if self.live is not None:
+            parts.append(f"decoding {self.live.decode_tps:.1f} tok/s" if self.live.generated_tokens > 1
+                         else "reading the prompt…")
+        elif self.last is not None:
+            stats, _ = self.last
+            parts.append(f"last: {stats.decode_tps:.1f} tok/s · prompt {stats.prompt_tps:.0f} tok/s · "
+                         f"first token {stats.time_to_first_token:.2f} s · peak {stats.peak_memory / 2**30:.2f} GiB")
+        used, capacity = self.engine.context()
+        parts.append(f"context {used}" + (f"/{capacity}" if capacity else ""))
+        self.query_one("#status", Static).update(" │ ".join(parts))

@@ -1,0 +1,55 @@
+"""What the chat app needs from a model: one seam, so the app can be driven by a scripted engine in tests."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Protocol
+
+from qwen_mlx.api import Event
+
+
+class Engine(Protocol):
+    name: str  # shown in the status bar, e.g. "Qwen3-4B"
+    details: str  # weights and kernels, e.g. "4-bit g64 · kernels: metal"
+
+    def send(self, text: str, *, think: bool, stop: threading.Event) -> Iterator[Event]:
+        """Add a user message and stream the reply; called on a worker thread."""
+        ...
+
+    def context(self) -> tuple[int, int | None]:
+        """(tokens in the KV cache, its capacity or None when it grows without bound)."""
+        ...
+
+    def reset(self) -> None: ...
+
+
+class ModelEngine:
+    """A real model: a ChatSession over qwen_mlx.load()."""
+
+    def __init__(self, path: str, *, system: str | None = None, max_kv_size: int | None = None,
+                 kv_bits: int | None = None, max_tokens: int = 4096, sampling_overrides: dict | None = None):
+        import qwen_mlx
+        from qwen_mlx import kernels
+
+        self.llm = qwen_mlx.load(path)
+        self.name = self.llm.path.name
+        quant = self.llm.config.quantization
+        weights = f"{quant['bits']}-bit g{quant['group_size']}" if quant else self.llm.config.torch_dtype
+        self.details = f"{weights} · kernels: {kernels.backend()}"
+        self.max_kv_size, self.max_tokens = max_kv_size, max_tokens
+        self.sampling_overrides = sampling_overrides or {}
+        self.session = self.llm.chat(system=system, max_kv_size=max_kv_size, kv_bits=kv_bits)
+        self.last_prompt: list[int] = []
+
+    def send(self, text: str, *, think: bool, stop: threading.Event) -> Iterator[Event]:
+        self.session.sampling = self.llm.sampling(think, **self.sampling_overrides)
+        self.last_prompt = self.llm.prompt_tokens(self.session.messages + [{"role": "user", "content": text}],
+                                                  think=think)
+        yield from self.session.send(text, think=think, max_tokens=self.max_tokens, stop=stop)
+
+    def context(self) -> tuple[int, int | None]:
+        return self.session.cache[0].offset, self.max_kv_size
+
+    def reset(self) -> None:
+        self.session.reset()
