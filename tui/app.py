@@ -166,14 +166,14 @@ class ChatApp(App):
 
     # --- status bar ------------------------------------------------------------------------------------------
     def refresh_status(self) -> None:
-        parts = [self.engine.name, self.engine.details, f"think {'on' if self.think else 'off'}"]
+        used, capacity = self.engine.context()
+        parts = [f"think {'on' if self.think else 'off'}", f"ctx {used}" + (f"/{capacity}" if capacity else "")]
         if self.live is not None:
             parts.append(f"decoding {self.live.decode_tps:.1f} tok/s" if self.live.generated_tokens > 1
                          else "reading the prompt…")
         elif self.last is not None:
             stats, _ = self.last
             parts.append(f"last: {stats.decode_tps:.1f} tok/s · prompt {stats.prompt_tps:.0f} tok/s · "
-                         f"first token {stats.time_to_first_token:.2f} s · peak {stats.peak_memory / 2**30:.2f} GiB")
-        used, capacity = self.engine.context()
-        parts.append(f"context {used}" + (f"/{capacity}" if capacity else ""))
+                         f"ttft {stats.time_to_first_token:.2f}s · peak {stats.peak_memory / 2**30:.1f} GiB")
+        parts.append(f"{self.engine.name} · {self.engine.details}")
         self.query_one("#status", Static).update(" │ ".join(parts))

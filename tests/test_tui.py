@@ -1,0 +1,198 @@
+"""The chat app driven by Textual's Pilot: a scripted engine for the UI behaviour, the tiny model for the seam."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from qwen_mlx.api import Event
+from qwen_mlx.generate import GenerationStats
+from tui.app import ChatApp
+from tui.widgets import Turn
+
+
+class ScriptedEngine:
+    """Replays (kind, text) pieces with a delay, updating stats like the real engine."""
+
+    name = "scripted"
+    details = "bf16 · kernels: reference"
+
+    def __init__(self, script, delay=0.01):
+        self.script, self.delay = script, delay
+        self.sent: list[tuple[str, bool]] = []
+        self.used = 0
+
+    def send(self, text, *, think, stop):
+        self.sent.append((text, think))
+        stats = GenerationStats(prompt_tokens=12, prompt_seconds=0.1, time_to_first_token=0.1)
+        first = time.perf_counter()
+        for i, (kind, piece) in enumerate(self.script):
+            if stop.is_set():
+                yield Event("done", "", stats, "cancelled")
+                return
+            time.sleep(self.delay)
+            stats.generated_tokens = i + 1
+            stats.decode_seconds = time.perf_counter() - first
+            self.used += 1
+            yield Event(kind, piece, stats)
+        yield Event("done", "", stats, "stop")
+
+    def context(self):
+        return self.used, 4096
+
+    def reset(self):
+        self.used = 0
+
+
+SCRIPT = [("thinking", "Let me "), ("thinking", "think."), ("answer", "**Hello**"), ("answer", " world"),
+          ("answer", "\n\n```python\nprint(1)\n```\n")]
+
+
+async def wait_until(pilot, predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await pilot.pause(0.02)
+
+
+async def send(pilot, text):
+    await pilot.click("#prompt")
+    for ch in text:
+        await pilot.press(ch if ch != " " else "space")
+    await pilot.press("enter")
+
+
+def test_message_streams_and_thinking_collapses_when_the_answer_starts():
+    async def run():
+        app = ChatApp(ScriptedEngine(SCRIPT))
+        async with app.run_test(size=(100, 40)) as pilot:
+            await send(pilot, "hi")
+            await wait_until(pilot, lambda: not app.generating and app.query(Turn))
+            turn = app.query_one(Turn)
+            assert turn.answer_text == "**Hello** world\n\n```python\nprint(1)\n```\n"
+            assert turn.thinking_text == "Let me think."
+            block = turn.query_one("Collapsible")
+            assert block.display and block.collapsed  # auto-collapsed once the answer started
+            await pilot.press("ctrl+t")  # hides (already collapsed) ...
+            await pilot.press("ctrl+t")  # ... and shows all think blocks
+            assert not block.collapsed
+            await pilot.press("ctrl+t")
+            assert block.collapsed
+            assert "5 tokens" in str(turn.query_one(".summary").render())
+
+    asyncio.run(run())
+
+
+def test_status_bar_shows_live_tokens_per_second_while_generating():
+    async def run():
+        engine = ScriptedEngine([("answer", f"w{i} ") for i in range(60)], delay=0.03)
+        app = ChatApp(engine)
+        async with app.run_test(size=(120, 30)) as pilot:
+            await send(pilot, "go")
+            seen = set()
+            deadline = time.monotonic() + 10
+            while app.generating or not seen:
+                status = str(app.query_one("#status").render())
+                if "decoding" in status:
+                    seen.add(status.split("decoding")[1].split("tok/s")[0].strip())
+                await pilot.pause(0.1)
+                assert time.monotonic() < deadline
+            assert len(seen) >= 2  # the figure changes as tokens arrive
+            assert "last:" in str(app.query_one("#status").render())
+
+    asyncio.run(run())
+
+
+def test_escape_stops_and_keeps_the_partial_answer_and_keys_respond():
+    async def run():
+        engine = ScriptedEngine([("answer", f"w{i} ") for i in range(500)], delay=0.02)
+        app = ChatApp(engine)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await send(pilot, "long")
+            await wait_until(pilot, lambda: app.query(Turn) and len(app.query_one(Turn).answer_text) > 20)
+            await pilot.press("ctrl+t")  # keys respond while generating
+            assert app.show_thinking is False
+            await pilot.press("escape")
+            await wait_until(pilot, lambda: not app.generating, timeout=2)
+            turn = app.query_one(Turn)
+            assert 20 < len(turn.answer_text) < len("".join(f"w{i} " for i in range(500)))
+            assert "stopped" in str(turn.query_one(".summary").render())
+
+    asyncio.run(run())
+
+
+def test_no_think_command_switches_the_next_turn():
+    async def run():
+        engine = ScriptedEngine([("answer", "ok")])
+        app = ChatApp(engine)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await send(pilot, "/no_think")
+            assert app.think is False and "think off" in str(app.query_one("#status").render())
+            await send(pilot, "hello")
+            await wait_until(pilot, lambda: engine.sent and not app.generating)
+            assert engine.sent[-1] == ("hello", False)
+
+    asyncio.run(run())
+
+
+def test_no_think_changes_the_rendered_prompt_of_the_real_model(tiny_checkpoint):
+    from tui.engine import ModelEngine
+
+    async def run():
+        engine = ModelEngine(str(tiny_checkpoint("qwen3")), max_tokens=4)
+        app = ChatApp(engine)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await send(pilot, "hi")
+            await wait_until(pilot, lambda: not app.generating and app.query(Turn), timeout=30)
+            thinking_prompt = list(engine.last_prompt)
+            await send(pilot, "/no_think")
+            await send(pilot, "hi")
+            await wait_until(pilot, lambda: not app.generating and len(app.query(Turn)) == 2, timeout=30)
+        tok = engine.llm.tokenizer
+        close = tok.encode("<think>\n\n</think>\n\n")
+        assert thinking_prompt[-len(close):] != close
+        assert engine.last_prompt[-len(close):] == close
+
+    asyncio.run(run())
+
+
+class FixedClockEngine(ScriptedEngine):
+    """Deterministic stats (a fixed 25 ms per token), so the screen is the same on every run."""
+
+    def send(self, text, *, think, stop):
+        for event in super().send(text, think=think, stop=stop):
+            event.stats.decode_seconds = 0.025 * max(0, event.stats.generated_tokens - 1)
+            event.stats.peak_memory = 3 * 2**29
+            yield event
+
+
+SNAPSHOT = __import__("pathlib").Path(__file__).with_name("snapshots") / "chat_main.svg"
+
+
+def test_main_screen_snapshot():
+    """The main screen after a scripted reply, against a reviewed SVG (regenerate: UPDATE_SNAPSHOTS=1)."""
+    import os
+
+    async def run():
+        app = ChatApp(FixedClockEngine(SCRIPT, delay=0))
+        async with app.run_test(size=(100, 30)) as pilot:
+            await send(pilot, "hi")
+            await wait_until(pilot, lambda: not app.generating and app.query(Turn))
+            await pilot.pause(0.3)
+            return app.export_screenshot(title="qwen-mlx")
+
+    svg = asyncio.run(run())
+    if os.environ.get("UPDATE_SNAPSHOTS"):
+        SNAPSHOT.write_text(svg)
+    assert normalized(svg) == normalized(SNAPSHOT.read_text())
+
+
+def normalized(svg: str) -> str:
+    """Textual names its SVG classes after a hash of the render; the drawing itself is what matters."""
+    import re
+
+    return re.sub(r"terminal-\d+", "terminal", svg)
