@@ -158,6 +158,9 @@ class ChatApp(App):
         await turn.query_one(".answer", Markdown).update(turn.answer_text)
         if turn.thinking_text:
             await turn.query_one(".thinking-text", Markdown).update(turn.thinking_text)
+            if not turn.answer_text:
+                turn.query_one(Collapsible).title = ("Thinking (stopped)" if event.finish_reason == "cancelled"
+                                                     else "Thinking (cut off at max tokens)")
         turn.query_one(".summary", Static).update(format_summary(event.stats, event.finish_reason))
         self.last = (event.stats, event.finish_reason)
         self.generating = False
