@@ -10,6 +10,22 @@ from .cache import make_cache
 from .sampling import SamplingParams
 
 
+def reply_content(thinking: str, answer: str) -> str:
+    """An assistant message as the chat template reads it back: the think block first (Qwen3's template parses it
+    out, and drops it from earlier turns)."""
+    if not thinking:
+        return answer
+    return "<think>\n" + thinking.strip("\n") + "\n</think>\n\n" + answer.lstrip("\n")
+
+
+def split_reply_content(content: str) -> tuple[str, str]:
+    """(thinking, answer) of a stored assistant message; the inverse of reply_content."""
+    if content.startswith("<think>") and "</think>" in content:
+        thinking, answer = content[len("<think>"):].split("</think>", 1)
+        return thinking.strip("\n"), answer.lstrip("\n")
+    return "", content
+
+
 class ChatSession:
     """Message history plus the KV cache of the tokens last run.
 
@@ -50,10 +66,7 @@ class ChatSession:
                                   generated=generated):
             (answer if event.kind == "answer" else thinking if event.kind == "thinking" else []).append(event.text)
             yield event
-        content = "".join(answer)
-        if thinking:
-            content = "<think>\n" + "".join(thinking).strip("\n") + "\n</think>\n\n" + content.lstrip("\n")
-        self.messages.append({"role": "assistant", "content": content})
+        self.messages.append({"role": "assistant", "content": reply_content("".join(thinking), "".join(answer))})
         self._cached = (prompt + generated)[: self.cache[0].offset]
 
     def _reuse(self, prompt: list[int]) -> int:

@@ -80,9 +80,18 @@ def _chat(args: argparse.Namespace) -> None:
     from tui.app import ChatApp
     from tui.engine import ModelEngine
 
+    from pathlib import Path
+
+    from tui.history import History, default_path
+
     engine = ModelEngine(args.model, system=args.system, max_kv_size=args.max_kv_size, kv_bits=args.kv_bits,
                          max_tokens=args.max_tokens, sampling_overrides=_sampling_overrides(args))
-    ChatApp(engine, think=args.think).run()
+    history = None if args.no_history else History(Path(args.history) if args.history else default_path())
+    try:
+        ChatApp(engine, think=args.think, history=history, resume=args.resume).run()
+    finally:
+        if history is not None:
+            history.close()
 
 
 def _add_model_argument(parser: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -161,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-kv-size", type=int, metavar="N", help="keep at most N tokens of context in the KV "
                       "cache (fixed memory; the oldest turns are forgotten, the system prompt kept)")
     chat.add_argument("--kv-bits", type=int, choices=[4, 8], help="store the KV cache quantized to 4 or 8 bits")
+    chat.add_argument("-c", "--continue", dest="resume", action="store_true",
+                      help="continue the last conversation with this model")
+    chat.add_argument("--history", metavar="FILE", help="where conversations are kept (default: history.sqlite in "
+                      "the platform's data directory, e.g. ~/Library/Application Support/qwen-mlx)")
+    chat.add_argument("--no-history", action="store_true", help="keep nothing on disk")
     chat.set_defaults(run=_chat)
 
     generate = sub.add_parser("generate", help="answer one prompt, streaming plain text to stdout",

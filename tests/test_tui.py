@@ -196,3 +196,68 @@ def normalized(svg: str) -> str:
     import re
 
     return re.sub(r"terminal-\d+", "terminal", svg)
+
+
+def test_history_keeps_messages_and_continue_restores_them(tmp_path):
+    from tui.history import History
+
+    path = tmp_path / "history.sqlite"
+
+    class RecordingEngine(ScriptedEngine):
+        restored = None
+
+        def restore(self, messages):
+            self.restored = messages
+
+    async def first():
+        app = ChatApp(RecordingEngine(SCRIPT), history=History(path))
+        async with app.run_test(size=(100, 30)) as pilot:
+            await send(pilot, "hi")
+            # the user's message is in the database before the reply is done
+            assert History(path).latest("scripted")[1][0] == {"role": "user", "content": "hi"}
+            await wait_until(pilot, lambda: not app.generating and app.query(Turn))
+
+    async def second():
+        engine = RecordingEngine(SCRIPT)
+        app = ChatApp(engine, history=History(path), resume=True)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await pilot.pause(0.2)
+            turn = app.query_one(Turn)
+            assert (turn.user_text, turn.thinking_text) == ("hi", "Let me think.")
+            assert turn.answer_text.startswith("**Hello** world")
+            return engine.restored
+
+    asyncio.run(first())
+    restored = asyncio.run(second())
+    assert restored == [{"role": "user", "content": "hi"},
+                        {"role": "assistant", "content": "<think>\nLet me think.\n</think>\n\n**Hello** world\n\n"
+                                                         "```python\nprint(1)\n```\n"}]
+
+
+def test_history_survives_a_killed_writer(tmp_path):
+    """A process killed in the middle of writing leaves every committed message readable."""
+    import subprocess
+    import sys
+
+    from tui.history import History
+
+    path = tmp_path / "history.sqlite"
+    h = History(path)
+    conv = h.new_conversation("m")
+    h.add(conv, "user", "kept")
+    h.close()
+    writer = subprocess.Popen([sys.executable, "-c", f"""
+import sys; sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parents[1])!r})
+from tui.history import History
+h = History(__import__('pathlib').Path({str(path)!r}))
+while True:
+    with h.db:
+        for i in range(1000):
+            h.db.execute("INSERT INTO messages (conversation, role, content, created) VALUES (1, 'assistant', ?, 0)", ("x" * 1000,))
+"""])
+    time.sleep(1.5)
+    writer.kill()
+    writer.wait()
+    latest = History(path).latest("m")
+    assert latest[1][0] == {"role": "user", "content": "kept"}
+    assert (len(latest[1]) - 1) % 1000 == 0  # whole transactions only

@@ -12,8 +12,10 @@ from textual.message import Message
 from textual.widgets import Collapsible, Footer, Markdown, Static
 
 from qwen_mlx.api import Event
+from qwen_mlx.chat import reply_content, split_reply_content
 
 from .engine import Engine
+from .history import History
 from .widgets import PromptInput, Turn, format_summary
 
 HELP = ("Enter sends · ctrl+j newline · Esc stops · ctrl+t shows/hides thinking · "
@@ -45,9 +47,13 @@ class ChatApp(App):
         Binding("ctrl+q", "quit", "Quit", id="quit"),
     ]
 
-    def __init__(self, engine: Engine, *, think: bool = True, auto_collapse: bool = True):
+    def __init__(self, engine: Engine, *, think: bool = True, auto_collapse: bool = True,
+                 history: History | None = None, resume: bool = False):
         super().__init__()
         self.engine = engine
+        self.history = history
+        self.conversation = None  # id in the history database
+        self.resume = resume
         self.think = think
         self.show_thinking = True
         self.auto_collapse = auto_collapse  # collapse a turn's thinking when its answer starts
@@ -64,7 +70,15 @@ class ChatApp(App):
         yield Static("", id="status", markup=False)
         yield Footer()
 
-    def on_mount(self) -> None:
+    async def on_mount(self) -> None:
+        if self.history is not None:
+            earlier = self.history.latest(self.engine.name) if self.resume else None
+            if earlier is not None:
+                self.conversation, messages = earlier
+                self.engine.restore(messages)
+                await self.show_earlier(messages)
+            else:
+                self.conversation = self.history.new_conversation(self.engine.name)
         self.query_one("#transcript").anchor()
         self.query_one(PromptInput).focus()
         self.set_interval(0.25, self.refresh_status)
@@ -79,6 +93,8 @@ class ChatApp(App):
         if self.generating:
             self.notify("Still answering: press Esc to stop first.", severity="warning")
             return
+        if self.history is not None:
+            self.history.add(self.conversation, "user", text)  # stored before generation starts
         turn = Turn(text, self.show_thinking)
         await self.query_one("#transcript").mount(turn)
         self.generating = True
@@ -162,10 +178,30 @@ class ChatApp(App):
                 turn.query_one(Collapsible).title = ("Thinking (stopped)" if event.finish_reason == "cancelled"
                                                      else "Thinking (cut off at max tokens)")
         turn.query_one(".summary", Static).update(format_summary(event.stats, event.finish_reason))
+        if self.history is not None:
+            self.history.add(self.conversation, "assistant", reply_content(turn.thinking_text, turn.answer_text))
         self.last = (event.stats, event.finish_reason)
         self.generating = False
         self.live = None
         self.refresh_status()
+
+    async def show_earlier(self, messages: list[dict]) -> None:
+        """Mount the turns of a resumed conversation, finished, in one batch."""
+        transcript = self.query_one("#transcript")
+        with self.batch_update():
+            for message in messages:
+                if message["role"] == "user":
+                    turn = Turn(message["content"], self.show_thinking)
+                    await transcript.mount(turn)
+                elif message["role"] == "assistant" and self.query(Turn):
+                    thinking, answer = split_reply_content(message["content"])
+                    turn = self.query(Turn).last()
+                    turn.thinking_text, turn.answer_text = thinking, answer
+                    if thinking:
+                        block = turn.query_one(Collapsible)
+                        block.display, block.collapsed, block.title = True, True, "Thought"
+                        await turn.query_one(".thinking-text", Markdown).update(thinking)
+                    await turn.query_one(".answer", Markdown).update(answer)
 
     # --- status bar ------------------------------------------------------------------------------------------
     def refresh_status(self) -> None:

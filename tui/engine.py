@@ -23,6 +23,10 @@ class Engine(Protocol):
 
     def reset(self) -> None: ...
 
+    def restore(self, messages: list[dict]) -> None:
+        """Continue an earlier conversation (user/assistant messages)."""
+        ...
+
 
 class ModelEngine:
     """A real model: a ChatSession over qwen_mlx.load()."""
@@ -53,3 +57,7 @@ class ModelEngine:
 
     def reset(self) -> None:
         self.session.reset()
+
+    def restore(self, messages: list[dict]) -> None:
+        self.session.reset()
+        self.session.messages.extend(messages)
