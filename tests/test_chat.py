@@ -1,6 +1,7 @@
 """The public API end to end on a tiny checkpoint: streaming events, chat sessions reusing their cache."""
 
 import threading
+import time
 
 import pytest
 
@@ -75,3 +76,26 @@ def test_stop_strings_cut_the_answer(llm):
     stop_at = full[3:6]
     cut = llm.generate("hello", max_tokens=12, sampling=GREEDY, think=False, stop_strings=(stop_at,))
     assert cut.finish_reason == "stop" and cut.text == full[: full.find(stop_at)]
+
+
+def test_stop_during_prefill_returns_within_a_second_and_the_session_stays_consistent(llm):
+    chat = llm.chat(think=False, sampling=GREEDY)
+    stop = threading.Event()
+    long_text = " ".join(f"word{i}" for i in range(700))  # ~2k tokens: several prefill chunks
+    events, stopped_at = [], []
+
+    def stopper():
+        stop.wait(0.05) or stop.set()
+        stopped_at.append(time.perf_counter())
+
+    threading.Thread(target=stopper).start()
+    for event in chat.send(long_text, max_tokens=5, stop=stop):
+        events.append(event)
+    done_at = time.perf_counter()
+    assert events[-1].kind == "done" and events[-1].finish_reason == "cancelled"
+    assert done_at - stopped_at[0] < 1.0
+    assert 0 < chat.cache[0].offset < len(llm.prompt_tokens(chat.messages[:1], think=False))
+    nxt = "".join(e.text for e in chat.send("short", max_tokens=5))
+    fresh = llm.chat(think=False, sampling=GREEDY)
+    fresh.messages = [dict(m) for m in chat.messages[:-2]]
+    assert "".join(e.text for e in fresh.send("short", max_tokens=5)) == nxt
