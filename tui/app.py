@@ -205,6 +205,9 @@ class ChatApp(App):
 
     # --- status bar ------------------------------------------------------------------------------------------
     def refresh_status(self) -> None:
+        statuses = self.query("#status")
+        if not statuses:  # the timer can fire once more while the app shuts down
+            return
         used, capacity = self.engine.context()
         parts = [f"think {'on' if self.think else 'off'}", f"ctx {used}" + (f"/{capacity}" if capacity else "")]
         if self.live is not None:
@@ -215,4 +218,4 @@ class ChatApp(App):
             parts.append(f"last: {stats.decode_tps:.1f} tok/s · prompt {stats.prompt_tps:.0f} tok/s · "
                          f"ttft {stats.time_to_first_token:.2f}s · peak {stats.peak_memory / 2**30:.1f} GiB")
         parts.append(f"{self.engine.name} · {self.engine.details}")
-        self.query_one("#status", Static).update(" │ ".join(parts))
+        statuses.first(Static).update(" │ ".join(parts))
