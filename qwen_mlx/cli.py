@@ -53,12 +53,15 @@ def _sampling_overrides(args: argparse.Namespace) -> dict:
 def _generate(args: argparse.Namespace) -> None:
     from .api import load
 
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt.strip():
+        raise UserError("the prompt is empty")
     llm = load(args.model)
     sampling = llm.sampling(args.think, **_sampling_overrides(args))
-    show_thinking = args.show_thinking
+    show_thinking = not args.hide_think
     color = sys.stderr.isatty()
     done = None
-    for event in llm.stream(args.prompt, think=args.think, system=args.system, max_tokens=args.max_tokens,
+    for event in llm.stream(prompt, think=args.think, system=args.system, max_tokens=args.max_tokens,
                             sampling=sampling):
         if event.kind == "answer":
             sys.stdout.write(event.text)
@@ -69,7 +72,7 @@ def _generate(args: argparse.Namespace) -> None:
         elif event.kind == "done":
             done = event
     sys.stdout.write("\n")
-    if args.stats and done is not None:
+    if args.verbose and done is not None:
         s = done.stats
         print(f"prompt {s.prompt_tokens} tokens at {s.prompt_tps:.1f} tok/s, first token after "
               f"{s.time_to_first_token:.2f} s; {s.generated_tokens} tokens at {s.decode_tps:.1f} tok/s; "
@@ -179,13 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = sub.add_parser("generate", help="answer one prompt, streaming plain text to stdout",
                               description="Answer one prompt with the checkpoint's chat template. The answer "
-                                          "streams to stdout as plain text (pipe-friendly); the thinking goes to "
-                                          "stderr with --show-thinking.")
+                                          "streams to stdout as plain text (pipe-friendly, no escape codes); the "
+                                          "thinking goes to stderr (dimmed on a terminal) unless --hide-think.")
     _add_model_argument(generate, DEFAULT_MODEL)
-    generate.add_argument("-p", "--prompt", required=True, help="the user message")
+    generate.add_argument("-p", "--prompt", required=True, help="the user message; - reads it from stdin")
     _add_generation_arguments(generate)
-    generate.add_argument("--show-thinking", action="store_true", help="print the thinking to stderr")
-    generate.add_argument("--stats", action="store_true", help="print speed and memory to stderr at the end")
+    generate.add_argument("--hide-think", action="store_true", help="do not print the thinking")
+    generate.add_argument("-v", "--verbose", action="store_true", help="print speed and memory to stderr at the end")
     generate.set_defaults(run=_generate)
 
     from .bench import PRESETS  # a plain dict; importing it is cheap

@@ -18,9 +18,17 @@ def test_generate_prints_plain_text_when_piped(tiny_checkpoint):
 
 
 def test_stats_line(tiny_checkpoint):
-    run = cli("generate", "-m", str(tiny_checkpoint("qwen3")), "-p", "hi", "--max-tokens", "4", "--stats",
+    run = cli("generate", "-m", str(tiny_checkpoint("qwen3")), "-p", "hi", "--max-tokens", "4", "--verbose",
               "--no-think")
     assert run.returncode == 0 and "4 tokens at" in run.stderr and "finished: length" in run.stderr
+
+
+def test_prompt_from_stdin(tiny_checkpoint):
+    args = ["generate", "-m", str(tiny_checkpoint("qwen3")), "--max-tokens", "3", "--temp", "0", "--hide-think"]
+    piped = subprocess.run([sys.executable, "-m", "qwen_mlx.cli", *args, "--prompt", "-"], input="hi",
+                           capture_output=True, text=True, timeout=120)
+    direct = cli(*args, "--prompt", "hi")
+    assert piped.returncode == 0 and piped.stdout == direct.stdout
 
 
 def test_bad_flags_get_argparse_errors():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 
@@ -19,6 +20,7 @@ class ScriptedEngine:
 
     name = "scripted"
     details = "bf16 · kernels: reference"
+    restored = None  # the last conversation handed to restore()
 
     def __init__(self, script, delay=0.01):
         self.script, self.delay = script, delay
@@ -43,8 +45,15 @@ class ScriptedEngine:
     def context(self):
         return self.used, 4096
 
-    def reset(self):
+    def restore(self, messages):
         self.used = 0
+        self.restored = messages
+
+    def messages(self):
+        return [{"role": "user", "content": t} for t, _ in self.sent]
+
+    def set_system(self, text):
+        self.system = text
 
 
 SCRIPT = [("thinking", "Let me "), ("thinking", "think."), ("answer", "**Hello**"), ("answer", " world"),
@@ -61,8 +70,11 @@ async def wait_until(pilot, predicate, timeout=10.0):
 
 async def send(pilot, text):
     await pilot.click("#prompt")
-    for ch in text:
-        await pilot.press(ch if ch != " " else "space")
+    if len(text) <= 12:  # typed, key by key
+        for ch in text:
+            await pilot.press(ch if ch != " " else "space")
+    else:  # pasted
+        pilot.app.query_one("#prompt").insert(text)
     await pilot.press("enter")
 
 
@@ -182,6 +194,7 @@ def test_main_screen_snapshot():
         async with app.run_test(size=(100, 30)) as pilot:
             await send(pilot, "hi")
             await wait_until(pilot, lambda: not app.generating and app.query(Turn))
+            app.query_one("#prompt").cursor_blink = False  # a blinking cursor would make the picture flicker
             await pilot.pause(0.3)
             return app.export_screenshot(title="qwen-mlx")
 
@@ -203,14 +216,8 @@ def test_history_keeps_messages_and_continue_restores_them(tmp_path):
 
     path = tmp_path / "history.sqlite"
 
-    class RecordingEngine(ScriptedEngine):
-        restored = None
-
-        def restore(self, messages):
-            self.restored = messages
-
     async def first():
-        app = ChatApp(RecordingEngine(SCRIPT), history=History(path))
+        app = ChatApp(ScriptedEngine(SCRIPT), history=History(path))
         async with app.run_test(size=(100, 30)) as pilot:
             await send(pilot, "hi")
             # the user's message is in the database before the reply is done
@@ -218,7 +225,7 @@ def test_history_keeps_messages_and_continue_restores_them(tmp_path):
             await wait_until(pilot, lambda: not app.generating and app.query(Turn))
 
     async def second():
-        engine = RecordingEngine(SCRIPT)
+        engine = ScriptedEngine(SCRIPT)
         app = ChatApp(engine, history=History(path), resume=True)
         async with app.run_test(size=(100, 30)) as pilot:
             await pilot.pause(0.2)
@@ -261,3 +268,36 @@ while True:
     latest = History(path).latest("m")
     assert latest[1][0] == {"role": "user", "content": "kept"}
     assert (len(latest[1]) - 1) % 1000 == 0  # whole transactions only
+
+
+def test_recall_completion_and_conversation_files(tmp_path):
+    async def run():
+        engine = ScriptedEngine([("answer", "ok")], delay=0)
+        app = ChatApp(engine)
+        async with app.run_test(size=(100, 30)) as pilot:
+            box = app.query_one("#prompt")
+            await send(pilot, "first message")
+            await wait_until(pilot, lambda: not app.generating and app.query(Turn))
+            await pilot.press("up")
+            assert box.text == "first message"
+            await pilot.press("down")
+            assert box.text == ""
+            for ch in "/no_t":
+                await pilot.press(ch)
+            await pilot.press("tab")
+            assert box.text == "/no_think "
+            box.clear()
+            await send(pilot, f"/save {tmp_path / 'conv.json'}")
+            assert json.loads((tmp_path / "conv.json").read_text()) == [{"role": "user", "content": "first message"}]
+            (tmp_path / "bad.json").write_text('{"not": "a list"}')
+            await send(pilot, f"/load {tmp_path / 'bad.json'}")
+            assert engine.restored is None  # refused, nothing replaced
+            saved = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>\nt\n</think>\n\na"}]
+            (tmp_path / "good.json").write_text(json.dumps(saved))
+            await send(pilot, f"/load {tmp_path / 'good.json'}")
+            await pilot.pause(0.1)
+            assert engine.restored == saved
+            turn = app.query_one(Turn)
+            assert (turn.user_text, turn.thinking_text, turn.answer_text) == ("q", "t", "a")
+
+    asyncio.run(run())

@@ -18,8 +18,8 @@ from .engine import Engine
 from .history import History
 from .widgets import PromptInput, Turn, format_summary
 
-HELP = ("Enter sends · ctrl+j newline · Esc stops · ctrl+t shows/hides thinking · "
-        "/think /no_think switch thinking · /clear forgets the conversation · ctrl+q quits")
+HELP = ("Enter sends · ctrl+j newline · ↑↓ recall · Esc stops · ctrl+t shows/hides thinking · ctrl+q quits · "
+        "/think /no_think · /system TEXT · /new · /save FILE · /load FILE · /copy · /help (tab completes)")
 
 
 class Piece(Message):
@@ -88,7 +88,7 @@ class ChatApp(App):
     async def on_prompt_input_submitted(self, message: PromptInput.Submitted) -> None:
         text = message.text
         if text.startswith("/"):
-            self.command(text)
+            await self.command(text)
             return
         if self.generating:
             self.notify("Still answering: press Esc to stop first.", severity="warning")
@@ -101,21 +101,92 @@ class ChatApp(App):
         self.stop_event.clear()
         self.generate(turn, text)
 
-    def command(self, text: str) -> None:
-        name = text.split()[0].lower()
+    async def command(self, text: str) -> None:
+        name, _, arg = text.partition(" ")
+        name, arg = name.lower(), arg.strip()
         if name in ("/think", "/no_think"):
             self.think = name == "/think"
             self.notify(f"Thinking {'on' if self.think else 'off'} for the next turns.")
-        elif name == "/clear":
-            if self.generating:
-                self.notify("Stop the answer first (Esc).", severity="warning")
-                return
-            self.engine.reset()
-            self.query(Turn).remove()
-            self.notify("Conversation cleared.")
+        elif name in ("/clear", "/new", "/load") and self.generating:
+            self.notify("Stop the answer first (Esc).", severity="warning")
+        elif name in ("/clear", "/new"):
+            await self.start_over([])
+            self.notify("New conversation.")
+        elif name == "/system":
+            self.engine.set_system(arg or None)
+            self.notify(f"System prompt {'set' if arg else 'removed'}.")
+        elif name == "/save":
+            self.save(arg)
+        elif name == "/load":
+            messages = self.read_conversation(arg)
+            if messages is not None:
+                await self.start_over(messages)
+                self.notify(f"Loaded {len(messages)} messages from {arg}.")
+        elif name == "/copy":
+            answers = [t.answer_text for t in self.query(Turn) if t.answer_text]
+            if answers:
+                self.copy(answers[-1])
+        elif name == "/help":
+            self.notify(HELP, timeout=10)
         else:
-            self.notify(f"Unknown command {name}. {HELP}", severity="error")
+            self.notify(f"Unknown command {name}: /help lists them.", severity="error")
         self.refresh_status()
+
+    async def start_over(self, messages: list[dict]) -> None:
+        """A new conversation, empty or loaded from a file."""
+        self.engine.restore(messages)
+        await self.query(Turn).remove()
+        await self.show_earlier(messages)
+        if self.history is not None:
+            self.conversation = self.history.new_conversation(self.engine.name)
+            for message in messages:
+                self.history.add(self.conversation, message["role"], message["content"])
+
+    def save(self, path: str) -> None:
+        import json
+        import os
+        from pathlib import Path
+
+        if not path:
+            self.notify("Usage: /save FILE", severity="error")
+            return
+        target = Path(path).expanduser()
+        tmp = target.with_name(target.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(self.engine.messages(), ensure_ascii=False, indent=1))
+            os.replace(tmp, target)
+        except OSError as e:
+            self.notify(f"Could not save to {target}: {e.strerror}.", severity="error")
+            return
+        self.notify(f"Saved to {target}.")
+
+    def read_conversation(self, path: str) -> list[dict] | None:
+        import json
+        from pathlib import Path
+
+        try:
+            messages = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            self.notify(f"Could not read {path}: {getattr(e, 'strerror', None) or e}.", severity="error")
+            return None
+        valid = isinstance(messages, list) and all(
+            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+            and isinstance(m.get("content"), str) for m in messages)
+        if not valid:
+            self.notify(f"{path} is not a saved conversation (a JSON list of role/content messages).",
+                        severity="error")
+            return None
+        return messages
+
+    def copy(self, text: str) -> None:
+        import shutil
+        import subprocess
+        import sys
+
+        self.copy_to_clipboard(text)  # OSC 52: most terminals, not macOS Terminal.app
+        if sys.platform == "darwin" and shutil.which("pbcopy"):
+            subprocess.run(["pbcopy"], input=text.encode(), check=False)
+        self.notify("Copied the last answer.")
 
     def action_stop(self) -> None:
         if self.generating:

@@ -21,11 +21,15 @@ class Engine(Protocol):
         """(tokens in the KV cache, its capacity or None when it grows without bound)."""
         ...
 
-    def reset(self) -> None: ...
-
     def restore(self, messages: list[dict]) -> None:
-        """Continue an earlier conversation (user/assistant messages)."""
+        """Replace the conversation (empty: start over). The system prompt stays unless `messages` has one."""
         ...
+
+    def messages(self) -> list[dict]:
+        """The conversation so far, system prompt first if there is one."""
+        ...
+
+    def set_system(self, text: str | None) -> None: ...
 
 
 class ModelEngine:
@@ -55,9 +59,16 @@ class ModelEngine:
     def context(self) -> tuple[int, int | None]:
         return self.session.cache[0].offset, self.max_kv_size
 
-    def reset(self) -> None:
-        self.session.reset()
-
     def restore(self, messages: list[dict]) -> None:
         self.session.reset()
-        self.session.messages.extend(messages)
+        system = [m["content"] for m in messages if m["role"] == "system"]
+        if system:
+            self.set_system(system[0])
+        self.session.messages.extend(m for m in messages if m["role"] != "system")
+
+    def messages(self) -> list[dict]:
+        return list(self.session.messages)
+
+    def set_system(self, text: str | None) -> None:
+        rest = [m for m in self.session.messages if m["role"] != "system"]
+        self.session.messages = ([{"role": "system", "content": text}] if text else []) + rest

@@ -41,26 +41,52 @@ def format_summary(stats: GenerationStats, finish_reason: str | None) -> str:
     return " · ".join(parts)
 
 
+COMMANDS = ("/think", "/no_think", "/system", "/clear", "/new", "/save", "/load", "/copy", "/help")
+
+
 class PromptInput(TextArea):
-    """Enter sends; ctrl+j (any terminal) or shift+enter adds a newline."""
+    """Enter sends; ctrl+j (any terminal) or shift+enter adds a newline; up/down on the first/last line recall
+    earlier messages; tab completes a slash command."""
 
     class Submitted(Message):
         def __init__(self, text: str):
             super().__init__()
             self.text = text
 
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.past: list[str] = []
+        self._recall = 0  # how far back up/down has gone; 0 = the text being written
+
     async def _on_key(self, event) -> None:
+        handled = True
+        row, _ = self.cursor_location
         if event.key == "enter":
-            event.prevent_default()
-            event.stop()
             text = self.text.strip()
             if text:
+                self.past.append(text)
+                self._recall = 0
                 self.post_message(self.Submitted(text))
                 self.clear()
-            return
-        if event.key in ("ctrl+j", "shift+enter"):
+        elif event.key in ("ctrl+j", "shift+enter"):
+            self.insert("\n")
+        elif event.key == "up" and row == 0 and self._recall < len(self.past):
+            self._recall += 1
+            self.text = self.past[-self._recall]
+        elif event.key == "down" and row == self.document.line_count - 1 and self._recall > 0:
+            self._recall -= 1
+            self.text = self.past[-self._recall] if self._recall else ""
+        elif event.key == "tab" and self.text.startswith("/") and " " not in self.text:
+            matches = [c for c in COMMANDS if c.startswith(self.text.strip())]
+            if len(matches) == 1:
+                self.text = matches[0] + " "
+                self.move_cursor(self.document.end)
+            elif matches:
+                self.notify("  ".join(matches))
+        else:
+            handled = False
+        if handled:
             event.prevent_default()
             event.stop()
-            self.insert("\n")
             return
         await super()._on_key(event)
