@@ -92,7 +92,7 @@ class _Store:
     def view(self, n: int) -> list[mx.array]:
         return [a[..., :n, :] for a in self.arrays]
 
-    def attend(self, q: mx.array, stored: list[mx.array], scale: float, mask: mx.array | str | None) -> mx.array:
+    def attend(self, q: mx.array, stored: list[mx.array], scale: float, mask: mx.array | None) -> mx.array:
         if self.bits is None:
             return mx.fast.scaled_dot_product_attention(q, stored[0], stored[1], scale=scale, mask=mask)
         return quantized_attention(q, stored, scale, mask, group_size=self.group_size, bits=self.bits)
