@@ -297,7 +297,7 @@ def test_quantized_logits_error(models, variant):
     model = models(variant, **QUANT_OVERRIDES.get(variant, {}))
     ids = prompt_ids(64, seed=6)
     chunks = [48] + [1] * 16
-    ref = feed(model, make_cache(model.config), ids, chunks)
+    ref = feed(model, make_cache(model.config), ids, [64])  # float results do not depend on the chunking
     got, errors = {}, {}
     for bits in (8, 4):
         shadows = [Shadow(QuantizedKVCache(bits, GS), OracleCache(lambda t, j: j <= t, bits))
