@@ -159,13 +159,13 @@ class KVCache:
         return n
 
     @property
-    def state(self) -> list[mx.array]:
-        """The arrays that hold what the cache has seen (what to evaluate after a prefill chunk)."""
-        return [] if self.keys is None else [self.keys, self.values]
-
-    @property
     def nbytes(self) -> int:
         return self._store.nbytes
+
+    @property
+    def state(self) -> list[mx.array]:
+        """The arrays that hold what the cache has seen (what to evaluate after a prefill chunk)."""
+        return self._store.arrays or []
 
 
 class QuantizedKVCache:
@@ -199,6 +199,11 @@ class QuantizedKVCache:
     @property
     def nbytes(self) -> int:
         return self._store.nbytes
+
+    @property
+    def state(self) -> list[mx.array]:
+        """The arrays that hold what the cache has seen (what to evaluate after a prefill chunk)."""
+        return self._store.arrays or []
 
 
 # --------------------------------------------------------------------------------------------- rotating cache
@@ -272,6 +277,11 @@ class RotatingKVCache:
     @property
     def nbytes(self) -> int:
         return self._store.nbytes
+
+    @property
+    def state(self) -> list[mx.array]:
+        """The arrays that hold what the cache has seen (what to evaluate after a prefill chunk)."""
+        return self._store.arrays or []
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
         start, L = self.offset, k.shape[2]
