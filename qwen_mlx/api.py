@@ -72,10 +72,13 @@ class LLM:
 
     def stream(self, prompt: Prompt, *, think: bool = True, system: str | None = None, max_tokens: int = 1024,
                sampling: SamplingParams | None = None, stop: threading.Event | None = None,
-               stop_strings: tuple[str, ...] = ()) -> Iterator[Event]:
-        """Stream a reply: thinking and answer text as it is decoded, then a "done" event with the stats."""
+               stop_strings: tuple[str, ...] = (), max_kv_size: int | None = None,
+               kv_bits: int | None = None, kv_group_size: int | None = None) -> Iterator[Event]:
+        """Stream a reply: thinking and answer text as it is decoded, then a "done" event with the stats.
+        `max_kv_size` bounds the KV cache (a rotating window), `kv_bits` quantizes it (see cache.make_cache)."""
         tokens = self.prompt_tokens(prompt, think=think, system=system)
-        yield from stream_reply(self, tokens, make_cache(self.config), tokens, sampling or self.sampling(think),
+        cache = make_cache(self.config, max_size=max_kv_size, bits=kv_bits, group_size=kv_group_size)
+        yield from stream_reply(self, tokens, cache, tokens, sampling or self.sampling(think),
                                 max_tokens=max_tokens, stop=stop, stop_strings=stop_strings)
 
     def generate(self, prompt: Prompt, **kwargs) -> Reply:
@@ -83,12 +86,12 @@ class LLM:
         return collect(self.stream(prompt, **kwargs))
 
     def chat(self, *, system: str | None = None, think: bool = True, max_kv_size: int | None = None,
-             kv_bits: int | None = None, sampling: SamplingParams | None = None):
+             kv_bits: int | None = None, kv_group_size: int | None = None, sampling: SamplingParams | None = None):
         """A multi-turn conversation that keeps its KV cache between turns (see chat.ChatSession)."""
         from .chat import ChatSession
 
         return ChatSession(self, system=system, think=think, max_kv_size=max_kv_size, kv_bits=kv_bits,
-                           sampling=sampling)
+                           kv_group_size=kv_group_size, sampling=sampling)
 
 
 def load(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None) -> LLM:

@@ -345,9 +345,12 @@ LayerCache = Union[KVCache, QuantizedKVCache, RotatingKVCache]
 
 
 def make_cache(cfg: ModelConfig, *, max_size: int | None = None, keep: int = 4, slack: int | None = None,
-               bits: int | None = None, group_size: int = 64) -> list[LayerCache]:
+               bits: int | None = None, group_size: int | None = None) -> list[LayerCache]:
     """One cache per layer: RotatingKVCache when max_size is given (quantized when bits is given too),
-    else QuantizedKVCache when bits is given, else KVCache."""
+    else QuantizedKVCache when bits is given, else KVCache. group_size defaults to 64, or to 32 for a head_dim
+    that 64 does not divide."""
+    if group_size is None:
+        group_size = 64 if cfg.head_dim % 64 == 0 else 32
     if bits is not None:
         _check_quantization(bits, group_size)
         if cfg.head_dim % group_size:

@@ -36,19 +36,19 @@ class ChatSession:
     """
 
     def __init__(self, llm: LLM, *, system: str | None = None, think: bool = True, max_kv_size: int | None = None,
-                 kv_bits: int | None = None, sampling: SamplingParams | None = None):
+                 kv_bits: int | None = None, kv_group_size: int | None = None,
+                 sampling: SamplingParams | None = None):
         self.llm = llm
         self.think = think
         self.sampling = sampling
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
-        self._cache_options = {"max_size": max_kv_size, "bits": kv_bits}
+        self._cache_options = {"max_size": max_kv_size, "bits": kv_bits, "group_size": kv_group_size}
         self.cache = self._new_cache()
         self._cached: list[int] = []  # the tokens the cache holds, in order
         self.last_prefill = 0  # tokens prefilled by the last turn
 
     def _new_cache(self):
-        options = {k: v for k, v in self._cache_options.items() if v is not None}
-        return make_cache(self.llm.config, **options)
+        return make_cache(self.llm.config, **self._cache_options)
 
     def send(self, text: str, *, think: bool | None = None, max_tokens: int = 1024,
              stop: threading.Event | None = None) -> Iterator[Event]:

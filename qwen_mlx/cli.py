@@ -62,7 +62,8 @@ def _generate(args: argparse.Namespace) -> None:
     color = sys.stderr.isatty()
     done = None
     for event in llm.stream(prompt, think=args.think, system=args.system, max_tokens=args.max_tokens,
-                            sampling=sampling):
+                            sampling=sampling, max_kv_size=args.max_kv_size, kv_bits=args.kv_bits,
+                            kv_group_size=args.kv_group_size):
         if event.kind == "answer":
             sys.stdout.write(event.text)
             sys.stdout.flush()
@@ -88,7 +89,8 @@ def _chat(args: argparse.Namespace) -> None:
     from tui.history import History, default_path
 
     engine = ModelEngine(args.model, system=args.system, max_kv_size=args.max_kv_size, kv_bits=args.kv_bits,
-                         max_tokens=args.max_tokens, sampling_overrides=_sampling_overrides(args))
+                         kv_group_size=args.kv_group_size, max_tokens=args.max_tokens,
+                         sampling_overrides=_sampling_overrides(args))
     history = None if args.no_history else History(Path(args.history) if args.history else default_path())
     try:
         ChatApp(engine, think=args.think, history=history, resume=args.resume).run()
@@ -116,6 +118,12 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-p", type=float, metavar="P", help="drop tokens below P x the top probability")
     parser.add_argument("--repetition-penalty", type=float, metavar="R", help="penalize recently seen tokens")
     parser.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
+    parser.add_argument("--max-kv-size", type=int, metavar="N", help="keep at most N tokens in the KV cache: fixed "
+                        "memory, the first 4 tokens pinned and a sliding window over the rest")
+    parser.add_argument("--kv-bits", type=int, choices=[4, 8], help="store the KV cache quantized to 4 or 8 bits "
+                        "(with --max-kv-size too)")
+    parser.add_argument("--kv-group-size", type=int, choices=[32, 64, 128], help="values per quantization group "
+                        "of the KV cache (default: 64, or 32 when 64 does not divide the model's head_dim)")
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -170,9 +178,6 @@ def build_parser() -> argparse.ArgumentParser:
                                       "it), live tokens/s in the status bar, Esc stops an answer and keeps it.")
     _add_model_argument(chat, DEFAULT_MODEL)
     _add_generation_arguments(chat)
-    chat.add_argument("--max-kv-size", type=int, metavar="N", help="keep at most N tokens of context in the KV "
-                      "cache (fixed memory; the oldest turns are forgotten, the system prompt kept)")
-    chat.add_argument("--kv-bits", type=int, choices=[4, 8], help="store the KV cache quantized to 4 or 8 bits")
     chat.add_argument("-c", "--continue", dest="resume", action="store_true",
                       help="continue the last conversation with this model")
     chat.add_argument("--history", metavar="FILE", help="where conversations are kept (default: history.sqlite in "

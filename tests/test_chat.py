@@ -99,3 +99,20 @@ def test_stop_during_prefill_returns_within_a_second_and_the_session_stays_consi
     fresh = llm.chat(think=False, sampling=GREEDY)
     fresh.messages = [dict(m) for m in chat.messages[:-2]]
     assert "".join(e.text for e in fresh.send("short", max_tokens=5)) == nxt
+
+
+@pytest.mark.parametrize("kv_bits", [None, 8])
+def test_fifty_turns_overflowing_a_rotating_window_keep_memory_flat(llm, kv_bits):
+    import mlx.core as mx
+
+    chat = llm.chat(think=False, sampling=GREEDY, max_kv_size=96, kv_bits=kv_bits)
+    sizes, peaks = [], []
+    for turn in range(50):
+        mx.reset_peak_memory()
+        list(chat.send(f"turn {turn}: tell me more", max_tokens=4))
+        sizes.append(sum(c.nbytes for c in chat.cache))
+        peaks.append(mx.get_peak_memory())
+    assert chat.cache[0].offset > 96 * 3  # the window overflowed many times over
+    assert max(sizes[10:]) == min(sizes[10:])  # the cache's memory is fixed once full
+    assert max(peaks[10:]) <= 1.05 * min(peaks[10:])
+    print(f"kv_bits={kv_bits}: cache {sizes[-1]} bytes, peak {max(peaks[10:]) / 2**20:.1f} MiB over turns 10-50")

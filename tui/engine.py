@@ -36,7 +36,8 @@ class ModelEngine:
     """A real model: a ChatSession over qwen_mlx.load()."""
 
     def __init__(self, path: str, *, system: str | None = None, max_kv_size: int | None = None,
-                 kv_bits: int | None = None, max_tokens: int = 4096, sampling_overrides: dict | None = None):
+                 kv_bits: int | None = None, kv_group_size: int | None = None, max_tokens: int = 4096,
+                 sampling_overrides: dict | None = None):
         import qwen_mlx
         from qwen_mlx import kernels
 
@@ -47,7 +48,8 @@ class ModelEngine:
         self.details = f"{weights} · kernels: {kernels.backend()}"
         self.max_kv_size, self.max_tokens = max_kv_size, max_tokens
         self.sampling_overrides = sampling_overrides or {}
-        self.session = self.llm.chat(system=system, max_kv_size=max_kv_size, kv_bits=kv_bits)
+        self.session = self.llm.chat(system=system, max_kv_size=max_kv_size, kv_bits=kv_bits,
+                                     kv_group_size=kv_group_size)
         self.last_prompt: list[int] = []
 
     def send(self, text: str, *, think: bool, stop: threading.Event) -> Iterator[Event]:
