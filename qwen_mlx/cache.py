@@ -131,7 +131,29 @@ def _check_quantization(bits: int | None, group_size: int) -> None:
 # ---------------------------------------------------------------------------------------------- growing caches
 
 
-class KVCache:
+class _StoredCache:
+    """What the caches share: a position (`offset`) and a _Store."""
+
+    _store: _Store
+    offset: int
+
+    def trim(self, n: int) -> int:
+        """Forget the last n tokens (n is clipped to what is held); returns how many were removed. Exact."""
+        n = max(0, min(n, self.offset))
+        self.offset -= n
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self._store.nbytes
+
+    @property
+    def state(self) -> list[mx.array]:
+        """The arrays that hold what the cache has seen (what to evaluate after a prefill chunk)."""
+        return self._store.arrays or []
+
+
+class KVCache(_StoredCache):
     """Keys and values of every token seen, float, preallocated in steps of 256 tokens and returned as views."""
 
     def __init__(self):
@@ -152,23 +174,9 @@ class KVCache:
         # "causal" is bottom-right aligned: query i (position offset + i) sees keys 0 .. offset + i.
         return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask="causal")
 
-    def trim(self, n: int) -> int:
-        """Forget the last n tokens (n is clipped to what is held); returns how many were removed. Exact."""
-        n = max(0, min(n, self.offset))
-        self.offset -= n
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        return self._store.nbytes
-
-    @property
-    def state(self) -> list[mx.array]:
-        """The arrays that hold what the cache has seen (what to evaluate after a prefill chunk)."""
-        return self._store.arrays or []
 
 
-class QuantizedKVCache:
+class QuantizedKVCache(_StoredCache):
     """Every token's K and V group-quantized with mx.quantize (`bits` per value plus a float scale and bias per
     `group_size` values); attention runs on the quantized data (quantized_attention). Grows in steps of 256.
     A step's own keys are quantized before it attends to them: every query reads exactly what is stored."""
@@ -190,26 +198,12 @@ class QuantizedKVCache:
             mask = mx.arange(start + L)[None] <= mx.arange(start, start + L)[:, None]
         return self._store.attend(q, self._store.view(self.offset), scale, mask)
 
-    def trim(self, n: int) -> int:
-        """Forget the last n tokens (n is clipped to what is held); returns how many were removed. Exact."""
-        n = max(0, min(n, self.offset))
-        self.offset -= n
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        return self._store.nbytes
-
-    @property
-    def state(self) -> list[mx.array]:
-        """The arrays that hold what the cache has seen (what to evaluate after a prefill chunk)."""
-        return self._store.arrays or []
 
 
 # --------------------------------------------------------------------------------------------- rotating cache
 
 
-class RotatingKVCache:
+class RotatingKVCache(_StoredCache):
     """Fixed memory: the first `keep` tokens are pinned, the others live in a ring; float, or quantized when
     `bits` is given (the quantized attention of QuantizedKVCache).
 
@@ -273,15 +267,6 @@ class RotatingKVCache:
         n = max(0, min(n, self.trimmable))
         self.offset -= n
         return n
-
-    @property
-    def nbytes(self) -> int:
-        return self._store.nbytes
-
-    @property
-    def state(self) -> list[mx.array]:
-        """The arrays that hold what the cache has seen (what to evaluate after a prefill chunk)."""
-        return self._store.arrays or []
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
         start, L = self.offset, k.shape[2]
