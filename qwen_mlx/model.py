@@ -147,11 +147,12 @@ class Block(nn.Module):
 
 
 class QwenModel(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layers: range | None = None):
         super().__init__()
         rope = make_rope(cfg)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = [Block(cfg, rope, i) for i in range(cfg.num_hidden_layers)]
+        chosen = layers if layers is not None else range(cfg.num_hidden_layers)
+        self.layers = [Block(cfg, rope, i) for i in chosen]
         self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
     def __call__(self, tokens: mx.array, cache: list[Cache] | None) -> mx.array:
@@ -162,12 +163,14 @@ class QwenModel(nn.Module):
 
 
 class Model(nn.Module):
-    """The causal LM: tokens (B, L) -> logits (B, L, vocab)."""
+    """The causal LM: tokens (B, L) -> logits (B, L, vocab).
 
-    def __init__(self, cfg: ModelConfig):
+    `layers` builds only those decoder layers (a pipeline stage; they are then numbered from 0)."""
+
+    def __init__(self, cfg: ModelConfig, layers: range | None = None):
         super().__init__()
         self.config = cfg
-        self.model = QwenModel(cfg)
+        self.model = QwenModel(cfg, layers)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
