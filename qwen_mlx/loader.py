@@ -187,6 +187,7 @@ def _load_weights(index: dict[str, TensorInfo], cfg: ModelConfig,
     for file in sorted({info.file for info in index.values()}):
         loaded = mx.load(str(file))  # lazy: read when evaluated, so the tensors left out here are never read
         weights.update(loaded if names is None else {names[k]: v for k, v in loaded.items() if k in names})
+        del loaded  # sanitize frees each expert piece once stacked: no other reference may keep it alive
     return sanitize(weights, cfg)
 
 
