@@ -211,6 +211,7 @@ class Watchdog:
 
     def __init__(self, rank: int, timeout: float):
         self.rank, self.timeout = rank, timeout
+        self.started = False  # set once every rank has loaded and generation begins
         self._deadline: float | None = None
         self._what = ""
         self._signals = None
@@ -233,6 +234,8 @@ class Watchdog:
             self._deadline = None
 
     def _terminated(self) -> None:
+        if not self.started:  # a rank that failed while loading has said why; the others need not repeat it
+            os._exit(1)
         _die(self.rank, "stopped by SIGTERM: mlx.launch sends it to every rank when another rank has ended (its "
                         "error is above) or on Ctrl-C")
 
@@ -415,6 +418,7 @@ def _generate_cmd(args: argparse.Namespace) -> None:
         if not prompt:
             raise UserError("--prompt-ids: give at least one token id, e.g. --prompt-ids 9707,11,1879")
         stats = Stats()
+        watchdog.started = True
         crash = (args.crash_rank, args.crash_after) if args.crash_rank is not None else None
         tokens = generate(runner, prompt, args.max_tokens, watchdog, temperature=args.temp,
                           logits_out=args.logits_out, crash=crash, stats=stats)
