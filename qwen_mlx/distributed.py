@@ -403,6 +403,9 @@ def _generate_cmd(args: argparse.Namespace) -> None:
         watchdog = Watchdog(rank, args.timeout)
         with watchdog.guard("connecting to the other ranks"):
             group = mx.distributed.init(backend=args.backend)
+            # Ring ranks leave init one by one; past this barrier every rank is connected, so a rank that stops
+            # later (a bad flag, a missing file) is seen by all the others.
+            mx.eval(mx.distributed.all_sum(mx.zeros((1,)), group=group))
         rank = watchdog.rank = group.rank()
         try:
             path = resolve(args.model)
