@@ -104,6 +104,64 @@ def pipeline_plan(path: Path, cfg: ModelConfig, n: int) -> list[range]:
     return plan_stages(costs, n, first, last)
 
 
+def memory_plan(path: Path, n: int) -> dict[str, list[int] | str]:
+    """Weight bytes each of n ranks holds in each mode (from the checkpoint headers, nothing read), or the reason a
+    mode does not apply; plus "kv_per_token": KV-cache bytes per token of context on each rank, per mode."""
+    cfg = load_config(path)
+    index = read_index(path)
+    size = {name: _DTYPE_BYTES.get(info.dtype, 4) * int(np.prod(info.shape)) for name, info in index.items()}
+    norm = next((info for name, info in index.items() if name.endswith("input_layernorm.weight")), None)
+    kv_item = _DTYPE_BYTES.get(norm.dtype, 2) if norm else 2  # the cache holds the activations' dtype
+    kv_layer = 2 * cfg.num_key_value_heads * cfg.head_dim * kv_item  # keys and values of one token, one layer
+    plan: dict = {}
+    try:
+        stages = pipeline_plan(path, cfg, n)
+        per = [0] * n
+        owner = {i: r for r, st in enumerate(stages) for i in st}
+        for name, b in size.items():
+            if name.startswith("model.layers."):
+                per[owner[int(name.split(".")[2])]] += b
+            elif name.startswith("model.embed_tokens."):
+                per[0] += b
+                if cfg.tie_word_embeddings and n > 1:
+                    per[-1] += b
+            else:
+                per[-1] += b
+        plan["pipeline"] = per
+        plan["pipeline_kv_per_token"] = [len(st) * kv_layer for st in stages]
+    except DistributedError as e:
+        plan["pipeline"] = str(e)
+    expert_share = max(len(expert_range(cfg.num_experts, r, n)) for r in range(n)) / cfg.num_experts \
+        if cfg.num_experts and cfg.num_experts >= n else 1.0
+
+    def share(split_dense: bool) -> int:
+        total = 0
+        for name, b in size.items():
+            if ".mlp.experts." in name or ".mlp.switch_mlp." in name:
+                total += b * expert_share
+            elif split_dense and any(f".{p}." in name for p in ("q_proj", "k_proj", "v_proj", "o_proj",
+                                                               "gate_proj", "up_proj", "down_proj")):
+                total += b / n
+            else:
+                total += b
+        return int(total)
+
+    try:
+        check_tensor_split(cfg, n)
+        plan["tensor"] = [share(True)] * n
+        plan["tensor_kv_per_token"] = [cfg.num_hidden_layers * kv_layer // n] * n
+    except DistributedError as e:
+        plan["tensor"] = str(e)
+    if not cfg.num_experts:
+        plan["expert"] = "no experts in this model"
+    elif cfg.num_experts < n:
+        plan["expert"] = f"{cfg.num_experts} experts cannot be split over {n} ranks"
+    else:
+        plan["expert"] = [share(False)] * n
+        plan["expert_kv_per_token"] = [cfg.num_hidden_layers * kv_layer] * n
+    return plan
+
+
 def check_tensor_split(cfg: ModelConfig, n: int) -> None:
     """Raise naming the -n values that work when the heads (or MLP columns) of this model do not split n ways."""
     def ok(k: int) -> bool:

@@ -24,7 +24,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from helpers import greedy_ours, prompt_ids
-from qwen_mlx.distributed import DistributedError, check_tensor_split, expert_range, plan_stages
+from qwen_mlx.distributed import DistributedError, check_tensor_split, expert_range, memory_plan, plan_stages
 from qwen_mlx.loader import load_config, load_model
 from qwen_mlx.quant import quantize_model
 
@@ -111,9 +111,13 @@ def test_distributed_equals_single_process(tiny_checkpoint, tmp_path, variant, m
     result = check_equal_to_single_process(tiny_checkpoint(variant), n, mode, tmp_path)
     assert result["ranks"] == n
     cfg = load_config(tiny_checkpoint(variant))
-    if mode == "pipeline":  # contiguous stages covering every layer once
+    # what `qwen-mlx info --distributed N` predicts from the headers is what each rank holds
+    assert result["weights_bytes"] == pytest.approx(memory_plan(tiny_checkpoint(variant), n)[mode], rel=1e-3)
+    if mode == "pipeline":  # contiguous stages covering every layer once; loading peaks near the stage's bytes
         assert [a for a, _ in result["layers"]][0] == 0 and result["layers"][-1][1] == cfg.num_hidden_layers
         assert all(b == c for (_, b), (c, _) in zip(result["layers"], result["layers"][1:]))
+        for weights, peak in zip(result["weights_bytes"], result["load_peak_bytes"]):
+            assert peak <= 1.1 * weights
 
 
 def write_quantized(src: Path, dst: Path, group_size: int, bits: int) -> Path:
