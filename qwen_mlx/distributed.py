@@ -352,12 +352,14 @@ class Runner:
     """One rank's part of the model and its caches; `forward` runs tokens through it and returns the float32
     logits on the sampling rank (None elsewhere)."""
 
-    def __init__(self, model: Model, mode: str, group: mx.distributed.Group, stage: range | None = None):
+    def __init__(self, model: Model, mode: str, group: mx.distributed.Group, stage: range | None = None,
+                 cache_options: dict | None = None):
         self.model, self.mode, self.group = model, mode, group
         self.rank, self.size = group.rank(), group.size()
         cfg = model.config
         self.stage = stage if stage is not None else range(cfg.num_hidden_layers)
-        self.cache = make_cache(cfg)[self.stage.start:self.stage.stop]  # each rank caches its own layers/heads
+        # Each rank caches its own layers (pipeline) or its own KV heads (tensor); any cache type of cache.py.
+        self.cache = make_cache(cfg, **(cache_options or {}))[self.stage.start:self.stage.stop]
         self.sampler_rank = self.size - 1 if mode == "pipeline" else 0
         self.act_dtype = model.layers[0].input_layernorm.weight.dtype  # what the residual stream is held in
 
@@ -474,7 +476,8 @@ def _generate_cmd(args: argparse.Namespace) -> None:
             os._exit(2)
         n_bytes = sum(p.nbytes for _, p in tree_flatten(model.parameters()))
         load_peak = mx.get_peak_memory()
-        runner = Runner(model, args.mode, group, stage)
+        cache_options = {"max_size": args.max_kv_size, "bits": args.kv_bits, "group_size": args.kv_group_size}
+        runner = Runner(model, args.mode, group, stage, cache_options)
         prompt = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
         if not prompt:
             raise UserError("--prompt-ids: give at least one token id, e.g. --prompt-ids 9707,11,1879")
@@ -517,6 +520,9 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--prompt-ids", required=True, help="comma-separated token ids")
     g.add_argument("--max-tokens", type=int, default=32)
     g.add_argument("--temp", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--max-kv-size", type=int, metavar="N", help="rotating KV cache of N tokens (see cache.py)")
+    g.add_argument("--kv-bits", type=int, choices=[4, 8], help="quantized KV cache")
+    g.add_argument("--kv-group-size", type=int, choices=[32, 64, 128])
     g.add_argument("--backend", default="any", help="mx.distributed backend: any, ring, jaccl, mpi")
     g.add_argument("--timeout", type=float, default=60.0,
                    help="seconds one exchange between ranks may take before every rank stops (default 60)")

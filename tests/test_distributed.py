@@ -25,6 +25,7 @@ from mlx.utils import tree_flatten
 
 from helpers import greedy_ours, prompt_ids
 from qwen_mlx.distributed import DistributedError, check_tensor_split, expert_range, memory_plan, plan_stages
+from qwen_mlx.cache import make_cache
 from qwen_mlx.loader import load_config, load_model
 from qwen_mlx.quant import quantize_model
 
@@ -118,6 +119,29 @@ def test_distributed_equals_single_process(tiny_checkpoint, tmp_path, variant, m
         assert all(b == c for (_, b), (c, _) in zip(result["layers"], result["layers"][1:]))
         for weights, peak in zip(result["weights_bytes"], result["load_peak_bytes"]):
             assert peak <= 1.1 * weights
+
+
+@pytest.mark.parametrize("variant,mode,options", [
+    ("qwen3", "pipeline", dict(max_size=20)), ("qwen3", "tensor", dict(max_size=20, bits=8)),
+    ("qwen3_moe", "expert", dict(bits=4)),
+])
+def test_kv_caches(tiny_checkpoint, tmp_path, variant, mode, options):
+    """A rotating window that wraps (12 prompt + 24 new tokens in 20) and quantized caches: the same tokens as the
+    single-process model with the same cache."""
+    path = tiny_checkpoint(variant)
+    flags = {"max_size": "--max-kv-size", "bits": "--kv-bits"}
+    extra = [x for k, v in options.items() for x in (flags[k], str(v))]
+    result, out, _ = launch(2, path, mode, *extra)
+    assert result is not None, out
+    model, _ = load_model(path)
+    cache = make_cache(model.config, **options)
+    # the distributed run prefills all but the last prompt token, then decodes: do the same here
+    model(mx.array(PROMPT[:-1])[None], cache)
+    expected, token = [], mx.array([int(PROMPT[-1])])
+    for _ in range(N_TOKENS):
+        token = mx.argmax(model(token[None], cache)[:, -1], axis=-1)
+        expected.append(token.item())
+    assert result["tokens"] == expected
 
 
 def write_quantized(src: Path, dst: Path, group_size: int, bits: int) -> Path:
