@@ -425,7 +425,8 @@ def generate(runner: Runner, prompt: list[int], max_tokens: int, watchdog: Watch
     sent = _bytes_sent()
     for n in range(1, max_tokens):
         if crash is not None and crash == (runner.rank, n):
-            os.kill(os.getpid(), signal.SIGKILL)  # test hook: die mid-generation without any cleanup
+            print(f"test hook: rank {runner.rank} kills itself at {time.time():.3f}", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)  # die mid-generation without any cleanup
         with watchdog.guard(f"decoding token {n + 1}"):
             token = runner.share(sample(runner.forward(mx.array([token], dtype=mx.uint32), "last")))
         out.append(token)
