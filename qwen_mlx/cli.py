@@ -39,6 +39,19 @@ def _info(args: argparse.Namespace) -> None:
     print(f"device       {mx.default_device()}")
     if args.check:
         print("check        every tensor is finite")
+    if args.distributed:
+        from .distributed import memory_plan
+
+        plan = memory_plan(path, args.distributed)
+        print(f"over {args.distributed} ranks (weights per rank; KV cache per rank per 1k tokens of context):")
+        for mode in ("pipeline", "tensor", "expert"):
+            per = plan[mode]
+            if isinstance(per, str):
+                print(f"  {mode:9}  not possible: {per}")
+                continue
+            kv = plan[f"{mode}_kv_per_token"]
+            print(f"  {mode:9}  " + ", ".join(f"rank {r}: {b / 2**30:.2f} GiB + KV {k * 1000 / 2**20:.1f} MiB"
+                                              for r, (b, k) in enumerate(zip(per, kv))))
 
 
 DEFAULT_MODEL = "Qwen/Qwen3-0.6B"
@@ -170,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("-m", "--model", required=True, metavar="PATH",
                       help="checkpoint directory or Hugging Face hub id (e.g. Qwen/Qwen3-0.6B)")
     info.add_argument("--check", action="store_true", help="also read every weight and report any NaN or infinity")
+    info.add_argument("--distributed", type=int, metavar="N", help="also show what each of N ranks (Macs) holds "
+                      "in each distributed mode: weights and KV cache")
     info.set_defaults(run=_info)
 
     chat = sub.add_parser("chat", help="the terminal chat app",

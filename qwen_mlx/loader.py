@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,24 +77,40 @@ def load_config(path: Path) -> ModelConfig:
         raise LoadError(str(e)) from None
 
 
-def load_model(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None) -> tuple[Model, Path]:
+def load_model(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None, layers: range | None = None,
+               prepare: Callable[[Model], None] | None = None) -> tuple[Model, Path]:
     """Build the model described by config.json and load its weights; returns the model and the checkpoint dir.
 
     Weights keep the checkpoint's dtype unless `dtype` is given (quantized weights keep theirs). They are read
     lazily and materialized once.
+
+    `layers` (a pipeline stage) builds and reads only those decoder layers, numbered from 0, plus the embedding if
+    the stage is first (or last with a tied head) and the final norm and head if it is last; no other tensor of
+    the checkpoint is read. `prepare(model)` runs once the weights are in place but not yet read (tensor and
+    expert parallel slice them there, so that a rank keeps only its share).
     """
     path = resolve(path_or_repo)
     cfg = load_config(path)
     index = read_index(path)
-    model = Model(cfg)
-    if cfg.quantization:
-        quantize_model(model, cfg.quantization, present=set(index))
-    weights = _load_weights(index, cfg)
+    quantization = cfg.quantization
+    names = None  # checkpoint name -> model name, when only some tensors are read
+    if layers is None:
+        model = Model(cfg)
+    else:
+        model = stage_model(cfg, layers)
+        names = _stage_names(index, model, layers)
+        index = {names[k]: v for k, v in index.items() if k in names}
+        quantization = quantization and _shift_layers(quantization, layers)
+    if quantization:
+        quantize_model(model, quantization, present=set(index))
+    weights = _load_weights(index, cfg, names)
     check_weights(model, index, weights, cfg)
     if dtype is not None:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
     del weights
+    if prepare is not None:
+        prepare(model)
     # One tensor at a time: a stacked MoE projection then exists once plus its experts' pieces, never more.
     for _, p in tree_flatten(model.parameters()):
         mx.eval(p)
@@ -161,14 +178,63 @@ def _weight_files(path: Path) -> list[Path]:
     return [path / name for name in names]
 
 
-def _load_weights(index: dict[str, TensorInfo], cfg: ModelConfig) -> dict[str, mx.array]:
+def _load_weights(index: dict[str, TensorInfo], cfg: ModelConfig,
+                  names: dict[str, str] | None = None) -> dict[str, mx.array]:
     for name, info in index.items():
         if info.dtype not in _DTYPES:
             raise LoadError(f"{info.file.name}: tensor {name} has dtype {info.dtype}, which qwen-mlx does not load")
     weights: dict[str, mx.array] = {}
     for file in sorted({info.file for info in index.values()}):
-        weights.update(mx.load(str(file)))  # lazy: read when evaluated
+        loaded = mx.load(str(file))  # lazy: read when evaluated, so the tensors left out here are never read
+        weights.update(loaded if names is None else {names[k]: v for k, v in loaded.items() if k in names})
+        del loaded  # sanitize frees each expert piece once stacked: no other reference may keep it alive
     return sanitize(weights, cfg)
+
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def stage_model(cfg: ModelConfig, layers: range) -> Model:
+    """The part of the model one pipeline stage holds: its decoder layers (numbered from 0), the embedding if it
+    is first (or last with a tied head), the final norm and head if it is last."""
+    if not (0 <= layers.start < layers.stop <= cfg.num_hidden_layers and layers.step == 1):
+        raise LoadError(f"layers {layers.start}..{layers.stop - 1} are not a stage of this "
+                        f"{cfg.num_hidden_layers}-layer model")
+    model = Model(cfg, layers)
+    first, last = layers.start == 0, layers.stop == cfg.num_hidden_layers
+    if not first and not (last and cfg.tie_word_embeddings):
+        del model.model["embed_tokens"]
+    if not last:
+        del model.model["norm"]
+        if "lm_head" in model:
+            del model["lm_head"]
+    return model
+
+
+def _stage_names(index: dict[str, TensorInfo], model: Model, layers: range) -> dict[str, str]:
+    """Checkpoint tensor name -> stage model name, for the tensors the stage holds."""
+    modules = {path for path, _ in model.named_modules()}
+    names = {}
+    for name in index:
+        m = _LAYER.match(name)
+        if m:
+            if int(m[1]) in layers:
+                names[name] = f"model.layers.{int(m[1]) - layers.start}.{m[2]}"
+        elif name.rsplit(".", 1)[0] in modules:
+            names[name] = name
+    return names
+
+
+def _shift_layers(quantization: dict, layers: range) -> dict:
+    """Per-layer quantization overrides renamed like the stage's layers."""
+    out = {}
+    for key, value in quantization.items():
+        m = _LAYER.match(key)
+        if not m:
+            out[key] = value
+        elif int(m[1]) in layers:
+            out[f"model.layers.{int(m[1]) - layers.start}.{m[2]}"] = value
+    return out
 
 
 def sanitize(weights: dict[str, mx.array], cfg: ModelConfig) -> dict[str, mx.array]:

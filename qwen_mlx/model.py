@@ -99,12 +99,17 @@ class SparseMoE(nn.Module):
         self.gate = nn.Linear(dim, n, bias=False)
         self.switch_mlp = SwitchMLP(dim, hidden, n)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def route(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        """x (B, L, dim) -> the top-k experts of each token (B, L, k) and their weights (B, L, k) float32."""
         probs = mx.softmax(self.gate(x).astype(mx.float32), axis=-1)  # (B, L, E)
         experts = mx.stop_gradient(mx.argpartition(-probs, kth=self.top_k - 1, axis=-1)[..., : self.top_k])
         weights = mx.take_along_axis(probs, experts, axis=-1)  # (B, L, k)
         if self.norm_topk_prob:
             weights = weights / weights.sum(axis=-1, keepdims=True)
+        return experts, weights
+
+    def __call__(self, x: mx.array) -> mx.array:
+        experts, weights = self.route(x)
         y = self.switch_mlp(x, experts)  # (B, L, k, dim)
         return (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
 
@@ -147,11 +152,12 @@ class Block(nn.Module):
 
 
 class QwenModel(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layers: range | None = None):
         super().__init__()
         rope = make_rope(cfg)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = [Block(cfg, rope, i) for i in range(cfg.num_hidden_layers)]
+        chosen = layers if layers is not None else range(cfg.num_hidden_layers)
+        self.layers = [Block(cfg, rope, i) for i in chosen]
         self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
     def __call__(self, tokens: mx.array, cache: list[Cache] | None) -> mx.array:
@@ -162,12 +168,14 @@ class QwenModel(nn.Module):
 
 
 class Model(nn.Module):
-    """The causal LM: tokens (B, L) -> logits (B, L, vocab)."""
+    """The causal LM: tokens (B, L) -> logits (B, L, vocab).
 
-    def __init__(self, cfg: ModelConfig):
+    `layers` builds only those decoder layers (a pipeline stage; they are then numbered from 0)."""
+
+    def __init__(self, cfg: ModelConfig, layers: range | None = None):
         super().__init__()
         self.config = cfg
-        self.model = QwenModel(cfg)
+        self.model = QwenModel(cfg, layers)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 

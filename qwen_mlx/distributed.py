@@ -1,0 +1,538 @@
+"""One model over several processes or Macs with `mx.distributed` (ring over TCP, JACCL over Thunderbolt, MPI).
+
+Three ways to split it (`--mode`):
+- pipeline: contiguous stages of decoder layers balanced by weight bytes (uneven counts allowed); each rank reads
+  only its own stage's tensors; hidden states go rank to rank with send/recv; the last rank samples.
+- tensor: in every layer the attention heads (Q/K/V by heads, KV heads split so that each group of query heads
+  stays with its KV head; O by its input) and the dense MLP (gate/up by columns, down by its input) are split, with
+  one all_sum after the attention and one after the MLP; MoE layers split their experts as in `expert`.
+- expert: MoE experts split across ranks (uneven counts allowed), everything else replicated; the ranks' weighted
+  expert outputs are combined with one all_sum per MoE layer.
+
+In every mode the sampling rank shares the token with one all_sum, so all ranks feed the same token next.
+Run it with MLX's launcher (`--` before `-m`):
+
+    mlx.launch --backend ring -n 2 --python "$(which python)" -- -m qwen_mlx.distributed generate \\
+        --model PATH --mode pipeline --prompt-ids 1,2,3 --max-tokens 32
+
+A rank that dies closes its sockets: the others' next exchange fails within about a second and each ends with one
+line on stderr. A rank that hangs or a host that vanishes without closing its sockets is caught by a watchdog:
+no exchange may take longer than --timeout seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.nn.layers.distributed import shard_linear
+from mlx.utils import tree_flatten
+
+from .cache import make_cache
+from .config import ModelConfig
+from .errors import UserError
+from .loader import load_config, load_model, read_index, resolve
+from .model import MLP, Model, SparseMoE
+
+MODES = ("pipeline", "tensor", "expert")
+_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4}
+
+
+class DistributedError(UserError):
+    """A model cannot be split as asked (the message names the flag and the values that work)."""
+
+
+# ---- planning -------------------------------------------------------------------------------------------------
+
+
+def plan_stages(costs: list[int], n: int, first_extra: int = 0, last_extra: int = 0) -> list[range]:
+    """Split layers with these byte costs into n contiguous non-empty stages minimizing the largest stage; the first
+    stage also holds `first_extra` bytes (the embedding), the last `last_extra` (norm and head)."""
+    L = len(costs)
+    if not 1 <= n <= L:
+        raise DistributedError(f"a pipeline over {n} ranks needs at least {n} layers; this model has {L}: "
+                               f"use -n 1 to {L}")
+    prefix = [0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+
+    def cost(i: int, j: int) -> int:  # layers i..j-1 as one stage
+        return prefix[j] - prefix[i] + (first_extra if i == 0 else 0) + (last_extra if j == L else 0)
+
+    # best[k][j]: the smallest largest stage when the first j layers form k stages; cut[k][j]: where the last starts
+    inf = float("inf")
+    best = [[inf] * (L + 1) for _ in range(n + 1)]
+    cut = [[0] * (L + 1) for _ in range(n + 1)]
+    best[0][0] = 0
+    for k in range(1, n + 1):
+        for j in range(k, L + 1):
+            for i in range(k - 1, j):
+                value = max(best[k - 1][i], cost(i, j))
+                if value < best[k][j]:
+                    best[k][j], cut[k][j] = value, i
+    stages, j = [], L
+    for k in range(n, 0, -1):
+        stages.append(range(cut[k][j], j))
+        j = cut[k][j]
+    return stages[::-1]
+
+
+def pipeline_plan(path: Path, cfg: ModelConfig, n: int) -> list[range]:
+    """The stages for n ranks, balanced by the checkpoint's tensor bytes (read from the headers only)."""
+    costs = [0] * cfg.num_hidden_layers
+    first = last = 0
+    for name, info in read_index(path).items():
+        size = _DTYPE_BYTES.get(info.dtype, 4) * int(np.prod(info.shape))
+        if name.startswith("model.layers."):
+            costs[int(name.split(".")[2])] += size
+        elif name.startswith("model.embed_tokens."):
+            first += size
+            last += size if cfg.tie_word_embeddings else 0
+        else:  # final norm, LM head
+            last += size
+    return plan_stages(costs, n, first, last)
+
+
+def memory_plan(path: Path, n: int) -> dict[str, list[int] | str]:
+    """Weight bytes each of n ranks holds in each mode (from the checkpoint headers, nothing read), or the reason a
+    mode does not apply; plus "kv_per_token": KV-cache bytes per token of context on each rank, per mode."""
+    cfg = load_config(path)
+    index = read_index(path)
+    size = {name: _DTYPE_BYTES.get(info.dtype, 4) * int(np.prod(info.shape)) for name, info in index.items()}
+    norm = next((info for name, info in index.items() if name.endswith("input_layernorm.weight")), None)
+    kv_item = _DTYPE_BYTES.get(norm.dtype, 2) if norm else 2  # the cache holds the activations' dtype
+    kv_layer = 2 * cfg.num_key_value_heads * cfg.head_dim * kv_item  # keys and values of one token, one layer
+    plan: dict = {}
+    try:
+        stages = pipeline_plan(path, cfg, n)
+        per = [0] * n
+        owner = {i: r for r, st in enumerate(stages) for i in st}
+        for name, b in size.items():
+            if name.startswith("model.layers."):
+                per[owner[int(name.split(".")[2])]] += b
+            elif name.startswith("model.embed_tokens."):
+                per[0] += b
+                if cfg.tie_word_embeddings and n > 1:
+                    per[-1] += b
+            else:
+                per[-1] += b
+        plan["pipeline"] = per
+        plan["pipeline_kv_per_token"] = [len(st) * kv_layer for st in stages]
+    except DistributedError as e:
+        plan["pipeline"] = str(e)
+    expert_share = max(len(expert_range(cfg.num_experts, r, n)) for r in range(n)) / cfg.num_experts \
+        if cfg.num_experts and cfg.num_experts >= n else 1.0
+
+    def share(split_dense: bool) -> int:
+        total = 0
+        for name, b in size.items():
+            if ".mlp.experts." in name or ".mlp.switch_mlp." in name:
+                total += b * expert_share
+            elif split_dense and any(f".{p}." in name for p in ("q_proj", "k_proj", "v_proj", "o_proj",
+                                                               "gate_proj", "up_proj", "down_proj")):
+                total += b / n
+            else:
+                total += b
+        return int(total)
+
+    try:
+        check_tensor_split(cfg, n)
+        plan["tensor"] = [share(True)] * n
+        plan["tensor_kv_per_token"] = [cfg.num_hidden_layers * kv_layer // n] * n
+    except DistributedError as e:
+        plan["tensor"] = str(e)
+    if not cfg.num_experts:
+        plan["expert"] = "no experts in this model"
+    elif cfg.num_experts < n:
+        plan["expert"] = f"{cfg.num_experts} experts cannot be split over {n} ranks"
+    else:
+        plan["expert"] = [share(False)] * n
+        plan["expert_kv_per_token"] = [cfg.num_hidden_layers * kv_layer] * n
+    return plan
+
+
+def check_tensor_split(cfg: ModelConfig, n: int) -> None:
+    """Raise naming the -n values that work when the heads (or MLP columns) of this model do not split n ways."""
+    def ok(k: int) -> bool:
+        if cfg.num_key_value_heads % k:
+            return False
+        dense = [i for i in range(cfg.num_hidden_layers) if not cfg.is_moe_layer(i)]
+        if dense and cfg.intermediate_size % k:
+            return False
+        if cfg.num_experts and cfg.num_experts < k:
+            return False
+        group = (cfg.quantization or {}).get("group_size")
+        if group and ((cfg.num_attention_heads // k * cfg.head_dim) % group
+                      or (dense and (cfg.intermediate_size // k) % group)):
+            return False  # a rank's slice of O or down must hold whole quantization groups
+        return True
+
+    if not ok(n):
+        valid = [k for k in range(1, cfg.num_key_value_heads + 1) if ok(k)]
+        rep = cfg.num_attention_heads // cfg.num_key_value_heads
+        raise DistributedError(
+            f"--mode tensor cannot split this model over -n {n}: each rank needs whole KV heads (with their "
+            f"{rep} query heads each) of the {cfg.num_key_value_heads}, an equal share of the MLP columns and whole "
+            f"quantization groups; use -n {' or '.join(map(str, valid))}, or --mode pipeline"
+            + (" or expert" if cfg.num_experts else ""))
+
+
+def expert_range(num_experts: int, rank: int, n: int) -> range:
+    """This rank's experts: contiguous, the first num_experts % n ranks hold one more."""
+    base, extra = divmod(num_experts, n)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))
+
+
+# ---- sharding (swaps modules from outside, like quant.py) -----------------------------------------------------
+
+
+class ExpertShard(SparseMoE):
+    """A SparseMoE holding only this rank's experts: the router runs on every rank, each rank applies the selected
+    experts it holds (weighted; the others weigh zero) and one all_sum adds the ranks' parts."""
+
+    def __init__(self, moe: SparseMoE, experts: range, group: mx.distributed.Group):
+        nn.Module.__init__(self)
+        self.top_k, self.norm_topk_prob = moe.top_k, moe.norm_topk_prob
+        self.gate, self.switch_mlp = moe.gate, moe.switch_mlp
+        for proj in (self.switch_mlp.gate_proj, self.switch_mlp.up_proj, self.switch_mlp.down_proj):
+            for key, value in list(proj.items()):  # weight, and scales/biases when quantized: (E, ...)
+                if isinstance(value, mx.array):
+                    proj[key] = mx.contiguous(value[experts.start:experts.stop])
+        self._first, self._count, self._group = experts.start, len(experts), group
+
+    def __call__(self, x: mx.array) -> mx.array:
+        experts, weights = self.route(x)  # (B, L, k) each, the same on every rank
+        local = experts - self._first
+        mine = (local >= 0) & (local < self._count)
+        # Pairs routed elsewhere run through local expert 0 and weigh zero (a gather needs a valid index).
+        y = self.switch_mlp(x, mx.where(mine, local, 0).astype(experts.dtype))  # (B, L, k, dim)
+        weights = mx.where(mine, weights, 0.0)
+        y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+        return mx.distributed.all_sum(y, group=self._group)
+
+
+def shard_experts(model: Model, group: mx.distributed.Group) -> None:
+    cfg, n = model.config, group.size()
+    if cfg.num_experts and cfg.num_experts < n:
+        raise DistributedError(f"--mode expert splits {cfg.num_experts} experts: use -n 1 to {cfg.num_experts}")
+    mine = expert_range(cfg.num_experts, group.rank(), n)
+    for layer in model.layers:
+        if isinstance(layer.mlp, SparseMoE):
+            layer.mlp = ExpertShard(layer.mlp, mine, group)
+
+
+def shard_tensor(model: Model, group: mx.distributed.Group) -> None:
+    """Attention heads and dense MLP columns split over the group; MoE layers split their experts."""
+    n = group.size()
+    check_tensor_split(model.config, n)
+    for layer in model.layers:
+        a = layer.self_attn
+        a.q_proj, a.k_proj, a.v_proj = (shard_linear(p, "all-to-sharded", group=group)
+                                        for p in (a.q_proj, a.k_proj, a.v_proj))
+        a.o_proj = shard_linear(a.o_proj, "sharded-to-all", group=group)  # all_sum after the attention
+        a.n_heads, a.n_kv_heads = a.n_heads // n, a.n_kv_heads // n  # contiguous slices keep GQA groups whole
+        if isinstance(layer.mlp, MLP):
+            m = layer.mlp
+            m.gate_proj = shard_linear(m.gate_proj, "all-to-sharded", group=group)
+            m.up_proj = shard_linear(m.up_proj, "all-to-sharded", group=group)
+            m.down_proj = shard_linear(m.down_proj, "sharded-to-all", group=group)  # all_sum after the MLP
+    shard_experts(model, group)
+
+
+# ---- failure handling -----------------------------------------------------------------------------------------
+
+
+def _die(rank: int, message: str, code: int = 1) -> None:
+    sys.stdout.flush()
+    sys.stderr.write(f"qwen-mlx distributed: rank {rank}: {message}\n")
+    sys.stderr.flush()
+    os._exit(code)  # other threads may be blocked in a socket: do not wait for them
+
+
+class Watchdog:
+    """Ends the process with one clear line when an exchange with the other ranks takes longer than `timeout`
+    (a host that vanished without closing its sockets, a rank stuck elsewhere), or on SIGTERM, which mlx.launch
+    sends to every rank when one of them ends early. Both are noticed by this thread even while the main thread
+    is blocked inside MLX (where Python signal handlers cannot run)."""
+
+    def __init__(self, rank: int, timeout: float):
+        self.rank, self.timeout = rank, timeout
+        self.started = False  # set once every rank has loaded and generation begins
+        self._deadline: float | None = None
+        self._what = ""
+        self._signals = None
+        if threading.current_thread() is threading.main_thread():
+            import socket
+
+            self._signals, wake = socket.socketpair()
+            wake.setblocking(False)
+            self._wake = wake  # kept open: the C-level handler writes each signal number to it
+            signal.set_wakeup_fd(wake.fileno(), warn_on_full_buffer=False)
+            signal.signal(signal.SIGTERM, lambda *_: self._terminated())
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    @contextmanager
+    def guard(self, what: str):
+        self._what, self._deadline = what, time.monotonic() + self.timeout
+        try:
+            yield
+        finally:
+            self._deadline = None
+
+    def _terminated(self) -> None:
+        if not self.started:  # a rank that failed while loading has said why; the others need not repeat it
+            os._exit(1)
+        _die(self.rank, "stopped by SIGTERM: mlx.launch sends it to every rank when another rank has ended (its "
+                        "error is above) or on Ctrl-C")
+
+    def _watch(self) -> None:
+        import select
+
+        while True:
+            if self._signals is not None:
+                ready, _, _ = select.select([self._signals], [], [], 0.1)
+                if ready and signal.SIGTERM in self._signals.recv(64):
+                    self._terminated()
+            else:
+                time.sleep(0.1)
+            deadline = self._deadline
+            if deadline is not None and time.monotonic() > deadline:
+                _die(self.rank, f"no answer from the other ranks within {self.timeout:g} s while {self._what}: a "
+                                "rank has stopped or its host cannot be reached (raise --timeout if it is just slow)")
+
+
+# ---- generation -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    prefill_seconds: float = 0.0
+    generated_tokens: int = 0
+    decode_seconds: float = 0.0
+    decode_bytes_sent: int | None = None  # this rank's TCP bytes sent while decoding (Linux only)
+
+
+def _bytes_sent() -> int | None:
+    """Bytes this process's TCP sockets have sent and had acknowledged (Linux TCP_INFO tcpi_bytes_acked), summed
+    over its sockets: the ring backend's real traffic. None where that cannot be read (macOS)."""
+    import socket
+    import struct
+
+    if not hasattr(socket, "TCP_INFO") or not os.path.isdir("/proc/self/fd"):
+        return None
+    total = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                continue
+            with socket.socket(fileno=os.dup(int(fd))) as s:  # closing the duplicate leaves the ring's socket open
+                if s.type != socket.SOCK_STREAM:
+                    continue
+                info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 136)
+                total += struct.unpack_from("<Q", info, 120)[0]  # offset of tcpi_bytes_acked in struct tcp_info
+        except (OSError, ValueError, struct.error):
+            continue
+    return total
+
+
+class Runner:
+    """One rank's part of the model and its caches; `forward` runs tokens through it and returns the float32
+    logits on the sampling rank (None elsewhere)."""
+
+    def __init__(self, model: Model, mode: str, group: mx.distributed.Group, stage: range | None = None,
+                 cache_options: dict | None = None):
+        self.model, self.mode, self.group = model, mode, group
+        self.rank, self.size = group.rank(), group.size()
+        cfg = model.config
+        self.stage = stage if stage is not None else range(cfg.num_hidden_layers)
+        # Each rank caches its own layers (pipeline) or its own KV heads (tensor); any cache type of cache.py.
+        self.cache = make_cache(cfg, **(cache_options or {}))[self.stage.start:self.stage.stop]
+        self.sampler_rank = self.size - 1 if mode == "pipeline" else 0
+        self.act_dtype = model.layers[0].input_layernorm.weight.dtype  # what the residual stream is held in
+
+    def forward(self, ids: mx.array, positions: str) -> mx.array | None:
+        """ids (L,) -> logits (L or 1, vocab) float32 on the sampling rank; positions: "all", "last" or "none"."""
+        if self.mode != "pipeline":
+            h = self.model.model(ids[None], self.cache)
+        else:
+            r, n, m = self.rank, self.size, self.model.model
+            if r == 0:
+                h = m.embed_tokens(ids[None])
+            else:
+                h = mx.distributed.recv((1, ids.size, self.model.config.hidden_size), self.act_dtype, r - 1,
+                                        group=self.group)
+            for layer, c in zip(m.layers, self.cache):
+                h = layer(h, c)
+            if r < n - 1:
+                mx.eval(mx.distributed.send(h.astype(self.act_dtype), r + 1, group=self.group))
+                return None
+            h = m.norm(h)
+        if positions == "none" or self.rank != self.sampler_rank:
+            mx.eval(h)  # the cache is written either way
+            return None
+        h = h if positions == "all" else h[:, -1:, :]
+        return self.model.head(h)[0].astype(mx.float32)
+
+    def share(self, token: mx.array | None) -> int:
+        """The sampling rank's token, on every rank (one all_sum of one int32)."""
+        mine = token.astype(mx.int32).reshape(1) if token is not None else mx.zeros((1,), mx.int32)
+        return int(mx.distributed.all_sum(mine, group=self.group).item())
+
+
+def generate(runner: Runner, prompt: list[int], max_tokens: int, watchdog: Watchdog, *, temperature: float = 0.0,
+             prefill_chunk: int = 512, logits_out: Path | None = None, crash: tuple[int, int] | None = None,
+             stats: Stats | None = None) -> list[int]:
+    """Greedy (or temperature) decode of max_tokens after prompt over all ranks; every rank returns the tokens."""
+    stats = stats if stats is not None else Stats()
+    start = time.perf_counter()
+
+    def sample(logits: mx.array | None) -> mx.array | None:
+        if logits is None:
+            return None
+        if temperature > 0:
+            return mx.random.categorical(logits[-1] / temperature)
+        return mx.argmax(logits[-1], axis=-1)
+
+    ids = mx.array(prompt, dtype=mx.uint32)
+    # With logits_out the prompt runs in one piece and its logits at every position are kept (for checks);
+    # otherwise all but its last token are prefilled in chunks and only the last position reaches the head.
+    last = 0 if logits_out is not None else len(prompt) - 1
+    for s in range(0, last, prefill_chunk):
+        chunk = ids[s:min(s + prefill_chunk, last)]
+        with watchdog.guard(f"prefilling tokens {s}..{s + chunk.size - 1}"):
+            runner.forward(chunk, "none")
+    with watchdog.guard("computing the first token"):
+        logits = runner.forward(ids[last:], "all" if logits_out is not None else "last")
+        if logits is not None and logits_out is not None:
+            np.save(logits_out, np.array(logits))
+        token = runner.share(sample(logits))
+    first = time.perf_counter()
+    stats.prompt_tokens, stats.prefill_seconds = len(prompt), first - start
+    out = [token]
+    sent = _bytes_sent()
+    for n in range(1, max_tokens):
+        if crash is not None and crash == (runner.rank, n):
+            print(f"test hook: rank {runner.rank} kills itself at {time.time():.3f}", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)  # die mid-generation without any cleanup
+        with watchdog.guard(f"decoding token {n + 1}"):
+            token = runner.share(sample(runner.forward(mx.array([token], dtype=mx.uint32), "last")))
+        out.append(token)
+    stats.generated_tokens, stats.decode_seconds = len(out), time.perf_counter() - first
+    if sent is not None:
+        stats.decode_bytes_sent = _bytes_sent() - sent
+    return out
+
+
+# ---- entry points ---------------------------------------------------------------------------------------------
+
+
+def load_rank(path: Path, mode: str, group: mx.distributed.Group,
+              dtype: mx.Dtype | None = None) -> tuple[Model, range | None]:
+    """This rank's share of the model: its pipeline stage, or its slices of every layer."""
+    cfg = load_config(path)
+    if mode == "pipeline":
+        stage = pipeline_plan(path, cfg, group.size())[group.rank()]
+        return load_model(path, dtype=dtype, layers=stage)[0], stage
+    if mode == "tensor":
+        check_tensor_split(cfg, group.size())  # before reading anything
+        return load_model(path, dtype=dtype, prepare=lambda m: shard_tensor(m, group))[0], None
+    if not cfg.num_experts:
+        raise DistributedError(f"--mode expert needs a mixture-of-experts model; {cfg.model_type} has no experts: "
+                               "use --mode pipeline or tensor")
+    if cfg.num_experts < group.size():
+        raise DistributedError(f"--mode expert splits {cfg.num_experts} experts: use -n 1 to {cfg.num_experts}")
+    return load_model(path, dtype=dtype, prepare=lambda m: shard_experts(m, group))[0], None
+
+
+def _generate_cmd(args: argparse.Namespace) -> None:
+    watchdog = None
+    rank = int(os.environ.get("MLX_RANK", "0"))
+    try:
+        watchdog = Watchdog(rank, args.timeout)
+        with watchdog.guard("connecting to the other ranks"):
+            group = mx.distributed.init(backend=args.backend)
+            # Ring ranks leave init one by one; past this barrier every rank is connected, so a rank that stops
+            # later (a bad flag, a missing file) is seen by all the others.
+            mx.eval(mx.distributed.all_sum(mx.zeros((1,)), group=group))
+        rank = watchdog.rank = group.rank()
+        try:
+            path = resolve(args.model)
+            model, stage = load_rank(path, args.mode, group)
+        except DistributedError as e:  # the same on every rank: said once
+            if rank == 0:
+                _die(rank, str(e), 2)
+            os._exit(2)
+        n_bytes = sum(p.nbytes for _, p in tree_flatten(model.parameters()))
+        load_peak = mx.get_peak_memory()
+        cache_options = {"max_size": args.max_kv_size, "bits": args.kv_bits, "group_size": args.kv_group_size}
+        runner = Runner(model, args.mode, group, stage, cache_options)
+        prompt = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+        if not prompt:
+            raise UserError("--prompt-ids: give at least one token id, e.g. --prompt-ids 9707,11,1879")
+        stats = Stats()
+        watchdog.started = True
+        crash = (args.crash_rank, args.crash_after) if args.crash_rank is not None else None
+        tokens = generate(runner, prompt, args.max_tokens, watchdog, temperature=args.temp,
+                          logits_out=args.logits_out, crash=crash, stats=stats)
+        with watchdog.guard("gathering statistics"):
+            mine = mx.array([n_bytes, load_peak, stats.decode_bytes_sent or 0, runner.stage.start, runner.stage.stop])
+            table = np.array(mx.distributed.all_gather(mine.astype(mx.int64)[None], group=group))
+    except UserError as e:
+        _die(rank, str(e), 2)
+    except RuntimeError as e:
+        if "[ring]" in str(e) or "peer" in str(e):
+            _die(rank, "lost the connection to another rank (it exited or its host became unreachable); "
+                       f"stopping ({e})")
+        raise
+    if rank == 0:
+        decode = stats.generated_tokens - 1
+        result = {
+            "mode": args.mode, "ranks": group.size(), "tokens": tokens,
+            "prompt_tokens": stats.prompt_tokens, "prefill_seconds": round(stats.prefill_seconds, 4),
+            "decode_tokens_per_second": round(decode / stats.decode_seconds, 2) if stats.decode_seconds else None,
+            "bytes_sent_per_token": (round(float(table[:, 2].sum()) / decode, 1)
+                                     if decode and stats.decode_bytes_sent is not None else None),
+            "weights_bytes": table[:, 0].tolist(), "load_peak_bytes": table[:, 1].tolist(),
+            "layers": [[int(a), int(b)] for a, b in table[:, 3:5]],
+        }
+        print(json.dumps(result), flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m qwen_mlx.distributed", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="decode token ids over all ranks; rank 0 prints one JSON line")
+    g.add_argument("--model", required=True, help="checkpoint directory (the same path on every host)")
+    g.add_argument("--mode", choices=MODES, default="pipeline")
+    g.add_argument("--prompt-ids", required=True, help="comma-separated token ids")
+    g.add_argument("--max-tokens", type=int, default=32)
+    g.add_argument("--temp", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--max-kv-size", type=int, metavar="N", help="rotating KV cache of N tokens (see cache.py)")
+    g.add_argument("--kv-bits", type=int, choices=[4, 8], help="quantized KV cache")
+    g.add_argument("--kv-group-size", type=int, choices=[32, 64, 128])
+    g.add_argument("--backend", default="any", help="mx.distributed backend: any, ring, jaccl, mpi")
+    g.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds one exchange between ranks may take before every rank stops (default 60)")
+    g.add_argument("--logits-out", type=Path, help="the sampling rank saves the prompt's logits here (.npy)")
+    g.add_argument("--crash-rank", type=int, help=argparse.SUPPRESS)  # tests: this rank SIGKILLs itself ...
+    g.add_argument("--crash-after", type=int, default=2, help=argparse.SUPPRESS)  # ... at this token
+    args = ap.parse_args(argv)
+    _generate_cmd(args)
+
+
+if __name__ == "__main__":
+    main()

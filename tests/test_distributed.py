@@ -1,0 +1,218 @@
+"""One model over several processes: real `mlx.launch --backend ring` runs on 127.0.0.1 against the single-process
+model. fp32 logits of the whole prompt agree within 1e-4 (max abs) and 24 greedy tokens are identical.
+
+Note: mlx.launch exits 0 even when ranks fail, so these tests read the ranks' output, never its exit status.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from helpers import greedy_ours, prompt_ids
+from qwen_mlx.cache import make_cache
+from qwen_mlx.distributed import DistributedError, check_tensor_split, expert_range, memory_plan, plan_stages
+from qwen_mlx.loader import load_config, load_model
+from qwen_mlx.quant import quantize_model
+
+TOL = 1e-4  # max abs difference of fp32 logits (only the order of additions differs)
+N_TOKENS = 24
+PROMPT = prompt_ids(12, seed=3)
+LAUNCH = Path(sys.executable).parent / "mlx.launch"
+if not LAUNCH.exists():
+    LAUNCH = Path(shutil.which("mlx.launch") or "mlx.launch")
+
+
+def _free_ports(n: int) -> int:
+    """A starting port with n free ports after it (other test runs may share this machine)."""
+    for _ in range(50):
+        start = random.randint(20000, 60000)
+        try:
+            for p in range(start, start + n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+            return start
+        except OSError:
+            continue
+    raise RuntimeError("no free ports")
+
+
+def errors(out: str) -> list[str]:
+    """Our one-line errors; found anywhere, since mlx.launch may print its own warnings in the middle of a line."""
+    return re.findall(r"qwen-mlx distributed: rank \d+: [^\n]*", out)
+
+
+def launch(n: int, path: Path, mode: str, *extra: str, max_tokens: int = N_TOKENS, timeout: float = 60,
+           tmp: Path | None = None) -> tuple[dict | None, str, float]:
+    """Run `python -m qwen_mlx.distributed generate` on n local ring ranks; returns rank 0's JSON line (or None),
+    all output, and the seconds it took. Every process is killed if it runs past `timeout`."""
+    cmd = [str(LAUNCH), "--backend", "ring", "-n", str(n), "--starting-port", str(_free_ports(n)),
+           "--python", sys.executable, "--", "-m", "qwen_mlx.distributed", "generate", "--model", str(path),
+           "--mode", mode, "--prompt-ids", ",".join(map(str, PROMPT)), "--max-tokens", str(max_tokens),
+           "--timeout", "20", *extra]
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, cwd=tmp)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"mlx.launch did not finish within {timeout} s:\n{out}")
+    elapsed = time.monotonic() - start
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    return (json.loads(lines[-1]) if lines else None), out, elapsed
+
+
+_REFERENCE: dict[Path, tuple[np.ndarray, list[int]]] = {}
+
+
+def reference(path: Path) -> tuple[np.ndarray, list[int]]:
+    """The single-process logits of PROMPT (L, vocab) and greedy tokens, through the KV cache."""
+    if path not in _REFERENCE:
+        model, _ = load_model(path)
+        logits = np.array(model(mx.array(PROMPT)[None])[0])
+        _REFERENCE[path] = logits, greedy_ours(model, PROMPT, N_TOKENS)
+    return _REFERENCE[path]
+
+
+def check_equal_to_single_process(path: Path, n: int, mode: str, tmp_path: Path) -> dict:
+    out_file = tmp_path / f"logits-{mode}-{n}.npy"
+    result, out, _ = launch(n, path, mode, "--logits-out", str(out_file))
+    assert result is not None, out
+    logits, tokens = reference(path)
+    got = np.load(out_file)
+    assert got.shape == logits.shape
+    err = float(np.abs(got - logits).max())
+    assert err <= TOL, f"max abs logit difference {err:.2e} > {TOL:g} ({mode}, -n {n})"
+    assert result["tokens"] == tokens
+    return result
+
+
+@pytest.mark.parametrize("variant,mode,n", [
+    ("qwen3", "pipeline", 2), ("qwen3", "tensor", 2), ("qwen2", "pipeline", 2), ("qwen2", "tensor", 2),
+    ("qwen3_moe", "tensor", 2), ("qwen3_moe", "expert", 2),
+    ("qwen3_moe", "pipeline", 3), ("qwen3_moe", "expert", 3),  # uneven: 8 experts as 3 + 3 + 2
+])
+def test_distributed_equals_single_process(tiny_checkpoint, tmp_path, variant, mode, n):
+    result = check_equal_to_single_process(tiny_checkpoint(variant), n, mode, tmp_path)
+    assert result["ranks"] == n
+    cfg = load_config(tiny_checkpoint(variant))
+    # what `qwen-mlx info --distributed N` predicts from the headers is what each rank holds
+    assert result["weights_bytes"] == pytest.approx(memory_plan(tiny_checkpoint(variant), n)[mode], rel=1e-3)
+    if mode == "pipeline":  # contiguous stages covering every layer once; loading peaks near the stage's bytes
+        assert [a for a, _ in result["layers"]][0] == 0 and result["layers"][-1][1] == cfg.num_hidden_layers
+        assert all(b == c for (_, b), (c, _) in zip(result["layers"], result["layers"][1:]))
+        for weights, peak in zip(result["weights_bytes"], result["load_peak_bytes"]):
+            assert peak <= 1.1 * weights
+
+
+@pytest.mark.parametrize("variant,mode,options", [
+    ("qwen3", "pipeline", dict(max_size=20)), ("qwen3", "tensor", dict(max_size=20, bits=8)),
+    ("qwen3_moe", "expert", dict(bits=4)),
+])
+def test_kv_caches(tiny_checkpoint, tmp_path, variant, mode, options):
+    """A rotating window that wraps (12 prompt + 24 new tokens in 20) and quantized caches: the same tokens as the
+    single-process model with the same cache."""
+    path = tiny_checkpoint(variant)
+    flags = {"max_size": "--max-kv-size", "bits": "--kv-bits"}
+    extra = [x for k, v in options.items() for x in (flags[k], str(v))]
+    result, out, _ = launch(2, path, mode, *extra)
+    assert result is not None, out
+    model, _ = load_model(path)
+    cache = make_cache(model.config, **options)
+    # the distributed run prefills all but the last prompt token, then decodes: do the same here
+    model(mx.array(PROMPT[:-1])[None], cache)
+    expected, token = [], mx.array([int(PROMPT[-1])])
+    for _ in range(N_TOKENS):
+        token = mx.argmax(model(token[None], cache)[:, -1], axis=-1)
+        expected.append(token.item())
+    assert result["tokens"] == expected
+
+
+def write_quantized(src: Path, dst: Path, group_size: int, bits: int) -> Path:
+    """An MLX-quantized copy of a checkpoint (mlx-lm's layout: packed weights, scales, biases, config section)."""
+    model, _ = load_model(src)
+    quantize_model(model, {"group_size": group_size, "bits": bits})
+    dst.mkdir()
+    mx.save_safetensors(str(dst / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    config = json.loads((src / "config.json").read_text())
+    config["quantization"] = {"group_size": group_size, "bits": bits}
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+@pytest.mark.parametrize("variant,mode", [("qwen3", "tensor"), ("qwen3_moe", "expert"), ("qwen3_moe", "pipeline")])
+def test_quantized_checkpoint(tiny_checkpoint, tmp_path, variant, mode):
+    path = write_quantized(tiny_checkpoint(variant), tmp_path / "q", 32, 8)
+    result = check_equal_to_single_process(path, 2, mode, tmp_path)
+    assert result["weights_bytes"][0] < 0.5 * (tiny_checkpoint(variant) / "model.safetensors").stat().st_size
+
+
+def test_killed_rank_ends_the_others_with_one_clear_error(tiny_checkpoint, tmp_path):
+    result, out, _ = launch(2, tiny_checkpoint("qwen3_moe"), "pipeline", "--crash-rank", "1",
+                            "--crash-after", "4", max_tokens=100000, timeout=60)
+    ended = time.time()
+    assert result is None, "generation should not have finished"
+    killed = re.search(r"rank 1 kills itself at ([\d.]+)", out)
+    assert killed, out
+    assert ended - float(killed[1]) < 10, f"the other rank took {ended - float(killed[1]):.1f} s to stop:\n{out}"
+    lines = [line for line in errors(out) if line.startswith("qwen-mlx distributed: rank 0:")]
+    assert len(lines) == 1, out
+    assert "lost the connection to another rank" in lines[0] or "SIGTERM" in lines[0]
+
+
+def test_tensor_split_that_does_not_divide_names_the_valid_n(tiny_checkpoint):
+    result, out, _ = launch(3, tiny_checkpoint("qwen3"), "tensor", max_tokens=2)
+    assert result is None
+    said = errors(out)
+    assert len(said) == 1, out  # said once, by rank 0
+    assert "-n 3" in said[0] and "use -n 1 or 2" in said[0], said[0]
+    with pytest.raises(DistributedError, match="use -n 1 or 2"):
+        check_tensor_split(load_config(tiny_checkpoint("qwen3")), 4)
+
+
+def test_plan_stages_balances_bytes_and_allows_uneven_counts():
+    assert plan_stages([10] * 4, 2) == [range(0, 2), range(2, 4)]
+    assert plan_stages([10] * 5, 2) in ([range(0, 3), range(3, 5)], [range(0, 2), range(2, 5)])
+    assert plan_stages([10] * 4, 2, first_extra=25) == [range(0, 1), range(1, 4)]  # the embedding counts
+    assert plan_stages([30, 10, 10, 10], 2) == [range(0, 1), range(1, 4)]
+    assert plan_stages([1, 1, 1], 3) == [range(0, 1), range(1, 2), range(2, 3)]
+    with pytest.raises(DistributedError, match="use -n 1 to 3"):
+        plan_stages([1, 1, 1], 4)
+
+
+def test_expert_ranges_cover_every_expert_once():
+    for e, n in [(8, 2), (8, 3), (128, 3), (5, 5)]:
+        ranges = [expert_range(e, r, n) for r in range(n)]
+        assert [i for r in ranges for i in r] == list(range(e))
+        assert max(map(len, ranges)) - min(map(len, ranges)) <= 1
+
+
+def test_a_stage_reads_only_its_own_tensors(tiny_checkpoint):
+    path = tiny_checkpoint("qwen3_moe")
+    full, _ = load_model(path)
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    last, _ = load_model(path, layers=range(2, 3))
+    names = {k for k, _ in tree_flatten(last.parameters())}
+    assert names == {k.replace("layers.2.", "layers.0.") for k, _ in tree_flatten(full.parameters())
+                     if k.startswith(("model.layers.2.", "model.norm.", "lm_head."))}
+    stage_bytes = sum(p.nbytes for _, p in tree_flatten(last.parameters()))
+    assert mx.get_peak_memory() - base <= 1.1 * stage_bytes
+    h = mx.random.normal((1, 5, full.config.hidden_size))
+    assert mx.allclose(last.layers[0](h, None), full.layers[2](h, None), atol=1e-6)
