@@ -467,7 +467,7 @@ base_model: {source}
 # {name}
 
 {cfg.model_type} ({cfg.num_hidden_layers} layers, hidden size {cfg.hidden_size}) converted from `{source}` by
-qwen-mlx: {what}. Weights: {total / 2**30:.2f} GiB.
+qwen-mlx: {what}. Weights: {_human(total)}.
 
 ```bash
 qwen-mlx chat --model {name}
@@ -519,3 +519,7 @@ def quality_report(src: str | Path, result: ConvertResult, *, text_file: str | P
     if text_file is not None:
         lines.append(f"perplexity    source {perplexity(ref_logits, ids):.3f}, converted {perplexity(logits, ids):.3f}")
     return "\n".join(lines)
+
+
+def _human(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"

@@ -201,7 +201,7 @@ def cli(*args, timeout=120):
                           timeout=timeout)
 
 
-def test_killed_convert_leaves_no_output_and_needs_no_cleanup(tiny_checkpoint, tmp_path):
+def test_killed_convert_leaves_no_output_and_needs_no_cleanup(tiny_checkpoint, tmp_path, tmp_path_factory):
     src, out = tiny_checkpoint("qwen3"), tmp_path / "out"
     args = ["convert", src, out, "--shard-size", "1MB", "-q"]
 
@@ -222,8 +222,11 @@ def test_killed_convert_leaves_no_output_and_needs_no_cleanup(tiny_checkpoint, t
     partial = killed("rename", 0)  # all written and synced, not yet renamed: still not an output
     assert not out.exists() and (partial / "config.json").exists()
 
-    done = cli(*args)
+    text = tmp_path_factory.mktemp("report") / "text.txt"  # outside tmp_path, whose listing is checked below
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 8)
+    done = cli(*args, "--report", "--report-text", text)  # the report reads, it does not change the output
     assert done.returncode == 0, done.stderr
+    assert "vs source     KL" in done.stdout and "perplexity    source" in done.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the leftovers are gone, no lock file either
     reference = convert(src, tmp_path / "reference", shard_size=10**6, progress=False).path
     for shard in reference.glob("*.safetensors"):
@@ -266,3 +269,11 @@ def test_user_errors_are_one_line(tiny_checkpoint, llama_checkpoint, tmp_path):
         assert lines[0].startswith("qwen-mlx: error: ") and message in lines[0], (case, lines[0])
         assert not (tmp_path / "out").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf", "existing", "llama"]
+
+
+def test_help_lists_the_options():
+    run = cli("convert", "--help", timeout=30)
+    assert run.returncode == 0
+    for flag in ("--bits", "--group-size", "--mode", "--recipe", "--dtype", "--dequantize", "--shard-size", "--force",
+                 "--report"):
+        assert flag in run.stdout
