@@ -24,7 +24,7 @@ from mlx.utils import tree_flatten
 
 from .config import ModelConfig
 from .errors import UserError
-from .loader import _EXPERT, TensorInfo, check_weights, load_config, read_index, resolve
+from .loader import _DTYPES, _EXPERT, TensorInfo, check_weights, load_config, read_index, resolve
 from .model import Model
 from .quant import layer_settings, plan_quantization, quantizable_layers
 
@@ -35,8 +35,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 DTYPES = {"bf16": mx.bfloat16, "bfloat16": mx.bfloat16, "fp16": mx.float16, "float16": mx.float16,
           "fp32": mx.float32, "float32": mx.float32}
 _DTYPE_NAMES = {mx.bfloat16: "bfloat16", mx.float16: "float16", mx.float32: "float32"}
-_SAFETENSORS_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32", mx.uint8: "U8"}
-_SOURCE_DTYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16, "U32": mx.uint32, "U8": mx.uint8}
+_SAFETENSORS_DTYPES = {dtype: name for name, dtype in _DTYPES.items()}  # what the loader reads is what we write
 
 
 class ConvertError(UserError):
@@ -146,7 +145,7 @@ def _safetensors_source(name: str, path: Path) -> Source:
         raw.pop(key, None)  # auto_map names code that is never run nor copied
     index = read_index(path)
     for tensor, info in index.items():
-        if info.dtype not in _SOURCE_DTYPES:
+        if info.dtype not in _DTYPES:
             raise ConvertError(f"{info.file.name}: tensor {tensor} has dtype {info.dtype}, which qwen-mlx does not "
                                "convert")
     # mx.load is lazy: an array is read from its file when evaluated. Each is taken out of `arrays` when it is

@@ -335,9 +335,10 @@ def test_hostile_header_is_one_clear_error(tmp_path, case):
 
 def small_model_gguf(path: Path, block_count: int = 1, **metadata) -> Path:
     """A one-layer qwen3 header whose tensors are right, for the checks after the header."""
-    kvs = {"general.architecture": (8, s(metadata.pop("arch", "qwen3"))), "qwen3.block_count": (4, struct.pack(
-        "<I", block_count)), "qwen3.embedding_length": (4, struct.pack("<I", 32)),
-        "qwen3.attention.head_count": (4, struct.pack("<I", 2)), "qwen3.feed_forward_length": (4, struct.pack("<I", 64))}
+    u32 = lambda v: (4, struct.pack("<I", v))  # noqa: E731
+    kvs = {"general.architecture": (8, s(metadata.pop("arch", "qwen3"))), "qwen3.block_count": u32(block_count),
+           "qwen3.embedding_length": u32(32), "qwen3.attention.head_count": u32(2),
+           "qwen3.feed_forward_length": u32(64)}
     kvs.update(metadata)
     body = [kv(k, t, p) for k, (t, p) in kvs.items()]
     path.write_bytes(gguf_file(body, [tensor("token_embd.weight", [32, 10]), tensor("blk.0.attn_norm.weight", [32],
