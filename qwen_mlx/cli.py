@@ -175,6 +175,33 @@ def _bits_list(text: str) -> list[str]:
     return values
 
 
+def _convert(args: argparse.Namespace) -> None:
+    from .convert import convert
+
+    result = convert(args.src, args.out, bits=args.bits, group_size=args.group_size, mode=args.mode,
+                     recipe=args.recipe, dtype=args.dtype, dequantize=args.dequantize, shard_size=args.shard_size,
+                     force=args.force, progress=not args.quiet, report=args.report)
+    what = "unquantized" if result.quantization is None else \
+        f"{result.quantization['bits']}-bit {result.quantization['mode']} group {result.quantization['group_size']}"
+    print(f"wrote {result.path} ({what}, {result.total_bytes / 2**20:.1f} MiB in {result.shards} "
+          f"shard{'s' if result.shards > 1 else ''}, {result.seconds:.1f} s)")
+    if args.report:
+        from .convert import quality_report
+
+        print(quality_report(args.src, result, text_file=args.report_text))
+
+
+def _size(text: str) -> int:
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    number = text.upper().rstrip("KMGIB")
+    unit = text.upper()[len(number):]
+    try:
+        value = int(float(number) * units[unit])
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"expected a size like 5GB, 500MB or 4096, got {text!r}") from None
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen-mlx", description="Fast, faithful Qwen3 inference on MLX.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -210,6 +237,35 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--hide-think", action="store_true", help="do not print the thinking")
     generate.add_argument("-v", "--verbose", action="store_true", help="print speed and memory to stderr at the end")
     generate.set_defaults(run=_generate)
+
+    convert = sub.add_parser(
+        "convert", help="convert and quantize a Hugging Face, MLX or GGUF checkpoint into an MLX checkpoint",
+        description="Convert SRC (a checkpoint directory, a hub id, an MLX checkpoint to re-quantize, or a .gguf "
+                    "file) into an MLX checkpoint at OUT that qwen-mlx and mlx-lm both load. Quantizes to 4-bit "
+                    "affine, group 64 unless told otherwise. One tensor at a time, so memory stays near one layer; "
+                    "OUT appears only when complete.")
+    convert.add_argument("src", metavar="SRC", help="checkpoint directory, hub id (e.g. Qwen/Qwen3-0.6B) or .gguf")
+    convert.add_argument("out", metavar="OUT", help="output directory (must not exist, unless --force)")
+    convert.add_argument("--bits", type=int, metavar="N", help="bits per weight: 2, 3, 4, 5, 6 or 8 (default 4)")
+    convert.add_argument("--group-size", type=int, metavar="N", help="weights per scale: 32, 64 or 128 "
+                         "(default 64; mxfp4/mxfp8 use 32, nvfp4 16)")
+    convert.add_argument("--mode", default="affine", metavar="MODE",
+                         help="quantization format: affine (default), mxfp4, mxfp8 or nvfp4")
+    convert.add_argument("--recipe", metavar="NAME", help="mixed precision: mixed_4_6 (4-bit, down_proj 6-bit, "
+                         "embeddings and LM head 8-bit), mixed_3_6, mixed_2_6")
+    convert.add_argument("--dtype", metavar="TYPE", help="type of unquantized tensors and scales: bf16, fp16 or "
+                         "fp32 (default: the source's)")
+    convert.add_argument("--dequantize", action="store_true", help="write unquantized weights (e.g. an MLX or GGUF "
+                         "checkpoint back to bf16)")
+    convert.add_argument("--shard-size", type=_size, default="5GB", metavar="SIZE",
+                         help="largest weight file (default 5GB)")
+    convert.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    convert.add_argument("--report", action="store_true", help="measure the quality: relative error per tensor, "
+                         "KL divergence and top-1 agreement of the next-token distribution vs the source")
+    convert.add_argument("--report-text", metavar="FILE", help="text for --report (also gives perplexity); "
+                         "default: random token ids")
+    convert.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    convert.set_defaults(run=_convert)
 
     from .bench import PRESETS  # a plain dict; importing it is cheap
 

@@ -238,14 +238,44 @@ def _parse_quantization(raw: dict, source: str) -> dict | None:
         return None
     if not isinstance(quant, dict):
         raise ConfigError(f"{source}: quantization must be a JSON object")
-    bits = _typed(quant.get("bits"), int, "quantization.bits", source)
-    group_size = _typed(quant.get("group_size"), int, "quantization.group_size", source)
-    if bits not in (2, 3, 4, 5, 6, 8) or group_size not in (32, 64, 128):
-        raise ConfigError(
-            f"{source}: unsupported quantization bits={bits} group_size={group_size} "
-            "(bits 2/3/4/5/6/8, group size 32/64/128)"
-        )
+    _check_quant_settings(quant, "quantization", source)
+    for key, override in quant.items():
+        if key in ("group_size", "bits", "mode"):
+            continue
+        if isinstance(override, dict):  # a layer with its own settings; what it leaves out comes from the defaults
+            _check_quant_settings({**quant, **override}, f"quantization[{key!r}]", source)
+        elif not isinstance(override, bool):
+            raise ConfigError(f"{source}: quantization[{key!r}] must be an object or a boolean, got {override!r}")
     return quant
+
+
+# MLX quantization formats: mode -> (bits, group sizes). affine stores a scale and a bias per group; the
+# microscaling formats store one shared exponent (mx) or fp8 scale (nv) per group and have one fixed shape.
+QUANT_FORMATS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    "affine": ((2, 3, 4, 5, 6, 8), (32, 64, 128)),
+    "mxfp4": ((4,), (32,)),
+    "mxfp8": ((8,), (32,)),
+    "nvfp4": ((4,), (16,)),
+}
+
+
+def quant_format_problem(mode: object, bits: object, group_size: object) -> str | None:
+    """What MLX can store instead of (mode, bits, group_size), or None when it can store that."""
+    if mode not in QUANT_FORMATS:
+        return f"mode {mode!r} is not one of {', '.join(QUANT_FORMATS)}"
+    all_bits, groups = QUANT_FORMATS[mode]
+    if bits not in all_bits or group_size not in groups:
+        return (f"{mode} takes bits {'/'.join(map(str, all_bits))} and group size "
+                f"{'/'.join(map(str, groups))}")
+    return None
+
+
+def _check_quant_settings(settings: dict, key: str, source: str) -> None:
+    bits = _typed(settings.get("bits"), int, f"{key}.bits", source)
+    group_size = _typed(settings.get("group_size"), int, f"{key}.group_size", source)
+    problem = quant_format_problem(settings.get("mode", "affine"), bits, group_size)
+    if problem:
+        raise ConfigError(f"{source}: unsupported {key} bits={bits} group_size={group_size} ({problem})")
 
 
 def _typed(value, kind: type, key: str, source: str):

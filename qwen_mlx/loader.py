@@ -26,7 +26,8 @@ from .quant import quantize_model
 # What a model needs from the hub: weights, configs, tokenizer and template. Never code.
 HUB_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "tokenizer*", "vocab.json", "merges.txt"]
 
-_DTYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16, "U32": mx.uint32}
+_DTYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16, "U32": mx.uint32,
+           "U8": mx.uint8}  # U8: the scales of the mxfp4/mxfp8/nvfp4 quantization modes
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|scales|biases)$")
 
 

@@ -1,0 +1,524 @@
+"""Write an MLX checkpoint (mlx-lm's layout) from a Hugging Face checkpoint, an MLX checkpoint or a GGUF file.
+
+One tensor at a time: each source tensor is read lazily, cast, quantized and streamed into its shard file, so peak
+memory stays near the largest tensor (an expert stack for MoE), not the model. The output appears complete or not
+at all: it is written into a hidden directory beside OUT, fsynced, and renamed to OUT when complete; a later run
+removes what an interrupted one left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from .config import ModelConfig
+from .errors import UserError
+from .loader import _DTYPES, _EXPERT, TensorInfo, check_weights, load_config, read_index, resolve
+from .model import Model
+from .quant import layer_settings, plan_quantization, quantizable_layers
+
+DEFAULT_SHARD_SIZE = 5 * 10**9  # bytes; the hub's and mlx-lm's limit
+# Copied from the source when present; never code (*.py) and never anything the model does not need.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "chat_template.json")
+DTYPES = {"bf16": mx.bfloat16, "bfloat16": mx.bfloat16, "fp16": mx.float16, "float16": mx.float16,
+          "fp32": mx.float32, "float32": mx.float32}
+_DTYPE_NAMES = {mx.bfloat16: "bfloat16", mx.float16: "float16", mx.float32: "float32"}
+_SAFETENSORS_DTYPES = {dtype: name for name, dtype in _DTYPES.items()}  # what the loader reads is what we write
+
+
+class ConvertError(UserError):
+    """A convert that cannot start: bad source, output or options. One sentence naming the path or flag."""
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """One model parameter of the source, by its name in the (unquantized) model."""
+
+    shape: tuple[int, ...]  # as the unquantized model holds it
+    load: Callable[[], mx.array]  # the floating-point tensor, lazily; called once
+    # Quantized in the source (an MLX checkpoint): (group_size, bits, mode) and the packed arrays {"weight",
+    # "scales"[, "biases"]}, copied as they are when the output asks for the same quantization.
+    packed: tuple[tuple[int, int, str], Callable[[], dict[str, mx.array]]] | None = None
+
+
+@dataclass
+class Source:
+    name: str  # what the user passed, for the card
+    config: dict  # config.json in Hugging Face spelling, without any quantization section
+    tensors: dict[str, SourceTensor]
+    files: dict[str, bytes]  # tokenizer and generation config files, by name
+    dtype: mx.Dtype  # the output dtype unless --dtype says otherwise
+    index: dict[str, TensorInfo] = field(default_factory=dict)  # safetensors sources: where each tensor lives
+
+
+@dataclass
+class ConvertResult:
+    path: Path
+    quantization: dict | None
+    total_bytes: int
+    shards: int
+    seconds: float
+    tensor_errors: dict[str, float]  # relative error of each quantized tensor (with report=True)
+
+
+def convert(src: str | Path, out: str | Path, *, bits: int | None = None, group_size: int | None = None,
+            mode: str = "affine", recipe: str | None = None, dtype: str | None = None, dequantize: bool = False,
+            shard_size: int = DEFAULT_SHARD_SIZE, force: bool = False, progress: bool = True,
+            report: bool = False) -> ConvertResult:
+    """Convert `src` (checkpoint directory, hub id or .gguf file) into an MLX checkpoint at `out`.
+
+    Quantizes to `bits`/`group_size`/`mode` (default 4-bit affine, group 64), or with a mixed `recipe`
+    (quant.RECIPES); `dequantize` writes floating-point weights instead. `dtype` (bf16/fp16/fp32) is the type of
+    the unquantized tensors and of the scales; by default the source's. With `report`, the relative error of every
+    quantized tensor is measured as it is written.
+    """
+    start = time.perf_counter()
+    out = Path(out).expanduser()
+    if dtype is not None and dtype not in DTYPES:
+        raise ConvertError(f"unsupported --dtype {dtype} (choose bf16, fp16 or fp32)")
+    if shard_size <= 0:
+        raise ConvertError(f"--shard-size must be positive, got {shard_size}")
+    if dequantize and (bits is not None or recipe is not None or mode != "affine"):
+        raise ConvertError("--dequantize writes unquantized weights; it cannot be combined with --bits, --mode "
+                           "or --recipe")
+    _refuse_existing(out, force)
+    source = open_source(src)
+    cfg = ModelConfig.from_dict(source.config, f"{src} (config)")
+    model = Model(cfg)  # a skeleton for names and shapes; its random weights are lazy and never computed
+    check_weights(model, source.index, source.tensors, cfg)
+    quantization = None if dequantize else plan_quantization(model, bits, group_size, mode, recipe)
+    out_dtype = DTYPES[dtype] if dtype else source.dtype
+
+    config = {**source.config, "torch_dtype": _DTYPE_NAMES[out_dtype]}
+    if quantization:
+        config["quantization"] = quantization
+        config["quantization_config"] = quantization  # mlx-lm writes both names (transformers reads the second)
+    ModelConfig.from_dict(config, "the converted config.json")  # what we write must load
+
+    jobs = _plan(source, model, quantization, out_dtype)
+    errors: dict[str, float] = {}
+    with _output_dir(out, force) as tmp:
+        weight_map, total = _write_weights(tmp, jobs, shard_size, progress, errors if report else None)
+        shards = sorted(set(weight_map.values()))
+        _write_json(tmp / "model.safetensors.index.json",
+                    {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+        _write_json(tmp / "config.json", dict(sorted(config.items())))
+        files = dict(source.files)
+        files.setdefault("generation_config.json", _generation_config(config))
+        for name, data in files.items():
+            _write_file(tmp / name, data)
+        _write_file(tmp / "README.md", _card(source.name, out.name, cfg, quantization, out_dtype, total,
+                                             _quantized_bits(jobs)).encode())
+    return ConvertResult(out, quantization, total, len(shards), time.perf_counter() - start, errors)
+
+
+# --- sources -------------------------------------------------------------------------------------------------
+
+def open_source(src: str | Path) -> Source:
+    """A checkpoint directory, hub id or .gguf file, with every tensor checked and nothing read yet."""
+    path = Path(src).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ConvertError(f"{src}: not a checkpoint directory or a .gguf file")
+        from .gguf import read_gguf
+
+        return _gguf_source(str(src), read_gguf(path))
+    return _safetensors_source(str(src), resolve(src))
+
+
+def _safetensors_source(name: str, path: Path) -> Source:
+    cfg = load_config(path)
+    raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    for key in ("quantization", "quantization_config", "auto_map", "_name_or_path"):
+        raw.pop(key, None)  # auto_map names code that is never run nor copied
+    index = read_index(path)
+    for tensor, info in index.items():
+        if info.dtype not in _DTYPES:
+            raise ConvertError(f"{info.file.name}: tensor {tensor} has dtype {info.dtype}, which qwen-mlx does not "
+                               "convert")
+    # mx.load is lazy: an array is read from its file when evaluated. Each is taken out of `arrays` when it is
+    # used, so that once written it is freed.
+    arrays: dict[str, mx.array] = {}
+    for file in sorted({info.file for info in index.values()}):
+        arrays.update(mx.load(str(file)))
+    take = arrays.pop
+
+    tensors: dict[str, SourceTensor] = {}
+    experts: dict[str, dict[int, str]] = {}
+    quant = cfg.quantization
+    for tensor, info in index.items():
+        if tensor.endswith("rotary_emb.inv_freq") or (cfg.tie_word_embeddings and tensor.startswith("lm_head.")):
+            continue
+        if tensor.endswith((".scales", ".biases")) and quant:
+            continue  # read with their weight below
+        m = _EXPERT.match(tensor)
+        if m:
+            prefix, e, proj, kind = m.groups()
+            experts.setdefault(f"{prefix}.switch_mlp.{proj}.{kind}", {})[int(e)] = tensor
+            continue
+        layer = tensor.removesuffix(".weight")
+        if quant and f"{layer}.scales" in index:
+            tensors[tensor] = _packed_tensor(layer, index, quant, take)
+        else:
+            tensors[tensor] = SourceTensor(info.shape, lambda t=tensor: take(t))
+    for stacked, per_expert in experts.items():
+        names = [per_expert[e] for e in sorted(per_expert)]
+        if sorted(per_expert) != list(range(cfg.num_experts)):
+            missing = sorted(set(range(cfg.num_experts)) - set(per_expert))
+            raise ConvertError(f"{path}: tensor {stacked.replace('switch_mlp', f'experts.{missing[0]}')} is "
+                               "missing" if missing else f"{path}: {stacked} has more experts than the config")
+        shapes = {index[n].shape for n in names}
+        if len(shapes) != 1:
+            raise ConvertError(f"{index[names[0]].file.name}: the experts of {stacked} differ in shape")
+        tensors[stacked] = SourceTensor((len(names), *index[names[0]].shape),
+                                        lambda names=names: mx.stack([take(n) for n in names]))
+    return Source(name, raw, tensors, _copy_files(path), _default_dtype(cfg.torch_dtype), index)
+
+
+def _packed_tensor(layer: str, index: dict[str, TensorInfo], quant: dict, take) -> SourceTensor:
+    """A weight quantized in the source: checked against its stated settings, dequantized when loaded."""
+    settings = layer_settings(quant, layer)
+    weight, scales = index[f"{layer}.weight"], index[f"{layer}.scales"]
+    if settings is None or weight.dtype != "U32":
+        raise ConvertError(f"{weight.file.name}: {layer} has scales but config.json does not quantize it")
+    group_size, bits, mode = settings
+    in_dims = weight.shape[-1] * 32 // bits
+    if in_dims != scales.shape[-1] * group_size or weight.shape[:-1] != scales.shape[:-1]:
+        raise ConvertError(f"{weight.file.name}: {layer}.weight {weight.shape} and .scales {scales.shape} do not fit "
+                           f"{bits}-bit group {group_size} quantization")
+    parts = ["weight", "scales"] + (["biases"] if f"{layer}.biases" in index else [])
+
+    def packed() -> dict[str, mx.array]:
+        return {part: take(f"{layer}.{part}") for part in parts}
+
+    def load() -> mx.array:
+        p = packed()
+        return mx.dequantize(p["weight"], p["scales"], p.get("biases"), group_size, bits, mode=mode)
+
+    return SourceTensor((*weight.shape[:-1], in_dims), load, ((group_size, bits, mode), packed))
+
+
+def _gguf_source(name: str, gguf) -> Source:
+    tensors = {n: SourceTensor(shape, load) for n, (shape, load) in gguf.tensors.items()}
+    return Source(name, gguf.config, tensors, gguf.files, _default_dtype(gguf.config.get("torch_dtype")))
+
+
+def _default_dtype(name: object) -> mx.Dtype:
+    return DTYPES.get(name, mx.bfloat16) if isinstance(name, str) else mx.bfloat16
+
+
+def _copy_files(path: Path) -> dict[str, bytes]:
+    names = [n for n in TOKENIZER_FILES + ("generation_config.json",) if (path / n).is_file()]
+    names += sorted(f.name for f in path.glob("*.jinja") if f.is_file())
+    return {n: (path / n).read_bytes() for n in names}
+
+
+# --- the plan: which arrays go into the output ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Out:
+    name: str
+    shape: tuple[int, ...]
+    dtype: mx.Dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.size
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One source tensor and what it becomes: an unquantized tensor, or a packed weight with scales (+ biases)."""
+
+    name: str
+    tensor: SourceTensor
+    settings: tuple[int, int, str] | None  # quantized to (group_size, bits, mode), or kept in floating point
+    dtype: mx.Dtype
+    outs: tuple[_Out, ...]
+
+    def arrays(self, errors: dict[str, float] | None) -> dict[str, mx.array]:
+        """The output arrays, lazily; with `errors`, records this tensor's relative quantization error."""
+        prefix = self.name.removesuffix(".weight")
+        if self.settings is None:
+            return {self.name: self.tensor.load().astype(self.dtype)}
+        group_size, bits, mode = self.settings
+        packed = self.tensor.packed
+        if packed is not None and packed[0] == self.settings:
+            parts = packed[1]()  # the source's own packing: copied, not quantized twice
+            return {f"{prefix}.{k}": v if k == "weight" or v.dtype == mx.uint8 else v.astype(self.dtype)
+                    for k, v in parts.items()}
+        w = self.tensor.load().astype(self.dtype)
+        q = mx.quantize(w, group_size, bits, mode=mode)
+        if errors is not None:
+            back = mx.dequantize(*q, group_size=group_size, bits=bits, mode=mode).astype(mx.float32)
+            w32 = w.astype(mx.float32)
+            errors[self.name] = (mx.linalg.norm((back - w32).flatten()) / mx.linalg.norm(w32.flatten())).item()
+        return dict(zip((o.name for o in self.outs), q))
+
+
+def _plan(source: Source, model: Model, quantization: dict | None, dtype: mx.Dtype) -> list[_Job]:
+    layers = quantizable_layers(model)
+    jobs = []
+    for name in sorted(n for n, _ in tree_flatten(model.parameters())):
+        tensor = source.tensors[name]
+        layer, kind = name.rsplit(".", 1)
+        settings = layer_settings(quantization, layer) if quantization and kind == "weight" and layer in layers \
+            else None
+        if settings is None:
+            outs = (_Out(name, tensor.shape, dtype),)
+        else:
+            group_size, bits, mode = settings
+            *rows, cols = tensor.shape
+            scale_dtype = dtype if mode == "affine" else mx.uint8
+            outs = (_Out(f"{layer}.weight", (*rows, cols * bits // 32), mx.uint32),
+                    _Out(f"{layer}.scales", (*rows, cols // group_size), scale_dtype))
+            if mode == "affine":
+                outs += (_Out(f"{layer}.biases", (*rows, cols // group_size), dtype),)
+        jobs.append(_Job(name, tensor, settings, dtype, outs))
+    return jobs
+
+
+def _quantized_bits(jobs: list[_Job]) -> float | None:
+    """Stored bits per weight of the quantized tensors, scales and biases included."""
+    quantized = [j for j in jobs if j.settings is not None]
+    params = sum(int(np.prod(j.tensor.shape)) for j in quantized)
+    return 8 * sum(o.nbytes for j in quantized for o in j.outs) / params if params else None
+
+
+# --- writing -------------------------------------------------------------------------------------------------
+
+def _write_weights(tmp: Path, jobs: list[_Job], shard_size: int, progress: bool,
+                   errors: dict[str, float] | None) -> tuple[dict[str, str], int]:
+    """Stream every output tensor into safetensors shards of at most `shard_size` bytes (a bigger tensor gets a
+    shard of its own); returns the weight map and the total size."""
+    from tqdm import tqdm
+
+    outs = [o for job in jobs for o in job.outs]
+    shards: list[list[_Out]] = []
+    size = 0
+    for o in outs:
+        if not shards or size + o.nbytes > shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(o)
+        size += o.nbytes
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {o.name: names[i] for i, shard in enumerate(shards) for o in shard}
+    total = sum(o.nbytes for o in outs)
+
+    writer = _ShardWriter(tmp, shards, names)
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for job in jobs:
+            arrays = job.arrays(errors)
+            for o in job.outs:
+                a = mx.contiguous(arrays.pop(o.name))  # row-major, as safetensors stores it
+                mx.eval(a)
+                if tuple(a.shape) != o.shape or a.dtype != o.dtype:
+                    raise RuntimeError(f"{o.name}: planned {o.shape} {o.dtype}, computed {a.shape} {a.dtype}")
+                writer.write(o, a)
+                del a  # written: free it before the next one is computed
+                bar.set_postfix_str(o.name, refresh=False)
+                bar.update(o.nbytes)
+    return weight_map, total
+
+
+class _ShardWriter:
+    """Writes safetensors files tensor by tensor: each shard's header first (every shape and offset is known from
+    the plan), then the data as it is computed; a finished shard is fsynced and closed."""
+
+    def __init__(self, directory: Path, shards: list[list[_Out]], names: list[str]):
+        self._queue = [(directory / name, shard) for name, shard in zip(names, shards)]
+        self._file = None
+        self._left: list[_Out] = []
+
+    def write(self, out: _Out, a: mx.array) -> None:
+        if self._file is None:
+            path, self._left = self._queue.pop(0)
+            self._file = open(path, "wb")
+            self._file.write(_safetensors_header(self._left))
+        if self._left[0] != out:
+            raise RuntimeError(f"{out.name} written out of order")
+        self._left.pop(0)
+        self._file.write(memoryview(a))
+        if not self._left:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+
+
+def _safetensors_header(outs: list[_Out]) -> bytes:
+    header: dict = {"__metadata__": {"format": "mlx"}}
+    offset = 0
+    for o in outs:
+        header[o.name] = {"dtype": _SAFETENSORS_DTYPES[o.dtype], "shape": list(o.shape),
+                          "data_offsets": [offset, offset + o.nbytes]}
+        offset += o.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_json(path: Path, value: dict) -> None:
+    _write_file(path, (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode())
+
+
+def _refuse_existing(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise ConvertError(f"{out} already exists (choose another output, or pass --force to replace it)")
+    if out.exists() and not out.is_dir():
+        raise ConvertError(f"{out} exists and is not a directory")
+
+
+@contextmanager
+def _output_dir(out: Path, force: bool) -> Iterator[Path]:
+    """A fresh hidden directory beside `out` that becomes `out` when the block completes (fsynced, renamed).
+
+    A lock file beside `out` keeps two converts from writing the same output; whatever an interrupted convert left
+    (its partial directory) is removed first, so a killed run never needs cleaning up by hand."""
+    import fcntl
+
+    parent = out.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    lock_path = parent / f".{out.name}.convert-lock"
+    lock = open(lock_path, "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise ConvertError(f"{out}: another convert is writing this output right now") from None
+    try:
+        for stale in list(parent.glob(f".{out.name}.partial-*")) + list(parent.glob(f".{out.name}.old-*")):
+            shutil.rmtree(stale, ignore_errors=True)  # we hold the lock: their writer is gone
+        _refuse_existing(out, force)
+        tmp = parent / f".{out.name}.partial-{os.getpid()}"
+        tmp.mkdir()
+        try:
+            yield tmp
+            _fsync_dir(tmp)
+            old = None
+            if out.exists():
+                old = parent / f".{out.name}.old-{os.getpid()}"
+                os.rename(out, old)
+            os.rename(tmp, out)
+            _fsync_dir(parent)
+            if old is not None:
+                shutil.rmtree(old)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        lock_path.unlink(missing_ok=True)
+        lock.close()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- small files ---------------------------------------------------------------------------------------------
+
+def _generation_config(config: dict) -> bytes:
+    keys = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None}
+    return (json.dumps(keys, indent=2) + "\n").encode()
+
+
+def _card(source: str, name: str, cfg: ModelConfig, quantization: dict | None, dtype: mx.Dtype, total: int,
+          bits: float | None) -> str:
+    if quantization:
+        overrides = sum(1 for k in quantization if k not in ("group_size", "bits", "mode"))
+        what = (f"{quantization['bits']}-bit {quantization['mode']} quantization, group size "
+                f"{quantization['group_size']}" + (f", {overrides} layers with their own settings (see config.json)"
+                                                   if overrides else "")
+                + (f"; {bits:.2f} bits per quantized weight" if bits else ""))
+    else:
+        what = f"unquantized {_DTYPE_NAMES[dtype]} weights"
+    return f"""---
+library_name: mlx
+tags: [mlx, qwen-mlx]
+base_model: {source}
+---
+# {name}
+
+{cfg.model_type} ({cfg.num_hidden_layers} layers, hidden size {cfg.hidden_size}) converted from `{source}` by
+qwen-mlx: {what}. Weights: {_human(total)}.
+
+```bash
+qwen-mlx chat --model {name}
+```
+
+```python
+from mlx_lm import load  # mlx-lm reads the same layout
+model, tokenizer = load("{name}")
+```
+"""
+
+
+# --- quality -------------------------------------------------------------------------------------------------
+
+def quality_report(src: str | Path, result: ConvertResult, *, text_file: str | Path | None = None,
+                   tokens: int = 256) -> str:
+    """Per-tensor relative error (from the convert) and end to end: KL divergence and top-1 agreement of the
+    converted model's next-token distribution vs the source's, over `text_file` (which also gives perplexity) or
+    over random token ids. The source model is held unquantized in memory for this."""
+    from .loader import load_model
+    from .quant import logit_agreement, perplexity
+
+    source = open_source(src)
+    reference = Model(ModelConfig.from_dict(source.config, str(src)))
+    reference.load_weights([(name, t.load()) for name, t in source.tensors.items()])
+    converted, _ = load_model(result.path)
+    if text_file is not None:
+        from .tokenizer import Tokenizer
+
+        try:
+            text = Path(text_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConvertError(f"{text_file}: cannot read the report text ({type(e).__name__})") from None
+        ids = mx.array(Tokenizer.from_dir(result.path).encode(text)[:tokens])
+        if ids.size < 2:
+            raise ConvertError(f"{text_file}: the report text needs at least two tokens")
+    else:
+        ids = mx.random.randint(0, converted.config.vocab_size, (tokens,), key=mx.random.key(0))
+    ref_logits, logits = reference(ids[None])[0], converted(ids[None])[0]
+    m = logit_agreement(ref_logits, logits)
+    lines = []
+    if result.tensor_errors:
+        errors = sorted(result.tensor_errors.items(), key=lambda kv: -kv[1])
+        mean = sum(result.tensor_errors.values()) / len(errors)
+        lines.append(f"tensor error  relative L2, mean {mean:.4f} over {len(errors)} quantized tensors; worst: "
+                     + ", ".join(f"{name} {err:.4f}" for name, err in errors[:3]))
+    lines.append(f"vs source     KL {m['kl_mean']:.5f} nats mean, {m['kl_max']:.5f} max; top-1 agreement "
+                 f"{100 * m['top1']:.1f}% over {ids.size} {'text' if text_file else 'random'} tokens")
+    if text_file is not None:
+        lines.append(f"perplexity    source {perplexity(ref_logits, ids):.3f}, converted {perplexity(logits, ids):.3f}")
+    return "\n".join(lines)
+
+
+def _human(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
