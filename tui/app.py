@@ -7,7 +7,7 @@ import threading
 from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.containers import VerticalScroll
+from textual.containers import Horizontal, VerticalScroll
 from textual.message import Message
 from textual.widgets import Collapsible, Footer, Markdown, Static
 
@@ -16,7 +16,7 @@ from qwen_mlx.chat import reply_content, split_reply_content
 
 from .engine import Engine
 from .history import History
-from .widgets import PromptInput, Turn, format_summary
+from .widgets import PromptInput, Turn, format_bytes, format_summary
 
 HELP = ("Enter sends · ctrl+j newline · ↑↓ recall · Esc stops · ctrl+t shows/hides thinking · ctrl+q quits · "
         "/think /no_think · /system TEXT · /new · /save FILE · /load FILE · /copy · /help (tab completes)")
@@ -67,7 +67,9 @@ class ChatApp(App):
         with VerticalScroll(id="transcript"):
             yield Static(HELP, id="help", markup=False)
         yield PromptInput(id="prompt", show_line_numbers=False)
-        yield Static("", id="status", markup=False)
+        with Horizontal(id="status-bar"):
+            yield Static("", id="status", markup=False)
+            yield Static(f"{self.engine.name} · {self.engine.details}", id="model", markup=False)
         yield Footer()
 
     async def on_mount(self) -> None:
@@ -286,7 +288,6 @@ class ChatApp(App):
                          else "reading the prompt…")
         elif self.last is not None:
             stats, _ = self.last
-            parts.append(f"last: {stats.decode_tps:.1f} tok/s · prompt {stats.prompt_tps:.0f} tok/s · "
-                         f"ttft {stats.time_to_first_token:.2f}s · peak {stats.peak_memory / 2**30:.1f} GiB")
-        parts.append(f"{self.engine.name} · {self.engine.details}")
+            parts.append(f"{stats.decode_tps:.1f} tok/s · prompt {stats.prompt_tps:.0f} tok/s · "
+                         f"ttft {stats.time_to_first_token:.2f}s · peak {format_bytes(stats.peak_memory)}")
         statuses.first(Static).update(" │ ".join(parts))

@@ -9,6 +9,9 @@ from typing import Protocol
 from qwen_mlx.api import Event
 
 
+SHORT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
 class Engine(Protocol):
     name: str  # shown in the status bar, e.g. "Qwen3-4B"
     details: str  # weights and kernels, e.g. "4-bit g64 · kernels: metal"
@@ -18,7 +21,7 @@ class Engine(Protocol):
         ...
 
     def context(self) -> tuple[int, int | None]:
-        """(tokens in the KV cache, its capacity or None when it grows without bound)."""
+        """(tokens in the KV cache, its capacity: the rotating window or the model's context length)."""
         ...
 
     def restore(self, messages: list[dict]) -> None:
@@ -44,8 +47,10 @@ class ModelEngine:
         self.llm = qwen_mlx.load(path)
         self.name = self.llm.path.name
         quant = self.llm.config.quantization
-        weights = f"{quant['bits']}-bit g{quant['group_size']}" if quant else self.llm.config.torch_dtype
+        weights = f"{quant['bits']}-bit g{quant['group_size']}" if quant else SHORT_DTYPES.get(
+            self.llm.config.torch_dtype, self.llm.config.torch_dtype)
         self.details = f"{weights} · kernels: {kernels.backend()}"
+        self.capacity = max_kv_size or self.llm.config.max_position_embeddings
         self.max_kv_size, self.max_tokens = max_kv_size, max_tokens
         self.sampling_overrides = sampling_overrides or {}
         self.session = self.llm.chat(system=system, max_kv_size=max_kv_size, kv_bits=kv_bits,
@@ -59,7 +64,7 @@ class ModelEngine:
         yield from self.session.send(text, think=think, max_tokens=self.max_tokens, stop=stop)
 
     def context(self) -> tuple[int, int | None]:
-        return self.session.cache[0].offset, self.max_kv_size
+        return self.session.cache[0].offset, self.capacity
 
     def restore(self, messages: list[dict]) -> None:
         self.session.reset()

@@ -30,6 +30,10 @@ class Turn(Vertical):
         self.query_one(Collapsible).display = False  # shown once thinking arrives; empty blocks stay hidden
 
 
+def format_bytes(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
 def format_summary(stats: GenerationStats, finish_reason: str | None) -> str:
     parts = [f"{stats.generated_tokens} tokens", f"{stats.decode_tps:.1f} tok/s",
              f"prompt {stats.prompt_tokens} at {stats.prompt_tps:.0f} tok/s",
