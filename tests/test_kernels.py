@@ -233,3 +233,11 @@ def test_clang_check_catches_a_broken_kernel():
     assert any("undeclared_name" in e for e in clang_errors(BROKEN, launch))
     cuda_only = Kernel("cuda_only", ("x",), ("y",), "y[LANE] = __shfl_xor_sync(0xffffffffu, x[LANE], 1);")
     assert clang_errors(cuda_only, launch)
+
+
+def test_info_shows_the_kernels_backend(tiny_checkpoint, capsys, monkeypatch):
+    from qwen_mlx.cli import main
+
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    assert main(["info", "-m", str(tiny_checkpoint("qwen3"))]) in (0, None)
+    assert "kernels      reference" in capsys.readouterr().out
