@@ -7,9 +7,10 @@ W[n, k] = scales[n, g] * q + biases[n, g] with g = k // group_size.
 Designed for memory bandwidth, as MLX's Metal `qmv_fast` and llama.cpp's mul_mv are: a 32-lane warp owns ROWS output
 rows; each lane reads WORDS consecutive uint32 words of each row per step (one 16-byte load at 4 and 8 bits, 8 bytes
 at 2), 32 or 16 values inside one group, so a warp's reads of a row are contiguous and each weight byte is read once.
-Each lane keeps its slice of x in float registers and accumulates in float as scale * sum(q * x) + bias * sum(x) per group, the sum(x) shared by the rows;
-the lanes' partial sums are added with one warp reduction per output at the end. A packed value becomes a float
-without an integer conversion: its bits are or-ed into the mantissa of 2^23 and 2^23 is subtracted.
+Each lane keeps its slice of x in float registers and accumulates in float as scale * sum(q * x) + bias * sum(x)
+per group, the sum(x) shared by the rows; the lanes' partial sums are added with one warp reduction per output at
+the end. A packed value becomes a float without an integer conversion: its bits are or-ed into the mantissa of 2^23
+and 2^23 is subtracted.
 """
 
 from __future__ import annotations
