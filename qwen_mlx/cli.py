@@ -12,6 +12,7 @@ def _info(args: argparse.Namespace) -> None:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
+    from . import kernels
     from .loader import check_finite, load_model
 
     model, path = load_model(args.model)
@@ -37,6 +38,7 @@ def _info(args: argparse.Namespace) -> None:
     print(f"weights      {n_bytes / 2**20:.1f} MiB, "
           + (f"{quant['bits']}-bit group {quant['group_size']}" if quant else cfg.torch_dtype))
     print(f"device       {mx.default_device()}")
+    print(f"kernels      {kernels.backend()} (set {kernels.ENV}=reference|custom to choose)")
     if args.check:
         print("check        every tensor is finite")
     if args.distributed:

@@ -41,21 +41,18 @@ class Attention(nn.Module):
         if cfg.model_type != "qwen2":  # Qwen3: RMSNorm over each head of q and k, before RoPE
             self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.rms_norm_eps)
             self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.rms_norm_eps)
-        self._freqs = rope.wavelengths  # underscore: a constant, not a parameter
+        self._rope = rope  # underscore: constants, not parameters
         self.scale = softmax_scale(cfg, rope)
 
     def __call__(self, x: mx.array, cache: Cache | None) -> mx.array:
         B, L, _ = x.shape
         q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim)
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
-        if "q_norm" in self:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, heads, L, head_dim)
-
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        # Qwen3 RMS-normalizes each head of q and k, then rotates; one fused op, which also puts heads first.
+        norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if "q_norm" in self else None
         offset = cache.offset if cache is not None else 0
-        q = kernels.rope(q, offset=offset, freqs=self._freqs)
-        k = kernels.rope(k, offset=offset, freqs=self._freqs)
+        q, k = kernels.rope(q, k, self._rope, offset=offset, norms=norms)  # (B, heads, L, head_dim)
         # GQA: the fused attention maps each group of n_rep query heads to its KV head; nothing is repeated.
         if cache is None:
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask="causal")

@@ -14,9 +14,27 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
+from . import kernels
 from .config import QUANT_FORMATS, quant_format_problem
 from .errors import UserError
 from .model import SwitchLinear
+
+
+class QuantizedLinear(nn.QuantizedLinear):
+    """nn.QuantizedLinear (same parameters, same checkpoint names) whose product goes through kernels.qmatmul."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = kernels.qmatmul(x, self["weight"], self["scales"], self.get("biases"), self.group_size, self.bits,
+                            self.mode)
+        return y + self["bias"] if "bias" in self else y
+
+
+class QuantizedEmbedding(nn.QuantizedEmbedding):
+    """nn.QuantizedEmbedding whose use as the (tied) LM head goes through kernels.qmatmul."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return kernels.qmatmul(x, self["weight"], self["scales"], self.get("biases"), self.group_size, self.bits,
+                               self.mode)
 
 
 class QuantizedSwitchLinear(nn.Module):
@@ -70,9 +88,9 @@ def quantize_model(model: nn.Module, quantization: dict, present: set[str] | Non
         if isinstance(module, SwitchLinear):
             swaps.append((path, QuantizedSwitchLinear.from_switch(module, group_size, bits, mode)))
         elif isinstance(module, nn.Embedding):
-            swaps.append((path, nn.QuantizedEmbedding.from_embedding(module, group_size, bits, mode=mode)))
+            swaps.append((path, QuantizedEmbedding.from_embedding(module, group_size, bits, mode=mode)))
         else:
-            swaps.append((path, nn.QuantizedLinear.from_linear(module, group_size, bits, mode=mode)))
+            swaps.append((path, QuantizedLinear.from_linear(module, group_size, bits, mode=mode)))
     model.update_modules(tree_unflatten(swaps))
 
 

@@ -1,16 +1,77 @@
-"""Backend choice and one function per fused op; the reference path (MLX ops) runs anywhere."""
+"""Backend choice and one function per fused op.
+
+`backend()` is "metal" on an Apple GPU, "cuda" on an NVIDIA GPU (MLX's CUDA build) and "reference" elsewhere;
+the environment variable QWEN_MLX_KERNELS=reference|custom overrides the choice ("custom" insists on a GPU).
+On "metal" and "cuda" the ops run our kernels (qmatmul.py, rope.py, one source built for both) where they cover
+the case; everything else, and the whole "reference" path, runs MLX's own ops, which the kernels are tested against.
+"""
+
+import os
 
 import mlx.core as mx
 
+from ..errors import UserError
+from ..rope import Rope
+from . import dialect, qmatmul as _qmatmul, rope as _rope
+
+ENV = "QWEN_MLX_KERNELS"
+CHOICES = ("reference", "custom")
+
+
+def gpu_backend() -> str | None:
+    """"metal" or "cuda" when MLX computes on that GPU by default, else None."""
+    if mx.default_device() != mx.gpu:
+        return None
+    if mx.metal.is_available():
+        return "metal"
+    if mx.cuda.is_available():
+        return "cuda"
+    return None
+
 
 def backend() -> str:
-    """Which implementation the fused ops use: "reference" (MLX ops) until the custom kernels land."""
-    return "reference"
+    """Which implementation the fused ops use: "metal", "cuda" or "reference" (MLX ops)."""
+    choice = os.environ.get(ENV, "")
+    if choice not in ("", *CHOICES):
+        raise UserError(f"{ENV}={choice!r} is not a choice (use {' or '.join(CHOICES)}, or leave it unset)")
+    if choice == "reference":
+        return "reference"
+    gpu = gpu_backend()
+    if gpu is None and choice == "custom":
+        raise UserError(f"{ENV}=custom needs a Metal or CUDA GPU as MLX's default device; this machine computes "
+                        f"on {mx.default_device()}")
+    return gpu or "reference"
 
 
-def rope(x: mx.array, *, offset, freqs: mx.array) -> mx.array:
-    """NeoX-layout rotary embedding of x (B, n_heads, L, head_dim) at positions offset .. offset + L - 1."""
-    return mx.fast.rope(x, x.shape[-1], traditional=False, base=None, scale=1.0, offset=offset, freqs=freqs)
+def qmatmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int, bits: int,
+            mode: str = "affine") -> mx.array:
+    """x (..., K) @ W.T -> (..., N) for W (N, K) quantized by mx.quantize (w packed uint32, scales, biases)."""
+    used = backend()
+    if used != "reference" and _qmatmul.supports(x, w, biases, group_size, bits, mode):
+        return dialect.run(_qmatmul.KERNEL, used, _qmatmul.launch(x, w, scales, biases, group_size, bits))[0]
+    return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode)
+
+
+def rope(q: mx.array, k: mx.array, freqs: Rope, *, offset: int, norms: tuple[mx.array, mx.array, float] | None = None,
+         scale: float = 1.0) -> tuple[mx.array, mx.array]:
+    """RoPE (NeoX split-half) on q (B, L, Hq, D) and k (B, L, Hk, D) at positions offset .. offset + L - 1,
+    after a per-head RMSNorm when `norms` = (q weight, k weight, eps) is given -> (B, Hq, L, D), (B, Hk, L, D).
+
+    The angle of pair i is position * freqs.inv_freq[i]. `scale` multiplies cos and sin: YaRN's attention factor
+    when it is applied here; freqs.attention_factor itself is not applied (the model folds it into the softmax)."""
+    used = backend()
+    if used != "reference" and _rope.supports(q, k):
+        return tuple(dialect.run(_rope.KERNEL, used, _rope.launch(q, k, freqs.inv_freq, offset, norms, scale)))
+    if norms is not None:
+        q_weight, k_weight, eps = norms
+        q, k = mx.fast.rms_norm(q, q_weight, eps), mx.fast.rms_norm(k, k_weight, eps)
+    q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)  # (B, heads, L, D)
+    d = q.shape[-1]
+    q = mx.fast.rope(q, d, traditional=False, base=None, scale=1.0, offset=offset, freqs=freqs.wavelengths)
+    k = mx.fast.rope(k, d, traditional=False, base=None, scale=1.0, offset=offset, freqs=freqs.wavelengths)
+    if scale != 1.0:
+        q, k = q * scale, k * scale
+    return q, k
 
 
 def gather_mm(x: mx.array, w: mx.array, experts: mx.array, sorted_experts: bool) -> mx.array:

@@ -1,0 +1,155 @@
+"""Affine-quantized x (M, K) @ W.T for small M (decode, small batches, drafts), in MLX's packed layout.
+
+W is (N, K) stored as MLX's `mx.quantize` leaves it: `w` (N, K * bits / 32) uint32, value i of a row at bits
+[bits * i, bits * (i + 1)) of the row's little-endian bit stream; `scales`, `biases` (N, K / group_size), and
+W[n, k] = scales[n, g] * q + biases[n, g] with g = k // group_size.
+
+Designed for memory bandwidth, as MLX's Metal `qmv_fast` and llama.cpp's mul_mv are: a 32-lane warp owns ROWS output
+rows; each lane reads WORDS consecutive uint32 words of each row per step (one 16-byte load at 4 and 8 bits, 8 bytes
+at 2), 32 or 16 values inside one group, so a warp's reads of a row are contiguous and each weight byte is read once.
+Each lane keeps its slice of x in float registers and accumulates in float as scale * sum(q * x) + bias * sum(x)
+per group, the sum(x) shared by the rows; the lanes' partial sums are added with one warp reduction per output at
+the end. A packed value becomes a float without an integer conversion: its bits are or-ed into the mantissa of 2^23
+and 2^23 is subtracted.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from .dialect import Kernel, Launch
+
+MAX_M = 8  # larger M is a matrix product: mx.quantized_matmul's tiled kernels win there
+ROWS = 4  # output rows per warp
+WARPS = 2  # warps per threadgroup
+BITS = (2, 3, 4, 5, 6, 8)
+GROUP_SIZES = (32, 64, 128)
+DTYPES = (mx.bfloat16, mx.float16, mx.float32)
+
+BODY = """
+// x (M, K) T, w (N, K * BITS / 32) uint32, scales and biases (N, K / GROUP) T -> y (M, N) T.
+// Template: T, BITS, GROUP, M, ROWS (rows per warp), WARPS (warps per threadgroup).
+constexpr int WORDS = BITS == 2 ? 2 : (BITS == 3 || BITS == 6) ? 3 : BITS == 5 ? 5 : 4;  // words per lane per step
+constexpr int VALS = WORDS * 32 / BITS;  // values per lane per step: 32 or 16, inside one group
+constexpr uint32_t MASK = (1u << BITS) - 1u;
+constexpr int X_VECS = VALS * int(sizeof(T)) / 16;  // 16-byte loads of x per step
+
+const int n_rows = w_shape[0];
+const int row_words = w_shape[1];
+const int K = row_words * 32 / BITS;
+const int row_groups = K / GROUP;
+const int first_row = (int(GROUP_ID) * WARPS + int(WARP)) * ROWS;
+if (first_row >= n_rows) {
+  return;  // the whole warp leaves together
+}
+
+float acc[M][ROWS];
+UNROLL for (int m = 0; m < M; m++) {
+  UNROLL for (int r = 0; r < ROWS; r++) {
+    acc[m][r] = 0.0f;
+  }
+}
+
+for (int step = int(LANE); step < K / VALS; step += 32) {
+  uint32_t words[ROWS][WORDS];
+  float scale[ROWS];
+  float bias[ROWS];
+  UNROLL for (int r = 0; r < ROWS; r++) {
+    // Rows past the end read the last row again; their sums are never stored.
+    const int row = min(first_row + r, n_rows - 1);
+    const GLOBAL uint32_t* src = w + size_t(row) * row_words + step * WORDS;
+    if (WORDS == 4) {
+      const uint4 v = *(const GLOBAL uint4*)(src);
+      words[r][0] = v.x;
+      words[r][1 % WORDS] = v.y;
+      words[r][2 % WORDS] = v.z;
+      words[r][3 % WORDS] = v.w;
+    } else if (WORDS == 2) {
+      const uint2 v = *(const GLOBAL uint2*)(src);
+      words[r][0] = v.x;
+      words[r][1 % WORDS] = v.y;
+    } else {
+      UNROLL for (int i = 0; i < WORDS; i++) {
+        words[r][i] = src[i];
+      }
+    }
+    const size_t g = size_t(row) * row_groups + step * VALS / GROUP;
+    scale[r] = static_cast<float>(scales[g]);
+    bias[r] = static_cast<float>(biases[g]);
+  }
+
+  UNROLL for (int m = 0; m < M; m++) {
+    uint4 raw[X_VECS];
+    const GLOBAL uint4* xsrc = (const GLOBAL uint4*)(x + size_t(m) * K + step * VALS);
+    UNROLL for (int i = 0; i < X_VECS; i++) {
+      raw[i] = xsrc[i];
+    }
+    const LOCAL T* xt = (const LOCAL T*)(raw);
+    float xs[VALS];
+    UNROLL for (int i = 0; i < VALS; i++) {
+      xs[i] = static_cast<float>(xt[i]);
+    }
+    float xsum = 0.0f;
+    UNROLL for (int i = 0; i < VALS; i++) {
+      xsum += xs[i];
+    }
+    UNROLL for (int r = 0; r < ROWS; r++) {
+      float dot = 0.0f;
+      UNROLL for (int i = 0; i < VALS; i++) {
+        const int bit = i * BITS;
+        const int word = bit / 32;
+        const int shift = bit % 32;
+        uint32_t q = words[r][word] >> shift;
+        if (shift + BITS > 32) {  // the value straddles two words (3, 5 and 6 bits)
+          q |= words[r][(word + 1) % WORDS] << ((32 - shift) % 32);
+        }
+        dot += (AS_FLOAT((q & MASK) | 0x4B000000u) - 8388608.0f) * xs[i];
+      }
+      acc[m][r] += scale[r] * dot + bias[r] * xsum;
+    }
+  }
+}
+
+UNROLL for (int m = 0; m < M; m++) {
+  UNROLL for (int r = 0; r < ROWS; r++) {
+    const float total = WARP_SUM(acc[m][r]);
+    if (int(LANE) == (m * ROWS + r) % 32 && first_row + r < n_rows) {
+      y[size_t(m) * n_rows + first_row + r] = static_cast<T>(total);
+    }
+  }
+}
+"""
+
+KERNEL = Kernel("qwen_qmatmul", ("x", "w", "scales", "biases"), ("y",), BODY)
+
+
+def values_per_step(bits: int) -> int:
+    """Values of a row one lane reads per step (the body's VALS); K must be a multiple."""
+    words = {2: 2, 3: 3, 5: 5, 6: 3}.get(bits, 4)
+    return words * 32 // bits
+
+
+def supports(x: mx.array, w: mx.array, biases: mx.array | None, group_size: int, bits: int, mode: str) -> bool:
+    """Whether the kernel covers this product; anything else goes to mx.quantized_matmul."""
+    if mode != "affine" or biases is None or bits not in BITS or group_size not in GROUP_SIZES:
+        return False
+    if x.dtype not in DTYPES or w.ndim != 2 or x.size == 0:
+        return False
+    k = x.shape[-1]
+    return x.size // k <= MAX_M and k == w.shape[1] * 32 // bits and k % values_per_step(bits) == 0
+
+
+def launch(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int) -> Launch:
+    """The call computing x (..., K) @ W.T -> (..., N); x has at most MAX_M rows (see `supports`)."""
+    n, k = w.shape[0], x.shape[-1]
+    m = x.size // k
+    groups = -(-n // (ROWS * WARPS))
+    return Launch(
+        inputs=[x.reshape(m, k), w, scales.astype(x.dtype), biases.astype(x.dtype)],
+        template=[("T", x.dtype), ("BITS", bits), ("GROUP", group_size), ("M", m), ("ROWS", ROWS),
+                  ("WARPS", WARPS)],
+        grid=(groups * WARPS * 32, 1, 1),
+        threadgroup=(WARPS * 32, 1, 1),
+        output_shapes=[(*x.shape[:-1], n)],
+        output_dtypes=[x.dtype],
+    )

@@ -1,0 +1,356 @@
+"""One command on the lent NVIDIA GPU that proves the custom kernels (docs/kernels.md has the device command).
+
+1. Correctness: custom qmatmul vs mx.quantized_matmul for bits x group size x dtype x M in {1, 2, 4, 8} on the
+   Qwen3 0.6B / 4B / 30B-A3B (attention and expert) shapes and the 151,936 x 2,560 LM head, each also measured
+   against the float32 product of the dequantized weights; custom RoPE (with and without QK-norm, default and
+   YaRN frequencies, several offsets) vs the reference path (mx.fast.rms_norm + mx.fast.rope) and vs the plain
+   float32 definition in qwen_mlx/rope.py; logits of a 2-layer 4B-shaped 4-bit model, custom vs reference kernels.
+2. Micro-benchmarks at the decode shapes: many calls on different weight matrices per synchronisation, our kernel
+   vs MLX's built-in, GB/s and fraction of HBM bandwidth, against the targets of issue 6.
+3. End to end: decode tok/s of a 4B-shaped 4-bit model with custom kernels, reference kernels and mlx-lm.
+
+Prints tables, writes JSON (--json), and exits 1 on any correctness mismatch (the speed targets only report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlx.core as mx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qwen_mlx import bench, kernels  # noqa: E402
+from qwen_mlx.config import ModelConfig  # noqa: E402
+from qwen_mlx.rope import Rope, cos_sin, make_rope, rotate_reference  # noqa: E402
+
+qmatmul_kernel = sys.modules["qwen_mlx.kernels.qmatmul"]  # the module (kernels.qmatmul is the function)
+
+SHAPES = {  # name -> (N, K) of x @ W.T, W (N, K)
+    "0.6b q": (2048, 1024), "0.6b kv": (1024, 1024), "0.6b o": (1024, 2048), "0.6b gate/up": (3072, 1024),
+    "0.6b down": (1024, 3072),
+    "4b q": (4096, 2560), "4b kv": (1024, 2560), "4b o": (2560, 4096), "4b gate/up": (9728, 2560),
+    "4b down": (2560, 9728),
+    "30b q": (4096, 2048), "30b kv": (512, 2048), "30b o": (2048, 4096), "30b expert gate/up": (768, 2048),
+    "30b expert down": (2048, 768),
+    "lm head": (151936, 2560),
+}
+DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+# max |ours - reference| / max |reference|: the output's rounding at that width, plus room for a different order
+# of float32 sums.
+TOLERANCE = {"bfloat16": 2e-2, "float16": 4e-3, "float32": 1e-4}
+TARGET_SPEEDUP = {4: 2.0, 8: 1.0}  # issue 6, must-show 2
+
+
+@contextmanager
+def kernels_choice(choice: str):
+    before = os.environ.get(kernels.ENV)
+    os.environ[kernels.ENV] = choice
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(kernels.ENV)
+        else:
+            os.environ[kernels.ENV] = before
+
+
+def relative_errors(got: mx.array, expected: mx.array) -> mx.array:
+    """max |got - expected| / max |expected|, as a lazy scalar."""
+    expected = expected.astype(mx.float32)
+    return mx.abs(got.astype(mx.float32) - expected).max() / mx.maximum(mx.abs(expected).max(), 1e-30)
+
+
+def relative_error(got: mx.array, expected: mx.array) -> float:
+    return relative_errors(got, expected).item()
+
+
+# 1. Correctness
+
+
+def check_qmatmul(bits_list, groups, dtypes, ms, shapes, log) -> list[dict]:
+    rows = []
+    for name, (n, k) in shapes.items():
+        base = mx.random.normal((n, k), key=mx.random.key(n + k)) * 0.02
+        for dtype_name in dtypes:
+            dtype = DTYPES[dtype_name]
+            w_full = base.astype(dtype)
+            for bits in bits_list:
+                for group in groups:
+                    w, scales, biases = mx.quantize(w_full, group, bits)
+                    dense = mx.dequantize(w, scales, biases, group, bits).astype(mx.float32)
+                    for m in ms:
+                        x = mx.random.normal((m, k), key=mx.random.key(m)).astype(dtype)
+                        if not qmatmul_kernel.supports(x, w, biases, group, bits, "affine"):
+                            raise SystemExit(f"the kernel does not cover {name} bits {bits} group {group} M {m}")
+                        with kernels_choice("custom"):
+                            ours = kernels.qmatmul(x, w, scales, biases, group, bits)
+                        theirs = mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group,
+                                                     bits=bits)
+                        truth = x.astype(mx.float32) @ dense.T
+                        errors = mx.stack([relative_errors(ours, theirs), relative_errors(ours, truth),
+                                           relative_errors(theirs, truth)]).tolist()  # one synchronisation
+                        row = dict(shape=name, n=n, k=k, bits=bits, group=group, dtype=dtype_name, m=m,
+                                   vs_mlx=errors[0], ours_vs_fp32=errors[1], mlx_vs_fp32=errors[2],
+                                   tolerance=TOLERANCE[dtype_name])
+                        # Ours is as close to the float32 product as the tolerance (or as MLX itself) and, by the
+                        # triangle inequality, no further from MLX's result than that plus MLX's own error.
+                        own = row["mlx_vs_fp32"]
+                        row["ok"] = row["ours_vs_fp32"] <= max(row["tolerance"], own) \
+                            and row["vs_mlx"] <= row["tolerance"] + own
+                        rows.append(row)
+                        if not row["ok"]:
+                            log(f"MISMATCH qmatmul {row}")
+                    del w, scales, biases, dense
+            mx.clear_cache()
+        log(f"qmatmul {name:<18} ({n}x{k}): {sum(r['ok'] for r in rows if r['shape'] == name)}/"
+            f"{sum(r['shape'] == name for r in rows)} within tolerance, worst vs MLX "
+            f"{max(r['vs_mlx'] for r in rows if r['shape'] == name):.2e}")
+    return rows
+
+
+def norm_reference(x: mx.array, weight: mx.array, eps: float) -> mx.array:
+    x = x.astype(mx.float32)
+    return x * mx.rsqrt((x * x).mean(-1, keepdims=True) + eps) * weight.astype(mx.float32)
+
+
+def check_rope(dtypes, log) -> list[dict]:
+    rows = []
+    heads = {"0.6b": (16, 8), "4b": (32, 8), "30b": (32, 4)}
+    frequencies = {"default": bench.preset_config("qwen3-4b", 1),
+                   "yarn": ModelConfig.from_dict({**bench.PRESETS["qwen3-4b"], "rope_scaling": {
+                       "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}, "yarn")}
+    for freq_name, cfg in frequencies.items():
+        rope = make_rope(cfg)
+        for model, (hq, hk) in heads.items():
+            for dtype_name in dtypes:
+                dtype = DTYPES[dtype_name]
+                for length in (1, 7, 300):
+                    q = mx.random.normal((1, length, hq, 128), key=mx.random.key(length)).astype(dtype)
+                    k = mx.random.normal((1, length, hk, 128), key=mx.random.key(length + 1)).astype(dtype)
+                    weights = (mx.random.uniform(0.5, 1.5, (128,)).astype(dtype),
+                               mx.random.uniform(0.5, 1.5, (128,)).astype(dtype), 1e-6)
+                    for norms in (None, weights):
+                        for offset in (0, 5, 4096, 40000):
+                            rows.append(rope_case(rope, q, k, offset, norms, dtype_name, model, freq_name))
+                            if not rows[-1]["ok"]:
+                                log(f"MISMATCH rope {rows[-1]}")
+    log(f"rope: {sum(r['ok'] for r in rows)}/{len(rows)} within tolerance, worst vs reference path "
+        f"{max(r['vs_reference'] for r in rows):.2e}, vs float32 definition {max(r['vs_fp32'] for r in rows):.2e}")
+    return rows
+
+
+def rope_case(rope: Rope, q, k, offset: int, norms, dtype_name: str, model: str, freq_name: str) -> dict:
+    with kernels_choice("custom"):
+        ours = kernels.rope(q, k, rope, offset=offset, norms=norms, scale=rope.attention_factor)
+    with kernels_choice("reference"):
+        reference = kernels.rope(q, k, rope, offset=offset, norms=norms, scale=rope.attention_factor)
+    length = q.shape[1]
+    cos, sin = cos_sin(rope, offset, length)
+    cos, sin = cos * rope.attention_factor, sin * rope.attention_factor
+    vs_reference = vs_fp32 = 0.0
+    for got, ref, x, weight in ((ours[0], reference[0], q, norms and norms[0]),
+                                (ours[1], reference[1], k, norms and norms[1])):
+        x = norm_reference(x, weight, norms[2]) if norms else x.astype(mx.float32)
+        definition = rotate_reference(x.transpose(0, 2, 1, 3), cos, sin)
+        vs_reference = max(vs_reference, relative_error(got, ref))
+        vs_fp32 = max(vs_fp32, relative_error(got, definition))
+    # An angle position * inv_freq carries float32 rounding that grows with the position (both sides have it).
+    tolerance = TOLERANCE[dtype_name] + 4e-7 * (offset + length)
+    return dict(model=model, frequencies=freq_name, dtype=dtype_name, length=length, offset=offset,
+                norm=norms is not None, vs_reference=vs_reference, vs_fp32=vs_fp32, tolerance=tolerance,
+                ok=vs_reference <= tolerance and vs_fp32 <= tolerance)
+
+
+def check_model(log) -> dict:
+    """Logits of a 2-layer 4B-shaped 4-bit model over a prompt and 4 cached decode steps: custom vs reference."""
+    from qwen_mlx.cache import make_cache
+
+    cfg = bench.preset_config("qwen3-4b", 2)
+    mx.random.seed(0)
+    model = bench.random_model(cfg, "4")
+    tokens = mx.random.randint(0, cfg.vocab_size, (1, 12), key=mx.random.key(5))
+    outputs = {}
+    for choice in ("custom", "reference"):
+        with kernels_choice(choice):
+            cache = make_cache(cfg)
+            logits = [model(tokens[:, :8], cache)[:, -1]]
+            for i in range(8, 12):
+                logits.append(model(tokens[:, i:i + 1], cache)[:, -1])
+            outputs[choice] = mx.concatenate(logits).astype(mx.float32)
+            mx.eval(outputs[choice])
+    error = relative_error(outputs["custom"], outputs["reference"])
+    result = dict(vs_reference=error, tolerance=5e-2, ok=error <= 5e-2)
+    log(f"model logits (2 layers, 4-bit, prompt 8 + 4 decode steps): custom vs reference {error:.2e}")
+    return result
+
+
+# 2. Micro-benchmarks
+
+
+def hbm_gbs(flag: float | None) -> tuple[str, float]:
+    try:
+        name = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                              text=True, timeout=30).stdout.strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        name = "unknown GPU"
+    if flag:
+        return name, flag
+    known = {"H100": 3350.0, "H200": 4800.0}
+    return name, next((gbs for key, gbs in known.items() if key in name), 3350.0)
+
+
+def time_per_call(fn, operands: list[tuple], x: mx.array, calls: int = 240, rounds: int = 5) -> float:
+    """Seconds per call: `calls` calls cycling through different weight matrices, one evaluation for all."""
+    best = math.inf
+    for _ in range(rounds + 1):  # the first round compiles and warms up
+        outs = [fn(x, *operands[i % len(operands)]) for i in range(calls)]
+        start = time.perf_counter()
+        mx.eval(outs)
+        best = min(best, time.perf_counter() - start)
+    return best / calls
+
+
+def bench_qmatmul(shapes, peak: float, log) -> list[dict]:
+    rows = []
+    cases = [(name, bits, 1) for bits in (4, 8) for name in shapes]
+    cases += [(name, 4, 8) for name in ("4b q", "4b gate/up", "4b down")]
+    for name, bits, m in cases:
+        n, k = SHAPES[name]
+        one = mx.random.normal((n, k), key=mx.random.key(1)).astype(mx.bfloat16) * 0.02
+        sample = mx.quantize(one, 64, bits)
+        nbytes = sum(a.nbytes for a in sample)
+        copies = max(2, min(256, math.ceil(1.5e9 / nbytes)))  # far more bytes than the 50 MB L2 cache holds
+        operands = [sample] + [mx.quantize(one + i * 1e-3, 64, bits) for i in range(1, copies)]
+        mx.eval(operands)
+        x = mx.random.normal((m, k), key=mx.random.key(2)).astype(mx.bfloat16)
+
+        def ours(x, w, s, b):
+            with kernels_choice("custom"):
+                return kernels.qmatmul(x, w, s, b, 64, bits)
+
+        def builtin(x, w, s, b):
+            return mx.quantized_matmul(x, w, s, b, transpose=True, group_size=64, bits=bits)
+
+        moved = nbytes + x.nbytes + m * n * 2
+        t_ours, t_mlx = time_per_call(ours, operands, x), time_per_call(builtin, operands, x)
+        row = dict(shape=name, n=n, k=k, bits=bits, m=m, ours_us=t_ours * 1e6, mlx_us=t_mlx * 1e6,
+                   speedup=t_mlx / t_ours, ours_gbs=moved / t_ours / 1e9, mlx_gbs=moved / t_mlx / 1e9,
+                   ours_hbm_fraction=moved / t_ours / 1e9 / peak, limit_us=moved / (peak * 1e9) * 1e6,
+                   target_speedup=TARGET_SPEEDUP[bits] if m == 1 else None)
+        row["target_met"] = row["target_speedup"] is None or row["speedup"] >= row["target_speedup"]
+        rows.append(row)
+        log(f"{name:<18} {bits}-bit M={m}  ours {row['ours_us']:8.1f} us {row['ours_gbs']:7.0f} GB/s "
+            f"({100 * row['ours_hbm_fraction']:4.1f}% HBM)  MLX {row['mlx_us']:8.1f} us {row['mlx_gbs']:7.0f} GB/s  "
+            f"x{row['speedup']:.2f}" + ("" if row["target_met"] else f"  TARGET x{row['target_speedup']} MISSED"))
+        del operands
+        mx.clear_cache()
+    return rows
+
+
+def bench_rope(log) -> list[dict]:
+    rope = make_rope(bench.preset_config("qwen3-4b", 1))
+    rows = []
+    for norm in (False, True):
+        norms = (mx.ones(128, mx.bfloat16), mx.ones(128, mx.bfloat16), 1e-6) if norm else None
+        operands = [(mx.random.normal((1, 1, 32, 128), key=mx.random.key(i)).astype(mx.bfloat16),
+                     mx.random.normal((1, 1, 8, 128), key=mx.random.key(100 + i)).astype(mx.bfloat16), norms)
+                    for i in range(40)]
+        mx.eval([o[:2] for o in operands])
+
+        def run(choice):
+            def call(_, q, k, norms):
+                with kernels_choice(choice):
+                    return kernels.rope(q, k, rope, offset=1000, norms=norms)
+            return call
+
+        t_ours = time_per_call(run("custom"), operands, None)
+        t_ref = time_per_call(run("reference"), operands, None)
+        rows.append(dict(case=f"decode token, 32 q + 8 k heads{', with QK-norm' if norm else ''}",
+                         ours_us=t_ours * 1e6, reference_us=t_ref * 1e6, speedup=t_ref / t_ours))
+        log(f"rope {rows[-1]['case']:<45} ours {t_ours * 1e6:6.1f} us  reference ops {t_ref * 1e6:6.1f} us  "
+            f"x{t_ref / t_ours:.2f}")
+    return rows
+
+
+# 3. End to end
+
+
+def end_to_end(prompt: int, gen: int, log) -> list[dict]:
+    rows = []
+    for choice in ("custom", "reference"):
+        with kernels_choice(choice):
+            result = bench.run(["qwen3-4b"], ["4"], [prompt], gen, repeats=3, log=log)
+        for case in result["cases"]:
+            engine = f"qwen-mlx ({choice} kernels)" if case["engine"] == "qwen-mlx" else "mlx-lm"
+            rows.append(dict(engine=engine, decode_tps=case["decode_tps"], prefill_tps=case["prefill_tps"],
+                             roofline_fraction=case["roofline_fraction"]))
+    for row in rows:
+        log(f"4B 4-bit decode  {row['engine']:<28} {row['decode_tps']:7.1f} tok/s  prefill {row['prefill_tps']:8.0f}"
+            f" tok/s  {100 * row['roofline_fraction']:4.1f}% of HBM")
+    return rows
+
+
+def save(result: dict, path: Path | None) -> None:
+    if path:
+        path.write_text(json.dumps(result, indent=1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, help="write all results here")
+    parser.add_argument("--quick", action="store_true", help="a small grid (4/8 bits, group 64, M 1 and 8)")
+    parser.add_argument("--parts", default="correctness,bench,e2e",
+                        help="which parts to run, comma-separated (default: all three)")
+    parser.add_argument("--hbm-gbs", type=float, help="peak memory bandwidth (default: from the GPU's name)")
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--gen", type=int, default=128)
+    args = parser.parse_args(argv)
+    log = print
+
+    with kernels_choice("custom"):
+        backend = kernels.backend()  # "custom" fails loudly without a GPU
+    gpu, peak = hbm_gbs(args.hbm_gbs)
+    log(f"MLX {mx.__version__}, kernels backend {backend}, {gpu}, HBM {peak:.0f} GB/s")
+    if args.quick:
+        bits, groups, dtypes, ms = (4, 8), (64,), ("bfloat16", "float32"), (1, 8)
+    else:
+        bits, groups, dtypes, ms = qmatmul_kernel.BITS, qmatmul_kernel.GROUP_SIZES, tuple(DTYPES), (1, 2, 4, 8)
+    result = {"schema": "qwen-mlx-device-check/1", "mlx_version": mx.__version__, "backend": backend, "gpu": gpu,
+              "hbm_gbs": peak}
+    parts = set(args.parts.split(","))
+    failures = 0
+    start = time.perf_counter()
+    if "correctness" in parts:
+        result["qmatmul"] = check_qmatmul(bits, groups, dtypes, ms, SHAPES, log)
+        result["rope"] = check_rope(dtypes, log)
+        result["model"] = check_model(log)
+        failures = sum(not r["ok"] for r in result["qmatmul"] + result["rope"]) + (not result["model"]["ok"])
+        log(f"correctness: {failures} failure(s) in {time.perf_counter() - start:.0f} s")
+        save(result, args.json)  # what is done is kept should a later part run out of time
+    if "bench" in parts:
+        result["qmatmul_bench"] = bench_qmatmul(SHAPES, peak, log)
+        result["rope_bench"] = bench_rope(log)
+        save(result, args.json)
+    if "e2e" in parts:
+        result["end_to_end"] = end_to_end(args.prompt, args.gen, log)
+    result["failures"] = failures
+    result["seconds"] = time.perf_counter() - start
+    save(result, args.json)
+    if failures:
+        log(f"FAILED: {failures} correctness mismatch(es), listed above as MISMATCH")
+        return 1
+    log("all correctness checks passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""scripts/device_check.py's own logic on the CPU: with the reference path standing in for the kernels its checks
+pass, and a wrong result fails them. (Its real run, on the GPU, is described in docs/kernels.md.)"""
+
+from contextlib import contextmanager
+
+import mlx.core as mx
+import pytest
+
+import device_check
+from qwen_mlx import kernels
+from qwen_mlx.bench import preset_config
+from qwen_mlx.rope import make_rope
+
+
+@pytest.fixture
+def reference_only(monkeypatch):
+    original = device_check.kernels_choice
+
+    @contextmanager
+    def choice(_):
+        with original("reference"):
+            yield
+
+    monkeypatch.setattr(device_check, "kernels_choice", choice)
+
+
+def test_qmatmul_check_passes_the_reference_and_catches_a_wrong_result(reference_only, monkeypatch):
+    args = ((4, 3), (64,), ("float32", "bfloat16"), (1, 2), {"tiny": (16, 256)}, lambda *_: None)
+    rows = device_check.check_qmatmul(*args)
+    assert len(rows) == 8 and all(r["ok"] and r["vs_mlx"] == 0 for r in rows)
+    right = kernels.qmatmul
+    monkeypatch.setattr(kernels, "qmatmul", lambda *a: right(*a) * 1.05)
+    assert not any(r["ok"] for r in device_check.check_qmatmul(*args))
+
+
+def test_rope_check_passes_the_reference_and_catches_a_wrong_result(reference_only, monkeypatch):
+    rope = make_rope(preset_config("qwen3-0.6b", 1))
+    q, k = mx.random.normal((1, 3, 4, 128)), mx.random.normal((1, 3, 2, 128))
+    norms = (mx.ones(128) * 1.2, mx.ones(128) * 0.8, 1e-6)
+    for offset in (0, 4096):
+        assert device_check.rope_case(rope, q, k, offset, norms, "float32", "tiny", "default")["ok"]
+    right = kernels.rope
+    monkeypatch.setattr(kernels, "rope", lambda q, k, *a, **kw: (right(q, k, *a, **kw)[0], right(q, k, *a, **kw)[1]
+                                                                 * 1.01))
+    assert not device_check.rope_case(rope, q, k, 5, norms, "float32", "tiny", "default")["ok"]
+
+
+def test_time_per_call_is_per_call():
+    x = mx.ones((4, 4))
+    seconds = device_check.time_per_call(lambda x, w: x @ w, [(mx.ones((4, 4)),)], x, calls=8, rounds=1)
+    assert 0 < seconds < 1

@@ -1,0 +1,243 @@
+"""Kernels without a GPU: backend choice, the reference path against MLX's built-ins, the dispatch to a kernel,
+the packed layout the kernel decodes, and each kernel's CUDA build (nvcc) and Metal build (clang, stub header)
+compiled from the very text MLX would hand to NVRTC or Metal. Correctness on a GPU: scripts/device_check.py."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from kernel_sources import cuda_source, metal_source
+from qwen_mlx import kernels
+from qwen_mlx.errors import UserError
+from qwen_mlx.kernels import dialect
+from qwen_mlx.kernels.dialect import Kernel
+from qwen_mlx.quant import QuantizedEmbedding, QuantizedLinear
+from qwen_mlx.rope import Rope, cos_sin, rotate_reference
+
+qmatmul_kernel = sys.modules["qwen_mlx.kernels.qmatmul"]
+rope_kernel = sys.modules["qwen_mlx.kernels.rope"]
+STUBS = Path(__file__).parent / "kernel_stubs"
+
+
+def quantized(n: int, k: int, group_size: int, bits: int, dtype=mx.bfloat16, seed: int = 0):
+    w = (mx.random.normal((n, k), key=mx.random.key(seed)) * 0.05).astype(dtype)
+    return w, *mx.quantize(w, group_size, bits)
+
+
+def qwen_rope(head_dim: int = 128) -> Rope:
+    inv_freq = 1.0 / 1e6 ** (mx.arange(0, head_dim, 2, dtype=mx.float32) / head_dim)
+    return Rope(inv_freq, 1.0, 1.0 / inv_freq)
+
+
+# Backend choice
+
+
+def test_backend_is_reference_on_cpu_and_follows_the_override(monkeypatch):
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    assert kernels.backend() == "reference"
+    monkeypatch.setattr(kernels, "gpu_backend", lambda: "cuda")
+    assert kernels.backend() == "cuda"
+    monkeypatch.setenv(kernels.ENV, "custom")
+    assert kernels.backend() == "cuda"
+    monkeypatch.setenv(kernels.ENV, "reference")
+    assert kernels.backend() == "reference"
+
+
+def test_backend_override_errors_name_the_variable(monkeypatch):
+    monkeypatch.setenv(kernels.ENV, "fast")
+    with pytest.raises(UserError, match="QWEN_MLX_KERNELS='fast'"):
+        kernels.backend()
+    monkeypatch.setenv(kernels.ENV, "custom")
+    with pytest.raises(UserError, match="QWEN_MLX_KERNELS=custom needs a Metal or CUDA GPU"):
+        kernels.backend()
+
+
+# The reference path equals MLX's built-ins
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (8, 32), (3, 128)])
+def test_reference_qmatmul_is_quantized_matmul(bits, group_size):
+    _, w, scales, biases = quantized(48, 256, group_size, bits)
+    x = mx.random.normal((2, 3, 256), key=mx.random.key(1)).astype(mx.bfloat16)
+    expected = mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
+    assert mx.array_equal(kernels.qmatmul(x, w, scales, biases, group_size, bits), expected)
+
+
+def test_quantized_layers_match_mlx_layers():
+    linear = nn.Linear(128, 40, bias=True)
+    ours, theirs = QuantizedLinear.from_linear(linear, 64, 4), nn.QuantizedLinear.from_linear(linear, 64, 4)
+    theirs.bias = ours.bias = linear.bias
+    x = mx.random.normal((2, 5, 128), key=mx.random.key(2))
+    assert mx.array_equal(ours(x), theirs(x))
+    embedding = nn.Embedding(40, 128)
+    ours, theirs = QuantizedEmbedding.from_embedding(embedding, 64, 8), nn.QuantizedEmbedding.from_embedding(
+        embedding, 64, 8)
+    assert mx.array_equal(ours.as_linear(x), theirs.as_linear(x))
+
+
+@pytest.mark.parametrize("with_norm", [False, True])
+def test_reference_rope_is_norm_then_fast_rope(with_norm):
+    rope = qwen_rope()
+    q = mx.random.normal((2, 5, 4, 128), key=mx.random.key(3))
+    k = mx.random.normal((2, 5, 2, 128), key=mx.random.key(4))
+    q_norm, k_norm = nn.RMSNorm(128, eps=1e-6), nn.RMSNorm(128, eps=1e-6)
+    q_norm.weight, k_norm.weight = mx.random.uniform(0.5, 1.5, (128,)), mx.random.uniform(0.5, 1.5, (128,))
+    norms = (q_norm.weight, k_norm.weight, 1e-6) if with_norm else None
+    got_q, got_k = kernels.rope(q, k, rope, offset=7, norms=norms)
+    if with_norm:
+        q, k = q_norm(q), k_norm(k)
+    cos, sin = cos_sin(rope, 7, 5)
+    for got, x in ((got_q, q), (got_k, k)):
+        assert got.shape == (x.shape[0], x.shape[2], x.shape[1], 128)
+        assert mx.abs(got - rotate_reference(x.transpose(0, 2, 1, 3), cos, sin)).max().item() < 1e-4
+    scaled_q, _ = kernels.rope(q, k, rope, offset=7, scale=1.5)  # YaRN's attention factor applied here
+    assert mx.allclose(scaled_q, 1.5 * rotate_reference(q.transpose(0, 2, 1, 3), cos, sin), atol=1e-4)
+
+
+# Dispatch: what a GPU backend hands to the kernel, and what it leaves to MLX
+
+
+def test_gpu_backend_launches_the_kernel_for_small_m_only(monkeypatch):
+    calls = []
+    monkeypatch.setattr(kernels, "backend", lambda: "cuda")
+    monkeypatch.setattr(dialect, "run", lambda kernel, backend, launch: calls.append((kernel, backend, launch))
+                        or [mx.zeros(launch.output_shapes[0], launch.output_dtypes[0])])
+    _, w, scales, biases = quantized(100, 512, 64, 4)
+    x = mx.zeros((2, 4, 512), mx.bfloat16)
+    assert kernels.qmatmul(x, w, scales, biases, 64, 4).shape == (2, 4, 100)
+    kernel, backend, launch = calls[-1]
+    assert (kernel, backend) == (qmatmul_kernel.KERNEL, "cuda")
+    assert dict(launch.template) == {"T": mx.bfloat16, "BITS": 4, "GROUP": 64, "M": 8, "ROWS": 4, "WARPS": 2}
+    rows_per_group = qmatmul_kernel.ROWS * qmatmul_kernel.WARPS
+    assert launch.grid == (-(-100 // rows_per_group) * 64, 1, 1) and launch.threadgroup == (64, 1, 1)
+    assert launch.inputs[0].shape == (8, 512)
+    n = len(calls)
+    kernels.qmatmul(mx.zeros((9, 512), mx.bfloat16), w, scales, biases, 64, 4)  # M > 8: MLX's tiled kernel
+    fp_w, fp_scales = mx.quantize(mx.zeros((100, 512)), 32, 4, mode="mxfp4")
+    kernels.qmatmul(mx.zeros((1, 512), mx.bfloat16), fp_w, fp_scales, None, 32, 4, "mxfp4")  # not affine
+    assert len(calls) == n
+
+
+def test_gpu_backend_launches_one_rope_for_q_and_k(monkeypatch):
+    calls = []
+    monkeypatch.setattr(kernels, "backend", lambda: "metal")
+    monkeypatch.setattr(dialect, "run", lambda kernel, backend, launch: calls.append(launch)
+                        or [mx.zeros(s, d) for s, d in zip(launch.output_shapes, launch.output_dtypes)])
+    q, k = mx.zeros((1, 3, 32, 128), mx.float16), mx.zeros((1, 3, 8, 128), mx.float16)
+    out_q, out_k = kernels.rope(q, k, qwen_rope(), offset=11, norms=(mx.ones(128), mx.ones(128), 1e-6))
+    assert out_q.shape == (1, 32, 3, 128) and out_k.shape == (1, 8, 3, 128)
+    (launch,) = calls
+    assert dict(launch.template) == {"T": mx.float16, "D": 128, "NORM": True, "WARPS": 4}
+    assert launch.inputs[-1].tolist() == [11] and launch.grid == (3 * 40 // 4 * 128, 1, 1)
+
+
+# The packed layout the kernel decodes: value i of a row at bits [bits * i, bits * (i + 1)) of its words
+
+
+@pytest.mark.parametrize("bits", qmatmul_kernel.BITS)
+def test_kernel_reads_mlx_packed_layout(bits):
+    for group_size in qmatmul_kernel.GROUP_SIZES:
+        _, w, scales, biases = quantized(8, 384, group_size, bits, mx.float32)
+        words = np.array(w).astype(np.uint64)
+        k = words.shape[1] * 32 // bits
+        i = np.arange(k)
+        word, shift = i * bits // 32, (i * bits % 32).astype(np.uint64)
+        padded = np.concatenate([words, np.zeros((8, 1), np.uint64)], axis=1)  # the kernel's straddling read
+        q = (padded[:, word] >> shift) | (padded[:, word + 1] << (np.uint64(32) - shift))
+        q &= np.uint64((1 << bits) - 1)
+        dequantized = q * np.repeat(np.array(scales), group_size, 1) + np.repeat(np.array(biases), group_size, 1)
+        np.testing.assert_allclose(dequantized, np.array(mx.dequantize(w, scales, biases, group_size, bits)),
+                                   atol=1e-6)
+
+
+# Each kernel's CUDA build compiles with nvcc, its Metal build passes clang's syntax check
+
+
+def qmatmul_launches():
+    cases = [(bits, 64, mx.bfloat16, 1) for bits in qmatmul_kernel.BITS]
+    cases += [(4, 32, mx.float16, 1), (4, 128, mx.float32, 1), (4, 64, mx.bfloat16, 8), (8, 128, mx.float32, 8)]
+    for bits, group_size, dtype, m in cases:
+        _, w, scales, biases = quantized(16, 768, group_size, bits)
+        yield qmatmul_kernel.launch(mx.zeros((m, 768), dtype), w, scales, biases, group_size, bits)
+
+
+def rope_launches():
+    for dtype in rope_kernel.DTYPES:
+        for norms in (None, (mx.ones(128), mx.ones(128), 1e-6)):
+            q, k = mx.zeros((1, 2, 16, 128), dtype), mx.zeros((1, 2, 8, 128), dtype)
+            yield rope_kernel.launch(q, k, qwen_rope().inv_freq, 5, norms, 1.0)
+
+
+LAUNCHES = {"qmatmul": (qmatmul_kernel.KERNEL, qmatmul_launches), "rope": (rope_kernel.KERNEL, rope_launches)}
+BROKEN = Kernel("broken", ("x",), ("y",), "y[LANE] = x[LANE] + undeclared_name;")
+
+
+def nvcc(sources: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc is not installed (the CUDA toolkit compiles the kernels' CUDA build)")
+    cu = tmp_path / "kernels.cu"
+    cu.write_text("".join(sources))  # each text is exactly MLX's, so several can share one translation unit
+    return subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-Xptxas", "-v", "-I", str(STUBS / "cuda"), "-o",
+                           str(tmp_path / "kernels.cubin"), str(cu)], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("name", LAUNCHES)
+def test_cuda_build_compiles_for_hopper_without_spills(name, tmp_path):
+    kernel, launches = LAUNCHES[name]
+    sources = [cuda_source(kernel, launch) for launch in launches()]
+    result = nvcc(sources, tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = result.stdout + result.stderr
+    assert len(re.findall(r"Compiling entry function", report)) == len(sources)
+    assert set(re.findall(r"(\d+) bytes spill stores", report)) == {"0"}, report[-4000:]
+
+
+def test_nvcc_check_catches_a_broken_kernel(tmp_path):
+    launch = dialect.Launch([mx.zeros(64)], [], (64, 1, 1), (64, 1, 1), [(64,)], [mx.float32])
+    result = nvcc([cuda_source(BROKEN, launch)], tmp_path)
+    assert result.returncode != 0 and "undeclared_name" in result.stderr
+
+
+def clang_errors(kernel: Kernel, launch: dialect.Launch) -> list[str]:
+    try:
+        from clang import cindex
+    except ImportError:
+        pytest.skip("clang's Python bindings are not installed: pip install libclang (in the dev extra)")
+    text = metal_source(kernel, launch, '#include "metal_stub.h"\n')
+    # Metal's clang takes attributes on an explicit instantiation; standard C++ does not: drop them there only.
+    text = re.sub(r'template \[\[host_name\("\w+"\)\]\] \[\[kernel\]\]', "template", text)
+    unit = cindex.Index.create().parse("kernel.metal.cpp", args=["-x", "c++", "-std=c++17", "-I", str(STUBS)],
+                                       unsaved_files=[("kernel.metal.cpp", text)])
+    return [f"line {d.location.line}: {d.spelling}" for d in unit.diagnostics
+            if d.severity >= cindex.Diagnostic.Error]
+
+
+@pytest.mark.parametrize("name", LAUNCHES)
+def test_metal_build_passes_clang_syntax_check(name):
+    kernel, launches = LAUNCHES[name]
+    for launch in launches():
+        assert clang_errors(kernel, launch) == [], dict(launch.template)
+
+
+def test_clang_check_catches_a_broken_kernel():
+    launch = dialect.Launch([mx.zeros(64)], [], (64, 1, 1), (64, 1, 1), [(64,)], [mx.float32])
+    assert any("undeclared_name" in e for e in clang_errors(BROKEN, launch))
+    cuda_only = Kernel("cuda_only", ("x",), ("y",), "y[LANE] = __shfl_xor_sync(0xffffffffu, x[LANE], 1);")
+    assert clang_errors(cuda_only, launch)
+
+
+def test_info_shows_the_kernels_backend(tiny_checkpoint, capsys, monkeypatch):
+    from qwen_mlx.cli import main
+
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    assert main(["info", "-m", str(tiny_checkpoint("qwen3"))]) in (0, None)
+    assert "kernels      reference" in capsys.readouterr().out
