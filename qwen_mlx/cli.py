@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
 from .errors import UserError
 
@@ -204,7 +205,12 @@ def _size(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen-mlx", description="Fast, faithful Qwen3 inference on MLX.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    # --debug also after the command; SUPPRESS keeps a subcommand from resetting the top-level value
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=lambda **kw: argparse.ArgumentParser(parents=[debug], **kw))
     info = sub.add_parser("info", help="describe a checkpoint and check that it loads",
                           description="Load a checkpoint (directory or hub id), check every tensor, describe it.")
     info.add_argument("-m", "--model", required=True, metavar="PATH",
@@ -298,15 +304,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Exit status: 0 done, 2 bad input (a file, config or flag: one line on stderr), 1 an
+    internal error (one line; --debug shows the traceback), 130 interrupted."""
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
     except UserError as e:
-        print(f"qwen-mlx: error: {e}", file=sys.stderr)
-        return 1
+        if args.debug:
+            traceback.print_exc()
+        print(f"qwen-mlx: error: {_one_line(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        if args.debug:
+            traceback.print_exc()
+            return 1
+        print(f"qwen-mlx: error: internal error: {type(e).__name__}: {_one_line(e)} (run with --debug for the "
+              "traceback)", file=sys.stderr)
+        return 1
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
 
 
 if __name__ == "__main__":
