@@ -66,26 +66,32 @@ def _sampling_overrides(args: argparse.Namespace) -> dict:
 
 def _generate(args: argparse.Namespace) -> None:
     from .api import load
+    from .memory import MemoryPlan, wired_limit
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt.strip():
         raise UserError("the prompt is empty")
-    llm = load(args.model)
-    sampling = llm.sampling(args.think, **_sampling_overrides(args))
-    show_thinking = not args.hide_think
-    color = sys.stderr.isatty()
-    done = None
-    for event in llm.stream(prompt, think=args.think, system=args.system, max_tokens=args.max_tokens,
-                            sampling=sampling, max_kv_size=args.max_kv_size, kv_bits=args.kv_bits,
-                            kv_group_size=args.kv_group_size):
-        if event.kind == "answer":
-            sys.stdout.write(event.text)
-            sys.stdout.flush()
-        elif event.kind == "thinking" and show_thinking:
-            sys.stderr.write(f"\x1b[2m{event.text}\x1b[0m" if color else event.text)
-            sys.stderr.flush()
-        elif event.kind == "done":
-            done = event
+    # A byte-level BPE token is at least one byte: the text's bytes bound its tokens; the template adds a few.
+    context = len(prompt.encode()) + len((args.system or "").encode()) + 64 + args.max_tokens
+    plan = MemoryPlan(context=context, max_kv_size=args.max_kv_size, kv_bits=args.kv_bits,
+                      kv_group_size=args.kv_group_size, force=args.force)
+    with wired_limit():
+        llm = load(args.model, memory=plan)
+        sampling = llm.sampling(args.think, **_sampling_overrides(args))
+        show_thinking = not args.hide_think
+        color = sys.stderr.isatty()
+        done = None
+        for event in llm.stream(prompt, think=args.think, system=args.system, max_tokens=args.max_tokens,
+                                sampling=sampling, max_kv_size=args.max_kv_size, kv_bits=args.kv_bits,
+                                kv_group_size=args.kv_group_size):
+            if event.kind == "answer":
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+            elif event.kind == "thinking" and show_thinking:
+                sys.stderr.write(f"\x1b[2m{event.text}\x1b[0m" if color else event.text)
+                sys.stderr.flush()
+            elif event.kind == "done":
+                done = event
     sys.stdout.write("\n")
     if args.verbose and done is not None:
         s = done.stats
@@ -95,22 +101,24 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _chat(args: argparse.Namespace) -> None:
-    from tui.app import ChatApp
-    from tui.engine import ModelEngine
-
     from pathlib import Path
 
+    from tui.app import ChatApp
+    from tui.engine import ModelEngine
     from tui.history import History, default_path
 
-    engine = ModelEngine(args.model, system=args.system, max_kv_size=args.max_kv_size, kv_bits=args.kv_bits,
-                         kv_group_size=args.kv_group_size, max_tokens=args.max_tokens,
-                         sampling_overrides=_sampling_overrides(args))
-    history = None if args.no_history else History(Path(args.history) if args.history else default_path())
-    try:
-        ChatApp(engine, think=args.think, history=history, resume=args.resume).run()
-    finally:
-        if history is not None:
-            history.close()
+    from .memory import wired_limit
+
+    with wired_limit():
+        engine = ModelEngine(args.model, system=args.system, max_kv_size=args.max_kv_size, kv_bits=args.kv_bits,
+                             kv_group_size=args.kv_group_size, max_tokens=args.max_tokens,
+                             sampling_overrides=_sampling_overrides(args), force=args.force)
+        history = None if args.no_history else History(Path(args.history) if args.history else default_path())
+        try:
+            ChatApp(engine, think=args.think, history=history, resume=args.resume).run()
+        finally:
+            if history is not None:
+                history.close()
 
 
 def _add_model_argument(parser: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -138,18 +146,22 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
                         "(with --max-kv-size too)")
     parser.add_argument("--kv-group-size", type=int, choices=[32, 64, 128], help="values per quantization group "
                         "of the KV cache (default: 64, or 32 when 64 does not divide the model's head_dim)")
+    parser.add_argument("--force", action="store_true", help="load the model even when the weights and KV cache "
+                        "exceed the GPU's recommended working set (Apple silicon)")
 
 
 def _bench(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from . import bench
+    from .memory import wired_limit
 
     sources = ([args.model] if args.model else []) + (args.preset or ([] if args.model else ["qwen3-0.6b"]))
     print(bench.HEADER)
-    result = bench.run(sources, args.bits, args.prompt_tokens, args.gen_tokens, layers=args.layers,
-                       repeats=args.repeats, warmup=args.warmup, with_mlx_lm=not args.no_mlx_lm,
-                       bandwidth=args.bandwidth, seed=args.seed)
+    with wired_limit():
+        result = bench.run(sources, args.bits, args.prompt_tokens, args.gen_tokens, layers=args.layers,
+                           repeats=args.repeats, warmup=args.warmup, with_mlx_lm=not args.no_mlx_lm,
+                           bandwidth=args.bandwidth, seed=args.seed, force=args.force)
     if result["ratios"]:
         print()
         print(bench.format_ratios(result))
@@ -298,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--bandwidth", type=float, metavar="GB/S", help="memory bandwidth for the roofline "
                        "(default: from a table of Apple and NVIDIA chips, else measured with a copy benchmark)")
     bench.add_argument("--seed", type=int, default=0, help="random weights and prompt seed (default: 0)")
+    bench.add_argument("--force", action="store_true", help="run a model even when its weights and KV cache "
+                       "exceed the GPU's recommended working set (Apple silicon)")
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON (schema qwen-mlx-bench/1)")
     bench.set_defaults(run=_bench)
     return parser
