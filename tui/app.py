@@ -71,6 +71,9 @@ class ChatApp(App):
         yield Footer()
 
     async def on_mount(self) -> None:
+        if self.history is not None and self.history.moved_aside is not None:
+            self.notify(f"The chat history {self.history.path} was corrupt: it was moved to "
+                        f"{self.history.moved_aside} and a new one started.", severity="warning", timeout=15)
         if self.history is not None:
             earlier = self.history.latest(self.engine.name) if self.resume else None
             if earlier is not None:
