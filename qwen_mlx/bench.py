@@ -27,6 +27,7 @@ from mlx.utils import tree_flatten
 from .cache import make_cache
 from .config import ModelConfig
 from .errors import UserError
+from .files import write_atomically
 from .generate import GenerationStats, generate_tokens
 from .memory import MemoryPlan, check_fits, kv_cache_bytes
 from .model import Model
@@ -291,6 +292,4 @@ def format_ratios(result: dict) -> str:
 
 
 def write_json(result: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(path)
+    write_atomically(path, json.dumps(result, indent=2).encode())

@@ -383,3 +383,64 @@ def test_app_tells_the_user_the_history_was_moved_aside(tmp_path):
     asyncio.run(run())
     assert shown[0] == (f"The chat history {path} was corrupt: it was moved to {history.moved_aside} and a new one "
                         "started.", "warning")
+
+
+WRITER = r"""
+import os, signal, sys
+from pathlib import Path
+from qwen_mlx import files
+from tui.conversation import save_conversation
+
+path, point, first = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+if point == "mid_write":  # half of the bytes written, then killed
+    def half(self, data):
+        with open(self, "wb") as f:
+            f.write(data[: len(data) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    files.Path.write_bytes = half
+elif point == "before_rename":  # written and synced, not yet renamed
+    files.os.replace = lambda src, dst: os.kill(os.getpid(), signal.SIGKILL)
+for version in range(first, first + 10000):
+    save_conversation(path, conversation(version))
+    print(version, flush=True)
+"""
+
+
+def conversation(version: int) -> list[dict]:
+    """A long conversation that says which version it is in every message (about 2 MB of JSON)."""
+    return [{"role": ("user", "assistant")[i % 2], "content": f"{version} {i} " + "é" * 1000} for i in range(1000)]
+
+
+def test_a_saved_conversation_survives_a_killed_save(tmp_path):
+    """/save's writer killed at fixed points and at random moments: the file is always one whole version."""
+    import inspect
+    import random
+    import subprocess
+    import sys
+
+    from tui.conversation import save_conversation
+
+    path = tmp_path / "conversation.json"
+    save_conversation(path, conversation(0))
+    script = inspect.getsource(conversation) + WRITER
+    rng = random.Random(0)
+    version = 0
+    for run, point in enumerate(["mid_write", "before_rename", "random", "random", "random", "random"]):
+        first = 10000 * (run + 1)
+        child = subprocess.Popen([sys.executable, "-c", script, str(path), point, str(first)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if point == "random":
+            assert child.stdout.readline().strip() == str(first), child.stderr.read()
+            time.sleep(rng.uniform(0, 0.3))
+            child.kill()
+        printed = [int(line) for line in child.communicate(timeout=60)[0].split()]
+        assert child.returncode == -9
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        got = int(saved[0]["content"].split()[0])
+        if point == "random":
+            last = ([first] + printed)[-1]
+            assert last <= got <= last + 1
+        else:
+            assert got == version and not printed
+        assert saved == conversation(got)
+        version = got
