@@ -334,8 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
             return 1
-        print(f"qwen-mlx: error: internal error: {type(e).__name__}: {_one_line(e)} (run with --debug for the "
-              "traceback)", file=sys.stderr)
+        what = ": ".join(filter(None, [type(e).__name__, _one_line(e)]))
+        print(f"qwen-mlx: error: internal error: {what} (run with --debug for the traceback)", file=sys.stderr)
         return 1
     return 0
 
