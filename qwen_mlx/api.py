@@ -20,6 +20,7 @@ import mlx.core as mx
 from .cache import make_cache
 from .generate import GenerationStats, generate_tokens
 from .loader import load_model
+from .memory import MemoryPlan
 from .model import Cache, Model
 from .sampling import SamplingParams, make_sampler
 from .thinking import ThinkingSplitter, prompt_opens_thinking
@@ -94,9 +95,11 @@ class LLM:
                            kv_group_size=kv_group_size, sampling=sampling)
 
 
-def load(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None) -> LLM:
-    """Load a checkpoint directory or hub id (downloaded once into the Hugging Face cache)."""
-    model, path = load_model(path_or_repo, dtype=dtype)
+def load(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None, memory: MemoryPlan | None = None) -> LLM:
+    """Load a checkpoint directory or hub id (downloaded once into the Hugging Face cache). With `memory` (the KV
+    cache a run will need), a model that would not fit the GPU's recommended working set is refused before any
+    weight is read (see memory.py)."""
+    model, path = load_model(path_or_repo, dtype=dtype, memory=memory)
     return LLM(model, Tokenizer.from_dir(path), path)
 
 

@@ -27,7 +27,9 @@ from mlx.utils import tree_flatten
 from .cache import make_cache
 from .config import ModelConfig
 from .errors import UserError
+from .files import write_atomically
 from .generate import GenerationStats, generate_tokens
+from .memory import MemoryPlan, check_fits, kv_cache_bytes
 from .model import Model
 from .quant import quantize_model
 
@@ -85,12 +87,16 @@ def preset_config(name: str, layers: int | None) -> ModelConfig:
     return ModelConfig.from_dict(raw, f"preset {name}")
 
 
-def random_model(cfg: ModelConfig, bits: str) -> Model:
-    """A model with random bf16 weights, quantized to `bits` (mlx-lm's affine layout, group 64)."""
+def random_model(cfg: ModelConfig, bits: str, memory: MemoryPlan | None = None) -> Model:
+    """A model with random bf16 weights, quantized to `bits` (mlx-lm's affine layout, group 64). With `memory`,
+    one that would not fit the GPU's recommended working set is refused before its weights are made."""
     model = Model(cfg)
     model.set_dtype(mx.bfloat16)
     if bits != "bf16":
         quantize_model(model, {"group_size": 64, "bits": int(bits)})
+    if memory is not None:  # the arrays are still lazy: their sizes are known, nothing is allocated yet
+        weights = sum(p.nbytes for _, p in tree_flatten(model.parameters()))
+        check_fits(f"preset {cfg.model_type} {bits}", weights, kv_cache_bytes(cfg, memory, 2), memory.force)
     mx.eval(model.parameters())
     return model
 
@@ -182,11 +188,14 @@ def _time_mlx_lm(twin: nn.Module, prompt: list[int], gen: int) -> tuple[float, f
 
 def run(presets: list[str], bits_list: list[str], prompt_lengths: list[int], gen_tokens: int, *,
         layers: int | None = None, repeats: int = 3, warmup: int = 1, with_mlx_lm: bool = True,
-        bandwidth: float | None = None, seed: int = 0, log=print) -> dict:
+        bandwidth: float | None = None, seed: int = 0, force: bool = False, log=print) -> dict:
+    """Benchmark each preset x bits (random weights) or checkpoint. A model whose weights and KV cache exceed the
+    GPU's recommended working set is refused unless `force`."""
     device, gbs, source = device_bandwidth(bandwidth)
+    memory = MemoryPlan(context=max(prompt_lengths) + gen_tokens, force=force)
     log(f"device {device}, bandwidth {gbs:.0f} GB/s ({source})")
     cases: list[Case] = []
-    for name, bits, model, twin in _models(presets, bits_list, layers, with_mlx_lm, seed):
+    for name, bits, model, twin in _models(presets, bits_list, layers, with_mlx_lm, seed, memory):
         cfg = model.config
         engines = {"qwen-mlx": lambda p, g, m=model: _time_ours(m, p, g)}
         if twin is not None:
@@ -219,13 +228,15 @@ def run(presets: list[str], bits_list: list[str], prompt_lengths: list[int], gen
     }
 
 
-def _models(sources: list[str], bits_list: list[str], layers: int | None, with_mlx_lm: bool, seed: int):
-    """(name, bits, our model, mlx-lm's model or None) for each preset x bits, or each checkpoint path."""
+def _models(sources: list[str], bits_list: list[str], layers: int | None, with_mlx_lm: bool, seed: int,
+            memory: MemoryPlan):
+    """(name, bits, our model, mlx-lm's model or None) for each preset x bits, or each checkpoint path. (The memory
+    check counts our copy of a checkpoint's weights; mlx-lm loads a second one.)"""
     for source in sources:
         if source not in PRESETS:  # a checkpoint: its own weights and quantization; mlx-lm loads its own copy
             from .loader import load_model
 
-            model, path = load_model(source)
+            model, path = load_model(source, memory=memory)
             quant = model.config.quantization
             twin = None
             if with_mlx_lm:
@@ -237,7 +248,7 @@ def _models(sources: list[str], bits_list: list[str], layers: int | None, with_m
         cfg = preset_config(source, layers)
         for bits in bits_list:
             mx.random.seed(seed)
-            model = random_model(cfg, bits)
+            model = random_model(cfg, bits, memory)
             yield source, bits, model, mlx_lm_twin(model, cfg, bits) if with_mlx_lm else None
 
 
@@ -281,6 +292,4 @@ def format_ratios(result: dict) -> str:
 
 
 def write_json(result: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(path)
+    write_atomically(path, json.dumps(result, indent=2).encode())

@@ -15,8 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence, Union
@@ -25,6 +23,7 @@ import mlx.core as mx
 
 from .config import ModelConfig
 from .errors import UserError
+from .files import replacing
 
 if TYPE_CHECKING:
     from .model import Model
@@ -400,7 +399,9 @@ def save_cache(path: str | Path, caches: Sequence[LayerCache], *, model: "Model"
         layers.append(info)
     header = {"format": _FORMAT, "version": _VERSION, "model": model_fingerprint(model), "tokens": tokens,
               "metadata": meta, "layers": layers}
-    _write_atomically(path, arrays, {"qwen_mlx": json.dumps(header)})
+    # mx.save_safetensors appends ".safetensors" to a name without it: the temporary name ends with it.
+    with replacing(path, suffix=".tmp.safetensors") as tmp:
+        mx.save_safetensors(str(tmp), arrays, metadata={"qwen_mlx": json.dumps(header)})
 
 
 def _cache_state(cache: LayerCache) -> tuple[dict[str, mx.array], dict]:
@@ -420,25 +421,6 @@ def _cache_state(cache: LayerCache) -> tuple[dict[str, mx.array], dict]:
         return {}, info
     names = _FLOAT_PARTS if store.bits is None else _QUANT_PARTS
     return dict(zip(names, store.view(n))), info
-
-
-def _write_atomically(path: Path, arrays: dict[str, mx.array], metadata: dict[str, str]) -> None:
-    # mx.save_safetensors appends ".safetensors" to other names, so the temporary name ends with it.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.safetensors")
-    os.close(fd)
-    try:
-        mx.save_safetensors(tmp, arrays, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def load_cache(path: str | Path, *, model: "Model") -> PromptCache:

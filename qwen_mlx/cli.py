@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
 from .errors import UserError
 
@@ -67,26 +68,32 @@ def _sampling_overrides(args: argparse.Namespace) -> dict:
 
 def _generate(args: argparse.Namespace) -> None:
     from .api import load
+    from .memory import MemoryPlan, wired_limit
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt.strip():
         raise UserError("the prompt is empty")
-    llm = load(args.model)
-    sampling = llm.sampling(args.think, **_sampling_overrides(args))
-    show_thinking = not args.hide_think
-    color = sys.stderr.isatty()
-    done = None
-    for event in llm.stream(prompt, think=args.think, system=args.system, max_tokens=args.max_tokens,
-                            sampling=sampling, max_kv_size=args.max_kv_size, kv_bits=args.kv_bits,
-                            kv_group_size=args.kv_group_size):
-        if event.kind == "answer":
-            sys.stdout.write(event.text)
-            sys.stdout.flush()
-        elif event.kind == "thinking" and show_thinking:
-            sys.stderr.write(f"\x1b[2m{event.text}\x1b[0m" if color else event.text)
-            sys.stderr.flush()
-        elif event.kind == "done":
-            done = event
+    # A byte-level BPE token is at least one byte: the text's bytes bound its tokens; the template adds a few.
+    context = len(prompt.encode()) + len((args.system or "").encode()) + 64 + args.max_tokens
+    plan = MemoryPlan(context=context, max_kv_size=args.max_kv_size, kv_bits=args.kv_bits,
+                      kv_group_size=args.kv_group_size, force=args.force)
+    with wired_limit():
+        llm = load(args.model, memory=plan)
+        sampling = llm.sampling(args.think, **_sampling_overrides(args))
+        show_thinking = not args.hide_think
+        color = sys.stderr.isatty()
+        done = None
+        for event in llm.stream(prompt, think=args.think, system=args.system, max_tokens=args.max_tokens,
+                                sampling=sampling, max_kv_size=args.max_kv_size, kv_bits=args.kv_bits,
+                                kv_group_size=args.kv_group_size):
+            if event.kind == "answer":
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+            elif event.kind == "thinking" and show_thinking:
+                sys.stderr.write(f"\x1b[2m{event.text}\x1b[0m" if color else event.text)
+                sys.stderr.flush()
+            elif event.kind == "done":
+                done = event
     sys.stdout.write("\n")
     if args.verbose and done is not None:
         s = done.stats
@@ -96,22 +103,24 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _chat(args: argparse.Namespace) -> None:
-    from tui.app import ChatApp
-    from tui.engine import ModelEngine
-
     from pathlib import Path
 
+    from tui.app import ChatApp
+    from tui.engine import ModelEngine
     from tui.history import History, default_path
 
-    engine = ModelEngine(args.model, system=args.system, max_kv_size=args.max_kv_size, kv_bits=args.kv_bits,
-                         kv_group_size=args.kv_group_size, max_tokens=args.max_tokens,
-                         sampling_overrides=_sampling_overrides(args))
-    history = None if args.no_history else History(Path(args.history) if args.history else default_path())
-    try:
-        ChatApp(engine, think=args.think, history=history, resume=args.resume).run()
-    finally:
-        if history is not None:
-            history.close()
+    from .memory import wired_limit
+
+    with wired_limit():
+        engine = ModelEngine(args.model, system=args.system, max_kv_size=args.max_kv_size, kv_bits=args.kv_bits,
+                             kv_group_size=args.kv_group_size, max_tokens=args.max_tokens,
+                             sampling_overrides=_sampling_overrides(args), force=args.force)
+        history = None if args.no_history else History(Path(args.history) if args.history else default_path())
+        try:
+            ChatApp(engine, think=args.think, history=history, resume=args.resume).run()
+        finally:
+            if history is not None:
+                history.close()
 
 
 def _add_model_argument(parser: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -139,18 +148,22 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
                         "(with --max-kv-size too)")
     parser.add_argument("--kv-group-size", type=int, choices=[32, 64, 128], help="values per quantization group "
                         "of the KV cache (default: 64, or 32 when 64 does not divide the model's head_dim)")
+    parser.add_argument("--force", action="store_true", help="load the model even when the weights and KV cache "
+                        "exceed the GPU's recommended working set (Apple silicon)")
 
 
 def _bench(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from . import bench
+    from .memory import wired_limit
 
     sources = ([args.model] if args.model else []) + (args.preset or ([] if args.model else ["qwen3-0.6b"]))
     print(bench.HEADER)
-    result = bench.run(sources, args.bits, args.prompt_tokens, args.gen_tokens, layers=args.layers,
-                       repeats=args.repeats, warmup=args.warmup, with_mlx_lm=not args.no_mlx_lm,
-                       bandwidth=args.bandwidth, seed=args.seed)
+    with wired_limit():
+        result = bench.run(sources, args.bits, args.prompt_tokens, args.gen_tokens, layers=args.layers,
+                           repeats=args.repeats, warmup=args.warmup, with_mlx_lm=not args.no_mlx_lm,
+                           bandwidth=args.bandwidth, seed=args.seed, force=args.force)
     if result["ratios"]:
         print()
         print(bench.format_ratios(result))
@@ -206,7 +219,12 @@ def _size(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen-mlx", description="Fast, faithful Qwen3 inference on MLX.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    # --debug also after the command; SUPPRESS keeps a subcommand from resetting the top-level value
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=lambda **kw: argparse.ArgumentParser(parents=[debug], **kw))
     info = sub.add_parser("info", help="describe a checkpoint and check that it loads",
                           description="Load a checkpoint (directory or hub id), check every tensor, describe it.")
     info.add_argument("-m", "--model", required=True, metavar="PATH",
@@ -294,21 +312,38 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--bandwidth", type=float, metavar="GB/S", help="memory bandwidth for the roofline "
                        "(default: from a table of Apple and NVIDIA chips, else measured with a copy benchmark)")
     bench.add_argument("--seed", type=int, default=0, help="random weights and prompt seed (default: 0)")
+    bench.add_argument("--force", action="store_true", help="run a model even when its weights and KV cache "
+                       "exceed the GPU's recommended working set (Apple silicon)")
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON (schema qwen-mlx-bench/1)")
     bench.set_defaults(run=_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Exit status: 0 done, 2 bad input (a file, config or flag: one line on stderr), 1 an
+    internal error (one line; --debug shows the traceback), 130 interrupted."""
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
     except UserError as e:
-        print(f"qwen-mlx: error: {e}", file=sys.stderr)
-        return 1
+        if args.debug:
+            traceback.print_exc()
+        print(f"qwen-mlx: error: {_one_line(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        if args.debug:
+            traceback.print_exc()
+            return 1
+        what = ": ".join(filter(None, [type(e).__name__, _one_line(e)]))
+        print(f"qwen-mlx: error: internal error: {what} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ model before `mx.load` sees the file. Code in a checkpoint (`*.py`, `auto_map`) 
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from mlx.utils import tree_flatten
 
 from .config import ConfigError, ModelConfig
 from .errors import UserError
+from .memory import MemoryPlan, check_fits, kv_cache_bytes
 from .model import Model
 from .quant import quantize_model
 
@@ -79,7 +81,8 @@ def load_config(path: Path) -> ModelConfig:
 
 
 def load_model(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None, layers: range | None = None,
-               prepare: Callable[[Model], None] | None = None) -> tuple[Model, Path]:
+               prepare: Callable[[Model], None] | None = None,
+               memory: MemoryPlan | None = None) -> tuple[Model, Path]:
     """Build the model described by config.json and load its weights; returns the model and the checkpoint dir.
 
     Weights keep the checkpoint's dtype unless `dtype` is given (quantized weights keep theirs). They are read
@@ -89,6 +92,9 @@ def load_model(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None, layer
     the stage is first (or last with a tied head) and the final norm and head if it is last; no other tensor of
     the checkpoint is read. `prepare(model)` runs once the weights are in place but not yet read (tensor and
     expert parallel slice them there, so that a rank keeps only its share).
+
+    `memory`: refuse (memory.MemoryCheckError), before any weight is read, a model whose weights plus the KV cache
+    of the plan exceed the GPU's recommended working set (Apple silicon; unless the plan says force).
     """
     path = resolve(path_or_repo)
     cfg = load_config(path)
@@ -104,6 +110,10 @@ def load_model(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None, layer
         quantization = quantization and _shift_layers(quantization, layers)
     if quantization:
         quantize_model(model, quantization, present=set(index))
+    _check_dtypes(index)
+    if memory is not None:
+        weight_bytes, element_bytes = _weight_bytes(index, dtype)
+        check_fits(str(path), weight_bytes, kv_cache_bytes(cfg, memory, element_bytes), memory.force)
     weights = _load_weights(index, cfg, names)
     check_weights(model, index, weights, cfg)
     if dtype is not None:
@@ -179,11 +189,27 @@ def _weight_files(path: Path) -> list[Path]:
     return [path / name for name in names]
 
 
-def _load_weights(index: dict[str, TensorInfo], cfg: ModelConfig,
-                  names: dict[str, str] | None = None) -> dict[str, mx.array]:
+def _check_dtypes(index: dict[str, TensorInfo]) -> None:
     for name, info in index.items():
         if info.dtype not in _DTYPES:
             raise LoadError(f"{info.file.name}: tensor {name} has dtype {info.dtype}, which qwen-mlx does not load")
+
+
+def _weight_bytes(index: dict[str, TensorInfo], dtype: mx.Dtype | None) -> tuple[int, int]:
+    """(bytes of the weights once loaded, bytes per element of the activations), from the headers alone. The
+    activations take the embedding's dtype (a quantized one's scales), or `dtype` when the weights are cast."""
+    total = 0
+    for info in index.values():
+        stored = _DTYPES[info.dtype]
+        cast = dtype if dtype is not None and mx.issubdtype(stored, mx.floating) else stored
+        total += cast.size * math.prod(info.shape)
+    embed = index.get("model.embed_tokens.scales") or index.get("model.embed_tokens.weight")
+    element = dtype or (_DTYPES[embed.dtype] if embed is not None else mx.float32)
+    return total, element.size
+
+
+def _load_weights(index: dict[str, TensorInfo], cfg: ModelConfig,
+                  names: dict[str, str] | None = None) -> dict[str, mx.array]:
     weights: dict[str, mx.array] = {}
     for file in sorted({info.file for info in index.values()}):
         loaded = mx.load(str(file))  # lazy: read when evaluated, so the tensors left out here are never read

@@ -568,3 +568,106 @@ def test_make_cache_kinds_and_errors(models):
         make_cache(cfg, max_size=4, keep=4)
     with pytest.raises(CacheError, match="--kv-bits"):
         make_cache(cfg, bits=7, group_size=32)
+
+
+def test_save_writes_a_temp_file_fsyncs_then_renames(saved, monkeypatch):
+    """The order that makes a save atomic, on the real file system: the whole file under a temporary name (which
+    mx.save_safetensors keeps as given: it ends in .safetensors), fsync of that file, rename, fsync of the dir."""
+    import os
+
+    model, path = saved
+    events = []
+    real_save, real_fsync, real_replace = mx.save_safetensors, os.fsync, os.replace
+
+    def save(file, arrays, metadata=None):
+        real_save(file, arrays, metadata=metadata)
+        events.append(("save", Path(file).name, os.stat(file).st_ino))
+
+    def fsync(fd):
+        events.append(("fsync", os.fstat(fd).st_ino))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", Path(src).name, Path(dst).name))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(mx, "save_safetensors", save)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    save_cache(path, make_cache(model.config), model=model)
+    monkeypatch.undo()
+    (_, tmp, inode), *rest = events
+    assert tmp.startswith(f".{path.name}.") and tmp.endswith(".tmp.safetensors")
+    assert rest == [("fsync", inode), ("replace", tmp, path.name), ("fsync", os.stat(path.parent).st_ino)]
+    assert os.stat(path).st_ino == inode and [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+SAVER = r"""
+import os, random, signal, sys
+import mlx.core as mx
+from qwen_mlx import cache as c, files
+from qwen_mlx.loader import load_model
+
+checkpoint, path, point, first = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+model, _ = load_model(checkpoint)
+cfg = model.config
+shape = (1, cfg.num_key_value_heads, 16384, cfg.head_dim)  # 16 MiB a file
+if point == "mid_write":  # half of the bytes written, then killed
+    save = mx.save_safetensors
+    def half(file, arrays, metadata=None):
+        save(file, arrays, metadata=metadata)
+        os.truncate(file, os.path.getsize(file) // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+    mx.save_safetensors = half
+elif point == "before_rename":  # written and synced, not yet renamed
+    def killed(src, dst):
+        os.kill(os.getpid(), signal.SIGKILL)
+    os.replace = killed
+for version in range(first, first + 1000):
+    caches = c.make_cache(cfg)
+    for layer in caches:
+        layer.update_and_fetch(mx.full(shape, float(version)), mx.full(shape, -float(version)))
+    c.save_cache(path, caches, model=model, metadata={"version": str(version)})
+    print(version, flush=True)
+"""
+
+
+def test_a_save_killed_at_any_point_leaves_the_previous_file_whole(tiny_checkpoint, models, tmp_path):
+    """SIGKILL at fixed points of save_cache and at random moments: the file always loads, and is exactly one of
+    the versions written (the last complete one, or the one whose rename had just happened)."""
+    import random
+    import subprocess
+    import sys
+    import time
+
+    model = models("qwen3")
+    path = tmp_path / "prompt.safetensors"
+    rng = random.Random(0)
+    version = 0
+    shape = (1, model.config.num_key_value_heads, 16384, model.config.head_dim)
+    caches = make_cache(model.config)
+    for layer in caches:
+        layer.update_and_fetch(mx.zeros(shape), mx.zeros(shape))
+    save_cache(path, caches, model=model, metadata={"version": "0"})
+    for run, point in enumerate(["mid_write", "before_rename", "random", "random", "random", "random"]):
+        first = 1000 * (run + 1)
+        child = subprocess.Popen([sys.executable, "-c", SAVER, str(tiny_checkpoint("qwen3")), str(path), point,
+                                  str(first)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if point == "random":
+            assert child.stdout.readline().strip() == str(first), child.stderr.read()  # one version saved
+            time.sleep(rng.uniform(0, 0.5))
+            child.kill()
+        printed = [int(line) for line in child.communicate(timeout=120)[0].split()]
+        assert child.returncode == -9
+        loaded = load_cache(path, model=model)
+        got = int(loaded.metadata["version"])
+        if point == "random":
+            last = ([first] + printed)[-1]
+            assert last <= got <= last + 1  # the kill may fall between the rename and the print
+        else:
+            assert got == version and not printed  # the killed save changed nothing
+        for layer in loaded.caches:
+            keys, values = layer._store.view(layer.offset)
+            assert layer.offset == 16384
+            assert mx.all(keys == got).item() and mx.all(values == -got).item()
+        version = got

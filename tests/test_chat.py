@@ -78,27 +78,44 @@ def test_stop_strings_cut_the_answer(llm):
     assert cut.finish_reason == "stop" and cut.text == full[: full.find(stop_at)]
 
 
-def test_stop_during_prefill_returns_within_a_second_and_the_session_stays_consistent(llm):
+@pytest.mark.parametrize("when", ["prefill", "decode"])
+def test_stop_returns_within_a_second_and_the_next_turn_equals_a_fresh_session(llm, when):
+    """Esc as the chat app does it: the reply streams on a worker thread and the UI thread sets the stop event,
+    here during the prompt's prefill or after a few decoded tokens. The worker is done within a second; the next
+    turn, greedy, says exactly what a fresh session says given the same history (the cut-off reply as kept)."""
     chat = llm.chat(think=False, sampling=GREEDY)
-    stop = threading.Event()
-    long_text = " ".join(f"word{i}" for i in range(700))  # ~2k tokens: several prefill chunks
-    events, stopped_at = [], []
+    text = " ".join(f"word{i}" for i in range(300)) if when == "prefill" else "tell me a story"  # ~1.1k tokens: 3 chunks
+    prompt_length = len(llm.prompt_tokens([{"role": "user", "content": text}], think=False))
+    stop, events = threading.Event(), []
 
-    def stopper():
-        stop.wait(0.05) or stop.set()
-        stopped_at.append(time.perf_counter())
+    def worker():
+        for event in chat.send(text, max_tokens=500, stop=stop):
+            events.append(event)
 
-    threading.Thread(target=stopper).start()
-    for event in chat.send(long_text, max_tokens=5, stop=stop):
-        events.append(event)
-    done_at = time.perf_counter()
+    thread = threading.Thread(target=worker)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while (chat.cache[0].offset == 0 if when == "prefill" else len(events) < 3) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    stop.set()
+    stopped = time.perf_counter()
+    thread.join(timeout=5)
+    assert not thread.is_alive() and time.perf_counter() - stopped < 1.0
+
     assert events[-1].kind == "done" and events[-1].finish_reason == "cancelled"
-    assert done_at - stopped_at[0] < 1.0
-    assert 0 < chat.cache[0].offset < len(llm.prompt_tokens(chat.messages[:1], think=False))
-    nxt = "".join(e.text for e in chat.send("short", max_tokens=5))
+    generated = events[-1].stats.generated_tokens
+    if when == "prefill":
+        assert 0 < chat.cache[0].offset < prompt_length and generated == 0
+    else:
+        assert 3 <= generated < 500
+    assert chat.messages[-1] == {"role": "assistant", "content": "".join(e.text for e in events[:-1])}
+
+    nxt = "".join(e.text for e in chat.send("go on", max_tokens=8))
     fresh = llm.chat(think=False, sampling=GREEDY)
     fresh.messages = [dict(m) for m in chat.messages[:-2]]
-    assert "".join(e.text for e in fresh.send("short", max_tokens=5)) == nxt
+    assert "".join(e.text for e in fresh.send("go on", max_tokens=8)) == nxt
+    assert fresh._cached == chat._cached  # the same prompt and the same greedy tokens, id for id
+    assert fresh.last_prefill > chat.last_prefill  # and the stopped session did reuse its cache
 
 
 @pytest.mark.parametrize("kv_bits", [None, 8])

@@ -95,7 +95,7 @@ def test_hostile_template_is_refused(tokenizers, name, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", sorted(HOSTILE))
 def test_hostile_template_through_the_cli(tiny_checkpoint, tmp_path, name):
-    """The real CLI: one line on stderr, exit 1, nothing written, the canary absent."""
+    """The real CLI: one line on stderr, exit 2, nothing written, the canary absent."""
     ckpt = shutil.copytree(tiny_checkpoint("qwen3"), tmp_path / "ckpt")
     config = json.loads((ckpt / "tokenizer_config.json").read_text())
     canary = tmp_path / CANARY_NAME
@@ -105,7 +105,7 @@ def test_hostile_template_through_the_cli(tiny_checkpoint, tmp_path, name):
     start = time.perf_counter()
     run = subprocess.run([sys.executable, "-m", "qwen_mlx.cli", "generate", "--model", str(ckpt), "--prompt", "hi",
                           "--max-tokens", "2"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert run.returncode == 1, run.stderr
+    assert run.returncode == 2, run.stderr
     assert time.perf_counter() - start < 20  # imports and the model load included; the template's part is < 5 s
     assert run.stderr.strip().startswith("qwen-mlx: error: chat template") and len(run.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in ckpt.iterdir()) == before and not canary.exists()

@@ -40,7 +40,7 @@ def test_bad_flags_get_argparse_errors():
 
 def test_offline_default_model_names_the_flag():
     run = cli("generate", "--prompt", "hi")  # HF_HUB_OFFLINE=1 in the tests; the default model is not cached
-    assert run.returncode == 1 and "--model PATH" in run.stderr and "Traceback" not in run.stderr
+    assert run.returncode == 2 and "--model PATH" in run.stderr and "Traceback" not in run.stderr
     assert len(run.stderr.strip().splitlines()) == 1
 
 
@@ -48,3 +48,39 @@ def test_help_is_fast_and_complete():
     for command in ("generate", "bench", "info"):
         run = cli(command, "--help", timeout=30)
         assert run.returncode == 0 and "--model" in run.stdout
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path):
+    run = cli("info", "--model", str(tmp_path / "missing"))
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr == f"qwen-mlx: error: {tmp_path / 'missing'}: no such checkpoint directory\n"
+    debug = cli("info", "--model", str(tmp_path / "missing"), "--debug")
+    assert debug.returncode == 2 and "Traceback" in debug.stderr and "LoadError" in debug.stderr
+    assert debug.stderr.endswith(run.stderr)
+
+
+def test_internal_error_is_one_line_and_debug_shows_the_traceback(monkeypatch, capsys):
+    from qwen_mlx import cli as cli_module
+
+    def broken(args):
+        raise RuntimeError("index out of range\n  in a place")
+
+    monkeypatch.setattr(cli_module, "_info", broken)
+    assert cli_module.main(["info", "--model", "x"]) == 1
+    assert capsys.readouterr().err == ("qwen-mlx: error: internal error: RuntimeError: index out of range in a place "
+                                       "(run with --debug for the traceback)\n")
+    for argv in (["--debug", "info", "--model", "x"], ["info", "--model", "x", "--debug"]):
+        assert cli_module.main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("Traceback (most recent call last):") and "in broken" in err
+        assert err.rstrip().endswith("RuntimeError: index out of range\n  in a place")
+
+
+def test_interrupt_exits_130(monkeypatch):
+    from qwen_mlx import cli as cli_module
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module, "_info", interrupted)
+    assert cli_module.main(["info", "--model", "x"]) == 130

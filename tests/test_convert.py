@@ -265,7 +265,7 @@ def test_user_errors_are_one_line(tiny_checkpoint, llama_checkpoint, tmp_path):
         out = existing if case == "exists" else tmp_path / "out"
         run = cli("convert", args[0], out, *args[1:])
         lines = run.stderr.strip().splitlines()
-        assert run.returncode == 1 and len(lines) == 1, (case, run.stderr)
+        assert run.returncode == 2 and len(lines) == 1, (case, run.stderr)
         assert lines[0].startswith("qwen-mlx: error: ") and message in lines[0], (case, lines[0])
         assert not (tmp_path / "out").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf", "existing", "llama"]

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import gguf
@@ -331,6 +334,40 @@ def test_hostile_header_is_one_clear_error(tmp_path, case):
     with pytest.raises(GGUFError) as e:
         read_header(file)
     assert str(e.value).startswith(f"{file}: ") and message in str(e.value) and "\n" not in str(e.value)
+
+
+CANARY_NAME = "escaped.txt"
+# A template that would create the canary (in the working directory) if anything rendered it outside the sandbox.
+ESCAPE = "{{ cycler.__init__.__globals__.os.system('touch " + CANARY_NAME + "') }}"
+ESCAPE_KV = kv("tokenizer.chat_template", 8, s(ESCAPE))
+CLI_HOSTILE = {name: raw for name, (raw, _) in HOSTILE.items()}
+CLI_HOSTILE["escape_template_then_999_dimensions"] = gguf_file(
+    [ARCH_KV, ESCAPE_KV], [s("t") + struct.pack("<I", 999) + b"\0" * 64])
+CLI_HOSTILE["escape_template_then_offset_past_eof"] = gguf_file(
+    [ARCH_KV, ESCAPE_KV], [tensor("t", [4], 0, 2**40)])
+
+
+@pytest.mark.parametrize("case", sorted(CLI_HOSTILE))
+def test_hostile_gguf_through_the_cli(tmp_path, case):
+    """`qwen-mlx convert FILE.gguf OUT`: one line on stderr, exit 2, no traceback, under 5 s, nothing written."""
+    canary = tmp_path / CANARY_NAME
+    file = tmp_path / "hostile.gguf"
+    file.write_bytes(CLI_HOSTILE[case])
+    start = time.perf_counter()
+    run = subprocess.run([sys.executable, "-m", "qwen_mlx.cli", "convert", str(file), str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    seconds = time.perf_counter() - start
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith(f"qwen-mlx: error: {file}: "), run.stderr[-2000:]
+    assert "Traceback" not in run.stderr and run.stdout == ""
+    assert seconds < 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hostile.gguf"]  # no OUT, no partial dir, no lock
+    assert not canary.exists()
+
+
+def test_cli_gguf_corpus_is_large_enough():
+    assert len(CLI_HOSTILE) >= 15
 
 
 def small_model_gguf(path: Path, block_count: int = 1, **metadata) -> Path:

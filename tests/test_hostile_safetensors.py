@@ -77,7 +77,7 @@ def assert_one_clear_error(run, seconds):
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("qwen-mlx: error: "), run.stderr[-2000:]
     assert "Traceback" not in run.stderr
-    assert seconds < 5 or run.returncode == 1  # slow imports on a loaded machine are not a hang
+    assert seconds < 5
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -109,7 +109,7 @@ def test_cli_prints_one_clear_line(ckpt):
     rewrite_weights(ckpt, lambda w: w.pop("model.norm.weight"))
     run = subprocess.run([sys.executable, "-m", "qwen_mlx.cli", "info", "--model", str(ckpt)], capture_output=True,
                          text=True, timeout=120)
-    assert run.returncode == 1
+    assert run.returncode == 2
     assert run.stderr.strip() == "qwen-mlx: error: checkpoint has no tensor model.norm.weight (needed by this qwen3 config)"
     assert "Traceback" not in run.stderr
 

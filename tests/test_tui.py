@@ -301,3 +301,146 @@ def test_recall_completion_and_conversation_files(tmp_path):
             assert (turn.user_text, turn.thinking_text, turn.answer_text) == ("q", "t", "a")
 
     asyncio.run(run())
+
+
+def corrupt_database(path):
+    """A real history database whose third page is overwritten: SQLite reports it malformed."""
+    from tui.history import History
+
+    h = History(path)
+    conv = h.new_conversation("m")
+    for i in range(300):
+        h.add(conv, "user", "x" * 200 + str(i))
+    h.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    h.close()
+    raw = bytearray(path.read_bytes())
+    raw[2 * 4096 : 2 * 4096 + 100] = b"\xff" * 100
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damage", ["not_a_database", "malformed_page"])
+def test_corrupt_history_is_moved_aside_and_a_new_one_started(tmp_path, damage):
+    import re
+
+    from tui.history import History
+
+    path = tmp_path / "history.sqlite"
+    if damage == "not_a_database":
+        path.write_bytes(b"these are not the bytes of a database" * 100)
+        (tmp_path / "history.sqlite-wal").write_bytes(b"a stale write-ahead log")
+    else:
+        corrupt_database(path)
+    before = path.read_bytes()
+    h = History(path)
+    assert h.moved_aside is not None and h.moved_aside.parent == tmp_path
+    assert re.fullmatch(r"history\.sqlite\.corrupt-\d{8}-\d{6}", h.moved_aside.name)
+    assert h.moved_aside.read_bytes() == before  # kept for the user, untouched
+    wal = tmp_path / "history.sqlite-wal"  # the old log (SQLite drops an invalid one) is not the new database's
+    assert not wal.exists() or b"stale" not in wal.read_bytes()
+    conv = h.new_conversation("m")
+    h.add(conv, "user", "hello again")
+    h.close()
+    again = History(path)
+    assert again.moved_aside is None and again.latest("m")[1] == [{"role": "user", "content": "hello again"}]
+    again.close()
+
+
+def test_a_second_corruption_in_the_same_second_gets_its_own_name(tmp_path):
+    from tui.history import History
+
+    path = tmp_path / "history.sqlite"
+    moved = []
+    for _ in range(2):
+        path.write_bytes(b"junk" * 1000)
+        h = History(path)
+        moved.append(h.moved_aside)
+        h.close()
+    assert moved[0] != moved[1] and moved[0].exists() and moved[1].exists()
+
+
+def test_history_that_cannot_be_opened_is_one_clear_error(tmp_path):
+    from tui.history import History, HistoryError
+
+    with pytest.raises(HistoryError, match=f"^{tmp_path}: cannot open the chat history .*--no-history$"):
+        History(tmp_path)  # a directory
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_app_tells_the_user_the_history_was_moved_aside(tmp_path):
+    from tui.history import History
+
+    path = tmp_path / "history.sqlite"
+    path.write_bytes(b"junk" * 1000)
+    history = History(path)
+    app = ChatApp(ScriptedEngine(SCRIPT), history=history)
+    shown = []
+    app.notify = lambda message, **kwargs: shown.append((message, kwargs.get("severity")))
+
+    async def run():
+        async with app.run_test(size=(100, 30)) as pilot:
+            await pilot.pause(0.1)
+
+    asyncio.run(run())
+    assert shown[0] == (f"The chat history {path} was corrupt: it was moved to {history.moved_aside} and a new one "
+                        "started.", "warning")
+
+
+WRITER = r"""
+import os, signal, sys
+from pathlib import Path
+from qwen_mlx import files
+from tui.conversation import save_conversation
+
+path, point, first = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+if point == "mid_write":  # half of the bytes written, then killed
+    def half(self, data):
+        with open(self, "wb") as f:
+            f.write(data[: len(data) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    files.Path.write_bytes = half
+elif point == "before_rename":  # written and synced, not yet renamed
+    files.os.replace = lambda src, dst: os.kill(os.getpid(), signal.SIGKILL)
+for version in range(first, first + 10000):
+    save_conversation(path, conversation(version))
+    print(version, flush=True)
+"""
+
+
+def conversation(version: int) -> list[dict]:
+    """A long conversation that says which version it is in every message (about 2 MB of JSON)."""
+    return [{"role": ("user", "assistant")[i % 2], "content": f"{version} {i} " + "é" * 1000} for i in range(1000)]
+
+
+def test_a_saved_conversation_survives_a_killed_save(tmp_path):
+    """/save's writer killed at fixed points and at random moments: the file is always one whole version."""
+    import inspect
+    import random
+    import subprocess
+    import sys
+
+    from tui.conversation import save_conversation
+
+    path = tmp_path / "conversation.json"
+    save_conversation(path, conversation(0))
+    script = inspect.getsource(conversation) + WRITER
+    rng = random.Random(0)
+    version = 0
+    for run, point in enumerate(["mid_write", "before_rename", "random", "random", "random", "random"]):
+        first = 10000 * (run + 1)
+        child = subprocess.Popen([sys.executable, "-c", script, str(path), point, str(first)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if point == "random":
+            assert child.stdout.readline().strip() == str(first), child.stderr.read()
+            time.sleep(rng.uniform(0, 0.3))
+            child.kill()
+        printed = [int(line) for line in child.communicate(timeout=60)[0].split()]
+        assert child.returncode == -9
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        got = int(saved[0]["content"].split()[0])
+        if point == "random":
+            last = ([first] + printed)[-1]
+            assert last <= got <= last + 1
+        else:
+            assert got == version and not printed
+        assert saved == conversation(got)
+        version = got

@@ -14,6 +14,7 @@ from textual.widgets import Collapsible, Footer, Markdown, Static
 from qwen_mlx.api import Event
 from qwen_mlx.chat import reply_content, split_reply_content
 
+from .conversation import save_conversation
 from .engine import Engine
 from .history import History
 from .widgets import PromptInput, Turn, format_bytes, format_summary
@@ -73,6 +74,9 @@ class ChatApp(App):
         yield Footer()
 
     async def on_mount(self) -> None:
+        if self.history is not None and self.history.moved_aside is not None:
+            self.notify(f"The chat history {self.history.path} was corrupt: it was moved to "
+                        f"{self.history.moved_aside} and a new one started.", severity="warning", timeout=15)
         if self.history is not None:
             earlier = self.history.latest(self.engine.name) if self.resume else None
             if earlier is not None:
@@ -145,18 +149,14 @@ class ChatApp(App):
                 self.history.add(self.conversation, message["role"], message["content"])
 
     def save(self, path: str) -> None:
-        import json
-        import os
         from pathlib import Path
 
         if not path:
             self.notify("Usage: /save FILE", severity="error")
             return
         target = Path(path).expanduser()
-        tmp = target.with_name(target.name + ".tmp")
         try:
-            tmp.write_text(json.dumps(self.engine.messages(), ensure_ascii=False, indent=1))
-            os.replace(tmp, target)
+            save_conversation(target, self.engine.messages())
         except OSError as e:
             self.notify(f"Could not save to {target}: {e.strerror}.", severity="error")
             return

@@ -40,11 +40,15 @@ class ModelEngine:
 
     def __init__(self, path: str, *, system: str | None = None, max_kv_size: int | None = None,
                  kv_bits: int | None = None, kv_group_size: int | None = None, max_tokens: int = 4096,
-                 sampling_overrides: dict | None = None):
+                 sampling_overrides: dict | None = None, force: bool = False):
         import qwen_mlx
         from qwen_mlx import kernels
+        from qwen_mlx.memory import MemoryPlan
 
-        self.llm = qwen_mlx.load(path)
+        # the conversation's length is not known: the check counts one reply (or the whole window)
+        plan = MemoryPlan(context=max_tokens, max_kv_size=max_kv_size, kv_bits=kv_bits, kv_group_size=kv_group_size,
+                          force=force)
+        self.llm = qwen_mlx.load(path, memory=plan)
         self.name = self.llm.path.name
         quant = self.llm.config.quantization
         weights = f"{quant['bits']}-bit g{quant['group_size']}" if quant else SHORT_DTYPES.get(

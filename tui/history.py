@@ -1,14 +1,18 @@
 """Conversations kept in SQLite (WAL) in the platform's data directory.
 
 Each message is committed on its own: the user's before generation starts, the reply when it ends (a stopped reply
-too). A process killed mid-write leaves the database as it was before that transaction.
+too). A process killed mid-write leaves the database as it was before that transaction. A file that is not a
+database, or fails SQLite's quick check, is moved aside (kept for the user, never deleted) and a new one started.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from pathlib import Path
+
+from qwen_mlx.errors import UserError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
@@ -28,13 +32,23 @@ def default_path() -> Path:
     return Path(user_data_dir("qwen-mlx")) / "history.sqlite"
 
 
+_CORRUPT = {"SQLITE_CORRUPT", "SQLITE_NOTADB"}  # not "locked" or "busy": a database in use is not corrupt
+
+
+class HistoryError(UserError):
+    """The history file cannot be opened at all (a directory, no permission, locked): one sentence naming it."""
+
+
 class History:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(SCHEMA)
+        self.path = path
+        self.moved_aside: Path | None = None  # where a corrupt database was moved, if it was (tell the user)
+        db = _open(path)
+        if db is None:
+            self.moved_aside = _move_aside(path)
+            db = _open(path)
+        self.db = db
 
     def new_conversation(self, model: str) -> int:
         with self.db:
@@ -59,3 +73,42 @@ class History:
 
     def close(self) -> None:
         self.db.close()
+
+
+def _open(path: Path) -> sqlite3.Connection | None:
+    """The database, ready; None when the file is not a database or fails SQLite's quick check."""
+    try:
+        db = sqlite3.connect(path, check_same_thread=False)
+        try:
+            problems = [row[0] for row in db.execute("PRAGMA quick_check")]
+        except sqlite3.Error:
+            db.close()
+            raise
+    except sqlite3.Error as e:
+        if getattr(e, "sqlite_errorname", None) in _CORRUPT:
+            return None
+        raise HistoryError(f"{path}: cannot open the chat history ({e}); pass --history FILE or --no-history") \
+            from None
+    if problems != ["ok"]:
+        db.close()
+        return None
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.executescript(SCHEMA)
+    return db
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename the database (and its WAL and shared-memory files, which belong to it) to <name>.corrupt-<time>."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+    for suffix in ("-wal", "-shm"):
+        side = path.with_name(path.name + suffix)
+        if side.exists():
+            os.replace(side, target.with_name(target.name + suffix))
+    os.replace(path, target)
+    return target

@@ -1,0 +1,87 @@
+"""Will a run fit in GPU memory? Weights plus the KV cache against the working set the GPU can use without paging
+(Apple silicon: `max_recommended_working_set_size` in MLX's device info), checked before any weight is read; and
+the wired-memory limit, raised while a command runs and restored however it ends.
+
+Where MLX reports no working set (the CPU backend, CUDA) nothing is checked and no limit is changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from .cache import STEP, default_slack
+from .config import ModelConfig
+from .errors import UserError
+
+
+class MemoryCheckError(UserError):
+    """A model and KV cache larger than the GPU's recommended working set (the message names --force)."""
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What a run will hold besides its weights: the KV cache it is asked for."""
+
+    context: int = 0  # tokens the run may put in the KV cache (prompt and reply)
+    max_kv_size: int | None = None  # a rotating window (--max-kv-size): the cache never holds more
+    kv_bits: int | None = None
+    kv_group_size: int | None = None
+    force: bool = False  # load even when it does not fit (--force)
+
+
+def recommended_working_set() -> int | None:
+    """Bytes the GPU can use without paging, or None where MLX does not report it (CPU, CUDA)."""
+    value = mx.device_info().get("max_recommended_working_set_size")
+    return int(value) if value else None
+
+
+def kv_cache_bytes(cfg: ModelConfig, plan: MemoryPlan, element_bytes: int) -> int:
+    """The most bytes the caches make_cache builds for `plan` reach: storage grows in steps of 256 tokens, a
+    rotating cache stops at its window plus slack. `element_bytes`: the size of the activations' dtype."""
+    tokens = -(-plan.context // STEP) * STEP
+    if plan.max_kv_size is not None:
+        tokens = min(tokens, plan.max_kv_size + default_slack(plan.max_kv_size))
+    d = cfg.head_dim
+    if plan.kv_bits is None:
+        per_vector = d * element_bytes
+    else:
+        group = plan.kv_group_size or (64 if d % 64 == 0 else 32)
+        per_vector = d * plan.kv_bits // 8 + 2 * (d // group) * element_bytes  # packed values, scales, biases
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * tokens * per_vector  # K and V
+
+
+def check_fits(what: str, weights: int, kv_cache: int, force: bool) -> None:
+    """Refuse (MemoryCheckError) when weights + KV cache exceed the recommended working set, unless `force`."""
+    limit = recommended_working_set()
+    if limit is None or force or weights + kv_cache <= limit:
+        return
+    raise MemoryCheckError(
+        f"{what}: needs about {_gib(weights + kv_cache)} (weights {_gib(weights)}, KV cache {_gib(kv_cache)}), "
+        f"more than the {_gib(limit)} this GPU can use without paging; choose a smaller or more quantized model "
+        "or a smaller --max-tokens or --max-kv-size, or pass --force to load it anyway")
+
+
+@contextmanager
+def wired_limit() -> Iterator[None]:
+    """Let up to the recommended working set stay wired (resident) while the block runs, as mlx-lm does when it
+    generates; the previous limit comes back however the block ends."""
+    limit = recommended_working_set()
+    if limit is None:
+        yield
+        return
+    previous = mx.set_wired_limit(limit)
+    try:
+        yield
+    finally:
+        try:
+            mx.synchronize()  # nothing in flight still counts on the wired memory
+        finally:
+            mx.set_wired_limit(previous)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
