@@ -332,6 +332,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except OSError as e:  # the machine's side (disk full, permissions): not a bug, not the user's input
+        if args.debug:
+            traceback.print_exc()
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"qwen-mlx: error: {where}{e.strerror or _one_line(e)}", file=sys.stderr)
+        return 1
     except Exception as e:
         if args.debug:
             traceback.print_exc()

@@ -139,6 +139,6 @@ def write_qwen_tokenizer(out_dir: Path) -> Path:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
+    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
         raise SystemExit(__doc__)
     print(write_qwen_tokenizer(Path(sys.argv[1])))

@@ -76,6 +76,17 @@ def test_internal_error_is_one_line_and_debug_shows_the_traceback(monkeypatch, c
         assert err.rstrip().endswith("RuntimeError: index out of range\n  in a place")
 
 
+def test_a_failing_disk_is_one_line_naming_the_file(monkeypatch, capsys):
+    from qwen_mlx import cli as cli_module
+
+    def disk_full(args):
+        raise OSError(28, "No space left on device", "/tmp/out/model.safetensors")
+
+    monkeypatch.setattr(cli_module, "_info", disk_full)
+    assert cli_module.main(["info", "--model", "x"]) == 1
+    assert capsys.readouterr().err == "qwen-mlx: error: /tmp/out/model.safetensors: No space left on device\n"
+
+
 def test_interrupt_exits_130(monkeypatch):
     from qwen_mlx import cli as cli_module
 
