@@ -63,29 +63,44 @@ def _sampling_overrides(args: argparse.Namespace) -> dict:
     return {field: getattr(args, flag) for flag, field in names.items() if getattr(args, flag) is not None}
 
 
-def _generate(args: argparse.Namespace) -> None:
-    from .api import load
+def _open_model(args: argparse.Namespace):
+    """A context giving the model for generate and chat: loaded in this process, or with --distributed split over
+    the ranks a launcher (mlx.launch) started; then every rank but 0 serves rank 0 and is given None."""
+    if args.distributed is None:
+        from contextlib import nullcontext
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    if not prompt.strip():
-        raise UserError("the prompt is empty")
-    llm = load(args.model)
-    sampling = llm.sampling(args.think, **_sampling_overrides(args))
-    show_thinking = not args.hide_think
-    color = sys.stderr.isatty()
-    done = None
-    for event in llm.stream(prompt, think=args.think, system=args.system, max_tokens=args.max_tokens,
-                            sampling=sampling, max_kv_size=args.max_kv_size, kv_bits=args.kv_bits,
-                            kv_group_size=args.kv_group_size):
-        if event.kind == "answer":
-            sys.stdout.write(event.text)
-            sys.stdout.flush()
-        elif event.kind == "thinking" and show_thinking:
-            sys.stderr.write(f"\x1b[2m{event.text}\x1b[0m" if color else event.text)
-            sys.stderr.flush()
-        elif event.kind == "done":
-            done = event
-    sys.stdout.write("\n")
+        from .api import load
+
+        return nullcontext(load(args.model))
+    from .distributed import run_ranks
+
+    return run_ranks(args.model, args.distributed, verbose=getattr(args, "verbose", False))
+
+
+def _generate(args: argparse.Namespace) -> None:
+    with _open_model(args) as llm:
+        if llm is None:  # a rank that served rank 0
+            return
+        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        if not prompt.strip():
+            raise UserError("the prompt is empty")
+        sampling = llm.sampling(args.think, **_sampling_overrides(args))
+        show_thinking = not args.hide_think
+        color = sys.stderr.isatty()
+        done = None
+        for event in llm.stream(prompt, think=args.think, system=args.system, max_tokens=args.max_tokens,
+                                sampling=sampling, max_kv_size=args.max_kv_size, kv_bits=args.kv_bits,
+                                kv_group_size=args.kv_group_size):
+            if event.kind == "answer":
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+            elif event.kind == "thinking" and show_thinking:
+                sys.stderr.write(f"\x1b[2m{event.text}\x1b[0m" if color else event.text)
+                sys.stderr.flush()
+            elif event.kind == "done":
+                done = event
+        sys.stdout.write("\n")
+        sys.stdout.flush()
     if args.verbose and done is not None:
         s = done.stats
         print(f"prompt {s.prompt_tokens} tokens at {s.prompt_tps:.1f} tok/s, first token after "
@@ -94,22 +109,47 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _chat(args: argparse.Namespace) -> None:
-    from tui.app import ChatApp
-    from tui.engine import ModelEngine
-
     from pathlib import Path
 
+    from tui.app import ChatApp
+    from tui.engine import ModelEngine
     from tui.history import History, default_path
 
-    engine = ModelEngine(args.model, system=args.system, max_kv_size=args.max_kv_size, kv_bits=args.kv_bits,
-                         kv_group_size=args.kv_group_size, max_tokens=args.max_tokens,
-                         sampling_overrides=_sampling_overrides(args))
-    history = None if args.no_history else History(Path(args.history) if args.history else default_path())
-    try:
-        ChatApp(engine, think=args.think, history=history, resume=args.resume).run()
-    finally:
-        if history is not None:
-            history.close()
+    with _open_model(args) as llm:
+        if llm is None:  # a rank that served rank 0
+            return
+        engine = ModelEngine(llm, system=args.system, max_kv_size=args.max_kv_size, kv_bits=args.kv_bits,
+                             kv_group_size=args.kv_group_size, max_tokens=args.max_tokens,
+                             sampling_overrides=_sampling_overrides(args))
+        history = None if args.no_history else History(Path(args.history) if args.history else default_path())
+        app = ChatApp(engine, think=args.think, history=history, resume=args.resume)
+        ended = _share_the_terminal(app, engine, llm)
+        try:
+            app.run()
+        finally:
+            ended.set()
+            if history is not None:
+                history.close()
+
+
+def _share_the_terminal(app, engine, llm):
+    """With --distributed the status bar says how the model is split, and a lost rank, which ends this process from
+    another thread, first lets the app give the terminal back (for up to two seconds). Returns the event to set
+    once the app has ended."""
+    import threading
+
+    from .distributed import DistributedLLM
+
+    ended = threading.Event()
+    if isinstance(llm, DistributedLLM):
+        engine.details += f" · {llm.runner.mode} over {llm.runner.size} ranks"
+
+        def end_app() -> None:
+            app.call_from_thread(app.exit, None, 1)
+            ended.wait(2)
+
+        llm.watchdog.on_exit = end_app
+    return ended
 
 
 def _add_model_argument(parser: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -137,6 +177,9 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
                         "(with --max-kv-size too)")
     parser.add_argument("--kv-group-size", type=int, choices=[32, 64, 128], help="values per quantization group "
                         "of the KV cache (default: 64, or 32 when 64 does not divide the model's head_dim)")
+    parser.add_argument("--distributed", choices=["pipeline", "tensor", "expert", "auto"], metavar="MODE",
+                        help="split the model over the processes (Macs) mlx.launch starts: pipeline, tensor, expert "
+                             "or auto (see README, Several Macs); rank 0 answers, the others serve it")
 
 
 def _bench(args: argparse.Namespace) -> None:

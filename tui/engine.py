@@ -6,7 +6,7 @@ import threading
 from collections.abc import Iterator
 from typing import Protocol
 
-from qwen_mlx.api import Event
+from qwen_mlx.api import LLM, Event
 
 
 class Engine(Protocol):
@@ -33,15 +33,15 @@ class Engine(Protocol):
 
 
 class ModelEngine:
-    """A real model: a ChatSession over qwen_mlx.load()."""
+    """A real model: a ChatSession over a loaded LLM (qwen_mlx.load(), or rank 0's share of a model split over
+    several ranks, distributed.DistributedLLM: the same interface)."""
 
-    def __init__(self, path: str, *, system: str | None = None, max_kv_size: int | None = None,
+    def __init__(self, llm: LLM, *, system: str | None = None, max_kv_size: int | None = None,
                  kv_bits: int | None = None, kv_group_size: int | None = None, max_tokens: int = 4096,
                  sampling_overrides: dict | None = None):
-        import qwen_mlx
         from qwen_mlx import kernels
 
-        self.llm = qwen_mlx.load(path)
+        self.llm = llm
         self.name = self.llm.path.name
         quant = self.llm.config.quantization
         weights = f"{quant['bits']}-bit g{quant['group_size']}" if quant else self.llm.config.torch_dtype
