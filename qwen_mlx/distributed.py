@@ -349,6 +349,7 @@ def failures(watchdog: Watchdog):
     except DistributedError as e:
         if watchdog.rank == 0:
             _die(0, str(e), 2)
+        time.sleep(1)  # mlx.launch stops every rank when one ends: let rank 0 say it first
         os._exit(2)
     except UserError as e:
         watchdog.fail(str(e), 2)
@@ -654,9 +655,6 @@ def _generate_cmd(args: argparse.Namespace) -> None:
         for token in decode(runner, cache, turn, watchdog, stats=stats, logits_out=args.logits_out):
             if not tokens:
                 sent = _bytes_sent()  # decoding starts: count from here
-            if (rank, len(tokens)) == (args.crash_rank, args.crash_after):
-                print(f"test hook: rank {rank} kills itself at {time.time():.3f}", file=sys.stderr, flush=True)
-                os.kill(os.getpid(), signal.SIGKILL)  # die mid-generation without any cleanup
             tokens.append(token)
         sent = _bytes_sent() - sent if sent is not None else None
         with watchdog.guard("gathering statistics"):
@@ -693,8 +691,6 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--timeout", type=float, default=60.0,
                    help="seconds one exchange between ranks may take before every rank stops (default 60)")
     g.add_argument("--logits-out", type=Path, help="the sampling rank saves the prompt's logits here (.npy)")
-    g.add_argument("--crash-rank", type=int, help=argparse.SUPPRESS)  # tests: this rank SIGKILLs itself ...
-    g.add_argument("--crash-after", type=int, default=2, help=argparse.SUPPRESS)  # ... at this token
     args = ap.parse_args(argv)
     _generate_cmd(args)
 
