@@ -152,6 +152,18 @@ def _share_the_terminal(app, engine, llm):
     return ended
 
 
+def _launch(args: argparse.Namespace) -> None:
+    from .launch import launch
+
+    if args.hosts and args.n:
+        raise UserError("give --hosts or -n, not both")
+    hosts = args.hosts.split(",") if args.hosts else ["127.0.0.1"] * (args.n or 2)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    code = launch(hosts, command, python=args.python, port=args.port)
+    if code:
+        raise SystemExit(code)
+
+
 def _add_model_argument(parser: argparse.ArgumentParser, default: str | None = None) -> None:
     parser.add_argument("-m", "--model", default=default, required=default is None, metavar="PATH",
                         help="checkpoint directory or Hugging Face hub id"
@@ -280,6 +292,24 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--hide-think", action="store_true", help="do not print the thinking")
     generate.add_argument("-v", "--verbose", action="store_true", help="print speed and memory to stderr at the end")
     generate.set_defaults(run=_generate)
+
+    launch = sub.add_parser(
+        "launch", help="run generate or chat with --distributed on several Macs, rank 0 in this terminal",
+        description="Start `qwen-mlx COMMAND` on every host (ssh; local processes for 127.0.0.1) as the ranks of one "
+                    "mx.distributed ring, with rank 0 here in the foreground: what the chat app needs (mlx.launch "
+                    "passes the terminal through line by line). The other ranks' output goes to a log file.",
+        epilog="example: qwen-mlx launch --hosts 10.0.0.1,10.0.0.2 -- chat -m ~/models/Qwen3-32B-4bit "
+               "--distributed auto")
+    launch.add_argument("--hosts", metavar="LIST", help="comma-separated hosts, this Mac first: IP addresses the "
+                        "ring uses (e.g. Thunderbolt Bridge IPs), also used for ssh")
+    launch.add_argument("-n", type=int, metavar="N", help="instead of --hosts: N processes on this machine")
+    launch.add_argument("--python", default=sys.executable, metavar="PATH", help="the Python with qwen-mlx on the "
+                        "other hosts (default: this one's path)")
+    launch.add_argument("--port", type=int, default=32323, help="first ring port; rank r uses PORT + r "
+                        "(default: 32323)")
+    launch.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                        help="the qwen-mlx command each rank runs, e.g. -- generate -m MODEL --distributed auto -p hi")
+    launch.set_defaults(run=_launch)
 
     convert = sub.add_parser(
         "convert", help="convert and quantize a Hugging Face, MLX or GGUF checkpoint into an MLX checkpoint",

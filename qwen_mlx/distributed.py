@@ -9,8 +9,10 @@ Three ways to split it (`--mode`):
 - expert: MoE experts split across ranks (uneven counts allowed), everything else replicated; the ranks' weighted
   expert outputs are combined with one all_sum per MoE layer.
 
-In every mode the sampling rank shares the token with one all_sum, so all ranks feed the same token next.
-Run it with MLX's launcher (`--` before `-m`):
+In every mode one all_sum per step shares the sampling rank's token and rank 0's stop flag, so all ranks feed the
+same token next and stop at the same step. `qwen-mlx generate|chat --distributed MODE` runs through `run_ranks`:
+rank 0 gets a DistributedLLM (the usual LLM interface), the other ranks `serve` it. For checks and benchmarks,
+token ids in, JSON out, with MLX's launcher (`--` before `-m`):
 
     mlx.launch --backend ring -n 2 --python "$(which python)" -- -m qwen_mlx.distributed generate \\
         --model PATH --mode pipeline --prompt-ids 1,2,3 --max-tokens 32

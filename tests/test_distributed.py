@@ -176,7 +176,8 @@ def cli(*args: str) -> list[str]:
 
 def test_cli_generate_prints_the_single_process_text(tiny_checkpoint):
     """`qwen-mlx generate --distributed auto` on 2 ranks: the text of the single-process command, printed by rank 0
-    only (the dense tiny model's 2 KV heads split: auto picks tensor parallel)."""
+    only (the dense tiny model's 2 KV heads split: auto picks tensor parallel); the same through `qwen-mlx launch`
+    (rank 0 in the foreground) with a pipeline."""
     args = ["generate", "-m", str(tiny_checkpoint("qwen3")), "-p", "Tell me about MLX", "--max-tokens", "24",
             "--temp", "0", "--hide-think"]
     single = subprocess.run([sys.executable, *cli(*args)], capture_output=True, text=True, timeout=60)
@@ -184,6 +185,10 @@ def test_cli_generate_prints_the_single_process_text(tiny_checkpoint):
     out, err, _ = run_launcher(2, *cli(*args, "--distributed", "auto", "--verbose"))
     assert out == single.stdout, err
     assert "qwen-mlx: --distributed auto: tensor (" in err and "finished: length" in err and not errors(err)
+    launched = subprocess.run([sys.executable, *cli("launch", "-n", "2", "--port", str(_free_ports(2)), "--", *args,
+                                                    "--distributed", "pipeline")],
+                              capture_output=True, text=True, timeout=60)
+    assert launched.returncode == 0 and launched.stdout == single.stdout, launched.stderr
 
 
 def test_chat_engine_on_rank_0_with_the_other_rank_serving(tiny_checkpoint):
