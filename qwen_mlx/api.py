@@ -78,9 +78,20 @@ class LLM:
         """Stream a reply: thinking and answer text as it is decoded, then a "done" event with the stats.
         `max_kv_size` bounds the KV cache (a rotating window), `kv_bits` quantizes it (see cache.make_cache)."""
         tokens = self.prompt_tokens(prompt, think=think, system=system)
-        cache = make_cache(self.config, max_size=max_kv_size, bits=kv_bits, group_size=kv_group_size)
+        cache = self.new_cache(max_size=max_kv_size, bits=kv_bits, group_size=kv_group_size)
         yield from stream_reply(self, tokens, cache, tokens, sampling or self.sampling(think),
                                 max_tokens=max_tokens, stop=stop, stop_strings=stop_strings)
+
+    def new_cache(self, **options) -> list[Cache]:
+        """An empty KV cache for this model (options as cache.make_cache: max_size, bits, group_size)."""
+        return make_cache(self.config, **options)
+
+    def generate_tokens(self, new_tokens: list[int], cache: list[Cache], sampling: SamplingParams, *,
+                        max_tokens: int, stats: GenerationStats, stop: threading.Event | None) -> Iterator[int]:
+        """The token ids after `new_tokens` (see generate.generate_tokens); the one step a distributed model
+        (distributed.DistributedLLM) does differently."""
+        return generate_tokens(self.model, new_tokens, cache, sampler=make_sampler(sampling), max_tokens=max_tokens,
+                               stats=stats, stop=stop)
 
     def generate(self, prompt: Prompt, **kwargs) -> Reply:
         """The whole reply at once; takes the same arguments as `stream`."""
@@ -118,8 +129,7 @@ def stream_reply(llm: LLM, prompt: list[int], cache: list[Cache], new_tokens: li
     channel = "thinking" if splitter.in_thinking else "answer"
     answer = ""
     reason: FinishReason = "length"
-    for token in generate_tokens(llm.model, new_tokens, cache, sampler=make_sampler(sampling),
-                                 max_tokens=max_tokens, stats=stats, stop=stop):
+    for token in llm.generate_tokens(new_tokens, cache, sampling, max_tokens=max_tokens, stats=stats, stop=stop):
         generated.append(token)
         if token in eos:
             reason = "stop"

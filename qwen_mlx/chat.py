@@ -6,7 +6,6 @@ import threading
 from collections.abc import Iterator
 
 from .api import LLM, Event, stream_reply
-from .cache import make_cache
 from .sampling import SamplingParams
 
 
@@ -48,7 +47,7 @@ class ChatSession:
         self.last_prefill = 0  # tokens prefilled by the last turn
 
     def _new_cache(self):
-        return make_cache(self.llm.config, **self._cache_options)
+        return self.llm.new_cache(**self._cache_options)
 
     def send(self, text: str, *, think: bool | None = None, max_tokens: int = 1024,
              stop: threading.Event | None = None) -> Iterator[Event]:

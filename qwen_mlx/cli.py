@@ -66,19 +66,42 @@ def _sampling_overrides(args: argparse.Namespace) -> dict:
     return {field: getattr(args, flag) for flag, field in names.items() if getattr(args, flag) is not None}
 
 
-def _generate(args: argparse.Namespace) -> None:
-    from .api import load
-    from .memory import MemoryPlan, wired_limit
-
+def _read_prompt(args: argparse.Namespace) -> str:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt.strip():
         raise UserError("the prompt is empty")
+    return prompt
+
+
+def _open_model(args: argparse.Namespace, context: int):
+    """A context giving the model for generate and chat: loaded in this process (after the memory check for
+    `context` tokens), or with --distributed split over the ranks a launcher (mlx.launch) started; then every rank
+    but 0 serves rank 0 and is given None."""
+    if args.distributed is None:
+        from contextlib import nullcontext
+
+        from .api import load
+        from .memory import MemoryPlan
+
+        plan = MemoryPlan(context=context, max_kv_size=args.max_kv_size, kv_bits=args.kv_bits,
+                          kv_group_size=args.kv_group_size, force=args.force)
+        return nullcontext(load(args.model, memory=plan))
+    from .distributed import run_ranks
+
+    return run_ranks(args.model, args.distributed, verbose=getattr(args, "verbose", False))
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from .memory import wired_limit
+
+    # Under a launcher only rank 0 reads the prompt, once the model is up; alone, before loading, for the check.
+    prompt = _read_prompt(args) if args.distributed is None else ""
     # A byte-level BPE token is at least one byte: the text's bytes bound its tokens; the template adds a few.
     context = len(prompt.encode()) + len((args.system or "").encode()) + 64 + args.max_tokens
-    plan = MemoryPlan(context=context, max_kv_size=args.max_kv_size, kv_bits=args.kv_bits,
-                      kv_group_size=args.kv_group_size, force=args.force)
-    with wired_limit():
-        llm = load(args.model, memory=plan)
+    with wired_limit(), _open_model(args, context) as llm:
+        if llm is None:  # a rank that served rank 0
+            return
+        prompt = prompt or _read_prompt(args)
         sampling = llm.sampling(args.think, **_sampling_overrides(args))
         show_thinking = not args.hide_think
         color = sys.stderr.isatty()
@@ -94,7 +117,8 @@ def _generate(args: argparse.Namespace) -> None:
                 sys.stderr.flush()
             elif event.kind == "done":
                 done = event
-    sys.stdout.write("\n")
+        sys.stdout.write("\n")
+        sys.stdout.flush()
     if args.verbose and done is not None:
         s = done.stats
         print(f"prompt {s.prompt_tokens} tokens at {s.prompt_tps:.1f} tok/s, first token after "
@@ -111,16 +135,54 @@ def _chat(args: argparse.Namespace) -> None:
 
     from .memory import wired_limit
 
-    with wired_limit():
-        engine = ModelEngine(args.model, system=args.system, max_kv_size=args.max_kv_size, kv_bits=args.kv_bits,
+    # the conversation's length is not known: the check counts one reply (or the whole window)
+    with wired_limit(), _open_model(args, args.max_tokens) as llm:
+        if llm is None:  # a rank that served rank 0
+            return
+        engine = ModelEngine(llm, system=args.system, max_kv_size=args.max_kv_size, kv_bits=args.kv_bits,
                              kv_group_size=args.kv_group_size, max_tokens=args.max_tokens,
-                             sampling_overrides=_sampling_overrides(args), force=args.force)
+                             sampling_overrides=_sampling_overrides(args))
         history = None if args.no_history else History(Path(args.history) if args.history else default_path())
+        app = ChatApp(engine, think=args.think, history=history, resume=args.resume)
+        ended = _share_the_terminal(app, engine, llm)
         try:
-            ChatApp(engine, think=args.think, history=history, resume=args.resume).run()
+            app.run()
         finally:
+            ended.set()
             if history is not None:
                 history.close()
+
+
+def _share_the_terminal(app, engine, llm):
+    """With --distributed the status bar says how the model is split, and a lost rank, which ends this process from
+    another thread, first lets the app give the terminal back (for up to two seconds). Returns the event to set
+    once the app has ended."""
+    import threading
+
+    from .distributed import DistributedLLM
+
+    ended = threading.Event()
+    if isinstance(llm, DistributedLLM):
+        engine.details += f" · {llm.runner.mode} over {llm.runner.size} ranks"
+
+        def end_app() -> None:
+            app.call_from_thread(app.exit, None, 1)
+            ended.wait(2)
+
+        llm.watchdog.on_exit = end_app
+    return ended
+
+
+def _launch(args: argparse.Namespace) -> None:
+    from .launch import launch
+
+    if args.hosts and args.n:
+        raise UserError("give --hosts or -n, not both")
+    hosts = args.hosts.split(",") if args.hosts else ["127.0.0.1"] * (args.n or 2)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    code = launch(hosts, command, python=args.python, port=args.port)
+    if code:
+        raise SystemExit(code)
 
 
 def _add_model_argument(parser: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -150,6 +212,9 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
                         "of the KV cache (default: 64, or 32 when 64 does not divide the model's head_dim)")
     parser.add_argument("--force", action="store_true", help="load the model even when the weights and KV cache "
                         "exceed the GPU's recommended working set (Apple silicon)")
+    parser.add_argument("--distributed", choices=["pipeline", "tensor", "expert", "auto"], metavar="MODE",
+                        help="split the model over the processes (Macs) mlx.launch starts: pipeline, tensor, expert "
+                             "or auto (see README, Several Macs); rank 0 answers, the others serve it")
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -257,6 +322,24 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--hide-think", action="store_true", help="do not print the thinking")
     generate.add_argument("-v", "--verbose", action="store_true", help="print speed and memory to stderr at the end")
     generate.set_defaults(run=_generate)
+
+    launch = sub.add_parser(
+        "launch", help="run generate or chat with --distributed on several Macs, rank 0 in this terminal",
+        description="Start `qwen-mlx COMMAND` on every host (ssh; local processes for 127.0.0.1) as the ranks of one "
+                    "mx.distributed ring, with rank 0 here in the foreground: what the chat app needs (mlx.launch "
+                    "passes the terminal through line by line). The other ranks' output goes to a log file.",
+        epilog="example: qwen-mlx launch --hosts 10.0.0.1,10.0.0.2 -- chat -m ~/models/Qwen3-32B-4bit "
+               "--distributed auto")
+    launch.add_argument("--hosts", metavar="LIST", help="comma-separated hosts, this Mac first: IP addresses the "
+                        "ring uses (e.g. Thunderbolt Bridge IPs), also used for ssh")
+    launch.add_argument("-n", type=int, metavar="N", help="instead of --hosts: N processes on this machine")
+    launch.add_argument("--python", default=sys.executable, metavar="PATH", help="the Python with qwen-mlx on the "
+                        "other hosts (default: this one's path)")
+    launch.add_argument("--port", type=int, default=32323, help="first ring port; rank r uses PORT + r "
+                        "(default: 32323)")
+    launch.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                        help="the qwen-mlx command each rank runs, e.g. -- generate -m MODEL --distributed auto -p hi")
+    launch.set_defaults(run=_launch)
 
     convert = sub.add_parser(
         "convert", help="convert and quantize a Hugging Face, MLX or GGUF checkpoint into an MLX checkpoint",

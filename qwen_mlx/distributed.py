@@ -9,8 +9,10 @@ Three ways to split it (`--mode`):
 - expert: MoE experts split across ranks (uneven counts allowed), everything else replicated; the ranks' weighted
   expert outputs are combined with one all_sum per MoE layer.
 
-In every mode the sampling rank shares the token with one all_sum, so all ranks feed the same token next.
-Run it with MLX's launcher (`--` before `-m`):
+In every mode one all_sum per step shares the sampling rank's token and rank 0's stop flag, so all ranks feed the
+same token next and stop at the same step. `qwen-mlx generate|chat --distributed MODE` runs through `run_ranks`:
+rank 0 gets a DistributedLLM (the usual LLM interface), the other ranks `serve` it. For checks and benchmarks,
+token ids in, JSON out, with MLX's launcher (`--` before `-m`):
 
     mlx.launch --backend ring -n 2 --python "$(which python)" -- -m qwen_mlx.distributed generate \\
         --model PATH --mode pipeline --prompt-ids 1,2,3 --max-tokens 32
@@ -29,8 +31,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -39,11 +42,15 @@ import numpy as np
 from mlx.nn.layers.distributed import shard_linear
 from mlx.utils import tree_flatten
 
+from .api import LLM
 from .cache import make_cache
 from .config import ModelConfig
 from .errors import UserError
+from .generate import GenerationStats, generation_stream
 from .loader import load_config, load_model, read_index, resolve
 from .model import MLP, Model, SparseMoE
+from .sampling import SamplingParams, make_sampler
+from .tokenizer import Tokenizer
 
 MODES = ("pipeline", "tensor", "expert")
 _DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4}
@@ -253,6 +260,8 @@ def shard_tensor(model: Model, group: mx.distributed.Group) -> None:
 
 # ---- failure handling -----------------------------------------------------------------------------------------
 
+LOST = "lost the connection to another rank (it exited or its host became unreachable); stopping"
+
 
 def _die(rank: int, message: str, code: int = 1) -> None:
     sys.stdout.flush()
@@ -261,15 +270,21 @@ def _die(rank: int, message: str, code: int = 1) -> None:
     os._exit(code)  # other threads may be blocked in a socket: do not wait for them
 
 
+def _connection_lost(e: RuntimeError) -> bool:
+    return "[ring]" in str(e) or "peer" in str(e)
+
+
 class Watchdog:
-    """Ends the process with one clear line when an exchange with the other ranks takes longer than `timeout`
-    (a host that vanished without closing its sockets, a rank stuck elsewhere), or on SIGTERM, which mlx.launch
-    sends to every rank when one of them ends early. Both are noticed by this thread even while the main thread
-    is blocked inside MLX (where Python signal handlers cannot run)."""
+    """Ends the process with one clear line when an exchange with the other ranks fails (a rank exited: its sockets
+    closed) or takes longer than `timeout` (a host that vanished without closing its sockets, a rank stuck
+    elsewhere), or on SIGTERM, which mlx.launch sends to every rank when one of them ends early. The last two are
+    noticed by this thread even while the main thread is blocked inside MLX (where Python signal handlers cannot
+    run). `on_exit` runs first (the chat app gives the terminal back there)."""
 
     def __init__(self, rank: int, timeout: float):
         self.rank, self.timeout = rank, timeout
         self.started = False  # set once every rank has loaded and generation begins
+        self.on_exit: Callable[[], None] | None = None
         self._deadline: float | None = None
         self._what = ""
         self._signals = None
@@ -284,18 +299,32 @@ class Watchdog:
         threading.Thread(target=self._watch, daemon=True).start()
 
     @contextmanager
-    def guard(self, what: str):
-        self._what, self._deadline = what, time.monotonic() + self.timeout
+    def guard(self, what: str, *, limited: bool = True):
+        """An exchange with the other ranks: bounded by `timeout` unless not `limited` (a rank waiting for the
+        user's next message); a lost connection inside it ends the rank."""
+        self._what, self._deadline = what, (time.monotonic() + self.timeout) if limited else None
         try:
             yield
+        except RuntimeError as e:
+            if _connection_lost(e):
+                self.fail(f"{LOST} ({e})")
+            raise
         finally:
             self._deadline = None
+
+    def fail(self, message: str, code: int = 1) -> None:
+        if self.on_exit is not None:
+            try:
+                self.on_exit()
+            except Exception:  # the line below matters more than a clean screen
+                pass
+        _die(self.rank, message, code)
 
     def _terminated(self) -> None:
         if not self.started:  # a rank that failed while loading has said why; the others need not repeat it
             os._exit(1)
-        _die(self.rank, "stopped by SIGTERM: mlx.launch sends it to every rank when another rank has ended (its "
-                        "error is above) or on Ctrl-C")
+        self.fail("stopped by SIGTERM: mlx.launch sends it to every rank when another rank has ended (its error "
+                  "is above) or on Ctrl-C")
 
     def _watch(self) -> None:
         import select
@@ -309,20 +338,38 @@ class Watchdog:
                 time.sleep(0.1)
             deadline = self._deadline
             if deadline is not None and time.monotonic() > deadline:
-                _die(self.rank, f"no answer from the other ranks within {self.timeout:g} s while {self._what}: a "
-                                "rank has stopped or its host cannot be reached (raise --timeout if it is just slow)")
+                self.fail(f"no answer from the other ranks within {self.timeout:g} s while {self._what}: a rank "
+                          "has stopped or its host cannot be reached (raise --timeout if it is just slow)")
+
+
+@contextmanager
+def failures(watchdog: Watchdog):
+    """A user error ends the rank with one line; one that every rank meets alike (a model that cannot be split as
+    asked) is said by rank 0 only."""
+    try:
+        yield
+    except DistributedError as e:
+        if watchdog.rank == 0:
+            _die(0, str(e), 2)
+        time.sleep(1)  # mlx.launch stops every rank when one ends: let rank 0 say it first
+        os._exit(2)
+    except UserError as e:
+        watchdog.fail(str(e), 2)
+
+
+def connect(watchdog: Watchdog, backend: str = "any") -> mx.distributed.Group:
+    """This process's group: all ranks when started by a launcher (mlx.launch sets MLX_RANK, MLX_HOSTFILE), else
+    a group of one."""
+    with watchdog.guard("connecting to the other ranks"):
+        group = mx.distributed.init(backend=backend)
+        # Ring ranks leave init one by one; past this barrier every rank is connected, so a rank that stops
+        # later (a bad flag, a missing file) is seen by all the others.
+        mx.eval(mx.distributed.all_sum(mx.zeros((1,)), group=group))
+    watchdog.rank = group.rank()
+    return group
 
 
 # ---- generation -----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Stats:
-    prompt_tokens: int = 0
-    prefill_seconds: float = 0.0
-    generated_tokens: int = 0
-    decode_seconds: float = 0.0
-    decode_bytes_sent: int | None = None  # this rank's TCP bytes sent while decoding (Linux only)
 
 
 def _bytes_sent() -> int | None:
@@ -349,24 +396,24 @@ def _bytes_sent() -> int | None:
 
 
 class Runner:
-    """One rank's part of the model and its caches; `forward` runs tokens through it and returns the float32
-    logits on the sampling rank (None elsewhere)."""
+    """One rank's part of the model; `forward` runs tokens through it (and this rank's cache) and returns the
+    float32 logits on the sampling rank (None elsewhere)."""
 
-    def __init__(self, model: Model, mode: str, group: mx.distributed.Group, stage: range | None = None,
-                 cache_options: dict | None = None):
+    def __init__(self, model: Model, mode: str, group: mx.distributed.Group, stage: range | None = None):
         self.model, self.mode, self.group = model, mode, group
         self.rank, self.size = group.rank(), group.size()
-        cfg = model.config
-        self.stage = stage if stage is not None else range(cfg.num_hidden_layers)
-        # Each rank caches its own layers (pipeline) or its own KV heads (tensor); any cache type of cache.py.
-        self.cache = make_cache(cfg, **(cache_options or {}))[self.stage.start:self.stage.stop]
+        self.stage = stage if stage is not None else range(model.config.num_hidden_layers)
         self.sampler_rank = self.size - 1 if mode == "pipeline" else 0
         self.act_dtype = model.layers[0].input_layernorm.weight.dtype  # what the residual stream is held in
 
-    def forward(self, ids: mx.array, positions: str) -> mx.array | None:
+    def new_cache(self, **options) -> list:
+        """This rank's KV cache: its own layers (pipeline) or its own KV heads (tensor), any cache.make_cache kind."""
+        return make_cache(self.model.config, **options)[self.stage.start:self.stage.stop]
+
+    def forward(self, ids: mx.array, cache: list, positions: str) -> mx.array | None:
         """ids (L,) -> logits (L or 1, vocab) float32 on the sampling rank; positions: "all", "last" or "none"."""
         if self.mode != "pipeline":
-            h = self.model.model(ids[None], self.cache)
+            h = self.model.model(ids[None], cache)
         else:
             r, n, m = self.rank, self.size, self.model.model
             if r == 0:
@@ -374,7 +421,7 @@ class Runner:
             else:
                 h = mx.distributed.recv((1, ids.size, self.model.config.hidden_size), self.act_dtype, r - 1,
                                         group=self.group)
-            for layer, c in zip(m.layers, self.cache):
+            for layer, c in zip(m.layers, cache):
                 h = layer(h, c)
             if r < n - 1:
                 mx.eval(mx.distributed.send(h.astype(self.act_dtype), r + 1, group=self.group))
@@ -386,57 +433,153 @@ class Runner:
         h = h if positions == "all" else h[:, -1:, :]
         return self.model.head(h)[0].astype(mx.float32)
 
-    def share(self, token: mx.array | None) -> int:
-        """The sampling rank's token, on every rank (one all_sum of one int32)."""
+    def exchange(self, token: mx.array | None, stop: bool) -> tuple[int, bool]:
+        """The sampling rank's token and rank 0's stop flag, on every rank (one all_sum of two int32)."""
         mine = token.astype(mx.int32).reshape(1) if token is not None else mx.zeros((1,), mx.int32)
-        return int(mx.distributed.all_sum(mine, group=self.group).item())
+        both = mx.distributed.all_sum(mx.concatenate([mine, mx.array([int(stop)], mx.int32)]), group=self.group)
+        token_id, stopped = both.tolist()
+        return token_id, bool(stopped)
 
 
-def generate(runner: Runner, prompt: list[int], max_tokens: int, watchdog: Watchdog, *, temperature: float = 0.0,
-             prefill_chunk: int = 512, logits_out: Path | None = None, crash: tuple[int, int] | None = None,
-             stats: Stats | None = None) -> list[int]:
-    """Greedy (or temperature) decode of max_tokens after prompt over all ranks; every rank returns the tokens."""
-    stats = stats if stats is not None else Stats()
-    start = time.perf_counter()
+@dataclass
+class Turn:
+    """What rank 0 tells every rank before each reply."""
 
-    def sample(logits: mx.array | None) -> mx.array | None:
-        if logits is None:
+    keep: int  # tokens of the KV cache to keep (the prefix shared with the last turn); 0: start a new cache
+    tokens: list[int]  # the tokens to run after those
+    sampling: dict  # SamplingParams fields
+    max_tokens: int
+    eos: list[int] = field(default_factory=list)  # token ids that end the reply
+    cache: dict = field(default_factory=dict)  # make_cache options of a new cache
+
+
+def share_turn(group: mx.distributed.Group, turn: Turn | None, watchdog: Watchdog) -> Turn | None:
+    """Rank 0's turn (None: the session is over) on every rank: its JSON's length, then its bytes, each with one
+    all_sum. The other ranks wait here for as long as the user takes to write the next message."""
+    data = json.dumps(asdict(turn)).encode() if turn is not None and group.rank() == 0 else b""
+    with watchdog.guard("sharing the next prompt", limited=group.rank() == 0):
+        size = int(mx.distributed.all_sum(mx.array([len(data)], mx.int32), group=group).item())
+        if size == 0:
             return None
-        if temperature > 0:
-            return mx.random.categorical(logits[-1] / temperature)
-        return mx.argmax(logits[-1], axis=-1)
+        mine = mx.array(np.frombuffer(data, np.uint8).astype(np.int32)) if data else mx.zeros((size,), mx.int32)
+        got = np.array(mx.distributed.all_sum(mine, group=group)).astype(np.uint8).tobytes()
+    return Turn(**json.loads(got))
 
-    ids = mx.array(prompt, dtype=mx.uint32)
+
+def decode(runner: Runner, cache: list, turn: Turn, watchdog: Watchdog, *, stop: Callable[[], bool] = lambda: False,
+           stats: GenerationStats | None = None, prefill_chunk: int = 512,
+           logits_out: Path | None = None) -> Iterator[int]:
+    """One reply, run by every rank in step: each rank gets the same token ids. Every rank stops at the same step:
+    after an eos token, after max_tokens, or when rank 0's `stop()` is true at an exchange (one per prefill chunk,
+    one per token). If rank 0 stops reading early (closes this generator) it runs one more step to stop the
+    others there; the cache then holds every token read, as generate.generate_tokens may also leave it."""
+    stats = stats if stats is not None else GenerationStats()
+    with mx.stream(generation_stream()):  # a thread's own stream: the chat app decodes on a worker thread
+        yield from _decode(runner, cache, turn, watchdog, stop, stats, prefill_chunk, logits_out)
+
+
+def _decode(runner: Runner, cache: list, turn: Turn, watchdog: Watchdog, stop: Callable[[], bool],
+            stats: GenerationStats, prefill_chunk: int, logits_out: Path | None) -> Iterator[int]:
+    start = time.perf_counter()
+    mx.reset_peak_memory()
+    sampler = make_sampler(SamplingParams(**turn.sampling)) if runner.rank == runner.sampler_rank else None
+    history = list(turn.tokens)
+
+    def step(ids: mx.array, what: str, positions: str = "last") -> tuple[int, bool]:
+        with watchdog.guard(what):
+            logits = runner.forward(ids, cache, positions)
+            if logits is not None and logits_out is not None:
+                np.save(logits_out, np.array(logits))
+            token = sampler(logits[-1:], history) if logits is not None else None
+            return runner.exchange(token, stop())
+
+    ids = mx.array(turn.tokens, dtype=mx.uint32)
     # With logits_out the prompt runs in one piece and its logits at every position are kept (for checks);
     # otherwise all but its last token are prefilled in chunks and only the last position reaches the head.
-    last = 0 if logits_out is not None else len(prompt) - 1
+    last = 0 if logits_out is not None else ids.size - 1
     for s in range(0, last, prefill_chunk):
         chunk = ids[s:min(s + prefill_chunk, last)]
         with watchdog.guard(f"prefilling tokens {s}..{s + chunk.size - 1}"):
-            runner.forward(chunk, "none")
-    with watchdog.guard("computing the first token"):
-        logits = runner.forward(ids[last:], "all" if logits_out is not None else "last")
-        if logits is not None and logits_out is not None:
-            np.save(logits_out, np.array(logits))
-        token = runner.share(sample(logits))
+            runner.forward(chunk, cache, "none")
+            if runner.exchange(None, stop())[1]:
+                return
+    token, stopped = step(ids[last:], "computing the first token", "all" if logits_out is not None else "last")
+    logits_out = None
     first = time.perf_counter()
-    stats.prompt_tokens, stats.prefill_seconds = len(prompt), first - start
-    out = [token]
-    sent = _bytes_sent()
-    for n in range(1, max_tokens):
-        if crash is not None and crash == (runner.rank, n):
-            print(f"test hook: rank {runner.rank} kills itself at {time.time():.3f}", file=sys.stderr, flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)  # die mid-generation without any cleanup
-        with watchdog.guard(f"decoding token {n + 1}"):
-            token = runner.share(sample(runner.forward(mx.array([token], dtype=mx.uint32), "last")))
-        out.append(token)
-    stats.generated_tokens, stats.decode_seconds = len(out), time.perf_counter() - first
-    if sent is not None:
-        stats.decode_bytes_sent = _bytes_sent() - sent
-    return out
+    stats.prompt_tokens = len(turn.tokens)
+    stats.time_to_first_token = stats.prompt_seconds = first - start
+    eos, n = set(turn.eos), 1
+    while not stopped:
+        stats.generated_tokens, stats.decode_seconds = n, time.perf_counter() - first
+        stats.peak_memory = mx.get_peak_memory()
+        try:
+            yield token
+        except GeneratorExit:
+            if token not in eos and n < turn.max_tokens:  # the other ranks go on to the next step: stop them there
+                with watchdog.guard("stopping the other ranks"):
+                    runner.forward(mx.array([token], dtype=mx.uint32), cache, "none")
+                    runner.exchange(None, True)
+            raise
+        if token in eos or n == turn.max_tokens:
+            return
+        history.append(token)
+        token, stopped = step(mx.array([token], dtype=mx.uint32), f"decoding token {n + 1}")
+        n += 1
+
+
+def serve(runner: Runner, watchdog: Watchdog) -> None:
+    """A rank other than 0: run every turn rank 0 shares, in step with it, until it says the session is over."""
+    cache: list = []
+    while (turn := share_turn(runner.group, None, watchdog)) is not None:
+        if turn.keep == 0:
+            cache = runner.new_cache(**turn.cache)
+        elif cache[0].offset > turn.keep:  # rank 0 kept this prefix of its identical cache: so can this rank
+            trim = cache[0].offset - turn.keep
+            for c in cache:
+                c.trim(trim)
+        for _ in decode(runner, cache, turn, watchdog):
+            pass
+
+
+class DistributedLLM(LLM):
+    """Rank 0's side of a model split over several ranks (the others run `serve`): an LLM whose every reply runs
+    on all ranks, so api.LLM.stream, chat.ChatSession and the chat app work unchanged."""
+
+    def __init__(self, runner: Runner, tokenizer: Tokenizer, path: Path, watchdog: Watchdog):
+        super().__init__(runner.model, tokenizer, path)
+        self.runner, self.watchdog = runner, watchdog
+        self._cache_options: dict = {}
+
+    def new_cache(self, **options) -> list:
+        self._cache_options = options  # the other ranks build theirs alike when a turn starts a new cache
+        return self.runner.new_cache(**options)
+
+    def generate_tokens(self, new_tokens: list[int], cache: list, sampling: SamplingParams, *, max_tokens: int,
+                        stats: GenerationStats, stop: threading.Event | None) -> Iterator[int]:
+        turn = Turn(keep=cache[0].offset, tokens=new_tokens, sampling=asdict(sampling), max_tokens=max_tokens,
+                    eos=list(self.tokenizer.eos_ids), cache=self._cache_options)
+        share_turn(self.runner.group, turn, self.watchdog)
+        return decode(self.runner, cache, turn, self.watchdog, stop=stop.is_set if stop is not None else lambda: False,
+                      stats=stats)
+
+    def close(self) -> None:
+        """Tell the other ranks the session is over (they return from `serve`)."""
+        share_turn(self.runner.group, None, self.watchdog)
 
 
 # ---- entry points ---------------------------------------------------------------------------------------------
+
+
+def choose_mode(cfg: ModelConfig, n: int) -> tuple[str, str]:
+    """`--distributed auto`: (mode, why). A mixture of experts splits its experts (one exchange per layer); a dense
+    model splits its heads when they divide n ways (each rank reads 1/n of every layer), else its layers."""
+    if cfg.num_experts >= n > 1 and cfg.num_experts:
+        return "expert", f"a mixture-of-experts model: its {cfg.num_experts} experts split over {n} ranks"
+    try:
+        check_tensor_split(cfg, n)
+        return "tensor", f"a dense model whose {cfg.num_key_value_heads} KV heads split over {n} ranks"
+    except DistributedError:
+        return "pipeline", f"its {cfg.num_key_value_heads} KV heads do not split over {n} ranks: layers do"
 
 
 def load_rank(path: Path, mode: str, group: mx.distributed.Group,
@@ -457,54 +600,76 @@ def load_rank(path: Path, mode: str, group: mx.distributed.Group,
     return load_model(path, dtype=dtype, prepare=lambda m: shard_experts(m, group))[0], None
 
 
-def _generate_cmd(args: argparse.Namespace) -> None:
-    watchdog = None
-    rank = int(os.environ.get("MLX_RANK", "0"))
-    try:
-        watchdog = Watchdog(rank, args.timeout)
-        with watchdog.guard("connecting to the other ranks"):
-            group = mx.distributed.init(backend=args.backend)
-            # Ring ranks leave init one by one; past this barrier every rank is connected, so a rank that stops
-            # later (a bad flag, a missing file) is seen by all the others.
-            mx.eval(mx.distributed.all_sum(mx.zeros((1,)), group=group))
-        rank = watchdog.rank = group.rank()
+@contextmanager
+def run_ranks(model: str, mode: str, *, verbose: bool = False, timeout: float = 60.0,
+              backend: str = "any") -> Iterator[LLM | None]:
+    """`qwen-mlx generate|chat --distributed MODE` on every rank: yields rank 0's DistributedLLM to the command,
+    while every other rank serves it and is then given None. Started without a launcher (a group of one) it says
+    so on stderr and yields the plain single-process LLM. With `verbose`, rank 0 says which mode auto chose."""
+    watchdog = Watchdog(int(os.environ.get("MLX_RANK", "0")), timeout)
+    with failures(watchdog):
+        group = connect(watchdog, backend)
+    if group.size() == 1:
+        from .api import load
+
+        print(f"qwen-mlx: --distributed {mode}: one process, not several started by mlx.launch: running the whole "
+              "model here", file=sys.stderr)
+        yield load(model)
+        return
+    with failures(watchdog):
+        path = resolve(model)
+        if mode == "auto":
+            mode, why = choose_mode(load_config(path), group.size())
+            if verbose and group.rank() == 0:
+                print(f"qwen-mlx: --distributed auto: {mode} ({why})", file=sys.stderr)
+        model_share, stage = load_rank(path, mode, group)
+        runner = Runner(model_share, mode, group, stage)
+        watchdog.started = True
+        if group.rank() != 0:
+            serve(runner, watchdog)
+            yield None
+            return
+        llm = DistributedLLM(runner, Tokenizer.from_dir(path), path, watchdog)
         try:
-            path = resolve(args.model)
-            model, stage = load_rank(path, args.mode, group)
-        except DistributedError as e:  # the same on every rank: said once
-            if rank == 0:
-                _die(rank, str(e), 2)
-            os._exit(2)
+            yield llm
+        finally:
+            llm.close()
+
+
+def _generate_cmd(args: argparse.Namespace) -> None:
+    watchdog = Watchdog(int(os.environ.get("MLX_RANK", "0")), args.timeout)
+    with failures(watchdog):
+        group = connect(watchdog, args.backend)
+        rank = group.rank()
+        model, stage = load_rank(resolve(args.model), args.mode, group)
         n_bytes = sum(p.nbytes for _, p in tree_flatten(model.parameters()))
         load_peak = mx.get_peak_memory()
-        cache_options = {"max_size": args.max_kv_size, "bits": args.kv_bits, "group_size": args.kv_group_size}
-        runner = Runner(model, args.mode, group, stage, cache_options)
+        runner = Runner(model, args.mode, group, stage)
+        cache = runner.new_cache(max_size=args.max_kv_size, bits=args.kv_bits, group_size=args.kv_group_size)
         prompt = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
         if not prompt:
             raise UserError("--prompt-ids: give at least one token id, e.g. --prompt-ids 9707,11,1879")
-        stats = Stats()
+        turn = Turn(keep=0, tokens=prompt, sampling={"temperature": args.temp}, max_tokens=args.max_tokens)
+        stats = GenerationStats()
         watchdog.started = True
-        crash = (args.crash_rank, args.crash_after) if args.crash_rank is not None else None
-        tokens = generate(runner, prompt, args.max_tokens, watchdog, temperature=args.temp,
-                          logits_out=args.logits_out, crash=crash, stats=stats)
+        tokens: list[int] = []
+        sent = None
+        for token in decode(runner, cache, turn, watchdog, stats=stats, logits_out=args.logits_out):
+            if not tokens:
+                sent = _bytes_sent()  # decoding starts: count from here
+            tokens.append(token)
+        sent = _bytes_sent() - sent if sent is not None else None
         with watchdog.guard("gathering statistics"):
-            mine = mx.array([n_bytes, load_peak, stats.decode_bytes_sent or 0, runner.stage.start, runner.stage.stop])
+            mine = mx.array([n_bytes, load_peak, sent or 0, runner.stage.start, runner.stage.stop])
             table = np.array(mx.distributed.all_gather(mine.astype(mx.int64)[None], group=group))
-    except UserError as e:
-        _die(rank, str(e), 2)
-    except RuntimeError as e:
-        if "[ring]" in str(e) or "peer" in str(e):
-            _die(rank, "lost the connection to another rank (it exited or its host became unreachable); "
-                       f"stopping ({e})")
-        raise
     if rank == 0:
-        decode = stats.generated_tokens - 1
+        decoded = stats.generated_tokens - 1
         result = {
             "mode": args.mode, "ranks": group.size(), "tokens": tokens,
-            "prompt_tokens": stats.prompt_tokens, "prefill_seconds": round(stats.prefill_seconds, 4),
-            "decode_tokens_per_second": round(decode / stats.decode_seconds, 2) if stats.decode_seconds else None,
-            "bytes_sent_per_token": (round(float(table[:, 2].sum()) / decode, 1)
-                                     if decode and stats.decode_bytes_sent is not None else None),
+            "prompt_tokens": stats.prompt_tokens, "prefill_seconds": round(stats.prompt_seconds, 4),
+            "decode_tokens_per_second": round(stats.decode_tps, 2) if stats.decode_seconds else None,
+            "bytes_sent_per_token": (round(float(table[:, 2].sum()) / decoded, 1)
+                                     if decoded and sent is not None else None),
             "weights_bytes": table[:, 0].tolist(), "load_peak_bytes": table[:, 1].tolist(),
             "layers": [[int(a), int(b)] for a, b in table[:, 3:5]],
         }
@@ -528,8 +693,6 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--timeout", type=float, default=60.0,
                    help="seconds one exchange between ranks may take before every rank stops (default 60)")
     g.add_argument("--logits-out", type=Path, help="the sampling rank saves the prompt's logits here (.npy)")
-    g.add_argument("--crash-rank", type=int, help=argparse.SUPPRESS)  # tests: this rank SIGKILLs itself ...
-    g.add_argument("--crash-after", type=int, default=2, help=argparse.SUPPRESS)  # ... at this token
     args = ap.parse_args(argv)
     _generate_cmd(args)
 

@@ -56,24 +56,31 @@ def errors(out: str) -> list[str]:
     return re.findall(r"qwen-mlx distributed: rank \d+: [^\n]*", out)
 
 
-def launch(n: int, path: Path, mode: str, *extra: str, max_tokens: int = N_TOKENS, timeout: float = 60,
-           tmp: Path | None = None) -> tuple[dict | None, str, float]:
-    """Run `python -m qwen_mlx.distributed generate` on n local ring ranks; returns rank 0's JSON line (or None),
-    all output, and the seconds it took. Every process is killed if it runs past `timeout`."""
+def run_launcher(n: int, *command: str, timeout: float = 60) -> tuple[str, str, float]:
+    """`mlx.launch --backend ring -n n` of `python command...` on 127.0.0.1: the ranks' stdout, their stderr (each
+    in one stream, as mlx.launch passes them on) and the seconds it took. Every process is killed if it runs past
+    `timeout`."""
     cmd = [str(LAUNCH), "--backend", "ring", "-n", str(n), "--starting-port", str(_free_ports(n)),
-           "--python", sys.executable, "--", "-m", "qwen_mlx.distributed", "generate", "--model", str(path),
-           "--mode", mode, "--prompt-ids", ",".join(map(str, PROMPT)), "--max-tokens", str(max_tokens),
-           "--timeout", "20", *extra]
+           "--python", sys.executable, "--", *command]
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, cwd=tmp)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"mlx.launch did not finish within {timeout} s:\n{out}")
-    elapsed = time.monotonic() - start
+        out, err = proc.communicate()
+        pytest.fail(f"mlx.launch did not finish within {timeout} s:\n{out}\n{err}")
+    return out, err, time.monotonic() - start
+
+
+def launch(n: int, path: Path, mode: str, *extra: str, max_tokens: int = N_TOKENS,
+           timeout: float = 60) -> tuple[dict | None, str, float]:
+    """Run `python -m qwen_mlx.distributed generate` on n local ring ranks; returns rank 0's JSON line (or None),
+    all output, and the seconds it took."""
+    out, err, elapsed = run_launcher(n, "-m", "qwen_mlx.distributed", "generate", "--model", str(path), "--mode",
+                                     mode, "--prompt-ids", ",".join(map(str, PROMPT)), "--max-tokens",
+                                     str(max_tokens), "--timeout", "20", *extra, timeout=timeout)
+    out += err
     lines = [line for line in out.splitlines() if line.startswith("{")]
     return (json.loads(lines[-1]) if lines else None), out, elapsed
 
@@ -163,16 +170,85 @@ def test_quantized_checkpoint(tiny_checkpoint, tmp_path, variant, mode):
     assert result["weights_bytes"][0] < 0.5 * (tiny_checkpoint(variant) / "model.safetensors").stat().st_size
 
 
-def test_killed_rank_ends_the_others_with_one_clear_error(tiny_checkpoint, tmp_path):
-    result, out, _ = launch(2, tiny_checkpoint("qwen3_moe"), "pipeline", "--crash-rank", "1",
-                            "--crash-after", "4", max_tokens=100000, timeout=60)
-    ended = time.time()
-    assert result is None, "generation should not have finished"
-    killed = re.search(r"rank 1 kills itself at ([\d.]+)", out)
-    assert killed, out
-    assert ended - float(killed[1]) < 10, f"the other rank took {ended - float(killed[1]):.1f} s to stop:\n{out}"
-    lines = [line for line in errors(out) if line.startswith("qwen-mlx distributed: rank 0:")]
-    assert len(lines) == 1, out
+def cli(*args: str) -> list[str]:
+    return ["-m", "qwen_mlx.cli", *args]
+
+
+def test_cli_generate_prints_the_single_process_text(tiny_checkpoint):
+    """`qwen-mlx generate --distributed auto` on 2 ranks: the text of the single-process command, printed by rank 0
+    only (the dense tiny model's 2 KV heads split: auto picks tensor parallel); the same through `qwen-mlx launch`
+    (rank 0 in the foreground) with a pipeline."""
+    args = ["generate", "-m", str(tiny_checkpoint("qwen3")), "-p", "Tell me about MLX", "--max-tokens", "24",
+            "--temp", "0", "--hide-think"]
+    single = subprocess.run([sys.executable, *cli(*args)], capture_output=True, text=True, timeout=60)
+    assert single.returncode == 0 and single.stdout.strip(), single.stderr
+    out, err, _ = run_launcher(2, *cli(*args, "--distributed", "auto", "--verbose"))
+    assert out == single.stdout, err
+    assert "qwen-mlx: --distributed auto: tensor (" in err and "finished: length" in err and not errors(err)
+    launched = subprocess.run([sys.executable, *cli("launch", "-n", "2", "--port", str(_free_ports(2)), "--", *args,
+                                                    "--distributed", "pipeline")],
+                              capture_output=True, text=True, timeout=60)
+    assert launched.returncode == 0 and launched.stdout == single.stdout, launched.stderr
+
+
+def test_chat_engine_on_rank_0_with_the_other_rank_serving(tiny_checkpoint):
+    """The chat app's engine on rank 0 (no app: driven from a worker thread like the app does) over a pipeline of
+    2 ranks: four turns, one stopped early as Esc does, give exactly the single-process replies, the KV cache
+    reused across turns alike; rank 1 serves until rank 0 quits and both end cleanly."""
+    import qwen_mlx
+    from distributed_chat import replies
+
+    path = tiny_checkpoint("qwen3_moe")
+    out, err, _ = run_launcher(2, str(Path(__file__).parent / "distributed_chat.py"), str(path), "pipeline")
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert {"served": True} in lines and not errors(err), out + err
+    got = next(line["replies"] for line in lines if "replies" in line)
+    expected = replies(qwen_mlx.load(path))
+    assert [r["finish"] for r in expected] == ["length", "length", "cancelled", "length"]
+    assert got == expected
+
+
+def rank_pid(rank: int, marker: str) -> int | None:
+    """The pid of the local rank whose command line holds `marker`."""
+    for entry in Path("/proc").iterdir():
+        try:
+            if marker in (entry / "cmdline").read_bytes().decode(errors="replace") and \
+                    f"MLX_RANK={rank}".encode() in (entry / "environ").read_bytes().split(b"\0"):
+                return int(entry.name)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def test_killed_rank_ends_the_others_with_one_clear_error(tiny_checkpoint):
+    """`qwen-mlx generate --distributed pipeline` on 2 ranks; rank 1 is killed (SIGKILL) once rank 0 streams text:
+    rank 0 stops with one line well within 10 s."""
+    path = tiny_checkpoint("qwen3")
+    cmd = [str(LAUNCH), "--backend", "ring", "-n", "2", "--starting-port", str(_free_ports(2)),
+           "--python", sys.executable, "--", *cli("generate", "-m", str(path), "-p", "Tell me a long story",
+                                                   "--max-tokens", "100000", "--temp", "0", "--distributed",
+                                                   "pipeline")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            start_new_session=True)
+    try:
+        out = ""
+        while len(out) < 20:  # rank 0 streams the answer
+            piece = proc.stdout.read(1)
+            assert piece, f"mlx.launch ended early:\n{out}"
+            out += piece
+        pid = rank_pid(1, str(path))
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        rest, _ = proc.communicate(timeout=30)
+        took = time.monotonic() - killed
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out += rest
+    assert took < 10, f"rank 0 took {took:.1f} s to stop:\n{out}"
+    lines = errors(out)
+    assert len(lines) == 1 and lines[0].startswith("qwen-mlx distributed: rank 0:"), out
     assert "lost the connection to another rank" in lines[0] or "SIGTERM" in lines[0]
 
 
@@ -216,3 +292,13 @@ def test_a_stage_reads_only_its_own_tensors(tiny_checkpoint):
     assert mx.get_peak_memory() - base <= 1.1 * stage_bytes
     h = mx.random.normal((1, 5, full.config.hidden_size))
     assert mx.allclose(last.layers[0](h, None), full.layers[2](h, None), atol=1e-6)
+
+
+def test_distributed_without_a_launcher_runs_in_one_process_with_a_note(tiny_checkpoint):
+    args = ["-m", "qwen_mlx.cli", "generate", "-m", str(tiny_checkpoint("qwen3")), "-p", "hi", "--max-tokens", "6",
+            "--temp", "0"]
+    plain = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=60)
+    alone = subprocess.run([sys.executable, *args, "--distributed", "auto"], capture_output=True, text=True,
+                           timeout=60)
+    assert alone.returncode == 0 and alone.stdout == plain.stdout
+    assert "--distributed auto: one process, not several started by mlx.launch" in alone.stderr

@@ -152,10 +152,11 @@ def test_no_think_command_switches_the_next_turn():
 
 
 def test_no_think_changes_the_rendered_prompt_of_the_real_model(tiny_checkpoint):
+    import qwen_mlx
     from tui.engine import ModelEngine
 
     async def run():
-        engine = ModelEngine(str(tiny_checkpoint("qwen3")), max_tokens=4)
+        engine = ModelEngine(qwen_mlx.load(tiny_checkpoint("qwen3")), max_tokens=4)
         app = ChatApp(engine)
         async with app.run_test(size=(100, 30)) as pilot:
             await send(pilot, "hi")

@@ -6,7 +6,7 @@ import threading
 from collections.abc import Iterator
 from typing import Protocol
 
-from qwen_mlx.api import Event
+from qwen_mlx.api import LLM, Event
 
 
 SHORT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -36,19 +36,15 @@ class Engine(Protocol):
 
 
 class ModelEngine:
-    """A real model: a ChatSession over qwen_mlx.load()."""
+    """A real model: a ChatSession over a loaded LLM (qwen_mlx.load(), or rank 0's share of a model split over
+    several ranks, distributed.DistributedLLM: the same interface)."""
 
-    def __init__(self, path: str, *, system: str | None = None, max_kv_size: int | None = None,
+    def __init__(self, llm: LLM, *, system: str | None = None, max_kv_size: int | None = None,
                  kv_bits: int | None = None, kv_group_size: int | None = None, max_tokens: int = 4096,
-                 sampling_overrides: dict | None = None, force: bool = False):
-        import qwen_mlx
+                 sampling_overrides: dict | None = None):
         from qwen_mlx import kernels
-        from qwen_mlx.memory import MemoryPlan
 
-        # the conversation's length is not known: the check counts one reply (or the whole window)
-        plan = MemoryPlan(context=max_tokens, max_kv_size=max_kv_size, kv_bits=kv_bits, kv_group_size=kv_group_size,
-                          force=force)
-        self.llm = qwen_mlx.load(path, memory=plan)
+        self.llm = llm
         self.name = self.llm.path.name
         quant = self.llm.config.quantization
         weights = f"{quant['bits']}-bit g{quant['group_size']}" if quant else SHORT_DTYPES.get(
