@@ -52,6 +52,31 @@ def test_unsupported_dtype_is_named(ckpt):
         load_model(ckpt)
 
 
+def test_expert_stack_problems_are_named_as_the_checkpoint_names_them(tiny_checkpoint, tmp_path):
+    """Gate and up are joined into one stack on loading: a missing or misshapen part is named as the checkpoint
+    (Hugging Face's per-expert tensors, mlx-lm's stacks) names it."""
+    from qwen_mlx.convert import convert
+
+    hf = shutil.copytree(tiny_checkpoint("qwen3_moe"), tmp_path / "hf")
+    rewrite_weights(hf, lambda w: w.pop("model.layers.0.mlp.experts.3.up_proj.weight"))
+    with pytest.raises(LoadError, match=r"^tensor model\.layers\.0\.mlp\.experts\.3\.up_proj\.weight is missing$"):
+        load_model(hf)
+
+    stacked = convert(tiny_checkpoint("qwen3_moe"), tmp_path / "mlx", dequantize=True, progress=False).path
+    up = "model.layers.0.mlp.switch_mlp.up_proj.weight"
+    for name, change, message in [
+        ("missing", lambda w: w.pop(up), rf"^checkpoint has no tensor {up} \(needed"),
+        ("short", lambda w: w.update({up: w[up][:, 1:]}),
+         r"^model\.safetensors: tensors model\.layers\.0\.mlp\.switch_mlp\.gate_proj\.weight and "
+         r"model\.layers\.0\.mlp\.switch_mlp\.up_proj\.weight joined have shape \(8, 63, 64\), the config needs "
+         r"\(8, 64, 64\)$"),
+    ]:
+        broken = shutil.copytree(stacked, tmp_path / name)
+        rewrite_weights(broken, change)
+        with pytest.raises(LoadError, match=message):
+            load_model(broken)
+
+
 def test_tied_checkpoint_with_lm_head_loads(ckpt):
     rewrite_weights(ckpt, lambda w: w.update({"lm_head.weight": w["model.embed_tokens.weight"]}))
     model, _ = load_model(ckpt)
