@@ -1,7 +1,9 @@
 """`qwen-mlx bench`: prefill and decode speed, memory and roofline fraction, side by side with mlx-lm.
 
-Both engines run on the very same weight arrays (shared, not copied), greedy, in one process: ours through
-`generate_tokens`, mlx-lm through its own `generate_step`. JSON schema (stable, "qwen-mlx-bench/1"):
+Both engines run on the very same weight arrays (shared, not copied; except the experts' gate and up projections,
+which ours holds joined and mlx-lm apart), greedy, in one process: ours through `generate_tokens`, mlx-lm through
+its own `generate_step`. Each engine's peak memory leaves out the arrays only the other engine holds.
+JSON schema (stable, "qwen-mlx-bench/1"):
 
     {"schema": "qwen-mlx-bench/1", "device": str, "bandwidth_gbs": float, "bandwidth_source": "table|measured|flag",
      "mlx_version": str, "mlx_lm_version": str | null,
@@ -30,7 +32,7 @@ from .errors import UserError
 from .files import write_atomically
 from .generate import GenerationStats, generate_tokens
 from .memory import MemoryPlan, check_fits, kv_cache_bytes
-from .model import Model
+from .model import Model, checkpoint_weights
 from .quant import quantize_model
 
 _QWEN3 = dict(model_type="qwen3", vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1000000.0,
@@ -102,19 +104,28 @@ def random_model(cfg: ModelConfig, bits: str, memory: MemoryPlan | None = None) 
 
 
 def mlx_lm_twin(model: Model, cfg: ModelConfig, bits: str) -> nn.Module:
-    """mlx-lm's own model class for this config, holding the very same weight arrays."""
+    """mlx-lm's own model class for this config, holding the very same weight arrays; the experts' gate and up,
+    which mlx-lm holds apart, as contiguous copies (so that its gathers read them as they would its checkpoint's)."""
     from mlx_lm.models import qwen3, qwen3_moe
 
     module = qwen3_moe if cfg.model_type == "qwen3_moe" else qwen3
     raw = cfg.to_dict()
     twin = module.Model(module.ModelArgs.from_dict(raw))
+    ours = dict(tree_flatten(model.parameters()))
+    weights = {name: w if name in ours else mx.contiguous(w) for name, w in checkpoint_weights(ours).items()}
     if bits != "bf16":
-        ours = {name for name, _ in tree_flatten(model.parameters())}
         nn.quantize(twin, group_size=64, bits=int(bits),
-                    class_predicate=lambda path, m: hasattr(m, "to_quantized") and f"{path}.scales" in ours)
-    twin.load_weights(tree_flatten(model.parameters()), strict=True)
+                    class_predicate=lambda path, m: hasattr(m, "to_quantized") and f"{path}.scales" in weights)
+    twin.load_weights(list(weights.items()), strict=True)
+    mx.eval(twin.parameters())
     twin.eval()
     return twin
+
+
+def own_bytes(module: nn.Module, other: nn.Module | None) -> int:
+    """Bytes of the arrays `module` holds and `other` does not share."""
+    shared = {id(p) for _, p in tree_flatten(other.parameters())} if other is not None else set()
+    return sum(p.nbytes for _, p in tree_flatten(module.parameters()) if id(p) not in shared)
 
 
 def weight_bytes_per_token(model: Model, cfg: ModelConfig) -> int:
@@ -198,8 +209,10 @@ def run(presets: list[str], bits_list: list[str], prompt_lengths: list[int], gen
     for name, bits, model, twin in _models(presets, bits_list, layers, with_mlx_lm, seed, memory):
         cfg = model.config
         engines = {"qwen-mlx": lambda p, g, m=model: _time_ours(m, p, g)}
+        other = {"qwen-mlx": own_bytes(twin, model) if twin is not None else 0}  # held only by the other engine
         if twin is not None:
             engines["mlx-lm"] = lambda p, g, t=twin: _time_mlx_lm(t, p, g)
+            other["mlx-lm"] = own_bytes(model, twin)
         weights = sum(p.nbytes for _, p in tree_flatten(model.parameters()))
         per_token = weight_bytes_per_token(model, cfg)
         for plen in prompt_lengths:
@@ -214,9 +227,9 @@ def run(presets: list[str], bits_list: list[str], prompt_lengths: list[int], gen
                     runs[engine].append(timer(prompt, gen_tokens))
             for engine, results in runs.items():
                 prefill, decode, ttft = (statistics.median(r[i] for r in results) for i in range(3))
-                case = Case(name, bits, cfg.num_hidden_layers, engine, plen, gen_tokens, prefill, decode, ttft,
-                            max(r[3] for r in results), weights, max(r[4] for r in results), per_token,
-                            per_token * decode / (gbs * 1e9))
+                peak = max(r[3] for r in results) - other[engine]
+                case = Case(name, bits, cfg.num_hidden_layers, engine, plen, gen_tokens, prefill, decode, ttft, peak,
+                            weights, max(r[4] for r in results), per_token, per_token * decode / (gbs * 1e9))
                 cases.append(case)
                 log(_row(case))
         del model, twin, engines

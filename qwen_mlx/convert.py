@@ -24,8 +24,8 @@ from mlx.utils import tree_flatten
 
 from .config import ModelConfig
 from .errors import UserError
-from .loader import _DTYPES, _EXPERT, TensorInfo, check_weights, load_config, read_index, resolve
-from .model import Model
+from .loader import _DTYPES, _EXPERT, TensorInfo, check_weights, load_config, read_index, resolve, sanitize
+from .model import Model, checkpoint_weights
 from .quant import layer_settings, plan_quantization, quantizable_layers
 
 DEFAULT_SHARD_SIZE = 5 * 10**9  # bytes; the hub's and mlx-lm's limit
@@ -97,7 +97,7 @@ def convert(src: str | Path, out: str | Path, *, bits: int | None = None, group_
     source = open_source(src)
     cfg = ModelConfig.from_dict(source.config, f"{src} (config)")
     model = Model(cfg)  # a skeleton for names and shapes; its random weights are lazy and never computed
-    check_weights(model, source.index, source.tensors, cfg)
+    check_weights(_checkpoint_shapes(model), source.index, source.tensors, cfg)
     quantization = None if dequantize else plan_quantization(model, bits, group_size, mode, recipe)
     out_dtype = DTYPES[dtype] if dtype else source.dtype
 
@@ -268,10 +268,15 @@ class _Job:
         return dict(zip((o.name for o in self.outs), q))
 
 
+def _checkpoint_shapes(model: Model) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of `model` in the checkpoint layout (mlx-lm's), which is what we write."""
+    return {name: tuple(p.shape) for name, p in checkpoint_weights(dict(tree_flatten(model.parameters()))).items()}
+
+
 def _plan(source: Source, model: Model, quantization: dict | None, dtype: mx.Dtype) -> list[_Job]:
     layers = quantizable_layers(model)
     jobs = []
-    for name in sorted(n for n, _ in tree_flatten(model.parameters())):
+    for name in sorted(_checkpoint_shapes(model)):
         tensor = source.tensors[name]
         layer, kind = name.rsplit(".", 1)
         settings = layer_settings(quantization, layer) if quantization and kind == "weight" and layer in layers \
@@ -491,7 +496,9 @@ def quality_report(src: str | Path, result: ConvertResult, *, text_file: str | P
 
     source = open_source(src)
     reference = Model(ModelConfig.from_dict(source.config, str(src)))
-    reference.load_weights([(name, t.load()) for name, t in source.tensors.items()])
+    params = {name for name, _ in tree_flatten(reference.parameters())}
+    weights = sanitize({name: t.load() for name, t in source.tensors.items()}, reference.config, params)
+    reference.load_weights(list(weights.items()))
     converted, _ = load_model(result.path)
     if text_file is not None:
         from .tokenizer import Tokenizer

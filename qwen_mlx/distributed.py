@@ -213,7 +213,7 @@ class ExpertShard(SparseMoE):
         nn.Module.__init__(self)
         self.top_k, self.norm_topk_prob = moe.top_k, moe.norm_topk_prob
         self.gate, self.switch_mlp = moe.gate, moe.switch_mlp
-        for proj in (self.switch_mlp.gate_proj, self.switch_mlp.up_proj, self.switch_mlp.down_proj):
+        for proj in self.switch_mlp.children().values():  # gate_up_proj (or gate_proj, up_proj), down_proj
             for key, value in list(proj.items()):  # weight, and scales/biases when quantized: (E, ...)
                 if isinstance(value, mx.array):
                     proj[key] = mx.contiguous(value[experts.start:experts.stop])

@@ -22,7 +22,7 @@ from mlx.utils import tree_flatten
 from .config import ConfigError, ModelConfig
 from .errors import UserError
 from .memory import MemoryPlan, check_fits, kv_cache_bytes
-from .model import Model
+from .model import Model, checkpoint_names
 from .quant import quantize_model
 
 # What a model needs from the hub: weights, configs, tokenizer and template. Never code.
@@ -114,8 +114,9 @@ def load_model(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None, layer
     if memory is not None:
         weight_bytes, element_bytes = _weight_bytes(index, dtype)
         check_fits(str(path), weight_bytes, kv_cache_bytes(cfg, memory, element_bytes), memory.force)
-    weights = _load_weights(index, cfg, names)
-    check_weights(model, index, weights, cfg)
+    expected = {name: tuple(p.shape) for name, p in tree_flatten(model.parameters())}
+    weights = _load_weights(index, cfg, set(expected), names)
+    check_weights(expected, index, weights, cfg)
     if dtype is not None:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
@@ -208,14 +209,14 @@ def _weight_bytes(index: dict[str, TensorInfo], dtype: mx.Dtype | None) -> tuple
     return total, element.size
 
 
-def _load_weights(index: dict[str, TensorInfo], cfg: ModelConfig,
+def _load_weights(index: dict[str, TensorInfo], cfg: ModelConfig, params: set[str],
                   names: dict[str, str] | None = None) -> dict[str, mx.array]:
     weights: dict[str, mx.array] = {}
     for file in sorted({info.file for info in index.values()}):
         loaded = mx.load(str(file))  # lazy: read when evaluated, so the tensors left out here are never read
         weights.update(loaded if names is None else {names[k]: v for k, v in loaded.items() if k in names})
         del loaded  # sanitize frees each expert piece once stacked: no other reference may keep it alive
-    return sanitize(weights, cfg)
+    return sanitize(weights, cfg, params)
 
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -264,12 +265,13 @@ def _shift_layers(quantization: dict, layers: range) -> dict:
     return out
 
 
-def sanitize(weights: dict[str, mx.array], cfg: ModelConfig) -> dict[str, mx.array]:
-    """Hugging Face names -> ours: drop what a model does not use, stack per-expert MoE tensors (E, out, in).
+def sanitize(weights: dict[str, mx.array], cfg: ModelConfig, params: set[str]) -> dict[str, mx.array]:
+    """Checkpoint names -> the model's `params`: drop what a model does not use, stack per-expert MoE tensors
+    (E, out, in), and join the experts' gate and up stacks into the model's gate_up_proj where it holds one.
 
-    Consumes `weights` (emptied), so that each expert piece is freed as soon as it has been stacked."""
+    Consumes `weights` (emptied), so that each expert piece is freed as soon as it has been copied."""
     out: dict[str, mx.array] = {}
-    experts: dict[tuple[str, str, str], dict[int, mx.array]] = {}
+    per_expert: dict[str, dict[int, mx.array]] = {}  # stacked name -> expert -> piece
     while weights:
         name, value = weights.popitem()
         if name.endswith("rotary_emb.inv_freq") or (cfg.tie_word_embeddings and name.startswith("lm_head.")):
@@ -277,45 +279,86 @@ def sanitize(weights: dict[str, mx.array], cfg: ModelConfig) -> dict[str, mx.arr
         m = _EXPERT.match(name)
         if m:
             prefix, e, proj, kind = m.groups()
-            experts.setdefault((prefix, proj, kind), {})[int(e)] = value
+            per_expert.setdefault(f"{prefix}.switch_mlp.{proj}.{kind}", {})[int(e)] = value
             continue
         out[name] = value
-    for (prefix, proj, kind), per_expert in experts.items():
-        if sorted(per_expert) != list(range(cfg.num_experts)):
-            missing = sorted(set(range(cfg.num_experts)) - set(per_expert))
-            raise LoadError(f"tensor {prefix}.experts.{missing[0] if missing else '?'}.{proj}.{kind} is missing")
-        name = f"{prefix}.switch_mlp.{proj}.{kind}"
-        out[name] = _stack_in_place([per_expert.pop(e) for e in range(cfg.num_experts)], name)
+    stacks = {name: _Stack.of_experts(name, pieces, cfg.num_experts) for name, pieces in per_expert.items()}
+    for name in [n for n in out if ".switch_mlp." in n]:
+        stacks[name] = _Stack.whole(name, out.pop(name))
+    for name in sorted(params):
+        parts = checkpoint_names(name)
+        if len(parts) > 1 and all(p in stacks for p in parts):  # else check_weights names what is missing
+            out[name] = _join_in_place([stacks.pop(p) for p in parts], name)
+    for name, stack in stacks.items():  # not joined: a whole stack as it is, expert pieces stacked
+        index, tensor = stack.pieces[0]
+        out[name] = tensor if index == (slice(None),) else _join_in_place([stack], name)
     return out
 
 
-def _stack_in_place(pieces: list[mx.array], name: str) -> mx.array:
-    """mx.stack without a second copy: each expert is read straight into its slot of one buffer, so loading
-    never holds more than the stacked tensor plus one expert."""
-    shape, dtype = pieces[0].shape, pieces[0].dtype
-    for e, piece in enumerate(pieces):
-        if piece.shape != shape or piece.dtype != dtype:
-            raise LoadError(f"expert {e} of {name} has shape {tuple(piece.shape)} {piece.dtype}, "
-                            f"expert 0 has {tuple(shape)} {dtype}")
-    stacked = mx.zeros((len(pieces), *shape), dtype)
-    for e in range(len(pieces)):
-        stacked[e] = pieces[e]  # the old buffer has no other reference, so MLX updates it in place
-        pieces[e] = None  # and the piece, once read, is dropped
-        mx.eval(stacked)
-    return stacked
+@dataclass
+class _Stack:
+    """One expert stack (E, rows, ...) of the checkpoint as pieces (index into the stack, tensor): E experts
+    (Hugging Face's layout, index (e,)) or the whole stack in one (mlx-lm's, index (:,))."""
+
+    name: str
+    pieces: list[tuple[tuple, mx.array] | None]
+    shape: tuple[int, ...]
+    dtype: mx.Dtype
+
+    @classmethod
+    def whole(cls, name: str, tensor: mx.array) -> "_Stack":
+        return cls(name, [((slice(None),), tensor)], tuple(tensor.shape), tensor.dtype)
+
+    @classmethod
+    def of_experts(cls, name: str, pieces: dict[int, mx.array], num_experts: int) -> "_Stack":
+        if sorted(pieces) != list(range(num_experts)):
+            missing = sorted(set(range(num_experts)) - set(pieces))
+            piece = name.replace(".switch_mlp.", f".experts.{missing[0] if missing else '?'}.")
+            raise LoadError(f"tensor {piece} is missing")
+        shape, dtype = tuple(pieces[0].shape), pieces[0].dtype
+        for e, piece in pieces.items():
+            if tuple(piece.shape) != shape or piece.dtype != dtype:
+                raise LoadError(f"expert {e} of {name} has shape {tuple(piece.shape)} {piece.dtype}, "
+                                f"expert 0 has {shape} {dtype}")
+        return cls(name, [((e,), pieces.pop(e)) for e in range(num_experts)], (num_experts, *shape), dtype)
 
 
-def check_weights(model: nn.Module, index: dict[str, TensorInfo], weights: dict[str, mx.array],
+def _join_in_place(stacks: list[_Stack], name: str) -> mx.array:
+    """The stacks joined along their rows (axis 1), without a second copy: each piece is read straight into its
+    slot of one buffer and dropped, so loading never holds more than the joined tensor plus one piece."""
+    first = stacks[0]
+    E, _, *rest = first.shape
+    for stack in stacks:
+        if (stack.shape[0], *stack.shape[2:]) != (E, *rest) or stack.dtype != first.dtype:
+            raise LoadError(f"{stack.name} {stack.shape} {stack.dtype} and {first.name} {first.shape} "
+                            f"{first.dtype} do not join into {name}")
+    joined = mx.zeros((E, sum(stack.shape[1] for stack in stacks), *rest), first.dtype)
+    start = 0
+    for stack in stacks:
+        rows = slice(start, start + stack.shape[1])
+        for i in range(len(stack.pieces)):
+            index, piece = stack.pieces[i]
+            stack.pieces[i] = None
+            joined[(*index, rows)] = piece  # the old buffer has no other reference, so MLX updates it in place
+            del piece  # and the piece, once read, is dropped
+            mx.eval(joined)
+        start = rows.stop
+    return joined
+
+
+def check_weights(expected: dict[str, tuple[int, ...]], index: dict[str, TensorInfo], weights: dict[str, mx.array],
                   cfg: ModelConfig) -> None:
-    """Every parameter present with the model's shape, nothing unexpected; errors name the tensor and file."""
-    expected = {name: p.shape for name, p in tree_flatten(model.parameters())}
+    """Every parameter present with the `expected` shape, nothing unexpected; errors name the tensor and file."""
     for name, shape in expected.items():
+        parts = checkpoint_names(name)
         if name not in weights:
-            raise LoadError(f"checkpoint has no tensor {name} (needed by this {cfg.model_type} config)")
+            missing = next((part for part in parts if part not in weights), name)
+            raise LoadError(f"checkpoint has no tensor {missing} (needed by this {cfg.model_type} config)")
         got = tuple(weights[name].shape)
         if got != tuple(shape):
-            where = index[name].file.name if name in index else "the checkpoint"
-            raise LoadError(f"{where}: tensor {name} has shape {got}, the config needs {tuple(shape)}")
+            where = index[parts[0]].file.name if parts[0] in index else "the checkpoint"
+            what = f"tensor {name} has" if len(parts) == 1 else f"tensors {' and '.join(parts)} joined have"
+            raise LoadError(f"{where}: {what} shape {got}, the config needs {tuple(shape)}")
     extra = sorted(set(weights) - set(expected))
     if extra:
         more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""

@@ -1,12 +1,14 @@
 """Qwen2 / Qwen3 / Qwen3-MoE decoder in MLX.
 
-Module paths equal the Hugging Face weight names (model.layers.0.self_attn.q_proj ...), so loading renames nothing.
+Module paths equal the Hugging Face weight names (model.layers.0.self_attn.q_proj ...), with one exception: the
+experts' gate and up projections, which checkpoints hold apart, are one stack here (`checkpoint_names` maps it).
 No loading, quantization or backend choice here: quantized layers are swapped in from outside (quant.py) and the
 fused ops live in kernels/.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Protocol
 
 import mlx.core as mx
@@ -112,10 +114,12 @@ class SparseMoE(nn.Module):
 
 
 class SwitchMLP(nn.Module):
+    """The experts' SwiGLU. Gate and up are one stack (E, 2 * hidden, dim), gate rows first, so that one gather
+    reads both for the selected experts; down is (E, dim, hidden)."""
+
     def __init__(self, dim: int, hidden: int, num_experts: int):
         super().__init__()
-        self.gate_proj = SwitchLinear(dim, hidden, num_experts)
-        self.up_proj = SwitchLinear(dim, hidden, num_experts)
+        self.gate_up_proj = SwitchLinear(dim, 2 * hidden, num_experts)
         self.down_proj = SwitchLinear(hidden, dim, num_experts)
 
     def __call__(self, x: mx.array, experts: mx.array) -> mx.array:
@@ -123,16 +127,53 @@ class SwitchMLP(nn.Module):
         B, L, k = experts.shape
         if experts.size < 64:  # decode: each token reads only its k experts
             x = mx.expand_dims(x, (-2, -3))  # (B, L, 1, 1, dim)
-            h = nn.silu(self.gate_proj(x, experts)) * self.up_proj(x, experts)
-            return self.down_proj(h, experts).squeeze(-2)  # (B, L, k, dim)
+            gate, up = self.gate_up(x, experts, False)  # (B, L, k, 1, hidden) each
+            return self.down_proj(nn.silu(gate) * up, experts).squeeze(-2)  # (B, L, k, dim)
         # Prefill: sort the (token, expert) pairs by expert so that each expert's weights are read once.
         flat = experts.flatten()
         order = mx.argsort(flat)
         x = x.reshape(B * L, 1, -1)[order // k]  # (B*L*k, 1, dim), grouped by expert
         idx = flat[order]
-        h = nn.silu(self.gate_proj(x, idx, True)) * self.up_proj(x, idx, True)
-        y = self.down_proj(h, idx, True)  # (B*L*k, 1, dim)
+        gate, up = self.gate_up(x, idx, True)  # (B*L*k, 1, hidden) each
+        y = self.down_proj(nn.silu(gate) * up, idx, True)  # (B*L*k, 1, dim)
         return y[mx.argsort(order)].reshape(B, L, k, -1)
+
+    def gate_up(self, x: mx.array, experts: mx.array, sorted_experts: bool) -> tuple[mx.array, mx.array]:
+        if "gate_up_proj" in self:
+            return mx.split(self.gate_up_proj(x, experts, sorted_experts), 2, axis=-1)
+        # Held apart: a checkpoint quantized gate and up of this layer differently (see quant.quantize_model).
+        return self.gate_proj(x, experts, sorted_experts), self.up_proj(x, experts, sorted_experts)
+
+    def unfuse(self) -> None:
+        """Hold gate and up as two stacks (E, hidden, dim) under their checkpoint names, keeping their values."""
+        num_experts, rows, dim = self.gate_up_proj.weight.shape
+        gate, up = SwitchLinear(dim, rows // 2, num_experts), SwitchLinear(dim, rows // 2, num_experts)
+        gate.weight, up.weight = mx.split(self.gate_up_proj.weight, 2, axis=1)
+        del self["gate_up_proj"]
+        self.gate_proj, self.up_proj = gate, up
+
+
+# Checkpoints (Hugging Face's and mlx-lm's layouts) hold the experts' gate and up projections apart.
+_GATE_UP = re.compile(r"(^|\.)switch_mlp\.gate_up_proj(?=\.|$)")
+
+
+def checkpoint_names(name: str) -> tuple[str, ...]:
+    """The checkpoint tensors (or layers) that a model parameter (or layer) joins along its output rows, in order:
+    `...switch_mlp.gate_up_proj.weight` is `...switch_mlp.gate_proj.weight` then `...switch_mlp.up_proj.weight`;
+    any other name is itself."""
+    if not _GATE_UP.search(name):
+        return (name,)
+    return tuple(_GATE_UP.sub(rf"\1switch_mlp.{proj}", name) for proj in ("gate_proj", "up_proj"))
+
+
+def checkpoint_weights(params: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Model parameters in the checkpoint layout (mlx-lm's): each joined stack split into its parts along the
+    output rows (axis -2 of weight, scales and biases alike), as lazy views of the joined stack."""
+    out = {}
+    for name, p in params.items():
+        parts = checkpoint_names(name)
+        out.update(zip(parts, mx.split(p, len(parts), axis=-2) if len(parts) > 1 else [p]))
+    return out
 
 
 class Block(nn.Module):

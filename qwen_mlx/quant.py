@@ -2,7 +2,8 @@
 
 The layout is mlx-lm's: `<layer>.weight` packed uint32, `<layer>.scales`, `<layer>.biases`, and config.json's
 "quantization" section {"group_size", "bits", "mode"} with per-layer overrides keyed by the layer path
-(a dict of its own settings, or false for a layer left unquantized).
+(a dict of its own settings, or false for a layer left unquantized). Paths are the checkpoint's: the model's joined
+experts' `gate_up_proj` is the checkpoint's `gate_proj` and `up_proj` (model.checkpoint_names), quantized alike.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from mlx.utils import tree_unflatten
 from . import kernels
 from .config import QUANT_FORMATS, quant_format_problem
 from .errors import UserError
-from .model import SwitchLinear
+from .model import SwitchLinear, SwitchMLP, checkpoint_names
 
 
 class QuantizedLinear(nn.QuantizedLinear):
@@ -74,17 +75,31 @@ def quantize_model(model: nn.Module, quantization: dict, present: set[str] | Non
 
     With `present` (the tensor names of a checkpoint being loaded), only layers whose `.scales` the checkpoint has
     are swapped, so the shapes then checked against the files are the quantized ones.
+
+    The experts' joined gate and up stack is quantized as one (quantization groups run along the input, so that
+    equals quantizing each); where the settings give gate and up of a layer different ones (mlx-lm's sensitivity-
+    based mixed quantization does), that layer holds them apart instead, each with its own.
     """
+    def settings(path: str, in_dims: int) -> tuple[int, int, str] | None:
+        if present is not None and f"{path}.scales" not in present:
+            return None
+        found = layer_settings(quantization, path)
+        return None if found is None or in_dims % found[0] else found
+
+    for path, module in model.named_modules():
+        if isinstance(module, SwitchMLP) and "gate_up_proj" in module:
+            gate, up = (settings(p, module.gate_up_proj.weight.shape[-1])
+                        for p in checkpoint_names(f"{path}.gate_up_proj"))
+            if gate != up:
+                module.unfuse()
     swaps = []
     for path, module in model.named_modules():
         if not isinstance(module, (nn.Linear, nn.Embedding, SwitchLinear)):
             continue
-        if present is not None and f"{path}.scales" not in present:
+        found = settings(checkpoint_names(path)[0], module.weight.shape[-1])  # a joined stack's parts agree
+        if found is None:
             continue
-        settings = layer_settings(quantization, path)
-        if settings is None or module.weight.shape[-1] % settings[0]:
-            continue
-        group_size, bits, mode = settings
+        group_size, bits, mode = found
         if isinstance(module, SwitchLinear):
             swaps.append((path, QuantizedSwitchLinear.from_switch(module, group_size, bits, mode)))
         elif isinstance(module, nn.Embedding):
@@ -112,9 +127,15 @@ ROUTER_SETTINGS = {"group_size": 64, "bits": 8, "mode": "affine"}
 
 
 def quantizable_layers(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """Path -> weight shape of every layer quantize_model can swap (linear, embedding, expert stack)."""
-    return {path: tuple(m.weight.shape) for path, m in model.named_modules()
-            if isinstance(m, (nn.Linear, nn.Embedding, SwitchLinear))}
+    """Checkpoint path -> weight shape of every layer quantize_model can swap (linear, embedding, expert stack);
+    a joined stack counts as its parts, each with its share of the output rows."""
+    layers = {}
+    for path, m in model.named_modules():
+        if isinstance(m, (nn.Linear, nn.Embedding, SwitchLinear)):
+            parts = checkpoint_names(path)
+            *batch, rows, cols = m.weight.shape
+            layers.update((part, (*batch, rows // len(parts), cols)) for part in parts)
+    return layers
 
 
 def plan_quantization(model: nn.Module, bits: int | None = None, group_size: int | None = None,

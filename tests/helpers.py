@@ -44,3 +44,13 @@ def greedy_mlx_lm_model(model, prompt: np.ndarray, n: int) -> list[int]:
 
 def prompt_ids(n: int, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 151643, n)
+
+
+def joined_gate_up(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Checkpoint-layout weights (the experts' gate and up stacks apart) in our model's layout: each layer's gate
+    and up concatenated along the output rows into one gate_up_proj stack, gate first."""
+    out = dict(weights)
+    for name in [n for n in weights if ".switch_mlp.gate_proj." in n]:
+        up = name.replace(".gate_proj.", ".up_proj.")
+        out[name.replace(".gate_proj.", ".gate_up_proj.")] = mx.concatenate([out.pop(name), out.pop(up)], axis=-2)
+    return out

@@ -109,6 +109,26 @@ def test_requantize_copies_packing_and_dequantize_restores_floats(mlx_lm_convert
     assert np.abs(ours(floats, ids) - ours(path, ids)).max() <= 1e-4
 
 
+def test_mlx_lm_checkpoint_with_gate_and_up_quantized_apart(tiny_checkpoint, tmp_path):
+    """mlx-lm's per-layer quantization (its sensitivity-based dynamic quant, say) may give one layer's expert gate
+    and up different bits: we hold that layer's gate and up apart, the other layers joined, with mlx-lm's logits;
+    and our convert of it writes mlx-lm's layout again."""
+    from mlx_lm.convert import convert as mlx_lm_convert
+
+    src = tmp_path / "mixed"
+    mlx_lm_convert(str(tiny_checkpoint("qwen3_moe")), mlx_path=str(src), quantize=True, q_bits=4, q_group_size=32,
+                   quant_predicate=lambda path, module, *_: {"group_size": 64, "bits": 8}
+                   if path == "model.layers.0.mlp.switch_mlp.gate_proj" else True)
+    experts = [layer.mlp.switch_mlp for layer in load_model(src)[0].layers if "switch_mlp" in layer.mlp]
+    assert "gate_up_proj" not in experts[0] and all("gate_up_proj" in m for m in experts[1:])
+    ids = prompt_ids(16)
+    assert np.abs(ours(src, ids) - mlx_lm(src, ids)).max() <= 1e-4
+
+    out = convert(src, tmp_path / "again", bits=4, group_size=32, progress=False).path
+    assert sorted(read_index(out)) == sorted(read_index(src))
+    assert np.abs(ours(out, ids) - mlx_lm(out, ids)).max() <= 1e-4
+
+
 def test_mixed_recipe_beats_uniform_4_bit(tiny_checkpoint, tmp_path):
     """mixed_4_6 (down_proj 6-bit, embeddings/head 8-bit) against uniform 4-bit at the same group size."""
     ids = prompt_ids(48)

@@ -27,6 +27,7 @@ from helpers import greedy_ours, prompt_ids
 from qwen_mlx.cache import make_cache
 from qwen_mlx.distributed import DistributedError, check_tensor_split, expert_range, memory_plan, plan_stages
 from qwen_mlx.loader import load_config, load_model
+from qwen_mlx.model import checkpoint_weights
 from qwen_mlx.quant import quantize_model
 
 TOL = 1e-4  # max abs difference of fp32 logits (only the order of additions differs)
@@ -156,7 +157,8 @@ def write_quantized(src: Path, dst: Path, group_size: int, bits: int) -> Path:
     model, _ = load_model(src)
     quantize_model(model, {"group_size": group_size, "bits": bits})
     dst.mkdir()
-    mx.save_safetensors(str(dst / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    weights = {k: mx.contiguous(v) for k, v in checkpoint_weights(dict(tree_flatten(model.parameters()))).items()}
+    mx.save_safetensors(str(dst / "model.safetensors"), weights)
     config = json.loads((src / "config.json").read_text())
     config["quantization"] = {"group_size": group_size, "bits": bits}
     (dst / "config.json").write_text(json.dumps(config))

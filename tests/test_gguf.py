@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from helpers import prompt_ids
+from helpers import joined_gate_up, prompt_ids
 from qwen_mlx.convert import convert
 from qwen_mlx.gguf import GGUFError, load_tensor, read_gguf, read_header
 from qwen_mlx.loader import load_config, load_model
-from qwen_mlx.model import Model
+from qwen_mlx.model import Model, checkpoint_weights
 from qwen_mlx.quant import logit_agreement
 
 # Hugging Face -> llama.cpp names, as its convert_hf_to_gguf.py maps a Qwen2/Qwen3/Qwen3-MoE checkpoint.
@@ -150,7 +150,7 @@ def test_gguf_imports_names_config_and_logits(tiny_checkpoint, tmp_path, variant
 
     # names: the weights the file holds, each where the model wants it, to the bit
     model, _ = load_model(out)
-    params = dict(tree_flatten(model.parameters()))
+    params = checkpoint_weights(dict(tree_flatten(model.parameters())))  # in the checkpoint's layout
     assert sorted(params) == sorted(held)
     for name, value in held.items():
         assert np.array_equal(np.array(params[name]), value), name
@@ -158,7 +158,7 @@ def test_gguf_imports_names_config_and_logits(tiny_checkpoint, tmp_path, variant
     # logits: those of the dequantized weights, so within the format's quantization error of the source
     ids = prompt_ids(16)
     expected = Model(theirs)
-    expected.load_weights([(k, mx.array(v)) for k, v in held.items()])
+    expected.load_weights(list(joined_gate_up({k: mx.array(v) for k, v in held.items()}).items()))
     got, want, truth = logits(model, ids), logits(expected, ids), logits(load_model(src)[0], ids)
     assert np.abs(got - want).max() <= 1e-4
     err = np.abs(got - truth).max() / np.abs(truth).max()

@@ -52,6 +52,31 @@ def test_unsupported_dtype_is_named(ckpt):
         load_model(ckpt)
 
 
+def test_expert_stack_problems_are_named_as_the_checkpoint_names_them(tiny_checkpoint, tmp_path):
+    """Gate and up are joined into one stack on loading: a missing or misshapen part is named as the checkpoint
+    (Hugging Face's per-expert tensors, mlx-lm's stacks) names it."""
+    from qwen_mlx.convert import convert
+
+    hf = shutil.copytree(tiny_checkpoint("qwen3_moe"), tmp_path / "hf")
+    rewrite_weights(hf, lambda w: w.pop("model.layers.0.mlp.experts.3.up_proj.weight"))
+    with pytest.raises(LoadError, match=r"^tensor model\.layers\.0\.mlp\.experts\.3\.up_proj\.weight is missing$"):
+        load_model(hf)
+
+    stacked = convert(tiny_checkpoint("qwen3_moe"), tmp_path / "mlx", dequantize=True, progress=False).path
+    up = "model.layers.0.mlp.switch_mlp.up_proj.weight"
+    for name, change, message in [
+        ("missing", lambda w: w.pop(up), rf"^checkpoint has no tensor {up} \(needed"),
+        ("short", lambda w: w.update({up: w[up][:, 1:]}),
+         r"^model\.safetensors: tensors model\.layers\.0\.mlp\.switch_mlp\.gate_proj\.weight and "
+         r"model\.layers\.0\.mlp\.switch_mlp\.up_proj\.weight joined have shape \(8, 63, 64\), the config needs "
+         r"\(8, 64, 64\)$"),
+    ]:
+        broken = shutil.copytree(stacked, tmp_path / name)
+        rewrite_weights(broken, change)
+        with pytest.raises(LoadError, match=message):
+            load_model(broken)
+
+
 def test_tied_checkpoint_with_lm_head_loads(ckpt):
     rewrite_weights(ckpt, lambda w: w.update({"lm_head.weight": w["model.embed_tokens.weight"]}))
     model, _ = load_model(ckpt)
@@ -121,12 +146,15 @@ def test_cli_info_on_a_good_checkpoint(tiny_checkpoint):
     assert "qwen3_moe" in run.stdout and "8 experts, 2 active" in run.stdout
 
 
-@pytest.mark.parametrize("variant", ["qwen3_moe", "qwen2"])
-def test_peak_memory_while_loading_stays_near_the_weights(tmp_path, variant):
-    """Experts dominate this checkpoint (vocab cut to 1000), so stacking them must not copy them twice."""
+@pytest.mark.parametrize("variant,layout", [("qwen3_moe", "hf"), ("qwen3_moe", "mlx-bf16"), ("qwen3_moe", "mlx-4bit"),
+                                            ("qwen2", "hf")])
+def test_peak_memory_while_loading_stays_near_the_weights(tmp_path, variant, layout):
+    """Experts dominate this checkpoint (vocab cut to 1000), so stacking them (Hugging Face's per-expert tensors)
+    and joining gate and up (from either layout) must not copy them twice."""
     from mlx.utils import tree_flatten
 
     from make_tiny_checkpoint import write_tiny_checkpoint
+    from qwen_mlx.convert import convert
 
     overrides = dict(vocab_size=1000, hidden_size=256, num_hidden_layers=4)
     if variant == "qwen3_moe":
@@ -134,10 +162,14 @@ def test_peak_memory_while_loading_stays_near_the_weights(tmp_path, variant):
     else:
         overrides.update(intermediate_size=8192)
     path = write_tiny_checkpoint(tmp_path / variant, variant, "bfloat16", overrides=overrides)
+    if layout != "hf":  # mlx-lm's layout: each layer's experts stacked (E, out, in), gate and up apart
+        path = convert(path, tmp_path / layout, progress=False, **({"bits": 4} if layout == "mlx-4bit" else
+                                                                   {"dequantize": True})).path
     mx.clear_cache()
     base = mx.get_active_memory()
     mx.reset_peak_memory()
     model, _ = load_model(path)
     weights = sum(p.nbytes for _, p in tree_flatten(model.parameters()))
     assert weights > 20 * 2**20
+    print(f"\n{variant} {layout}: load peak {(mx.get_peak_memory() - base) / weights:.3f} x weights")
     assert mx.get_peak_memory() - base <= 1.1 * weights

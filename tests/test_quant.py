@@ -8,16 +8,19 @@ from mlx.utils import tree_flatten
 
 from helpers import greedy_ours, prompt_ids
 from qwen_mlx.loader import load_model
+from qwen_mlx.model import checkpoint_weights
 from qwen_mlx.quant import QuantizedSwitchLinear, layer_settings, quantize_model
 
 
 def mlx_lm_quantized_twin(path, params: dict, group_size: int, bits: int):
+    """mlx-lm's model holding our quantized weights, in its layout (experts' gate and up apart)."""
     from mlx_lm.utils import load_model as mlx_lm_load
 
     twin, _ = mlx_lm_load(path)
+    weights = checkpoint_weights(params)
     nn.quantize(twin, group_size=group_size, bits=bits,
-                class_predicate=lambda p, m: hasattr(m, "to_quantized") and f"{p}.scales" in params)
-    twin.load_weights(list(params.items()), strict=True)
+                class_predicate=lambda p, m: hasattr(m, "to_quantized") and f"{p}.scales" in weights)
+    twin.load_weights(list(weights.items()), strict=True)
     return twin
 
 
@@ -31,7 +34,7 @@ def test_quantized_model_equals_mlx_lm_on_the_same_weights(tiny_checkpoint, vari
     params = dict(tree_flatten(model.parameters()))
     assert params["model.layers.0.self_attn.q_proj.weight"].dtype == mx.uint32
     if variant == "qwen3_moe":
-        assert isinstance(model.layers[0].mlp.switch_mlp.gate_proj, QuantizedSwitchLinear)
+        assert isinstance(model.layers[0].mlp.switch_mlp.gate_up_proj, QuantizedSwitchLinear)
         # down_proj's input (moe_intermediate_size 32) is not a multiple of group 64: it stays unquantized
         down = params["model.layers.0.mlp.switch_mlp.down_proj.weight"].dtype
         assert down == (mx.uint32 if 32 % group_size == 0 else mx.float32)
