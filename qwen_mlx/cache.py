@@ -160,13 +160,17 @@ class KVCache(_StoredCache):
         self._store = _Store(None, 0)
         self.offset = 0
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        """Append keys, values (B, n_kv, L, head_dim); return all held keys and values (B, n_kv, offset, ·)."""
+    def append(self, keys: mx.array, values: mx.array) -> None:
+        """Store keys, values (B, n_kv, L, head_dim) without attending (e.g. a context built directly)."""
         end = self.offset + keys.shape[2]
         self._store.reserve(end, [keys, values])
         self._store.write(self.offset, [keys, values])
         self.offset = end
-        k, v = self._store.view(end)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Append keys, values (B, n_kv, L, head_dim); return all held keys and values (B, n_kv, offset, ·)."""
+        self.append(keys, values)
+        k, v = self._store.view(self.offset)
         return k, v
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
@@ -187,12 +191,16 @@ class QuantizedKVCache(_StoredCache):
         self._store = _Store(bits, group_size)
         self.offset = 0
 
+    def append(self, keys: mx.array, values: mx.array) -> None:
+        """Quantize and store keys, values (B, n_kv, L, head_dim) without attending."""
+        parts = self._store.encode(keys, values)
+        self._store.reserve(self.offset + keys.shape[2], parts)
+        self._store.write(self.offset, parts)
+        self.offset += keys.shape[2]
+
     def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
         start, L = self.offset, k.shape[2]
-        parts = self._store.encode(k, v)
-        self._store.reserve(start + L, parts)
-        self._store.write(start, parts)
-        self.offset = start + L
+        self.append(k, v)
         mask = None
         if L > 1:  # query i (position start + i) sees keys 0 .. start + i
             mask = mx.arange(start + L)[None] <= mx.arange(start, start + L)[:, None]
@@ -287,6 +295,10 @@ class RotatingKVCache(_StoredCache):
         t, j = q_pos[:, None], k_pos[None]
         mask = (j >= 0) & (j <= t) & ((j < self.keep) | (j > t - (self.max_size - self.keep)))  # (L, S)
         return self._store.attend(q, stored, scale, mask)
+
+    def append(self, keys: mx.array, values: mx.array) -> None:
+        """Store keys, values (B, n_kv, L, head_dim) without attending: the tokens that stay in the window."""
+        self._write(self._store.encode(keys, values), self.offset)
 
     def _slot_positions(self) -> mx.array:
         """The absolute position held in each of the first `_used` slots, -1 where a slot holds nothing valid."""
