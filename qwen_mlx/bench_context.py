@@ -67,7 +67,8 @@ def random_kv(cfg: ModelConfig, layer: int, n: int, seed: int) -> tuple[mx.array
 
 def filled_cache_ours(cfg: ModelConfig, kind: str, context: int, max_kv_size: int, seed: int) -> list:
     rotating, bits = CACHE_KINDS[kind]
-    cache = make_cache(cfg, max_size=max_kv_size if rotating else None, keep=KEEP, bits=bits, group_size=64)
+    cache = make_cache(cfg, max_size=max_kv_size if rotating else None, keep=KEEP, bits=bits,
+                       group_size=kv_group_size(cfg))
     for i, c in enumerate(cache):
         c.append(*random_kv(cfg, i, context, seed))
         mx.eval(c.state)
@@ -90,11 +91,16 @@ def filled_cache_mlx_lm(cfg: ModelConfig, kind: str, context: int, max_kv_size: 
             else:
                 c.update_and_fetch(k, v)
         else:
-            c = QuantizedKVCache(group_size=64, bits=bits) if bits else KVCache()
+            c = QuantizedKVCache(group_size=kv_group_size(cfg), bits=bits) if bits else KVCache()
             c.update_and_fetch(k, v)
         mx.eval(_arrays(c))
         cache.append(c)
     return cache
+
+
+def kv_group_size(cfg: ModelConfig) -> int:
+    """64 (both engines' default), or 32 for a head_dim that 64 does not divide (tiny test models)."""
+    return 64 if cfg.head_dim % 64 == 0 else 32
 
 
 def twin_supports(kind: str) -> bool:
