@@ -2,16 +2,10 @@
 
 Both engines run on the very same weight arrays (shared, not copied; except the experts' gate and up projections,
 which ours holds joined and mlx-lm apart), greedy, in one process: ours through `generate_tokens`, mlx-lm through
-its own `generate_step`. Each engine's peak memory leaves out the arrays only the other engine holds.
-JSON schema (stable, "qwen-mlx-bench/1"):
-
-    {"schema": "qwen-mlx-bench/1", "device": str, "bandwidth_gbs": float, "bandwidth_source": "table|measured|flag",
-     "mlx_version": str, "mlx_lm_version": str | null,
-     "cases": [{"model": str, "bits": "bf16|8|4", "layers": int, "engine": "qwen-mlx|mlx-lm",
-                "prompt_tokens": int, "gen_tokens": int, "prefill_tps": float, "decode_tps": float,
-                "ttft_s": float, "peak_memory_bytes": int, "weight_bytes": int, "kv_cache_bytes": int,
-                "weight_bytes_per_token": int, "roofline_fraction": float}],
-     "ratios": [{"model", "bits", "prompt_tokens", "decode_ratio", "prefill_ratio"}]}   # ours / mlx-lm
+its own `generate_step`. Each engine's peak memory leaves out the arrays only the other engine holds. Long-context
+cases and the rotating-cache run live in bench_context.py, the plot in bench_plot.py. The JSON schema
+("qwen-mlx-bench/1") is documented in docs/bench.md; within /1 keys are only ever added, never renamed or removed,
+so readers ignore keys they do not know.
 """
 
 from __future__ import annotations
@@ -78,6 +72,24 @@ class Case:
     kv_cache_bytes: int
     weight_bytes_per_token: int
     roofline_fraction: float
+    decode_peak_memory_bytes: int  # peak from the first generated token to the last
+    memory_limit_bytes: int  # (weights + KV cache) x MEMORY_SLACK
+    memory_ok: bool  # decode_peak_memory_bytes <= memory_limit_bytes
+
+
+MEMORY_SLACK = 1.10  # decode may use at most weights + KV cache + 10%
+
+
+@dataclass
+class Timing:
+    """One timed generation."""
+
+    prefill_tps: float
+    decode_tps: float
+    ttft_s: float
+    peak_memory: int  # bytes, whole generation
+    decode_peak_memory: int  # bytes, from the first generated token on
+    cache_bytes: int  # KV cache at the end
 
 
 def preset_config(name: str, layers: int | None) -> ModelConfig:
@@ -168,50 +180,67 @@ def measure_bandwidth(n_bytes: int = 256 * 2**20, repeats: int = 5) -> float:
     return 2 * n_bytes / best / 1e9
 
 
-def _time_ours(model: Model, prompt: list[int], gen: int) -> tuple[float, float, float, int, int]:
-    cache = make_cache(model.config)
+def time_ours(model: Model, prompt: list[int], gen: int, cache: list | None = None) -> Timing:
+    """Generate `gen` tokens after `prompt` through generate_tokens, into `cache` (a fresh one by default)."""
+    cache = make_cache(model.config) if cache is None else cache
     stats = GenerationStats()
-    n = sum(1 for _ in generate_tokens(model, prompt, cache, max_tokens=gen, stats=stats))
+    first_peak = n = 0
+    for n, _ in enumerate(generate_tokens(model, prompt, cache, max_tokens=gen, stats=stats), 1):
+        if n == 1:
+            first_peak = mx.get_peak_memory()
+            mx.reset_peak_memory()
     if n != gen:
         raise RuntimeError(f"generated {n} tokens, expected {gen}")
-    return stats.prompt_tps, stats.decode_tps, stats.time_to_first_token, stats.peak_memory, \
-        sum(c.nbytes for c in cache)
+    decode_peak = mx.get_peak_memory()
+    return Timing(stats.prompt_tps, stats.decode_tps, stats.time_to_first_token, max(first_peak, decode_peak),
+                  decode_peak, sum(c.nbytes for c in cache))
 
 
-def _time_mlx_lm(twin: nn.Module, prompt: list[int], gen: int) -> tuple[float, float, float, int, int]:
+def time_mlx_lm(twin: nn.Module, prompt: list[int], gen: int, cache: list | None = None) -> Timing:
+    """The same through mlx-lm's own generate_step."""
     from mlx_lm.generate import generate_step
     from mlx_lm.models.cache import make_prompt_cache
 
-    cache = make_prompt_cache(twin)
+    cache = make_prompt_cache(twin) if cache is None else cache
     mx.reset_peak_memory()
     start = time.perf_counter()
     first = last = None
-    n = 0
+    first_peak = n = 0
     for _token, _ in generate_step(mx.array(prompt), twin, max_tokens=gen, prompt_cache=cache,
                                    sampler=lambda x: mx.argmax(x, axis=-1)):
         last = time.perf_counter()
-        first = first or last
         n += 1
+        if n == 1:
+            first = last
+            first_peak = mx.get_peak_memory()
+            mx.reset_peak_memory()
     ttft = first - start
     decode = (n - 1) / (last - first) if n > 1 and last > first else 0.0
-    return len(prompt) / ttft, decode, ttft, mx.get_peak_memory(), sum(c.nbytes for c in cache)
+    decode_peak = mx.get_peak_memory()
+    return Timing(len(prompt) / ttft, decode, ttft, max(first_peak, decode_peak), decode_peak,
+                  sum(c.nbytes for c in cache))
+
+
+def memory_limit(weight_bytes: int, cache_bytes: int) -> int:
+    return int((weight_bytes + cache_bytes) * MEMORY_SLACK)
 
 
 def run(presets: list[str], bits_list: list[str], prompt_lengths: list[int], gen_tokens: int, *,
         layers: int | None = None, repeats: int = 3, warmup: int = 1, with_mlx_lm: bool = True,
         bandwidth: float | None = None, seed: int = 0, force: bool = False, log=print) -> dict:
-    """Benchmark each preset x bits (random weights) or checkpoint. A model whose weights and KV cache exceed the
-    GPU's recommended working set is refused unless `force`."""
+    """Prompt-length cases: prefill and decode speed, memory. Returns the JSON document. A model whose weights and
+    KV cache exceed the GPU's recommended working set is refused unless `force`."""
     device, gbs, source = device_bandwidth(bandwidth)
     memory = MemoryPlan(context=max(prompt_lengths) + gen_tokens, force=force)
     log(f"device {device}, bandwidth {gbs:.0f} GB/s ({source})")
+    log(HEADER)
     cases: list[Case] = []
-    for name, bits, model, twin in _models(presets, bits_list, layers, with_mlx_lm, seed, memory):
+    for name, bits, model, twin in models(presets, bits_list, layers, with_mlx_lm, seed, memory):
         cfg = model.config
-        engines = {"qwen-mlx": lambda p, g, m=model: _time_ours(m, p, g)}
+        engines = {"qwen-mlx": lambda p, g, m=model: time_ours(m, p, g)}
         other = {"qwen-mlx": own_bytes(twin, model) if twin is not None else 0}  # held only by the other engine
         if twin is not None:
-            engines["mlx-lm"] = lambda p, g, t=twin: _time_mlx_lm(t, p, g)
+            engines["mlx-lm"] = lambda p, g, t=twin: time_mlx_lm(t, p, g)
             other["mlx-lm"] = own_bytes(model, twin)
         weights = sum(p.nbytes for _, p in tree_flatten(model.parameters()))
         per_token = weight_bytes_per_token(model, cfg)
@@ -226,25 +255,37 @@ def run(presets: list[str], bits_list: list[str], prompt_lengths: list[int], gen
                 for engine, timer in engines.items():
                     runs[engine].append(timer(prompt, gen_tokens))
             for engine, results in runs.items():
-                prefill, decode, ttft = (statistics.median(r[i] for r in results) for i in range(3))
-                peak = max(r[3] for r in results) - other[engine]
-                case = Case(name, bits, cfg.num_hidden_layers, engine, plen, gen_tokens, prefill, decode, ttft, peak,
-                            weights, max(r[4] for r in results), per_token, per_token * decode / (gbs * 1e9))
+                decode = statistics.median(r.decode_tps for r in results)
+                cache_bytes = max(r.cache_bytes for r in results)
+                decode_peak = max(r.decode_peak_memory for r in results) - other[engine]
+                limit = memory_limit(weights, cache_bytes)
+                case = Case(name, bits, cfg.num_hidden_layers, engine, plen, gen_tokens,
+                            statistics.median(r.prefill_tps for r in results), decode,
+                            statistics.median(r.ttft_s for r in results),
+                            max(r.peak_memory for r in results) - other[engine],
+                            weights, cache_bytes, per_token, per_token * decode / (gbs * 1e9),
+                            decode_peak, limit, decode_peak <= limit)
                 cases.append(case)
                 log(_row(case))
         del model, twin, engines
         mx.clear_cache()
-    return {
-        "schema": "qwen-mlx-bench/1", "device": device, "bandwidth_gbs": gbs, "bandwidth_source": source,
-        "mlx_version": mx.__version__, "mlx_lm_version": _mlx_lm_version() if with_mlx_lm else None,
-        "cases": [asdict(c) for c in cases], "ratios": _ratios(cases),
-    }
+    return document(device, gbs, source, with_mlx_lm, cases=[asdict(c) for c in cases], ratios=_ratios(cases))
 
 
-def _models(sources: list[str], bits_list: list[str], layers: int | None, with_mlx_lm: bool, seed: int,
-            memory: MemoryPlan):
-    """(name, bits, our model, mlx-lm's model or None) for each preset x bits, or each checkpoint path. (The memory
-    check counts our copy of a checkpoint's weights; mlx-lm loads a second one.)"""
+def document(device: str, gbs: float, source: str, with_mlx_lm: bool, **parts) -> dict:
+    """The JSON document: header keys, then every part (empty when a mode did not run)."""
+    doc = {"schema": "qwen-mlx-bench/1", "device": device, "bandwidth_gbs": gbs, "bandwidth_source": source,
+           "mlx_version": mx.__version__, "mlx_lm_version": _mlx_lm_version() if with_mlx_lm else None,
+           "cases": [], "ratios": [], "context_cases": [], "context_ratios": [], "rotating_run": None}
+    doc.update(parts)
+    return doc
+
+
+def models(sources: list[str], bits_list: list[str], layers: int | None, with_mlx_lm: bool, seed: int,
+           memory: MemoryPlan | None = None):
+    """(name, bits, our model, mlx-lm's model or None) for each preset x bits, or each checkpoint path. With
+    `memory`, each is checked against the GPU's working set first (counting our copy of a checkpoint's weights;
+    mlx-lm loads a second one)."""
     for source in sources:
         if source not in PRESETS:  # a checkpoint: its own weights and quantization; mlx-lm loads its own copy
             from .loader import load_model
@@ -287,13 +328,22 @@ def _mlx_lm_version() -> str | None:
 
 
 HEADER = (f"{'model':<14} {'bits':>4} {'layers':>6} {'engine':<9} {'prompt':>6} {'prefill tok/s':>13} "
-          f"{'decode tok/s':>12} {'ttft s':>7} {'peak MiB':>9} {'roofline':>8}")
+          f"{'decode tok/s':>12} {'ttft s':>7} {'peak MiB':>9} {'roofline':>8}  memory check")
 
 
 def _row(c: Case) -> str:
     return (f"{c.model:<14} {c.bits:>4} {c.layers:>6} {c.engine:<9} {c.prompt_tokens:>6} {c.prefill_tps:>13.1f} "
             f"{c.decode_tps:>12.1f} {c.ttft_s:>7.3f} {c.peak_memory_bytes / 2**20:>9.0f} "
-            f"{100 * c.roofline_fraction:>7.1f}%")
+            f"{100 * c.roofline_fraction:>7.1f}%  "
+            f"{memory_check(c.weight_bytes, c.kv_cache_bytes, c.decode_peak_memory_bytes)}")
+
+
+def memory_check(weights: int, cache: int, decode_peak: int) -> str:
+    """'ok' or 'OVER', with the decode peak against weights + KV cache, e.g. 'ok 1166 <= 1136+2 MiB (+2.6%)'."""
+    ok = decode_peak <= memory_limit(weights, cache)
+    excess = decode_peak / (weights + cache) - 1
+    return (f"{'ok' if ok else 'OVER'} {decode_peak / 2**20:.0f} {'<=' if ok else '>'} "
+            f"{weights / 2**20:.0f}+{cache / 2**20:.0f} MiB ({100 * excess:+.1f}%)")
 
 
 def format_ratios(result: dict) -> str:

@@ -102,21 +102,24 @@ def quantized_attention(q: mx.array, stored: list[mx.array], scale: float, mask:
     """softmax(scale * q K^T, masked) V with K and V group-quantized, by two quantized matmuls.
 
     q (B, H, L, D); stored = [K, K scales, K biases, V, V scales, V biases] with S tokens; mask (L, S) bool
-    (True = attend) or None. GQA without repeating K/V: the H = n_kv * n_rep query heads are grouped as
-    (B, n_kv, n_rep, L, D) against K/V (B, n_kv, 1, S, ·). Scores are softmaxed in float32.
+    (True = attend) or None. GQA without repeating K/V: the n_rep = H / n_kv query heads of each KV head are
+    folded into the rows, (B, n_kv, n_rep * L, D) against K/V (B, n_kv, S, ·). Not broadcasting K/V over n_rep
+    matters: MLX's CPU quantized matmul would copy them (n_rep x the cache per layer); it also copies a K/V that
+    is not contiguous, so callers pass whole storage arrays and mask the unused slots. Scores are softmaxed in
+    float32.
     """
     B, H, L, D = q.shape
     n_kv = stored[0].shape[1]
-    q = (q * scale).reshape(B, n_kv, H // n_kv, L, D)  # head h uses KV head h // n_rep
-    k = [a[:, :, None] for a in stored[:3]]  # (B, n_kv, 1, S, ·)
-    v = [a[:, :, None] for a in stored[3:]]
-    scores = mx.quantized_matmul(q, *k, transpose=True, group_size=group_size, bits=bits)  # (B, n_kv, n_rep, L, S)
-    scores = scores.astype(mx.float32)
+    n_rep = H // n_kv
+    q = (q * scale).reshape(B, n_kv, n_rep * L, D)  # head h uses KV head h // n_rep
+    scores = mx.quantized_matmul(q, *stored[:3], transpose=True, group_size=group_size, bits=bits)
+    scores = scores.astype(mx.float32)  # (B, n_kv, n_rep * L, S)
     if mask is not None:
-        scores = mx.where(mask, scores, -math.inf)
+        S = scores.shape[-1]
+        scores = mx.where(mask, scores.reshape(B, n_kv, n_rep, L, S), -math.inf).reshape(B, n_kv, n_rep * L, S)
     p = mx.softmax(scores, axis=-1).astype(q.dtype)
-    out = mx.quantized_matmul(p, *v, transpose=False, group_size=group_size, bits=bits)  # (B, n_kv, n_rep, L, D)
-    return out.reshape(B, H, L, D)
+    out = mx.quantized_matmul(p, *stored[3:], transpose=False, group_size=group_size, bits=bits)
+    return out.reshape(B, H, L, D)  # (B, n_kv, n_rep * L, D) -> heads back in order
 
 
 def _check_quantization(bits: int | None, group_size: int) -> None:
@@ -159,13 +162,17 @@ class KVCache(_StoredCache):
         self._store = _Store(None, 0)
         self.offset = 0
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        """Append keys, values (B, n_kv, L, head_dim); return all held keys and values (B, n_kv, offset, ·)."""
+    def append(self, keys: mx.array, values: mx.array) -> None:
+        """Store keys, values (B, n_kv, L, head_dim) without attending (e.g. a context built directly)."""
         end = self.offset + keys.shape[2]
         self._store.reserve(end, [keys, values])
         self._store.write(self.offset, [keys, values])
         self.offset = end
-        k, v = self._store.view(end)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Append keys, values (B, n_kv, L, head_dim); return all held keys and values (B, n_kv, offset, ·)."""
+        self.append(keys, values)
+        k, v = self._store.view(self.offset)
         return k, v
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
@@ -186,16 +193,23 @@ class QuantizedKVCache(_StoredCache):
         self._store = _Store(bits, group_size)
         self.offset = 0
 
+    def append(self, keys: mx.array, values: mx.array) -> None:
+        """Quantize and store keys, values (B, n_kv, L, head_dim) without attending."""
+        parts = self._store.encode(keys, values)
+        self._store.reserve(self.offset + keys.shape[2], parts)
+        self._store.write(self.offset, parts)
+        self.offset += keys.shape[2]
+
     def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
         start, L = self.offset, k.shape[2]
-        parts = self._store.encode(k, v)
-        self._store.reserve(start + L, parts)
-        self._store.write(start, parts)
-        self.offset = start + L
+        self.append(k, v)
+        # Over the whole storage (a slice of it would be copied, see quantized_attention): query i (position
+        # start + i) sees slots 0 .. start + i, which also hides the slots not written yet.
+        stored = self._store.arrays
         mask = None
-        if L > 1:  # query i (position start + i) sees keys 0 .. start + i
-            mask = mx.arange(start + L)[None] <= mx.arange(start, start + L)[:, None]
-        return self._store.attend(q, self._store.view(self.offset), scale, mask)
+        if self.offset < stored[0].shape[2] or L > 1:
+            mask = mx.arange(stored[0].shape[2])[None] <= mx.arange(start, start + L)[:, None]
+        return self._store.attend(q, stored, scale, mask)
 
 
 
@@ -286,6 +300,10 @@ class RotatingKVCache(_StoredCache):
         t, j = q_pos[:, None], k_pos[None]
         mask = (j >= 0) & (j <= t) & ((j < self.keep) | (j > t - (self.max_size - self.keep)))  # (L, S)
         return self._store.attend(q, stored, scale, mask)
+
+    def append(self, keys: mx.array, values: mx.array) -> None:
+        """Store keys, values (B, n_kv, L, head_dim) without attending: the tokens that stay in the window."""
+        self._write(self._store.encode(keys, values), self.offset)
 
     def _slot_positions(self) -> mx.array:
         """The absolute position held in each of the first `_used` slots, -1 where a slot holds nothing valid."""

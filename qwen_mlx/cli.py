@@ -220,21 +220,38 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
 def _bench(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from . import bench
+    from . import bench, bench_context
     from .memory import wired_limit
 
+    if args.plot and not args.context:
+        raise UserError("--plot draws the long-context cases: give --context too")
     sources = ([args.model] if args.model else []) + (args.preset or ([] if args.model else ["qwen3-0.6b"]))
-    print(bench.HEADER)
+    common = dict(layers=args.layers, bandwidth=args.bandwidth, seed=args.seed, force=args.force)
+    timed = dict(common, repeats=args.repeats, warmup=args.warmup, with_mlx_lm=not args.no_mlx_lm)
+    docs = []
     with wired_limit():
-        result = bench.run(sources, args.bits, args.prompt_tokens, args.gen_tokens, layers=args.layers,
-                           repeats=args.repeats, warmup=args.warmup, with_mlx_lm=not args.no_mlx_lm,
-                           bandwidth=args.bandwidth, seed=args.seed, force=args.force)
-    if result["ratios"]:
-        print()
-        print(bench.format_ratios(result))
+        if not args.context and not args.rotating_run:
+            docs.append(bench.run(sources, args.bits, args.prompt_tokens, args.gen_tokens, **timed))
+            if docs[-1]["ratios"]:
+                print()
+                print(bench.format_ratios(docs[-1]))
+        if args.context:
+            docs.append(bench_context.run_context(sources, args.bits, args.context, args.gen_tokens,
+                                                  kinds=args.cache, max_kv_size=args.max_kv_size, **timed))
+            if docs[-1]["context_ratios"]:
+                print()
+                print(bench_context.format_context_ratios(docs[-1]))
+        if args.rotating_run:
+            docs.append(bench_context.run_rotating(sources, args.bits, args.max_kv_size, **common))
+    result = bench_context.merge(*docs)
     if args.json:
         bench.write_json(result, Path(args.json))
         print(f"\nwrote {args.json}")
+    if args.plot:
+        from .bench_plot import write_context_svg
+
+        write_context_svg(result, Path(args.plot))
+        print(f"wrote {args.plot}")
 
 
 def _int_list(text: str) -> list[int]:
@@ -244,6 +261,16 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if any(v <= 0 for v in values):
         raise argparse.ArgumentTypeError(f"values must be positive, got {text!r}")
+    return values
+
+
+def _cache_list(text: str) -> list[str]:
+    from .bench_context import CACHE_KINDS
+
+    values = text.split(",")
+    bad = [v for v in values if v not in CACHE_KINDS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"cache kinds are {', '.join(CACHE_KINDS)}, got {bad[0]!r}")
     return values
 
 
@@ -376,8 +403,12 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="measure prefill/decode speed and memory, side by side with mlx-lm",
         description="Benchmark generation on random weights with a real model's shape (no download) or on a "
                     "checkpoint. Each case runs through qwen-mlx and, on the same weights, through mlx-lm's own "
-                    "generate_step; the table gives tok/s, time to first token, peak memory and the fraction of "
-                    "the memory-bandwidth roofline (weight bytes read per token x tok/s / bandwidth).")
+                    "generate_step; the table gives tok/s, time to first token, peak memory, the fraction of "
+                    "the memory-bandwidth roofline (weight bytes read per token x tok/s / bandwidth) and the "
+                    "memory check: peak memory during decode <= (weights + KV cache) + 10%%. Three modes: prompt "
+                    "cases (the default), long-context cases (--context) and the long rotating-cache run "
+                    "(--rotating-run); --context and --rotating-run may be combined.",
+        epilog="The JSON schema (qwen-mlx-bench/1) is documented in docs/bench.md.")
     bench.add_argument("--preset", action="append", choices=sorted(PRESETS),
                        help="model shape with random weights; repeat for several (default: qwen3-0.6b)")
     bench.add_argument("-m", "--model", metavar="PATH", help="a checkpoint directory or hub id instead of a preset")
@@ -387,7 +418,24 @@ def build_parser() -> argparse.ArgumentParser:
                        "(a layer stack of the real shape, for big models on small machines)")
     bench.add_argument("--prompt-tokens", type=_int_list, default=[128], metavar="LIST",
                        help="prompt lengths, comma-separated (default: 128)")
-    bench.add_argument("--gen-tokens", type=int, default=64, metavar="N", help="tokens to generate (default: 64)")
+    bench.add_argument("--gen-tokens", type=int, default=64, metavar="N", help="tokens to generate per case "
+                       "(default: 64; use a few with --context, each token reads the whole context)")
+    bench.add_argument("--context", type=_int_list, metavar="LIST", help="long-context mode: for each length "
+                       "(comma-separated, e.g. 8192,32768) fill every layer's cache directly with the same random "
+                       "K/V for both engines (no prefill, which would take hours on a CPU), feed one token and "
+                       "measure decode tok/s, for each --cache kind; --prompt-tokens is not used")
+    bench.add_argument("--cache", type=_cache_list, default=["plain", "rotating", "kv8", "kv4", "rotating-kv4"],
+                       metavar="LIST", help="KV cache kinds for --context, comma-separated from plain, rotating "
+                       "(window --max-kv-size), kv8, kv4 (8/4-bit quantized, group 64), rotating-kv8, rotating-kv4 "
+                       "(mlx-lm has no quantized rotating cache: n/a) (default: plain,rotating,kv8,kv4,"
+                       "rotating-kv4)")
+    bench.add_argument("--max-kv-size", type=int, default=4096, metavar="N", help="window of the rotating "
+                       "caches, in tokens, 4 of them pinned (default: 4096)")
+    bench.add_argument("--rotating-run", action="store_true", help="generate 4 x --max-kv-size tokens through "
+                       "the rotating cache after a prompt that fills the window (first preset and --bits only, "
+                       "qwen-mlx only) and report memory at each quarter: it must stay flat")
+    bench.add_argument("--plot", metavar="FILE.svg", help="with --context: write decode tok/s against context "
+                       "length as an SVG, one line per engine and cache kind")
     bench.add_argument("--repeats", type=int, default=3, metavar="N", help="timed runs per case; the median is "
                        "reported (default: 3)")
     bench.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed runs first (default: 1)")
@@ -397,7 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0, help="random weights and prompt seed (default: 0)")
     bench.add_argument("--force", action="store_true", help="run a model even when its weights and KV cache "
                        "exceed the GPU's recommended working set (Apple silicon)")
-    bench.add_argument("--json", metavar="PATH", help="also write the results as JSON (schema qwen-mlx-bench/1)")
+    bench.add_argument("--json", metavar="PATH", help="also write the results as JSON (schema qwen-mlx-bench/1, "
+                       "see docs/bench.md)")
     bench.set_defaults(run=_bench)
     return parser
 

@@ -3,24 +3,41 @@
 import json
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 
+import mlx.core as mx
+import pytest
 from mlx.utils import tree_flatten
+from mlx_lm.generate import generate_step
 
-from qwen_mlx.bench import weight_bytes_per_token
+from qwen_mlx.bench import mlx_lm_twin, weight_bytes_per_token
+from qwen_mlx.bench_context import filled_cache_mlx_lm, filled_cache_ours
+from qwen_mlx.generate import generate_tokens
 from qwen_mlx.loader import load_model
 
+DOC_KEYS = {"schema", "device", "bandwidth_gbs", "bandwidth_source", "mlx_version", "mlx_lm_version", "cases",
+            "ratios", "context_cases", "context_ratios", "rotating_run"}
 CASE_KEYS = {"model", "bits", "layers", "engine", "prompt_tokens", "gen_tokens", "prefill_tps", "decode_tps",
              "ttft_s", "peak_memory_bytes", "weight_bytes", "kv_cache_bytes", "weight_bytes_per_token",
-             "roofline_fraction"}
+             "roofline_fraction", "decode_peak_memory_bytes", "memory_limit_bytes", "memory_ok"}
+CONTEXT_KEYS = {"model", "bits", "layers", "engine", "cache", "max_kv_size", "kv_bits", "context_tokens",
+                "context_source", "gen_tokens", "decode_tps", "ttft_s", "peak_memory_bytes",
+                "decode_peak_memory_bytes", "weight_bytes", "kv_cache_bytes", "bytes_per_token", "roofline_fraction",
+                "memory_limit_bytes", "memory_ok"}
+
+
+def bench_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qwen_mlx.cli", "bench", *args], capture_output=True, text=True,
+                          timeout=300)
 
 
 def test_bench_cli_writes_the_documented_json(tiny_checkpoint, tmp_path):
     out = tmp_path / "bench.json"
-    run = subprocess.run([sys.executable, "-m", "qwen_mlx.cli", "bench", "--model", str(tiny_checkpoint("qwen3")),
-                          "--prompt-tokens", "8,12", "--gen-tokens", "4", "--repeats", "1", "--warmup", "0",
-                          "--bandwidth", "100", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    run = bench_cli("--model", str(tiny_checkpoint("qwen3")), "--prompt-tokens", "8,12", "--gen-tokens", "4",
+                    "--repeats", "1", "--warmup", "0", "--bandwidth", "100", "--json", str(out))
     assert run.returncode == 0, run.stderr
     result = json.loads(out.read_text())
+    assert set(result) == DOC_KEYS and result["context_cases"] == [] and result["rotating_run"] is None
     assert result["schema"] == "qwen-mlx-bench/1" and result["bandwidth_gbs"] == 100
     assert [(c["engine"], c["prompt_tokens"]) for c in result["cases"]] == [
         ("qwen-mlx", 8), ("mlx-lm", 8), ("qwen-mlx", 12), ("mlx-lm", 12)]
@@ -29,6 +46,9 @@ def test_bench_cli_writes_the_documented_json(tiny_checkpoint, tmp_path):
         assert case["decode_tps"] > 0 and case["gen_tokens"] == 4
         expected = case["weight_bytes_per_token"] * case["decode_tps"] / 100e9
         assert abs(case["roofline_fraction"] - expected) <= 1e-12
+        limit = int((case["weight_bytes"] + case["kv_cache_bytes"]) * 1.1)
+        assert case["memory_limit_bytes"] == limit
+        assert case["memory_ok"] == (0 < case["decode_peak_memory_bytes"] <= limit)
     assert len(result["ratios"]) == 2 and "decode ours/mlx-lm" in run.stdout
 
 
@@ -42,7 +62,60 @@ def test_moe_bytes_per_token_counts_only_routed_experts(tiny_checkpoint):
     assert weight_bytes_per_token(model, cfg) == total - embed - experts + experts * 2 // 8
 
 
+def test_context_cases_json_and_plot(tiny_checkpoint, tmp_path):
+    out, svg = tmp_path / "bench.json", tmp_path / "context.svg"
+    run = bench_cli("--model", str(tiny_checkpoint("qwen3")), "--context", "40,300", "--cache",
+                    "plain,rotating,kv8,rotating-kv4", "--max-kv-size", "64", "--gen-tokens", "3", "--repeats", "1",
+                    "--warmup", "0", "--json", str(out), "--plot", str(svg))
+    assert run.returncode == 0, run.stderr
+    result = json.loads(out.read_text())
+    assert result["cases"] == [] and result["schema"] == "qwen-mlx-bench/1"
+    cases = result["context_cases"]
+    assert [(c["context_tokens"], c["cache"], c["engine"]) for c in cases[:7]] == [
+        (40, "plain", "qwen-mlx"), (40, "plain", "mlx-lm"), (40, "rotating", "qwen-mlx"), (40, "rotating", "mlx-lm"),
+        (40, "kv8", "qwen-mlx"), (40, "kv8", "mlx-lm"), (40, "rotating-kv4", "qwen-mlx")]  # mlx-lm: no such cache
+    for case in cases:
+        assert set(case) == CONTEXT_KEYS and case["decode_tps"] > 0 and case["context_source"] == "random-kv"
+        assert case["max_kv_size"] == (64 if case["cache"].startswith("rotating") else None)
+    held = {(c["context_tokens"], c["cache"], c["engine"]): c["kv_cache_bytes"] for c in cases}
+    assert held[300, "rotating", "qwen-mlx"] < held[300, "plain", "qwen-mlx"]  # the window, not the context
+    assert held[300, "kv8", "qwen-mlx"] < held[300, "plain", "qwen-mlx"]
+    ratios = {(r["context_tokens"], r["cache"]): r["decode_ratio"] for r in result["context_ratios"]}
+    assert ratios[300, "rotating-kv4"] is None and ratios[300, "plain"] > 0
+    assert "n/a" in run.stdout and "decode ours/mlx-lm" in run.stdout
+    lines = ET.parse(svg).getroot().findall("{http://www.w3.org/2000/svg}polyline")
+    assert len(lines) == 7  # 4 kinds for ours, 3 for mlx-lm
+
+
+@pytest.mark.parametrize("kind", ["plain", "rotating", "kv8"])
+def test_filled_caches_hold_the_same_context(tiny_checkpoint, kind):
+    """Both engines decode the same greedy tokens after the same directly built context (here past the window)."""
+    model, _ = load_model(tiny_checkpoint("qwen3"))
+    twin = mlx_lm_twin(model, model.config, "bf16")
+    ours_cache = filled_cache_ours(model.config, kind, 300, 64, seed=3)
+    theirs_cache = filled_cache_mlx_lm(model.config, kind, 300, 64, seed=3)
+    ours = list(generate_tokens(model, [7], ours_cache, max_tokens=6))
+    theirs = [int(t) for t, _ in generate_step(mx.array([7]), twin, max_tokens=6, prompt_cache=theirs_cache,
+                                                sampler=lambda x: mx.argmax(x, axis=-1))]
+    assert ours == theirs
+
+
+def test_rotating_run_reports_flat_memory(tiny_checkpoint, tmp_path):
+    out = tmp_path / "bench.json"
+    run = bench_cli("--model", str(tiny_checkpoint("qwen3")), "--rotating-run", "--max-kv-size", "32", "--json",
+                    str(out))
+    assert run.returncode == 0, run.stderr
+    rot = json.loads(out.read_text())["rotating_run"]
+    assert (rot["max_kv_size"], rot["prompt_tokens"], rot["gen_tokens"]) == (32, 32, 128)
+    assert [s["generated_tokens"] for s in rot["samples"]] == [1, 32, 64, 96, 128]
+    assert len({s["kv_cache_bytes"] for s in rot["samples"][1:]}) == 1 and rot["flat"], rot
+    assert "memory flat" in run.stdout
+
+
 def test_bad_flags_get_argparse_errors():
-    run = subprocess.run([sys.executable, "-m", "qwen_mlx.cli", "bench", "--bits", "3"], capture_output=True,
-                         text=True, timeout=60)
+    run = bench_cli("--bits", "3")
     assert run.returncode == 2 and "bits must be bf16, 8 or 4" in run.stderr
+    run = bench_cli("--context", "100", "--cache", "rotating-kv3")
+    assert run.returncode == 2 and "cache kinds are" in run.stderr
+    run = bench_cli("--plot", "x.svg")
+    assert run.returncode == 1 and "give --context too" in run.stderr
