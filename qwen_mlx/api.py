@@ -61,11 +61,12 @@ class LLM:
         return self.model.config
 
     def prompt_tokens(self, prompt: Prompt, *, think: bool = True, system: str | None = None) -> list[int]:
-        """The token ids the chat template renders for a message list (a string is one user message)."""
+        """The token ids the chat template renders for a message list (a string is one user message); text in
+        user, system and tool messages is plain text, never control tokens."""
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         if system is not None:
             messages = [{"role": "system", "content": system}, *messages]
-        return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, enable_thinking=think))
+        return self.tokenizer.encode_chat(messages, enable_thinking=think)
 
     def sampling(self, think: bool, **overrides) -> SamplingParams:
         """The checkpoint's recommended sampling for thinking or non-thinking turns, with overrides."""

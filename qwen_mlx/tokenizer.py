@@ -18,6 +18,8 @@ from .errors import UserError
 MAX_TEMPLATE_SECONDS = 2.0
 MAX_TEMPLATE_CHARS = 4_000_000  # rendered prompt, and any string or list the template builds
 MAX_ARGUMENT = 1_000_000  # largest integer a template may pass to a method (str.center(10**9) and the like)
+# Messages whose text comes from people or tools, not from the model: their text is never a control token.
+UNTRUSTED_ROLES = ("user", "system", "tool")
 
 
 class TokenizerError(UserError):
@@ -37,6 +39,7 @@ class Tokenizer:
         self.think_id = backend.token_to_id("<think>")
         self.think_end_id = backend.token_to_id("</think>")
         self._template = None
+        self._plain = None  # the backend without added tokens, built when first needed
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "Tokenizer":
@@ -67,6 +70,55 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._backend.decode(ids, skip_special_tokens=False)
+
+    def encode_chat(self, messages: list[dict], *, enable_thinking: bool = True,
+                    tools: list[dict] | None = None) -> list[int]:
+        """The token ids of the rendered chat template, where control tokens come from the template alone.
+
+        Text of user, system and tool messages that spells an added token (`<|im_start|>`, `<|im_end|>`,
+        `<think>`, ...) is encoded as its plain characters, so a pasted prompt cannot open a turn of its own or a
+        think block. Each such spelling is swapped for a private-use character while the template renders, and
+        put back after the template's own tokens have been found; the text between two of those is encoded as the
+        tokenizer encodes any text between added tokens. Messages without such text encode exactly as `encode`
+        of the rendered template (as transformers does)."""
+        marks = self._marks(messages)
+        if not marks:
+            return self.encode(self.apply_chat_template(messages, enable_thinking=enable_thinking, tools=tools))
+        hidden = [{**m, "content": _swap(m["content"], marks)} if _untrusted_text(m) else m for m in messages]
+        text = self.apply_chat_template(hidden, enable_thinking=enable_thinking, tools=tools)
+        back = {mark: token for token, mark in marks.items()}
+        added = self._backend.get_added_tokens_decoder()
+        encoding = self._backend.encode(text, add_special_tokens=False)
+        ids, start = [], 0
+        for token, (begin, end) in zip(encoding.ids, encoding.offsets):
+            if token in added:  # one of the template's own
+                ids += self._encode_plain(_swap(text[start:begin], back))
+                ids.append(token)
+                start = end
+        return ids + self._encode_plain(_swap(text[start:], back))
+
+    def _marks(self, messages: list[dict]) -> dict[str, str]:
+        """Added-token spelling -> a private-use character for those that untrusted messages contain."""
+        texts = [m["content"] for m in messages if _untrusted_text(m)]
+        found = sorted({t.content for t in self._backend.get_added_tokens_decoder().values()
+                        if any(t.content in text for text in texts)}, key=len, reverse=True)
+        if not found:
+            return {}
+        joined = "".join(str(m.get("content")) for m in messages)
+        base = next(b for b in range(0x100000, 0x10FFFE - len(found), len(found))  # not already in the text
+                    if not any(chr(b + i) in joined for i in range(len(found))))
+        return {token: chr(base + i) for i, token in enumerate(found)}
+
+    def _encode_plain(self, text: str) -> list[int]:
+        if not text:
+            return []
+        if self._plain is None:
+            from tokenizers import Tokenizer as Backend
+
+            spec = json.loads(self._backend.to_str())
+            spec["added_tokens"] = []
+            self._plain = Backend.from_str(json.dumps(spec))
+        return self._plain.encode(text, add_special_tokens=False).ids
 
     def token_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
@@ -119,6 +171,16 @@ class StreamingDetokenizer:
         text = self._tokenizer.decode(self._pending) if self._pending else ""
         self._pending = []
         return text
+
+
+def _untrusted_text(message: dict) -> bool:
+    return message.get("role") in UNTRUSTED_ROLES and isinstance(message.get("content"), str)
+
+
+def _swap(text: str, table: dict[str, str]) -> str:
+    for old, new in table.items():  # longest spelling first (the order of _marks)
+        text = text.replace(old, new)
+    return text
 
 
 def _read_json(file: Path) -> dict:
