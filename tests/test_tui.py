@@ -186,9 +186,11 @@ class FixedClockEngine(ScriptedEngine):
 SNAPSHOT = __import__("pathlib").Path(__file__).with_name("snapshots") / "chat_main.svg"
 
 
-def test_main_screen_snapshot():
+def test_main_screen_snapshot(monkeypatch):
     """The main screen after a scripted reply, against a reviewed SVG (regenerate: UPDATE_SNAPSHOTS=1)."""
     import os
+
+    monkeypatch.delenv("NO_COLOR", raising=False)  # set on some CI runners: Textual would draw in monochrome
 
     async def run():
         app = ChatApp(FixedClockEngine(SCRIPT, delay=0))
