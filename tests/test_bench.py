@@ -118,4 +118,4 @@ def test_bad_flags_get_argparse_errors():
     run = bench_cli("--context", "100", "--cache", "rotating-kv3")
     assert run.returncode == 2 and "cache kinds are" in run.stderr
     run = bench_cli("--plot", "x.svg")
-    assert run.returncode == 1 and "give --context too" in run.stderr
+    assert run.returncode == 2 and "give --context too" in run.stderr
