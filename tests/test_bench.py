@@ -24,6 +24,9 @@ CONTEXT_KEYS = {"model", "bits", "layers", "engine", "cache", "max_kv_size", "kv
                 "context_source", "gen_tokens", "decode_tps", "ttft_s", "peak_memory_bytes",
                 "decode_peak_memory_bytes", "weight_bytes", "kv_cache_bytes", "bytes_per_token", "roofline_fraction",
                 "memory_limit_bytes", "memory_ok"}
+ROTATING_KEYS = {"model", "bits", "layers", "max_kv_size", "keep", "prompt_tokens", "gen_tokens", "decode_tps",
+                 "samples", "flat"}
+SAMPLE_KEYS = {"generated_tokens", "active_memory_bytes", "peak_memory_bytes", "kv_cache_bytes"}
 
 
 def bench_cli(*args: str) -> subprocess.CompletedProcess:
@@ -106,6 +109,7 @@ def test_rotating_run_reports_flat_memory(tiny_checkpoint, tmp_path):
                     str(out))
     assert run.returncode == 0, run.stderr
     rot = json.loads(out.read_text())["rotating_run"]
+    assert set(rot) == ROTATING_KEYS and all(set(sample) == SAMPLE_KEYS for sample in rot["samples"])
     assert (rot["max_kv_size"], rot["prompt_tokens"], rot["gen_tokens"]) == (32, 32, 128)
     assert [s["generated_tokens"] for s in rot["samples"]] == [1, 32, 64, 96, 128]
     assert len({s["kv_cache_bytes"] for s in rot["samples"][1:]}) == 1 and rot["flat"], rot
@@ -119,3 +123,13 @@ def test_bad_flags_get_argparse_errors():
     assert run.returncode == 2 and "cache kinds are" in run.stderr
     run = bench_cli("--plot", "x.svg")
     assert run.returncode == 2 and "give --context too" in run.stderr
+
+
+def test_docs_list_every_json_key():
+    """docs/bench.md is the schema's documentation: every key the JSON holds is named there."""
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "bench.md").read_text()
+    schema = doc[doc.index("## JSON schema"):]
+    missing = [key for key in DOC_KEYS | CASE_KEYS | CONTEXT_KEYS | ROTATING_KEYS | SAMPLE_KEYS if f'"{key}"' not in schema]
+    assert not missing, f"docs/bench.md does not document {missing}"
