@@ -339,11 +339,12 @@ def _row(c: Case) -> str:
 
 
 def memory_check(weights: int, cache: int, decode_peak: int) -> str:
-    """'ok' or 'OVER', with the decode peak against weights + KV cache, e.g. 'ok 1166 <= 1136+2 MiB (+2.6%)'."""
+    """'ok' or 'OVER' (the limit is weights + KV cache + 10%), with the decode peak's excess over weights + KV
+    cache, e.g. 'ok +2.6% (1166 / 1137 MiB)'."""
     ok = decode_peak <= memory_limit(weights, cache)
     excess = decode_peak / (weights + cache) - 1
-    return (f"{'ok' if ok else 'OVER'} {decode_peak / 2**20:.0f} {'<=' if ok else '>'} "
-            f"{weights / 2**20:.0f}+{cache / 2**20:.0f} MiB ({100 * excess:+.1f}%)")
+    return (f"{'ok' if ok else 'OVER'} {100 * excess:+.1f}% "
+            f"({decode_peak / 2**20:.0f} / {(weights + cache) / 2**20:.0f} MiB)")
 
 
 def format_ratios(result: dict) -> str:

@@ -30,7 +30,8 @@ HUB_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "tokenizer*", "vocab.json"
 
 _DTYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16, "U32": mx.uint32,
            "U8": mx.uint8}  # U8: the scales of the mxfp4/mxfp8/nvfp4 quantization modes
-_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|scales|biases)$")
+_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp)\.experts\.(\d+)\."
+                     r"(gate_proj|up_proj|down_proj)\.(weight|scales|biases)$")
 
 
 class LoadError(UserError):
