@@ -17,12 +17,13 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 
 from .config import ConfigError, ModelConfig
 from .errors import UserError
 from .memory import MemoryPlan, check_fits, kv_cache_bytes
-from .model import Model, checkpoint_names
+from .model import Model, SparseMoE, SwitchMLP, checkpoint_names
 from .quant import quantize_model
 
 # What a model needs from the hub: weights, configs, tokenizer and template. Never code.
@@ -43,6 +44,7 @@ class TensorInfo:
     file: Path
     dtype: str  # safetensors spelling: F32, BF16, ...
     shape: tuple[int, ...]
+    offset: int  # where its data starts in the file, in bytes
 
 
 def resolve(path_or_repo: str | Path) -> Path:
@@ -82,7 +84,7 @@ def load_config(path: Path) -> ModelConfig:
 
 
 def load_model(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None, layers: range | None = None,
-               prepare: Callable[[Model], None] | None = None,
+               experts: range | None = None, prepare: Callable[[Model], None] | None = None,
                memory: MemoryPlan | None = None) -> tuple[Model, Path]:
     """Build the model described by config.json and load its weights; returns the model and the checkpoint dir.
 
@@ -91,8 +93,10 @@ def load_model(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None, layer
 
     `layers` (a pipeline stage) builds and reads only those decoder layers, numbered from 0, plus the embedding if
     the stage is first (or last with a tied head) and the final norm and head if it is last; no other tensor of
-    the checkpoint is read. `prepare(model)` runs once the weights are in place but not yet read (tensor and
-    expert parallel slice them there, so that a rank keeps only its share).
+    the checkpoint is read. `experts` (a rank's share of a mixture of experts) builds and reads only those experts
+    of every MoE layer, stacked from 0 (the router still scores all of them): `prepare` must then map the router's
+    expert ids to the held ones, as distributed.ExpertShard does. `prepare(model)` runs once the weights are in
+    place but not yet read (tensor and expert parallel swap modules there, slicing what they split).
 
     `memory`: refuse (memory.MemoryCheckError), before any weight is read, a model whose weights plus the KV cache
     of the plan exceed the GPU's recommended working set (Apple silicon; unless the plan says force).
@@ -109,6 +113,8 @@ def load_model(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None, layer
         names = _stage_names(index, model, layers)
         index = {names[k]: v for k, v in index.items() if k in names}
         quantization = quantization and _shift_layers(quantization, layers)
+    if experts is not None:
+        hold_experts(model, experts)
     if quantization:
         quantize_model(model, quantization, present=set(index))
     _check_dtypes(index)
@@ -116,7 +122,7 @@ def load_model(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None, layer
         weight_bytes, element_bytes = _weight_bytes(index, dtype)
         check_fits(str(path), weight_bytes, kv_cache_bytes(cfg, memory, element_bytes), memory.force)
     expected = {name: tuple(p.shape) for name, p in tree_flatten(model.parameters())}
-    weights = _load_weights(index, cfg, set(expected), names)
+    weights = _load_weights(index, cfg, set(expected), names, experts)
     check_weights(expected, index, weights, cfg)
     if dtype is not None:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
@@ -132,7 +138,7 @@ def load_model(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None, layer
 
 
 def read_index(path: Path) -> dict[str, TensorInfo]:
-    """Every tensor of the checkpoint with its file, dtype and shape, read from the headers only."""
+    """Every tensor of the checkpoint with its file, dtype, shape and offset, read from the headers only."""
     from safetensors import safe_open
 
     files = _weight_files(path)
@@ -140,23 +146,22 @@ def read_index(path: Path) -> dict[str, TensorInfo]:
     for file in files:
         try:
             with safe_open(file, framework="numpy") as f:
-                for name in f.keys():
-                    piece = f.get_slice(name)
-                    dtype, shape = piece.get_dtype(), tuple(piece.get_shape())
-                    if name in index:
-                        raise LoadError(f"{file.name}: tensor {name} also appears in {index[name].file.name}")
-                    index[name] = TensorInfo(file, dtype, shape)
-        except LoadError:
-            raise
+                found = {name: f.get_slice(name) for name in f.keys()}
+                found = {name: (piece.get_dtype(), tuple(piece.get_shape())) for name, piece in found.items()}
         except Exception as e:  # the Rust parser's errors: bad header, offsets, sizes, truncated file
             raise LoadError(f"{file}: not a valid safetensors file ({_one_line(e)})") from None
-        _refuse_duplicate_keys(file)
+        length, header = _read_header(file)
+        for name, (dtype, shape) in found.items():
+            if name in index:
+                raise LoadError(f"{file.name}: tensor {name} also appears in {index[name].file.name}")
+            index[name] = TensorInfo(file, dtype, shape, 8 + length + header[name]["data_offsets"][0])
     return index
 
 
-def _refuse_duplicate_keys(file: Path) -> None:
-    """The Rust parser keeps the last of two entries with one name; another reader may keep the first and read
-    an entry nobody checked. The header's size and shape were bounded by safe_open already."""
+def _read_header(file: Path) -> tuple[int, dict]:
+    """The header's length and entries, refusing duplicate names: the Rust parser keeps the last of two entries
+    with one name; another reader may keep the first and read an entry nobody checked. The header's size, offsets
+    and shapes were checked by safe_open already."""
     with open(file, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         header = f.read(length)
@@ -168,7 +173,7 @@ def _refuse_duplicate_keys(file: Path) -> None:
             raise LoadError(f"{file}: not a valid safetensors file (tensor {dup} appears twice in the header)")
         return dict(items)
 
-    json.loads(header, object_pairs_hook=pairs)
+    return length, json.loads(header, object_pairs_hook=pairs)
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -211,13 +216,46 @@ def _weight_bytes(index: dict[str, TensorInfo], dtype: mx.Dtype | None) -> tuple
 
 
 def _load_weights(index: dict[str, TensorInfo], cfg: ModelConfig, params: set[str],
-                  names: dict[str, str] | None = None) -> dict[str, mx.array]:
-    weights: dict[str, mx.array] = {}
+                  names: dict[str, str] | None = None, experts: range | None = None) -> dict[str, mx.array]:
+    weights: dict[str, mx.array | ExpertRows] = {}
     for file in sorted({info.file for info in index.values()}):
         loaded = mx.load(str(file))  # lazy: read when evaluated, so the tensors left out here are never read
         weights.update(loaded if names is None else {names[k]: v for k, v in loaded.items() if k in names})
         del loaded  # sanitize frees each expert piece once stacked: no other reference may keep it alive
-    return sanitize(weights, cfg, params)
+    if experts is not None:  # mx.load would read a whole stack of experts to slice some: read those alone
+        weights.update({name: ExpertRows(index[name]) for name in weights if ".switch_mlp." in name})
+    return sanitize(weights, cfg, params, experts)
+
+
+@dataclass(frozen=True)
+class ExpertRows:
+    """A stack of experts (E, ...) in a safetensors file, read one expert at a time: `rows[e]`."""
+
+    info: TensorInfo
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.info.shape
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return _DTYPES[self.info.dtype]
+
+    def __getitem__(self, e: int) -> mx.array:
+        size = self.dtype.size * math.prod(self.shape[1:])
+        data = np.fromfile(self.info.file, np.uint8, count=size, offset=self.info.offset + e * size)
+        return mx.array(data).view(self.dtype).reshape(self.shape[1:])
+
+
+def hold_experts(model: Model, experts: range) -> None:
+    """Each MoE layer of `model` holds only these experts, stacked from 0; its router still scores all of them."""
+    cfg = model.config
+    if not (cfg.num_experts and 0 <= experts.start < experts.stop <= cfg.num_experts and experts.step == 1):
+        raise LoadError(f"experts {experts.start}..{experts.stop - 1} are not a range of this model's "
+                        f"{cfg.num_experts} experts")
+    for layer in model.layers:
+        if isinstance(layer.mlp, SparseMoE):
+            layer.mlp.switch_mlp = SwitchMLP(cfg.hidden_size, cfg.moe_intermediate_size, len(experts))
 
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -266,9 +304,11 @@ def _shift_layers(quantization: dict, layers: range) -> dict:
     return out
 
 
-def sanitize(weights: dict[str, mx.array], cfg: ModelConfig, params: set[str]) -> dict[str, mx.array]:
+def sanitize(weights: dict[str, mx.array | ExpertRows], cfg: ModelConfig, params: set[str],
+             experts: range | None = None) -> dict[str, mx.array]:
     """Checkpoint names -> the model's `params`: drop what a model does not use, stack per-expert MoE tensors
     (E, out, in), and join the experts' gate and up stacks into the model's gate_up_proj where it holds one.
+    With `experts`, the stacks hold only those experts (stacked from 0) and only they are read.
 
     Consumes `weights` (emptied), so that each expert piece is freed as soon as it has been copied."""
     out: dict[str, mx.array] = {}
@@ -283,35 +323,43 @@ def sanitize(weights: dict[str, mx.array], cfg: ModelConfig, params: set[str]) -
             per_expert.setdefault(f"{prefix}.switch_mlp.{proj}.{kind}", {})[int(e)] = value
             continue
         out[name] = value
-    stacks = {name: _Stack.of_experts(name, pieces, cfg.num_experts) for name, pieces in per_expert.items()}
+    stacks = {name: _Stack.of_experts(name, pieces, cfg.num_experts, experts) for name, pieces in per_expert.items()}
     for name in [n for n in out if ".switch_mlp." in n]:
-        stacks[name] = _Stack.whole(name, out.pop(name))
+        stacks[name] = _Stack.whole(name, out.pop(name), cfg.num_experts, experts)
     for name in sorted(params):
         parts = checkpoint_names(name)
         if len(parts) > 1 and all(p in stacks for p in parts):  # else check_weights names what is missing
             out[name] = _join_in_place([stacks.pop(p) for p in parts], name)
     for name, stack in stacks.items():  # not joined: a whole stack as it is, expert pieces stacked
-        index, tensor = stack.pieces[0]
-        out[name] = tensor if index == (slice(None),) else _join_in_place([stack], name)
+        index, read = stack.pieces[0]
+        out[name] = read() if index == (slice(None),) else _join_in_place([stack], name)
     return out
 
 
 @dataclass
 class _Stack:
-    """One expert stack (E, rows, ...) of the checkpoint as pieces (index into the stack, tensor): E experts
-    (Hugging Face's layout, index (e,)) or the whole stack in one (mlx-lm's, index (:,))."""
+    """One expert stack (E, rows, ...) of the checkpoint, or its experts in a range (stacked from 0), as pieces
+    (index into the stack, a function that reads the piece): E experts (Hugging Face's layout, index (e,)), the
+    whole stack in one (mlx-lm's, index (:,)), or one expert of that stack at a time when a range is kept."""
 
     name: str
-    pieces: list[tuple[tuple, mx.array] | None]
+    pieces: list[tuple[tuple, Callable[[], mx.array]] | None]
     shape: tuple[int, ...]
     dtype: mx.Dtype
 
     @classmethod
-    def whole(cls, name: str, tensor: mx.array) -> "_Stack":
-        return cls(name, [((slice(None),), tensor)], tuple(tensor.shape), tensor.dtype)
+    def whole(cls, name: str, tensor: mx.array | ExpertRows, num_experts: int, experts: range | None) -> "_Stack":
+        if experts is None:
+            return cls(name, [((slice(None),), lambda: tensor)], tuple(tensor.shape), tensor.dtype)
+        if tensor.shape[0] != num_experts:
+            raise LoadError(f"tensor {name} has shape {tuple(tensor.shape)}: {tensor.shape[0]} experts, the config "
+                            f"needs {num_experts}")
+        pieces = [((i,), lambda e=e: tensor[e]) for i, e in enumerate(experts)]
+        return cls(name, pieces, (len(experts), *tensor.shape[1:]), tensor.dtype)
 
     @classmethod
-    def of_experts(cls, name: str, pieces: dict[int, mx.array], num_experts: int) -> "_Stack":
+    def of_experts(cls, name: str, pieces: dict[int, mx.array], num_experts: int,
+                   experts: range | None) -> "_Stack":
         if sorted(pieces) != list(range(num_experts)):
             missing = sorted(set(range(num_experts)) - set(pieces))
             piece = name.replace(".switch_mlp.", f".experts.{missing[0] if missing else '?'}.")
@@ -321,7 +369,10 @@ class _Stack:
             if tuple(piece.shape) != shape or piece.dtype != dtype:
                 raise LoadError(f"expert {e} of {name} has shape {tuple(piece.shape)} {piece.dtype}, "
                                 f"expert 0 has {shape} {dtype}")
-        return cls(name, [((e,), pieces.pop(e)) for e in range(num_experts)], (num_experts, *shape), dtype)
+        kept = experts if experts is not None else range(num_experts)
+        reads = [((i,), lambda piece=pieces.pop(e): piece) for i, e in enumerate(kept)]
+        pieces.clear()  # the other experts' pieces, never read
+        return cls(name, reads, (len(kept), *shape), dtype)
 
 
 def _join_in_place(stacks: list[_Stack], name: str) -> mx.array:
@@ -338,10 +389,10 @@ def _join_in_place(stacks: list[_Stack], name: str) -> mx.array:
     for stack in stacks:
         rows = slice(start, start + stack.shape[1])
         for i in range(len(stack.pieces)):
-            index, piece = stack.pieces[i]
+            index, read = stack.pieces[i]
             stack.pieces[i] = None
-            joined[(*index, rows)] = piece  # the old buffer has no other reference, so MLX updates it in place
-            del piece  # and the piece, once read, is dropped
+            joined[(*index, rows)] = read()  # the old buffer has no other reference, so MLX updates it in place
+            del read  # and the piece, once read, is dropped
             mx.eval(joined)
         start = rows.stop
     return joined

@@ -26,7 +26,7 @@ from mlx.utils import tree_flatten
 from helpers import greedy_ours, prompt_ids
 from qwen_mlx.cache import make_cache
 from qwen_mlx.distributed import DistributedError, check_tensor_split, expert_range, memory_plan, plan_stages
-from qwen_mlx.loader import load_config, load_model
+from qwen_mlx.loader import LoadError, load_config, load_model
 from qwen_mlx.model import checkpoint_weights
 from qwen_mlx.quant import quantize_model
 
@@ -294,6 +294,40 @@ def test_a_stage_reads_only_its_own_tensors(tiny_checkpoint):
     assert mx.get_peak_memory() - base <= 1.1 * stage_bytes
     h = mx.random.normal((1, 5, full.config.hidden_size))
     assert mx.allclose(last.layers[0](h, None), full.layers[2](h, None), atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["hugging_face", "mlx_lm_quantized"])
+def test_a_rank_reads_only_its_own_experts(tiny_checkpoint, tmp_path, layout):
+    """load_model(experts=range) reads only those experts of each MoE layer, from per-expert tensors (Hugging
+    Face's layout) or from slices of stacked ones (mlx-lm's, here quantized with bfloat16 scales). A small
+    vocabulary and wider experts, so that the experts are most of the model and reading all would break the bound."""
+    experts_first = dict(vocab_size=256, moe_intermediate_size=128)
+    path = tiny_checkpoint("qwen3_moe", **experts_first)
+    if layout == "mlx_lm_quantized":
+        path = write_quantized(tiny_checkpoint("qwen3_moe", "bfloat16", **experts_first), tmp_path / "q", 32, 8)
+    full, _ = load_model(path)
+    experts = expert_range(full.config.num_experts, 1, 3)  # 3, 4, 5 of 8
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    mine, _ = load_model(path, experts=experts)
+    loaded = sum(p.nbytes for _, p in tree_flatten(mine.parameters()))
+    assert mx.get_peak_memory() - base <= 1.1 * loaded
+    whole = dict(tree_flatten(full.parameters()))
+    all_experts = sum(p.nbytes for name, p in whole.items() if ".switch_mlp." in name)
+    assert all_experts * (1 - len(experts) / 8) > 0.1 * loaded  # the bound holds only if the others were not read
+    params = dict(tree_flatten(mine.parameters()))
+    assert set(params) == set(whole)
+    for name, p in params.items():
+        expected = whole[name][experts.start:experts.stop] if ".switch_mlp." in name else whole[name]
+        assert p.dtype == expected.dtype and mx.array_equal(p, expected), name
+    assert params["model.layers.0.mlp.gate.weight"].shape == whole["model.layers.0.mlp.gate.weight"].shape
+
+
+def test_an_expert_range_outside_the_model_is_refused(tiny_checkpoint):
+    with pytest.raises(LoadError, match="experts 6..8 are not a range of this model's 8 experts"):
+        load_model(tiny_checkpoint("qwen3_moe"), experts=range(6, 9))
+    with pytest.raises(LoadError, match="experts 0..0 are not a range of this model's 0 experts"):
+        load_model(tiny_checkpoint("qwen3"), experts=range(0, 1))
 
 
 def test_distributed_without_a_launcher_runs_in_one_process_with_a_note(tiny_checkpoint):
