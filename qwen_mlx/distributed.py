@@ -206,17 +206,18 @@ def expert_range(num_experts: int, rank: int, n: int) -> range:
 
 
 class ExpertShard(SparseMoE):
-    """A SparseMoE holding only this rank's experts: the router runs on every rank, each rank applies the selected
-    experts it holds (weighted; the others weigh zero) and one all_sum adds the ranks' parts."""
+    """A SparseMoE holding only this rank's experts (loaded alone: load_model(experts=...)): the router runs on
+    every rank, each rank applies the selected experts it holds (weighted; the others weigh zero) and one all_sum
+    adds the ranks' parts."""
 
     def __init__(self, moe: SparseMoE, experts: range, group: mx.distributed.Group):
         nn.Module.__init__(self)
+        held = moe.switch_mlp.down_proj.weight.shape[0]
+        if held != len(experts):
+            raise ValueError(f"an ExpertShard of experts {experts.start}..{experts.stop - 1} needs a layer holding "
+                             f"those {len(experts)} experts, not {held}: load it with load_model(experts=...)")
         self.top_k, self.norm_topk_prob = moe.top_k, moe.norm_topk_prob
         self.gate, self.switch_mlp = moe.gate, moe.switch_mlp
-        for proj in self.switch_mlp.children().values():  # gate_up_proj (or gate_proj, up_proj), down_proj
-            for key, value in list(proj.items()):  # weight, and scales/biases when quantized: (E, ...)
-                if isinstance(value, mx.array):
-                    proj[key] = mx.contiguous(value[experts.start:experts.stop])
         self._first, self._count, self._group = experts.start, len(experts), group
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -231,17 +232,26 @@ class ExpertShard(SparseMoE):
 
 
 def shard_experts(model: Model, group: mx.distributed.Group) -> None:
-    cfg, n = model.config, group.size()
-    if cfg.num_experts and cfg.num_experts < n:
-        raise DistributedError(f"--mode expert splits {cfg.num_experts} experts: use -n 1 to {cfg.num_experts}")
-    mine = expert_range(cfg.num_experts, group.rank(), n)
+    """The MoE layers of a model that holds this rank's experts (load_model(experts=rank_experts(...))) route
+    over all the ranks' experts."""
+    mine = rank_experts(model.config, group)
     for layer in model.layers:
         if isinstance(layer.mlp, SparseMoE):
             layer.mlp = ExpertShard(layer.mlp, mine, group)
 
 
+def rank_experts(cfg: ModelConfig, group: mx.distributed.Group) -> range | None:
+    """The experts this rank holds (None for a model without experts)."""
+    if not cfg.num_experts:
+        return None
+    if cfg.num_experts < group.size():
+        raise DistributedError(f"--mode expert splits {cfg.num_experts} experts: use -n 1 to {cfg.num_experts}")
+    return expert_range(cfg.num_experts, group.rank(), group.size())
+
+
 def shard_tensor(model: Model, group: mx.distributed.Group) -> None:
-    """Attention heads and dense MLP columns split over the group; MoE layers split their experts."""
+    """Attention heads and dense MLP columns split over the group; MoE layers (loaded with this rank's experts
+    only, see shard_experts) split their experts."""
     n = group.size()
     check_tensor_split(model.config, n)
     for layer in model.layers:
@@ -591,13 +601,13 @@ def load_rank(path: Path, mode: str, group: mx.distributed.Group,
         return load_model(path, dtype=dtype, layers=stage)[0], stage
     if mode == "tensor":
         check_tensor_split(cfg, group.size())  # before reading anything
-        return load_model(path, dtype=dtype, prepare=lambda m: shard_tensor(m, group))[0], None
+        return load_model(path, dtype=dtype, experts=rank_experts(cfg, group),
+                          prepare=lambda m: shard_tensor(m, group))[0], None
     if not cfg.num_experts:
         raise DistributedError(f"--mode expert needs a mixture-of-experts model; {cfg.model_type} has no experts: "
                                "use --mode pipeline or tensor")
-    if cfg.num_experts < group.size():
-        raise DistributedError(f"--mode expert splits {cfg.num_experts} experts: use -n 1 to {cfg.num_experts}")
-    return load_model(path, dtype=dtype, prepare=lambda m: shard_experts(m, group))[0], None
+    return load_model(path, dtype=dtype, experts=rank_experts(cfg, group),
+                      prepare=lambda m: shard_experts(m, group))[0], None
 
 
 @contextmanager
