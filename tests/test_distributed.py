@@ -323,11 +323,16 @@ def test_a_rank_reads_only_its_own_experts(tiny_checkpoint, tmp_path, layout):
     assert params["model.layers.0.mlp.gate.weight"].shape == whole["model.layers.0.mlp.gate.weight"].shape
 
 
-def test_an_expert_range_outside_the_model_is_refused(tiny_checkpoint):
+def test_an_expert_range_outside_the_model_is_refused(tiny_checkpoint, tmp_path):
     with pytest.raises(LoadError, match="experts 6..8 are not a range of this model's 8 experts"):
         load_model(tiny_checkpoint("qwen3_moe"), experts=range(6, 9))
     with pytest.raises(LoadError, match="experts 0..0 are not a range of this model's 0 experts"):
         load_model(tiny_checkpoint("qwen3"), experts=range(0, 1))
+    path = write_quantized(tiny_checkpoint("qwen3_moe"), tmp_path / "q", 32, 8)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "num_experts": 4}))
+    with pytest.raises(LoadError, match=r"switch_mlp\.\w+_proj\.\w+ has shape \(8, .*8 experts, the config needs 4"):
+        load_model(path, experts=range(0, 2))
 
 
 def test_distributed_without_a_launcher_runs_in_one_process_with_a_note(tiny_checkpoint):
