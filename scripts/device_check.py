@@ -451,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         bits, groups, dtypes, ms = qmatmul_kernel.BITS, qmatmul_kernel.GROUP_SIZES, tuple(DTYPES), (1, 2, 4, 8)
     gather_bits = tuple(b for b in bits if b in (4, 8))
-    result = {"schema": "qwen-mlx-device-check/1", "mlx_version": mx.__version__, "backend": backend, "gpu": gpu,
+    result = {"schema": "qwen-mlx-device-check/2", "mlx_version": mx.__version__, "backend": backend, "gpu": gpu,
               "hbm_gbs": peak}
     parts = set(args.parts.split(","))
     failures = 0
