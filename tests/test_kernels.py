@@ -307,6 +307,9 @@ def gather_qmv_launches():
         for x_rows, index_dtype in ((1, mx.int32), (8, mx.uint32)):
             x, experts = mx.zeros((1, tokens, x_rows, 1, 768), dtype), mx.zeros((1, tokens, 8), index_dtype)
             yield gather_kernel.launch(x, w, scales, biases, experts, group_size, bits)
+    # Two experts of one token: fewer than 8 indices, which Metal passes in the constant address space.
+    w, scales, biases = quantized_experts(4, 16, 768, 64, 4)
+    yield gather_kernel.launch(mx.zeros((1, 1, 1, 1, 768)), w, scales, biases, mx.zeros((1, 1, 2), mx.int32), 64, 4)
 
 
 LAUNCHES = {"qmatmul": (qmatmul_kernel.KERNEL, qmatmul_launches), "rope": (rope_kernel.KERNEL, rope_launches),
