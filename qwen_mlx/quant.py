@@ -55,10 +55,9 @@ class QuantizedSwitchLinear(nn.Module):
         return cls(weight, scales, biases[0] if biases else None, group_size, bits, mode)
 
     def __call__(self, x: mx.array, experts: mx.array, sorted_experts: bool = False) -> mx.array:
-        return mx.gather_qmm(
-            x, self.weight, self.scales, self.get("biases"), rhs_indices=experts, transpose=True,
-            group_size=self.group_size, bits=self.bits, mode=self.mode, sorted_indices=sorted_experts,
-        )
+        # x: (..., 1 or k, 1, in), experts: (..., k) -> (..., k, 1, out)
+        return kernels.gather_qmm(x, self.weight, self.scales, self.get("biases"), experts, self.group_size,
+                                  self.bits, sorted_experts, self.mode)
 
 
 def layer_settings(quantization: dict, path: str) -> tuple[int, int, str] | None:

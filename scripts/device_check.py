@@ -2,12 +2,15 @@
 
 1. Correctness: custom qmatmul vs mx.quantized_matmul for bits x group size x dtype x M in {1, 2, 4, 8} on the
    Qwen3 0.6B / 4B / 30B-A3B (attention and expert) shapes and the 151,936 x 2,560 LM head, each also measured
-   against the float32 product of the dequantized weights; custom RoPE (with and without QK-norm, default and
-   YaRN frequencies, several offsets) vs the reference path (mx.fast.rms_norm + mx.fast.rope) and vs the plain
-   float32 definition in qwen_mlx/rope.py; logits of a 2-layer 4B-shaped 4-bit model, custom vs reference kernels.
-2. Micro-benchmarks at the decode shapes: many calls on different weight matrices per synchronisation, our kernel
-   vs MLX's built-in, GB/s and fraction of HBM bandwidth, against the targets of issue 6.
-3. End to end: decode tok/s of a 4B-shaped 4-bit model with custom kernels, reference kernels and mlx-lm.
+   against the float32 product of the dequantized weights; custom gather-qmv vs mx.gather_qmm for bits 4/8 x group
+   size x dtype x 1/2/4/8 decode tokens of 8 experts on the 30B-A3B and 235B-A22B expert stacks (random, one-expert
+   and repeated-expert routing), likewise; custom RoPE (with and without QK-norm, default and YaRN frequencies,
+   several offsets) vs the reference path (mx.fast.rms_norm + mx.fast.rope) and vs the plain float32 definition in
+   qwen_mlx/rope.py; logits of 2-layer 4B- and 30B-A3B-shaped 4-bit models, custom vs reference kernels.
+2. Micro-benchmarks at the decode shapes: many calls on different weight matrices per synchronisation, our kernels
+   vs MLX's built-ins, GB/s and fraction of HBM bandwidth, against the targets of issues 6 and 12.
+3. End to end: decode tok/s of a 4B-shaped and a few-layer 30B-A3B-shaped 4-bit model with custom kernels,
+   reference kernels and mlx-lm.
 
 Prints tables, writes JSON (--json), and exits 1 on any correctness mismatch (the speed targets only report).
 """
@@ -33,6 +36,7 @@ from qwen_mlx.config import ModelConfig  # noqa: E402
 from qwen_mlx.rope import Rope, cos_sin, make_rope, rotate_reference  # noqa: E402
 
 qmatmul_kernel = sys.modules["qwen_mlx.kernels.qmatmul"]  # the module (kernels.qmatmul is the function)
+gather_kernel = sys.modules["qwen_mlx.kernels.gather_qmv"]
 
 SHAPES = {  # name -> (N, K) of x @ W.T, W (N, K)
     "0.6b q": (2048, 1024), "0.6b kv": (1024, 1024), "0.6b o": (1024, 2048), "0.6b gate/up": (3072, 1024),
@@ -43,11 +47,20 @@ SHAPES = {  # name -> (N, K) of x @ W.T, W (N, K)
     "30b expert down": (2048, 768),
     "lm head": (151936, 2560),
 }
+EXPERT_SHAPES = {  # name -> (E, N, K) of the stacked expert weights; gate/up is the model's joined stack
+    "30b-a3b gate/up": (128, 2 * 768, 2048), "30b-a3b down": (128, 2048, 768),
+    "235b-a22b gate/up": (128, 2 * 1536, 4096), "235b-a22b down": (128, 4096, 1536),
+}
+TOP_K = 8  # experts per token, both models
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 # max |ours - reference| / max |reference|: the output's rounding at that width, plus room for a different order
 # of float32 sums.
 TOLERANCE = {"bfloat16": 2e-2, "float16": 4e-3, "float32": 1e-4}
 TARGET_SPEEDUP = {4: 2.0, 8: 1.0}  # issue 6, must-show 2
+GATHER_TARGET_SPEEDUP, GATHER_TARGET_US = 5.0, 9.7  # issue 12: 8 experts of 768 x 2048, 4-bit, one token
+GATHER_TARGET_SHAPE = "30b-a3b gate (768x2048)"
+GATHER_BENCH_SHAPES = {GATHER_TARGET_SHAPE: (128, 768, 2048), **EXPERT_SHAPES}
+GATHER_BENCH_CASES = [(name, 1) for name in GATHER_BENCH_SHAPES] + [("30b-a3b gate/up", 4), ("30b-a3b down", 4)]
 
 
 @contextmanager
@@ -117,6 +130,70 @@ def check_qmatmul(bits_list, groups, dtypes, ms, shapes, log) -> list[dict]:
     return rows
 
 
+def routings(tokens: int, experts: int, seed: int) -> dict[str, mx.array]:
+    """(tokens, TOP_K) expert indices: distinct random experts per token, every pair on the last expert, and each
+    token's experts two repeated ones."""
+    random = mx.stack([mx.random.permutation(experts, key=mx.random.key(seed + t))[:TOP_K] for t in range(tokens)])
+    repeated = mx.array([[t % experts] * (TOP_K // 2) + [(t + 1) % experts] * (TOP_K // 2) for t in range(tokens)])
+    return {"random": random.astype(mx.int32), "one expert": mx.full((tokens, TOP_K), experts - 1, mx.int32),
+            "repeated": repeated.astype(mx.int32)}
+
+
+def gather_inputs(name: str, tokens: int, k: int, dtype: mx.Dtype) -> mx.array:
+    """x as the model passes it: (tokens, 1, 1, K) for gate/up (each token's row serves its experts),
+    (tokens, TOP_K, 1, K) for down (a row per (token, expert))."""
+    rows = 1 if "gate/up" in name else TOP_K
+    return mx.random.normal((tokens, rows, 1, k), key=mx.random.key(tokens)).astype(dtype)
+
+
+def check_gather_qmv(bits_list, groups, dtypes, token_counts, shapes, log) -> list[dict]:
+    rows = []
+    for name, (e, n, k) in shapes.items():
+        base = mx.random.normal((e, n, k), key=mx.random.key(n + k)) * 0.02
+        for dtype_name in dtypes:
+            dtype = DTYPES[dtype_name]
+            w_full = base.astype(dtype)
+            for bits in bits_list:
+                for group in groups:
+                    w, scales, biases = mx.quantize(w_full, group, bits)
+                    for tokens in token_counts:
+                        x = gather_inputs(name, tokens, k, dtype)
+                        for routing, experts in routings(tokens, e, tokens).items():
+                            row = gather_case(x, w, scales, biases, experts, group, bits)
+                            row.update(shape=name, e=e, n=n, k=k, bits=bits, group=group, dtype=dtype_name,
+                                       tokens=tokens, routing=routing)
+                            rows.append(row)
+                            if not row["ok"]:
+                                log(f"MISMATCH gather_qmv {row}")
+                    del w, scales, biases
+            del w_full
+            mx.clear_cache()
+        del base
+        log(f"gather_qmv {name:<18} ({e}x{n}x{k}): {sum(r['ok'] for r in rows if r['shape'] == name)}/"
+            f"{sum(r['shape'] == name for r in rows)} within tolerance, worst vs MLX "
+            f"{max(r['vs_mlx'] for r in rows if r['shape'] == name):.2e}")
+    return rows
+
+
+def gather_case(x, w, scales, biases, experts, group: int, bits: int) -> dict:
+    """Ours vs mx.gather_qmm and both vs the float32 product with the selected experts' dequantized weights."""
+    if not gather_kernel.supports(x, w, biases, experts, group, bits, "affine"):
+        raise SystemExit(f"the gather kernel does not cover x {x.shape} w {w.shape} bits {bits} group {group}")
+    with kernels_choice("custom"):
+        ours = kernels.gather_qmm(x, w, scales, biases, experts, group, bits, False)
+    theirs = mx.gather_qmm(x, w, scales, biases, rhs_indices=experts, transpose=True, group_size=group, bits=bits)
+    flat = experts.reshape(-1)
+    dense = mx.dequantize(w[flat], scales[flat], biases[flat], group, bits).astype(mx.float32)  # (P, N, K)
+    pairs = mx.broadcast_to(x, (*experts.shape, 1, x.shape[-1])).reshape(flat.size, 1, -1).astype(mx.float32)
+    truth = (pairs @ dense.swapaxes(-1, -2)).reshape(ours.shape)
+    errors = mx.stack([relative_errors(ours, theirs), relative_errors(ours, truth),
+                       relative_errors(theirs, truth)]).tolist()
+    tolerance = TOLERANCE[{mx.bfloat16: "bfloat16", mx.float16: "float16", mx.float32: "float32"}[x.dtype]]
+    own = errors[2]  # as in check_qmatmul: within tolerance of float32 (or as close as MLX), and of MLX
+    return dict(vs_mlx=errors[0], ours_vs_fp32=errors[1], mlx_vs_fp32=own, tolerance=tolerance,
+                ok=errors[1] <= max(tolerance, own) and errors[0] <= tolerance + own)
+
+
 def norm_reference(x: mx.array, weight: mx.array, eps: float) -> mx.array:
     x = x.astype(mx.float32)
     return x * mx.rsqrt((x * x).mean(-1, keepdims=True) + eps) * weight.astype(mx.float32)
@@ -170,11 +247,12 @@ def rope_case(rope: Rope, q, k, offset: int, norms, dtype_name: str, model: str,
                 ok=vs_reference <= tolerance and vs_fp32 <= tolerance)
 
 
-def check_model(log) -> dict:
-    """Logits of a 2-layer 4B-shaped 4-bit model over a prompt and 4 cached decode steps: custom vs reference."""
+def check_model(preset: str, log) -> dict:
+    """Logits of a 2-layer `preset`-shaped 4-bit model over a prompt and 4 cached decode steps: custom vs
+    reference. (30B-A3B: the prompt's 8 x 8 (token, expert) pairs and each step's 8 run the gather kernel.)"""
     from qwen_mlx.cache import make_cache
 
-    cfg = bench.preset_config("qwen3-4b", 2)
+    cfg = bench.preset_config(preset, 2)
     mx.random.seed(0)
     model = bench.random_model(cfg, "4")
     tokens = mx.random.randint(0, cfg.vocab_size, (1, 12), key=mx.random.key(5))
@@ -188,8 +266,8 @@ def check_model(log) -> dict:
             outputs[choice] = mx.concatenate(logits).astype(mx.float32)
             mx.eval(outputs[choice])
     error = relative_error(outputs["custom"], outputs["reference"])
-    result = dict(vs_reference=error, tolerance=5e-2, ok=error <= 5e-2)
-    log(f"model logits (2 layers, 4-bit, prompt 8 + 4 decode steps): custom vs reference {error:.2e}")
+    result = dict(preset=preset, vs_reference=error, tolerance=5e-2, ok=error <= 5e-2)
+    log(f"{preset} logits (2 layers, 4-bit, prompt 8 + 4 decode steps): custom vs reference {error:.2e}")
     return result
 
 
@@ -256,6 +334,51 @@ def bench_qmatmul(shapes, peak: float, log) -> list[dict]:
     return rows
 
 
+def bench_gather_qmv(shapes: dict, cases: list[tuple[str, int]], peak: float, log) -> list[dict]:
+    """4-bit decode, TOP_K experts per token, for each (shape name, tokens): calls cycling through several copies of
+    the expert stack (more bytes than the L2 holds) and a different random routing each, ours vs mx.gather_qmm."""
+    rows = []
+    for name, tokens in cases:
+        e, n, k = shapes[name]
+        one = mx.random.normal((e, n, k), key=mx.random.key(1)).astype(mx.bfloat16) * 0.02
+        sample = mx.quantize(one, 64, 4)
+        stack_bytes = sum(a.nbytes for a in sample)
+        copies = max(2, min(8, math.ceil(1.5e9 / stack_bytes)))
+        stacks = [sample] + [mx.quantize(one + i * 1e-3, 64, 4) for i in range(1, copies)]
+        del one
+        routes = [routings(tokens, e, 1000 + i)["random"] for i in range(32)]
+        operands = [(*stacks[i % copies], routes[i]) for i in range(32)]
+        mx.eval(stacks, routes)
+        x = gather_inputs(name, tokens, k, mx.bfloat16)
+
+        def ours(x, w, s, b, experts):
+            with kernels_choice("custom"):
+                return kernels.gather_qmm(x, w, s, b, experts, 64, 4, False)
+
+        def builtin(x, w, s, b, experts):
+            return mx.gather_qmm(x, w, s, b, rhs_indices=experts, transpose=True, group_size=64, bits=4)
+
+        unique = sum(len(set(r.reshape(-1).tolist())) for r in routes) / len(routes)  # experts read per call
+        moved = stack_bytes / e * unique + x.nbytes + tokens * TOP_K * n * 2
+        t_ours, t_mlx = time_per_call(ours, operands, x), time_per_call(builtin, operands, x)
+        target = name == GATHER_TARGET_SHAPE and tokens == 1
+        row = dict(shape=name, e=e, n=n, k=k, bits=4, tokens=tokens, experts_per_token=TOP_K, ours_us=t_ours * 1e6,
+                   mlx_us=t_mlx * 1e6, speedup=t_mlx / t_ours, ours_gbs=moved / t_ours / 1e9,
+                   mlx_gbs=moved / t_mlx / 1e9, ours_hbm_fraction=moved / t_ours / 1e9 / peak,
+                   limit_us=moved / (peak * 1e9) * 1e6, target_speedup=GATHER_TARGET_SPEEDUP if target else None,
+                   target_us=GATHER_TARGET_US if target else None)
+        row["target_met"] = not target or (row["speedup"] >= GATHER_TARGET_SPEEDUP
+                                           and row["ours_us"] <= GATHER_TARGET_US)
+        rows.append(row)
+        log(f"gather {name:<24} T={tokens} x{TOP_K}  ours {row['ours_us']:7.1f} us {row['ours_gbs']:6.0f} GB/s "
+            f"({100 * row['ours_hbm_fraction']:4.1f}% HBM)  MLX {row['mlx_us']:7.1f} us {row['mlx_gbs']:6.0f} GB/s  "
+            f"x{row['speedup']:.2f}" + ("" if row["target_met"] else
+                                        f"  TARGET x{GATHER_TARGET_SPEEDUP} and {GATHER_TARGET_US} us MISSED"))
+        del stacks, operands
+        mx.clear_cache()
+    return rows
+
+
 def bench_rope(log) -> list[dict]:
     rope = make_rope(bench.preset_config("qwen3-4b", 1))
     rows = []
@@ -284,18 +407,19 @@ def bench_rope(log) -> list[dict]:
 # 3. End to end
 
 
-def end_to_end(prompt: int, gen: int, log) -> list[dict]:
+def end_to_end(preset: str, layers: int | None, prompt: int, gen: int, log) -> list[dict]:
+    """Decode and prefill of a `preset`-shaped 4-bit model (all its layers, or `layers`) through qwen_mlx.bench."""
     rows = []
     for choice in ("custom", "reference"):
         with kernels_choice(choice):
-            result = bench.run(["qwen3-4b"], ["4"], [prompt], gen, repeats=3, log=log)
+            result = bench.run([preset], ["4"], [prompt], gen, layers=layers, repeats=3, log=log)
         for case in result["cases"]:
             engine = f"qwen-mlx ({choice} kernels)" if case["engine"] == "qwen-mlx" else "mlx-lm"
             rows.append(dict(engine=engine, decode_tps=case["decode_tps"], prefill_tps=case["prefill_tps"],
                              roofline_fraction=case["roofline_fraction"]))
     for row in rows:
-        log(f"4B 4-bit decode  {row['engine']:<28} {row['decode_tps']:7.1f} tok/s  prefill {row['prefill_tps']:8.0f}"
-            f" tok/s  {100 * row['roofline_fraction']:4.1f}% of HBM")
+        log(f"{preset} 4-bit decode  {row['engine']:<28} {row['decode_tps']:7.1f} tok/s  "
+            f"prefill {row['prefill_tps']:8.0f} tok/s  {100 * row['roofline_fraction']:4.1f}% of HBM")
     return rows
 
 
@@ -313,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hbm-gbs", type=float, help="peak memory bandwidth (default: from the GPU's name)")
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--gen", type=int, default=128)
+    parser.add_argument("--moe-layers", type=int, default=4,
+                        help="layers of the 30B-A3B-shaped end-to-end model (default 4; it has 48)")
     args = parser.parse_args(argv)
     log = print
 
@@ -324,24 +450,30 @@ def main(argv: list[str] | None = None) -> int:
         bits, groups, dtypes, ms = (4, 8), (64,), ("bfloat16", "float32"), (1, 8)
     else:
         bits, groups, dtypes, ms = qmatmul_kernel.BITS, qmatmul_kernel.GROUP_SIZES, tuple(DTYPES), (1, 2, 4, 8)
-    result = {"schema": "qwen-mlx-device-check/1", "mlx_version": mx.__version__, "backend": backend, "gpu": gpu,
+    gather_bits = tuple(b for b in bits if b in (4, 8))
+    result = {"schema": "qwen-mlx-device-check/2", "mlx_version": mx.__version__, "backend": backend, "gpu": gpu,
               "hbm_gbs": peak}
     parts = set(args.parts.split(","))
     failures = 0
     start = time.perf_counter()
     if "correctness" in parts:
         result["qmatmul"] = check_qmatmul(bits, groups, dtypes, ms, SHAPES, log)
+        result["gather_qmv"] = check_gather_qmv(gather_bits, groups, dtypes, ms, EXPERT_SHAPES, log)
         result["rope"] = check_rope(dtypes, log)
-        result["model"] = check_model(log)
-        failures = sum(not r["ok"] for r in result["qmatmul"] + result["rope"]) + (not result["model"]["ok"])
+        result["model"] = [check_model("qwen3-4b", log), check_model("qwen3-30b-a3b", log)]
+        failures = sum(not r["ok"] for r in result["qmatmul"] + result["gather_qmv"] + result["rope"]
+                       + result["model"])
         log(f"correctness: {failures} failure(s) in {time.perf_counter() - start:.0f} s")
         save(result, args.json)  # what is done is kept should a later part run out of time
     if "bench" in parts:
         result["qmatmul_bench"] = bench_qmatmul(SHAPES, peak, log)
+        result["gather_qmv_bench"] = bench_gather_qmv(GATHER_BENCH_SHAPES, GATHER_BENCH_CASES, peak, log)
         result["rope_bench"] = bench_rope(log)
         save(result, args.json)
     if "e2e" in parts:
-        result["end_to_end"] = end_to_end(args.prompt, args.gen, log)
+        result["end_to_end"] = end_to_end("qwen3-4b", None, args.prompt, args.gen, log)
+        save(result, args.json)
+        result["moe_end_to_end"] = end_to_end("qwen3-30b-a3b", args.moe_layers, args.prompt, args.gen, log)
     result["failures"] = failures
     result["seconds"] = time.perf_counter() - start
     save(result, args.json)

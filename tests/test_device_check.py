@@ -33,6 +33,35 @@ def test_qmatmul_check_passes_the_reference_and_catches_a_wrong_result(reference
     assert not any(r["ok"] for r in device_check.check_qmatmul(*args))
 
 
+TINY_EXPERTS = {"tiny gate/up": (8, 16, 256), "tiny down": (8, 32, 128)}  # (E, N, K)
+
+
+def test_gather_qmv_check_passes_the_reference_and_catches_a_wrong_result(reference_only, monkeypatch):
+    args = ((4, 8), (64,), ("float32", "bfloat16"), (1, 2), TINY_EXPERTS, lambda *_: None)
+    rows = device_check.check_gather_qmv(*args)
+    assert len(rows) == 2 * 2 * 2 * 2 * 3 and all(r["ok"] and r["vs_mlx"] == 0 for r in rows)
+    assert {r["routing"] for r in rows} == {"random", "one expert", "repeated"}
+    right = kernels.gather_qmm
+    monkeypatch.setattr(kernels, "gather_qmm", lambda *a: right(*a) * 1.05)
+    assert not any(r["ok"] for r in device_check.check_gather_qmv(*args))
+
+
+def test_routings_are_top_k_per_token():
+    for name, experts in device_check.routings(3, 16, seed=0).items():
+        assert experts.shape == (3, device_check.TOP_K) and experts.dtype == mx.int32, name
+        assert 0 <= experts.min().item() and experts.max().item() < 16, name
+    random = device_check.routings(3, 16, seed=0)["random"].tolist()
+    assert all(len(set(row)) == device_check.TOP_K for row in random)
+
+
+def test_gather_qmv_bench_runs(reference_only, monkeypatch):
+    monkeypatch.setattr(device_check, "time_per_call", lambda fn, operands, x: mx.eval(fn(x, *operands[0])) or 1e-6)
+    rows = device_check.bench_gather_qmv(TINY_EXPERTS, [("tiny gate/up", 1), ("tiny down", 2)], 1000.0,
+                                         lambda *_: None)
+    assert [(r["shape"], r["tokens"], r["ours_us"]) for r in rows] == [("tiny gate/up", 1, 1.0), ("tiny down", 2, 1.0)]
+    assert all(r["target_met"] and r["target_speedup"] is None for r in rows)
+
+
 def test_rope_check_passes_the_reference_and_catches_a_wrong_result(reference_only, monkeypatch):
     rope = make_rope(preset_config("qwen3-0.6b", 1))
     q, k = mx.random.normal((1, 3, 4, 128)), mx.random.normal((1, 3, 2, 128))

@@ -20,10 +20,12 @@ from qwen_mlx import kernels
 from qwen_mlx.errors import UserError
 from qwen_mlx.kernels import dialect
 from qwen_mlx.kernels.dialect import Kernel
-from qwen_mlx.quant import QuantizedEmbedding, QuantizedLinear
+from qwen_mlx.model import SwitchMLP
+from qwen_mlx.quant import QuantizedEmbedding, QuantizedLinear, quantize_model
 from qwen_mlx.rope import Rope, cos_sin, rotate_reference
 
 qmatmul_kernel = sys.modules["qwen_mlx.kernels.qmatmul"]
+gather_kernel = sys.modules["qwen_mlx.kernels.gather_qmv"]
 rope_kernel = sys.modules["qwen_mlx.kernels.rope"]
 STUBS = Path(__file__).parent / "kernel_stubs"
 
@@ -31,6 +33,12 @@ STUBS = Path(__file__).parent / "kernel_stubs"
 def quantized(n: int, k: int, group_size: int, bits: int, dtype=mx.bfloat16, seed: int = 0):
     w = (mx.random.normal((n, k), key=mx.random.key(seed)) * 0.05).astype(dtype)
     return w, *mx.quantize(w, group_size, bits)
+
+
+def quantized_experts(experts: int, n: int, k: int, group_size: int, bits: int, dtype=mx.bfloat16, seed: int = 0):
+    """A stack of expert weights (experts, n, k) as mx.quantize leaves it: w, scales, biases."""
+    w = (mx.random.normal((experts, n, k), key=mx.random.key(seed)) * 0.05).astype(dtype)
+    return mx.quantize(w, group_size, bits)
 
 
 def qwen_rope(head_dim: int = 128) -> Rope:
@@ -70,6 +78,20 @@ def test_reference_qmatmul_is_quantized_matmul(bits, group_size):
     x = mx.random.normal((2, 3, 256), key=mx.random.key(1)).astype(mx.bfloat16)
     expected = mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
     assert mx.array_equal(kernels.qmatmul(x, w, scales, biases, group_size, bits), expected)
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (8, 32), (3, 128)])
+def test_reference_gather_qmm_is_gather_qmm(bits, group_size):
+    w, scales, biases = quantized_experts(6, 48, 256, group_size, bits)
+    experts = mx.array([[[0, 5], [3, 3]]], mx.uint32)  # (B 1, L 2, k 2), a token with one expert twice
+    for x in (mx.random.normal((1, 2, 1, 1, 256), key=mx.random.key(1)),  # each token's row, for its k experts
+              mx.random.normal((1, 2, 2, 1, 256), key=mx.random.key(2))):  # a row per (token, expert)
+        x = x.astype(mx.bfloat16)
+        for sorted_experts in (False, True):
+            expected = mx.gather_qmm(x, w, scales, biases, rhs_indices=experts, transpose=True,
+                                     group_size=group_size, bits=bits, sorted_indices=sorted_experts)
+            got = kernels.gather_qmm(x, w, scales, biases, experts, group_size, bits, sorted_experts)
+            assert got.shape == (1, 2, 2, 1, 48) and mx.array_equal(got, expected)
 
 
 def test_quantized_layers_match_mlx_layers():
@@ -127,6 +149,59 @@ def test_gpu_backend_launches_the_kernel_for_small_m_only(monkeypatch):
     assert len(calls) == n
 
 
+def kernel_calls(monkeypatch, backend: str) -> list[tuple[Kernel, str, dialect.Launch]]:
+    """The kernel launches a GPU `backend` would make, recorded; each returns zeros of its outputs' shapes."""
+    calls = []
+    monkeypatch.setattr(kernels, "backend", lambda: backend)
+    monkeypatch.setattr(dialect, "run", lambda kernel, backend, launch: calls.append((kernel, backend, launch))
+                        or [mx.zeros(s, d) for s, d in zip(launch.output_shapes, launch.output_dtypes)])
+    return calls
+
+
+def test_gpu_backend_launches_gather_qmv_for_decode_only(monkeypatch):
+    calls = kernel_calls(monkeypatch, "cuda")
+    w, scales, biases = quantized_experts(16, 100, 512, 64, 4)
+    experts = mx.zeros((1, 8, 8), mx.int32)  # 8 decode tokens, 8 experts each: 64 pairs
+    x = mx.zeros((1, 8, 1, 1, 512), mx.bfloat16)  # each token's row, for its 8 experts (the experts' gate/up)
+    assert kernels.gather_qmm(x, w, scales, biases, experts, 64, 4, False).shape == (1, 8, 8, 1, 100)
+    kernel, backend, launch = calls[-1]
+    assert (kernel, backend) == (gather_kernel.KERNEL, "cuda")
+    assert dict(launch.template) == {"T": mx.bfloat16, "I": mx.int32, "BITS": 4, "GROUP": 64, "SHARE": 8, "ROWS": 4,
+                                     "WARPS": 2}
+    rows_per_group = qmatmul_kernel.ROWS * qmatmul_kernel.WARPS
+    assert launch.grid == (64 * -(-100 // rows_per_group) * 64, 1, 1) and launch.threadgroup == (64, 1, 1)
+    assert launch.inputs[0].shape == (8, 512) and launch.inputs[-1].shape == (64,)
+    x = mx.zeros((1, 1, 4, 1, 512), mx.float16)  # a row per (token, expert) (the experts' down)
+    kernels.gather_qmm(x, w, scales, biases, experts[:, :1, :4].astype(mx.uint32), 64, 4, False)
+    template = dict(calls[-1][2].template)
+    assert (template["T"], template["I"], template["SHARE"]) == (mx.float16, mx.uint32, 1)
+    n = len(calls)
+    many = mx.zeros((1, 9, 8), mx.int32)  # 72 pairs: a prefill, mx.gather_qmm's sorted matmul
+    kernels.gather_qmm(mx.zeros((1, 9, 1, 1, 512), mx.bfloat16), w, scales, biases, many, 64, 4, False)
+    kernels.gather_qmm(mx.zeros((1, 1, 1, 2, 512), mx.bfloat16), w, scales, biases, experts[:, :1], 64, 4,
+                       False)  # two x rows per pair
+    kernels.gather_qmm(mx.zeros((1, 8, 1, 1, 512), mx.bfloat16), w, scales, biases, experts.astype(mx.int64), 64,
+                       4, False)  # an index dtype the kernel is not built for
+    fp_w, fp_scales = mx.quantize(mx.zeros((16, 100, 512)), 32, 4, mode="mxfp4")
+    kernels.gather_qmm(mx.zeros((1, 1, 1, 1, 512), mx.bfloat16), fp_w, fp_scales, None, experts[:, :1], 32, 4,
+                       False, "mxfp4")  # not affine
+    assert len(calls) == n
+
+
+@pytest.mark.parametrize("tokens,launches", [(1, 2), (48, 0)], ids=["decode", "sorted-prefill"])
+def test_quantized_experts_reach_gather_qmv_at_decode(monkeypatch, tokens, launches):
+    layer = nn.Module()
+    layer.switch_mlp = SwitchMLP(128, 64, 8)  # under its checkpoint name, as in a model
+    quantize_model(layer, {"group_size": 32, "bits": 4})
+    mlp = layer.switch_mlp
+    calls = kernel_calls(monkeypatch, "metal")
+    experts = mx.array(np.random.default_rng(0).integers(0, 8, (1, tokens, 2)), mx.uint32)
+    assert mlp(mx.zeros((1, tokens, 128)), experts).shape == (1, tokens, 2, 128)
+    assert [kernel for kernel, _, _ in calls] == [gather_kernel.KERNEL] * launches  # gate/up, then down
+    if launches:
+        assert [dict(launch.template)["SHARE"] for _, _, launch in calls] == [2, 1]
+
+
 def test_gpu_backend_launches_one_rope_for_q_and_k(monkeypatch):
     calls = []
     monkeypatch.setattr(kernels, "backend", lambda: "metal")
@@ -159,6 +234,50 @@ def test_kernel_reads_mlx_packed_layout(bits):
                                    atol=1e-6)
 
 
+def emulate_gather_qmv(x, w, scales, biases, experts, group_size: int, bits: int, share: int) -> np.ndarray:
+    """The kernel's arithmetic on flat buffers, in NumPy: pair p reads x row p // share and, from base offsets
+    experts[p] * N * row_words (weights) and experts[p] * N * row_groups (scales, biases), N rows of which it sums
+    scale * sum(q * x) + bias * sum(x) per group -> (pairs, N) float64."""
+    e, n, row_words = w.shape
+    k = row_words * 32 // bits
+    row_groups = k // group_size
+    w_flat = np.array(w).reshape(-1).astype(np.uint64)
+    s_flat, b_flat = np.array(scales, np.float64).reshape(-1), np.array(biases, np.float64).reshape(-1)
+    x_flat, pairs = np.array(x, np.float64).reshape(-1), np.array(experts).reshape(-1)
+    i = np.arange(k)
+    word, shift = i * bits // 32, (i * bits % 32).astype(np.uint64)
+    y = np.zeros((pairs.size, n))
+    for p, expert in enumerate(pairs):
+        xs = x_flat[p // share * k:(p // share + 1) * k]  # (K,)
+        words = w_flat[expert * n * row_words:(expert + 1) * n * row_words].reshape(n, row_words)
+        padded = np.concatenate([words, np.zeros((n, 1), np.uint64)], axis=1)
+        q = ((padded[:, word] >> shift) | (padded[:, word + 1] << (np.uint64(32) - shift))) & np.uint64(
+            (1 << bits) - 1)  # (N, K)
+        g = slice(expert * n * row_groups, (expert + 1) * n * row_groups)
+        scale, bias = s_flat[g].reshape(n, row_groups), b_flat[g].reshape(n, row_groups)
+        dots = (q * xs).reshape(n, row_groups, group_size).sum(-1)  # (N, groups): sum(q * x) per group
+        xsums = xs.reshape(row_groups, group_size).sum(-1)  # (groups,)
+        y[p] = (scale * dots + bias * xsums).sum(-1)
+    return y
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (8, 128), (3, 64)])
+def test_gather_qmv_indexing_equals_gather_qmm_on_skewed_routing(bits, group_size):
+    w, scales, biases = quantized_experts(8, 40, 256, group_size, bits, mx.float32)  # 40 rows: a partial block
+    routings = {"all to one expert": np.full((8, 4), 5), "repeated experts": np.array([[2, 2, 2, 7]] * 8),
+                "first and last": np.array([[0, 7, 7, 0]] * 8)}
+    for name, routing in routings.items():
+        experts = mx.array(routing[None], mx.int32)  # (1, 8 tokens, 4)
+        for x in (mx.random.normal((1, 8, 1, 1, 256), key=mx.random.key(1)),  # SHARE = 4
+                  mx.random.normal((1, 8, 4, 1, 256), key=mx.random.key(2))):  # SHARE = 1
+            share = gather_kernel.pairs_per_x_row(x, experts)
+            expected = mx.gather_qmm(x, w, scales, biases, rhs_indices=experts, transpose=True,
+                                     group_size=group_size, bits=bits)  # (1, 8, 4, 1, 40)
+            got = emulate_gather_qmv(x, w, scales, biases, experts, group_size, bits, share)
+            np.testing.assert_allclose(got, np.array(expected).reshape(32, 40), rtol=1e-4, atol=1e-4,
+                                       err_msg=f"{name}, SHARE {share}")
+
+
 # Each kernel's CUDA build compiles with nvcc, its Metal build passes clang's syntax check
 
 
@@ -177,7 +296,24 @@ def rope_launches():
             yield rope_kernel.launch(q, k, qwen_rope().inv_freq, 5, norms, 1.0)
 
 
-LAUNCHES = {"qmatmul": (qmatmul_kernel.KERNEL, qmatmul_launches), "rope": (rope_kernel.KERNEL, rope_launches)}
+def gather_qmv_launches():
+    """Bits 4/8 x dtypes x 1 and 8 decode tokens of 8 experts each, x shared by a token's experts (gate/up) or a row
+    per pair (down); the other widths once. The token count sets only the grid: T 1 and 8 give one text."""
+    cases = [(bits, 64, dtype, tokens) for bits in (4, 8) for dtype in qmatmul_kernel.DTYPES for tokens in (1, 8)]
+    cases += [(bits, 64, mx.bfloat16, 1) for bits in qmatmul_kernel.BITS if bits not in (4, 8)]
+    cases += [(4, 32, mx.float16, 1), (8, 128, mx.float32, 8)]
+    for bits, group_size, dtype, tokens in cases:
+        w, scales, biases = quantized_experts(4, 16, 768, group_size, bits)
+        for x_rows, index_dtype in ((1, mx.int32), (8, mx.uint32)):
+            x, experts = mx.zeros((1, tokens, x_rows, 1, 768), dtype), mx.zeros((1, tokens, 8), index_dtype)
+            yield gather_kernel.launch(x, w, scales, biases, experts, group_size, bits)
+    # Two experts of one token: fewer than 8 indices, which Metal passes in the constant address space.
+    w, scales, biases = quantized_experts(4, 16, 768, 64, 4)
+    yield gather_kernel.launch(mx.zeros((1, 1, 1, 1, 768)), w, scales, biases, mx.zeros((1, 1, 2), mx.int32), 64, 4)
+
+
+LAUNCHES = {"qmatmul": (qmatmul_kernel.KERNEL, qmatmul_launches), "rope": (rope_kernel.KERNEL, rope_launches),
+            "gather_qmv": (gather_kernel.KERNEL, gather_qmv_launches)}
 BROKEN = Kernel("broken", ("x",), ("y",), "y[LANE] = x[LANE] + undeclared_name;")
 
 
@@ -193,7 +329,7 @@ def nvcc(sources: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("name", LAUNCHES)
 def test_cuda_build_compiles_for_hopper_without_spills(name, tmp_path):
     kernel, launches = LAUNCHES[name]
-    sources = [cuda_source(kernel, launch) for launch in launches()]
+    sources = list(dict.fromkeys(cuda_source(kernel, launch) for launch in launches()))  # each text once
     result = nvcc(sources, tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     report = result.stdout + result.stderr
@@ -205,6 +341,21 @@ def test_nvcc_check_catches_a_broken_kernel(tmp_path):
     launch = dialect.Launch([mx.zeros(64)], [], (64, 1, 1), (64, 1, 1), [(64,)], [mx.float32])
     result = nvcc([cuda_source(BROKEN, launch)], tmp_path)
     assert result.returncode != 0 and "undeclared_name" in result.stderr
+
+
+def without_const_x(kernel: Kernel) -> Kernel:
+    """`kernel` with x's read pointer no longer const: a type error in both languages, inside the shared loop's
+    prologue."""
+    assert "const GLOBAL T* x_rows = x" in kernel.body
+    return Kernel(kernel.name, kernel.inputs, kernel.outputs, kernel.body.replace("const GLOBAL T* x_rows = x",
+                                                                                  "GLOBAL T* x_rows = x"))
+
+
+@pytest.mark.parametrize("name", ["qmatmul", "gather_qmv"])
+def test_nvcc_check_catches_a_broken_variant_of_the_kernel(name, tmp_path):
+    kernel, launches = LAUNCHES[name]
+    result = nvcc([cuda_source(without_const_x(kernel), next(launches()))], tmp_path)
+    assert result.returncode != 0 and "x_rows" in result.stderr
 
 
 def clang_errors(kernel: Kernel, launch: dialect.Launch) -> list[str]:
@@ -233,6 +384,12 @@ def test_clang_check_catches_a_broken_kernel():
     assert any("undeclared_name" in e for e in clang_errors(BROKEN, launch))
     cuda_only = Kernel("cuda_only", ("x",), ("y",), "y[LANE] = __shfl_xor_sync(0xffffffffu, x[LANE], 1);")
     assert clang_errors(cuda_only, launch)
+
+
+@pytest.mark.parametrize("name", ["qmatmul", "gather_qmv"])
+def test_clang_check_catches_a_broken_variant_of_the_kernel(name):
+    kernel, launches = LAUNCHES[name]
+    assert clang_errors(without_const_x(kernel), next(launches()))
 
 
 def test_info_shows_the_kernels_backend(tiny_checkpoint, capsys, monkeypatch):

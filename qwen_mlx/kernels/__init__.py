@@ -2,8 +2,9 @@
 
 `backend()` is "metal" on an Apple GPU, "cuda" on an NVIDIA GPU (MLX's CUDA build) and "reference" elsewhere;
 the environment variable QWEN_MLX_KERNELS=reference|custom overrides the choice ("custom" insists on a GPU).
-On "metal" and "cuda" the ops run our kernels (qmatmul.py, rope.py, one source built for both) where they cover
-the case; everything else, and the whole "reference" path, runs MLX's own ops, which the kernels are tested against.
+On "metal" and "cuda" the ops run our kernels (qmatmul.py, gather_qmv.py, rope.py, one source built for both) where
+they cover the case; everything else, and the whole "reference" path, runs MLX's own ops, which the kernels are tested
+against.
 """
 
 import os
@@ -12,7 +13,7 @@ import mlx.core as mx
 
 from ..errors import UserError
 from ..rope import Rope
-from . import dialect, qmatmul as _qmatmul, rope as _rope
+from . import dialect, gather_qmv as _gather_qmv, qmatmul as _qmatmul, rope as _rope
 
 ENV = "QWEN_MLX_KERNELS"
 CHOICES = ("reference", "custom")
@@ -50,6 +51,18 @@ def qmatmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None,
     if used != "reference" and _qmatmul.supports(x, w, biases, group_size, bits, mode):
         return dialect.run(_qmatmul.KERNEL, used, _qmatmul.launch(x, w, scales, biases, group_size, bits))[0]
     return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode)
+
+
+def gather_qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, experts: mx.array,
+               group_size: int, bits: int, sorted_experts: bool, mode: str = "affine") -> mx.array:
+    """x (..., 1 or k, 1, K) @ W[experts].T -> (..., k, 1, N) for stacked expert weights W (E, N, K) quantized by
+    mx.quantize, experts (..., k); mx.gather_qmm's broadcasting. The decode sizes run our kernel on a GPU."""
+    used = backend()
+    if used != "reference" and _gather_qmv.supports(x, w, biases, experts, group_size, bits, mode):
+        return dialect.run(_gather_qmv.KERNEL, used, _gather_qmv.launch(x, w, scales, biases, experts, group_size,
+                                                                        bits))[0]
+    return mx.gather_qmm(x, w, scales, biases, rhs_indices=experts, transpose=True, group_size=group_size, bits=bits,
+                         mode=mode, sorted_indices=sorted_experts)
 
 
 def rope(q: mx.array, k: mx.array, freqs: Rope, *, offset: int, norms: tuple[mx.array, mx.array, float] | None = None,

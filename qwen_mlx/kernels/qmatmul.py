@@ -26,22 +26,15 @@ BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
 DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
-BODY = """
-// x (M, K) T, w (N, K * BITS / 32) uint32, scales and biases (N, K / GROUP) T -> y (M, N) T.
-// Template: T, BITS, GROUP, M, ROWS (rows per warp), WARPS (warps per threadgroup).
+# The product of ROWS rows of one quantized matrix with M rows of x, shared by qmatmul and gather_qmv. In scope:
+#   w_rows (n_rows, row_words) uint32, scale_rows and bias_rows (n_rows, row_groups) T: the matrix;
+#   x_rows (M, K) T; y_rows (M, n_rows) T: where row m's outputs go;
+#   first_row: the warp's first row (< n_rows); template BITS, GROUP, ROWS and a compile-time M.
+ROWS_DOT = """
 constexpr int WORDS = BITS == 2 ? 2 : (BITS == 3 || BITS == 6) ? 3 : BITS == 5 ? 5 : 4;  // words per lane per step
 constexpr int VALS = WORDS * 32 / BITS;  // values per lane per step: 32 or 16, inside one group
 constexpr uint32_t MASK = (1u << BITS) - 1u;
 constexpr int X_VECS = VALS * int(sizeof(T)) / 16;  // 16-byte loads of x per step
-
-const int n_rows = w_shape[0];
-const int row_words = w_shape[1];
-const int K = row_words * 32 / BITS;
-const int row_groups = K / GROUP;
-const int first_row = (int(GROUP_ID) * WARPS + int(WARP)) * ROWS;
-if (first_row >= n_rows) {
-  return;  // the whole warp leaves together
-}
 
 float acc[M][ROWS];
 UNROLL for (int m = 0; m < M; m++) {
@@ -57,7 +50,7 @@ for (int step = int(LANE); step < K / VALS; step += 32) {
   UNROLL for (int r = 0; r < ROWS; r++) {
     // Rows past the end read the last row again; their sums are never stored.
     const int row = min(first_row + r, n_rows - 1);
-    const GLOBAL uint32_t* src = w + size_t(row) * row_words + step * WORDS;
+    const GLOBAL uint32_t* src = w_rows + size_t(row) * row_words + step * WORDS;
     if (WORDS == 4) {
       const uint4 v = *(const GLOBAL uint4*)(src);
       words[r][0] = v.x;
@@ -74,13 +67,13 @@ for (int step = int(LANE); step < K / VALS; step += 32) {
       }
     }
     const size_t g = size_t(row) * row_groups + step * VALS / GROUP;
-    scale[r] = static_cast<float>(scales[g]);
-    bias[r] = static_cast<float>(biases[g]);
+    scale[r] = static_cast<float>(scale_rows[g]);
+    bias[r] = static_cast<float>(bias_rows[g]);
   }
 
   UNROLL for (int m = 0; m < M; m++) {
     uint4 raw[X_VECS];
-    const GLOBAL uint4* xsrc = (const GLOBAL uint4*)(x + size_t(m) * K + step * VALS);
+    const GLOBAL uint4* xsrc = (const GLOBAL uint4*)(x_rows + size_t(m) * K + step * VALS);
     UNROLL for (int i = 0; i < X_VECS; i++) {
       raw[i] = xsrc[i];
     }
@@ -114,11 +107,29 @@ UNROLL for (int m = 0; m < M; m++) {
   UNROLL for (int r = 0; r < ROWS; r++) {
     const float total = WARP_SUM(acc[m][r]);
     if (int(LANE) == (m * ROWS + r) % 32 && first_row + r < n_rows) {
-      y[size_t(m) * n_rows + first_row + r] = static_cast<T>(total);
+      y_rows[size_t(m) * n_rows + first_row + r] = static_cast<T>(total);
     }
   }
 }
 """
+
+BODY = """
+// x (M, K) T, w (N, K * BITS / 32) uint32, scales and biases (N, K / GROUP) T -> y (M, N) T.
+// Template: T, BITS, GROUP, M, ROWS (rows per warp), WARPS (warps per threadgroup).
+const int n_rows = w_shape[0];
+const int row_words = w_shape[1];
+const int K = row_words * 32 / BITS;
+const int row_groups = K / GROUP;
+const int first_row = (int(GROUP_ID) * WARPS + int(WARP)) * ROWS;
+if (first_row >= n_rows) {
+  return;  // the whole warp leaves together
+}
+const GLOBAL uint32_t* w_rows = w;
+const GLOBAL T* scale_rows = scales;
+const GLOBAL T* bias_rows = biases;
+const GLOBAL T* x_rows = x;
+GLOBAL T* y_rows = y;
+""" + ROWS_DOT
 
 KERNEL = Kernel("qwen_qmatmul", ("x", "w", "scales", "biases"), ("y",), BODY)
 
