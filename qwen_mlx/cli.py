@@ -405,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "checkpoint. Each case runs through qwen-mlx and, on the same weights, through mlx-lm's own "
                     "generate_step; the table gives tok/s, time to first token, peak memory, the fraction of "
                     "the memory-bandwidth roofline (weight bytes read per token x tok/s / bandwidth) and the "
-                    "memory check: peak memory during decode <= (weights + KV cache) + 10%%. Three modes: prompt "
+                    "memory check: peak memory during decode <= (weights + KV cache) + 10%. Three modes: prompt "
                     "cases (the default), long-context cases (--context) and the long rotating-cache run "
                     "(--rotating-run); --context and --rotating-run may be combined.",
         epilog="The JSON schema (qwen-mlx-bench/1) is documented in docs/bench.md.")
