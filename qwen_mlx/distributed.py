@@ -225,10 +225,8 @@ class ExpertShard(SparseMoE):
         local = experts - self._first
         mine = (local >= 0) & (local < self._count)
         # Pairs routed elsewhere run through local expert 0 and weigh zero (a gather needs a valid index).
-        y = self.switch_mlp(x, mx.where(mine, local, 0).astype(experts.dtype))  # (B, L, k, dim)
-        weights = mx.where(mine, weights, 0.0)
-        y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
-        return mx.distributed.all_sum(y, group=self._group)
+        y = self.switch_mlp(x, mx.where(mine, local, 0).astype(experts.dtype), mx.where(mine, weights, 0.0))
+        return mx.distributed.all_sum(y, group=self._group)  # (B, L, dim)
 
 
 def shard_experts(model: Model, group: mx.distributed.Group) -> None:

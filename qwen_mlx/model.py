@@ -48,9 +48,10 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, cache: Cache | None) -> mx.array:
         B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim)
-        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        q, k, v = kernels.linears(x, self.q_proj, self.k_proj, self.v_proj)  # one launch where it can be
+        q = q.reshape(B, L, self.n_heads, self.head_dim)
+        k = k.reshape(B, L, self.n_kv_heads, self.head_dim)
+        v = v.reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         # Qwen3 RMS-normalizes each head of q and k, then rotates; one fused op, which also puts heads first.
         norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if "q_norm" in self else None
         offset = cache.offset if cache is not None else 0
@@ -72,7 +73,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(kernels.swiglu(x, self.gate_proj, self.up_proj))  # silu(gate(x)) * up(x)
 
 
 class SwitchLinear(nn.Module):
@@ -109,8 +110,7 @@ class SparseMoE(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         experts, weights = self.route(x)
-        y = self.switch_mlp(x, experts)  # (B, L, k, dim)
-        return (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+        return self.switch_mlp(x, experts, weights)
 
 
 class SwitchMLP(nn.Module):
@@ -122,27 +122,29 @@ class SwitchMLP(nn.Module):
         self.gate_up_proj = SwitchLinear(dim, 2 * hidden, num_experts)
         self.down_proj = SwitchLinear(hidden, dim, num_experts)
 
-    def __call__(self, x: mx.array, experts: mx.array) -> mx.array:
-        # x: (B, L, dim), experts: (B, L, k) -> (B, L, k, dim)
+    def __call__(self, x: mx.array, experts: mx.array, weights: mx.array) -> mx.array:
+        """x (B, L, dim), experts and their weights (B, L, k) -> (B, L, dim): each token's experts, weighted, added."""
         B, L, k = experts.shape
         if experts.size < 64:  # decode: each token reads only its k experts
             x = mx.expand_dims(x, (-2, -3))  # (B, L, 1, 1, dim)
-            gate, up = self.gate_up(x, experts, False)  # (B, L, k, 1, hidden) each
-            return self.down_proj(nn.silu(gate) * up, experts).squeeze(-2)  # (B, L, k, dim)
+            h = self.activation(x, experts, False)  # (B, L, k, 1, hidden)
+            return kernels.expert_sum(h, self.down_proj, experts, weights)
         # Prefill: sort the (token, expert) pairs by expert so that each expert's weights are read once.
         flat = experts.flatten()
         order = mx.argsort(flat)
         x = x.reshape(B * L, 1, -1)[order // k]  # (B*L*k, 1, dim), grouped by expert
         idx = flat[order]
-        gate, up = self.gate_up(x, idx, True)  # (B*L*k, 1, hidden) each
-        y = self.down_proj(nn.silu(gate) * up, idx, True)  # (B*L*k, 1, dim)
-        return y[mx.argsort(order)].reshape(B, L, k, -1)
+        h = self.activation(x, idx, True)  # (B*L*k, 1, hidden)
+        y = self.down_proj(h, idx, True)  # (B*L*k, 1, dim)
+        y = y[mx.argsort(order)].reshape(B, L, k, -1)
+        return (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
 
-    def gate_up(self, x: mx.array, experts: mx.array, sorted_experts: bool) -> tuple[mx.array, mx.array]:
+    def activation(self, x: mx.array, experts: mx.array, sorted_experts: bool) -> mx.array:
+        """silu(gate) * up of the routed experts: x (..., 1, dim) -> (..., 1, hidden)."""
         if "gate_up_proj" in self:
-            return mx.split(self.gate_up_proj(x, experts, sorted_experts), 2, axis=-1)
+            return kernels.expert_swiglu(x, self.gate_up_proj, experts, sorted_experts)
         # Held apart: a checkpoint quantized gate and up of this layer differently (see quant.quantize_model).
-        return self.gate_proj(x, experts, sorted_experts), self.up_proj(x, experts, sorted_experts)
+        return nn.silu(self.gate_proj(x, experts, sorted_experts)) * self.up_proj(x, experts, sorted_experts)
 
     def unfuse(self) -> None:
         """Hold gate and up as two stacks (E, hidden, dim) under their checkpoint names, keeping their values."""

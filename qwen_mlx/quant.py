@@ -24,6 +24,8 @@ from .model import SwitchLinear, SwitchMLP, checkpoint_names
 class QuantizedLinear(nn.QuantizedLinear):
     """nn.QuantizedLinear (same parameters, same checkpoint names) whose product goes through kernels.qmatmul."""
 
+    custom_kernels = True  # kernels may fuse its product with others' (kernels.linears, kernels.swiglu)
+
     def __call__(self, x: mx.array) -> mx.array:
         y = kernels.qmatmul(x, self["weight"], self["scales"], self.get("biases"), self.group_size, self.bits,
                             self.mode)
@@ -40,6 +42,8 @@ class QuantizedEmbedding(nn.QuantizedEmbedding):
 
 class QuantizedSwitchLinear(nn.Module):
     """SwitchLinear with quantized expert weights: (E, out, in * bits / 32) uint32 plus per-group scales/biases."""
+
+    custom_kernels = True  # kernels may fuse its product (kernels.expert_swiglu, kernels.expert_sum)
 
     def __init__(self, weight: mx.array, scales: mx.array, biases: mx.array | None, group_size: int, bits: int,
                  mode: str):

@@ -1,6 +1,7 @@
 """Kernels without a GPU: backend choice, the reference path against MLX's built-ins, the dispatch to a kernel,
 the packed layout the kernel decodes, and each kernel's CUDA build (nvcc) and Metal build (clang, stub header)
-compiled from the very text MLX would hand to NVRTC or Metal. Correctness on a GPU: scripts/device_check.py."""
+compiled from the very text MLX would hand to NVRTC or Metal. The kernels' text run on the CPU:
+test_kernel_emulation.py. Correctness on a GPU: scripts/device_check.py."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from qwen_mlx.rope import Rope, cos_sin, rotate_reference
 
 qmatmul_kernel = sys.modules["qwen_mlx.kernels.qmatmul"]
 gather_kernel = sys.modules["qwen_mlx.kernels.gather_qmv"]
+projections = sys.modules["qwen_mlx.kernels.projections"]
 rope_kernel = sys.modules["qwen_mlx.kernels.rope"]
 STUBS = Path(__file__).parent / "kernel_stubs"
 
@@ -188,18 +190,71 @@ def test_gpu_backend_launches_gather_qmv_for_decode_only(monkeypatch):
     assert len(calls) == n
 
 
-@pytest.mark.parametrize("tokens,launches", [(1, 2), (48, 0)], ids=["decode", "sorted-prefill"])
-def test_quantized_experts_reach_gather_qmv_at_decode(monkeypatch, tokens, launches):
+@pytest.mark.parametrize("tokens", [1, 48], ids=["decode", "sorted-prefill"])
+def test_quantized_experts_take_two_fused_launches_at_decode(monkeypatch, tokens):
     layer = nn.Module()
     layer.switch_mlp = SwitchMLP(128, 64, 8)  # under its checkpoint name, as in a model
     quantize_model(layer, {"group_size": 32, "bits": 4})
     mlp = layer.switch_mlp
     calls = kernel_calls(monkeypatch, "metal")
     experts = mx.array(np.random.default_rng(0).integers(0, 8, (1, tokens, 2)), mx.uint32)
-    assert mlp(mx.zeros((1, tokens, 128)), experts).shape == (1, tokens, 2, 128)
-    assert [kernel for kernel, _, _ in calls] == [gather_kernel.KERNEL] * launches  # gate/up, then down
-    if launches:
-        assert [dict(launch.template)["SHARE"] for _, _, launch in calls] == [2, 1]
+    assert mlp(mx.zeros((1, tokens, 128)), experts, mx.ones((1, tokens, 2))).shape == (1, tokens, 128)
+    if tokens > 1:  # 96 pairs: a prefill, mx.gather_qmm's sorted matmul
+        assert calls == []
+        return
+    (swiglu, _, first), (total, _, second) = calls  # silu(gate) * up, then down weighted and summed
+    assert (swiglu, total) == (gather_kernel.SWIGLU_KERNEL, gather_kernel.SUM_KERNEL)
+    assert dict(first.template)["SHARE"] == 2 and first.output_shapes == [(1, 1, 2, 1, 64)]
+    assert dict(second.template)["TOP"] == 2 and second.output_shapes == [(1, 1, 128)]
+    assert second.inputs[-1].dtype == mx.float32  # the router's weights
+
+
+def test_quantized_attention_and_mlp_take_one_launch_each_for_qkv_and_gate_up(monkeypatch):
+    from qwen_mlx.config import ModelConfig
+    from qwen_mlx.model import Block
+    from qwen_mlx.rope import make_rope
+
+    cfg = ModelConfig.from_dict(dict(model_type="qwen3", hidden_size=128, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                                     intermediate_size=256, vocab_size=100, rope_theta=1e6), "test")
+    calls = kernel_calls(monkeypatch, "cuda")
+    block = Block(cfg, make_rope(cfg), 0)
+    quantize_model(block, {"group_size": 64, "bits": 4})
+    block(mx.zeros((1, 1, 128)), None)
+    assert [kernel.name for kernel, _, _ in calls] == ["qwen_qmatmul_parts3", "qwen_rope", "qwen_qmatmul",
+                                                       "qwen_qmatmul_swiglu", "qwen_qmatmul"]  # o, then down
+    assert calls[0][2].output_shapes == [(1, 1, 256), (1, 1, 128), (1, 1, 128)]
+
+    # Q, K, V quantized differently (a mixed recipe), or float: each layer on its own
+    calls.clear()
+    mixed = Block(cfg, make_rope(cfg), 0)
+    quantize_model(mixed, {"group_size": 64, "bits": 4, "self_attn.v_proj": {"group_size": 64, "bits": 8}})
+    mixed(mx.zeros((1, 1, 128)), None)
+    assert [kernel.name for kernel, _, _ in calls][:3] == ["qwen_qmatmul"] * 3
+    calls.clear()
+    Block(cfg, make_rope(cfg), 0)(mx.zeros((1, 1, 128)), None)
+    assert [kernel.name for kernel, _, _ in calls] == ["qwen_rope"]
+
+
+def test_fused_ops_leave_layers_that_are_not_ours_to_their_own_call(monkeypatch):
+    """A layer swapped in from elsewhere (mlx's QuantizedLinear here; a distributed shard in use) may compute more
+    than its product: the fused ops call it instead of reading its weights."""
+    calls = kernel_calls(monkeypatch, "cuda")
+    theirs = [nn.QuantizedLinear(128, 64, bias=False, group_size=64, bits=4) for _ in range(3)]
+    x = mx.ones((1, 128))
+    assert [y.shape for y in kernels.linears(x, *theirs)] == [(1, 64)] * 3
+    assert kernels.swiglu(x, *theirs[:2]).shape == (1, 64)
+    assert calls == []
+
+
+def test_reference_fused_ops_equal_their_definitions():
+    layers = [QuantizedLinear.from_linear(nn.Linear(128, n, bias=bias), 64, 4) for n, bias in ((64, True),
+                                                                                              (32, False))]
+    x = mx.random.normal((2, 128))
+    for got, layer in zip(kernels.linears(x, *layers), layers):
+        assert mx.array_equal(got, layer(x))
+    gate, up = (QuantizedLinear.from_linear(nn.Linear(128, 64, bias=False), 64, 4) for _ in range(2))
+    assert mx.array_equal(kernels.swiglu(x, gate, up), nn.silu(gate(x)) * up(x))
 
 
 def test_gpu_backend_launches_one_rope_for_q_and_k(monkeypatch):
@@ -232,50 +287,6 @@ def test_kernel_reads_mlx_packed_layout(bits):
         dequantized = q * np.repeat(np.array(scales), group_size, 1) + np.repeat(np.array(biases), group_size, 1)
         np.testing.assert_allclose(dequantized, np.array(mx.dequantize(w, scales, biases, group_size, bits)),
                                    atol=1e-6)
-
-
-def emulate_gather_qmv(x, w, scales, biases, experts, group_size: int, bits: int, share: int) -> np.ndarray:
-    """The kernel's arithmetic on flat buffers, in NumPy: pair p reads x row p // share and, from base offsets
-    experts[p] * N * row_words (weights) and experts[p] * N * row_groups (scales, biases), N rows of which it sums
-    scale * sum(q * x) + bias * sum(x) per group -> (pairs, N) float64."""
-    e, n, row_words = w.shape
-    k = row_words * 32 // bits
-    row_groups = k // group_size
-    w_flat = np.array(w).reshape(-1).astype(np.uint64)
-    s_flat, b_flat = np.array(scales, np.float64).reshape(-1), np.array(biases, np.float64).reshape(-1)
-    x_flat, pairs = np.array(x, np.float64).reshape(-1), np.array(experts).reshape(-1)
-    i = np.arange(k)
-    word, shift = i * bits // 32, (i * bits % 32).astype(np.uint64)
-    y = np.zeros((pairs.size, n))
-    for p, expert in enumerate(pairs):
-        xs = x_flat[p // share * k:(p // share + 1) * k]  # (K,)
-        words = w_flat[expert * n * row_words:(expert + 1) * n * row_words].reshape(n, row_words)
-        padded = np.concatenate([words, np.zeros((n, 1), np.uint64)], axis=1)
-        q = ((padded[:, word] >> shift) | (padded[:, word + 1] << (np.uint64(32) - shift))) & np.uint64(
-            (1 << bits) - 1)  # (N, K)
-        g = slice(expert * n * row_groups, (expert + 1) * n * row_groups)
-        scale, bias = s_flat[g].reshape(n, row_groups), b_flat[g].reshape(n, row_groups)
-        dots = (q * xs).reshape(n, row_groups, group_size).sum(-1)  # (N, groups): sum(q * x) per group
-        xsums = xs.reshape(row_groups, group_size).sum(-1)  # (groups,)
-        y[p] = (scale * dots + bias * xsums).sum(-1)
-    return y
-
-
-@pytest.mark.parametrize("bits,group_size", [(4, 32), (8, 128), (3, 64)])
-def test_gather_qmv_indexing_equals_gather_qmm_on_skewed_routing(bits, group_size):
-    w, scales, biases = quantized_experts(8, 40, 256, group_size, bits, mx.float32)  # 40 rows: a partial block
-    routings = {"all to one expert": np.full((8, 4), 5), "repeated experts": np.array([[2, 2, 2, 7]] * 8),
-                "first and last": np.array([[0, 7, 7, 0]] * 8)}
-    for name, routing in routings.items():
-        experts = mx.array(routing[None], mx.int32)  # (1, 8 tokens, 4)
-        for x in (mx.random.normal((1, 8, 1, 1, 256), key=mx.random.key(1)),  # SHARE = 4
-                  mx.random.normal((1, 8, 4, 1, 256), key=mx.random.key(2))):  # SHARE = 1
-            share = gather_kernel.pairs_per_x_row(x, experts)
-            expected = mx.gather_qmm(x, w, scales, biases, rhs_indices=experts, transpose=True,
-                                     group_size=group_size, bits=bits)  # (1, 8, 4, 1, 40)
-            got = emulate_gather_qmv(x, w, scales, biases, experts, group_size, bits, share)
-            np.testing.assert_allclose(got, np.array(expected).reshape(32, 40), rtol=1e-4, atol=1e-4,
-                                       err_msg=f"{name}, SHARE {share}")
 
 
 # Each kernel's CUDA build compiles with nvcc, its Metal build passes clang's syntax check
@@ -312,8 +323,47 @@ def gather_qmv_launches():
     yield gather_kernel.launch(mx.zeros((1, 1, 1, 1, 768)), w, scales, biases, mx.zeros((1, 1, 2), mx.int32), 64, 4)
 
 
+def parts_launches(parts: int):
+    def launches():
+        for bits, group_size, dtype, m in ((4, 64, mx.bfloat16, 1), (8, 128, mx.float16, 1), (3, 32, mx.float32, 8),
+                                           (4, 64, mx.bfloat16, 8)):
+            matrices = [quantized(n, 768, group_size, bits, seed=n)[1:] for n in (32, 16, 16)[:parts]]
+            yield projections.launch_parts(mx.zeros((m, 768), dtype), matrices, group_size, bits)
+    return launches
+
+
+def swiglu_launches():
+    for bits, group_size, dtype, m in ((4, 64, mx.bfloat16, 1), (8, 128, mx.float16, 1), (6, 32, mx.float32, 8),
+                                       (4, 64, mx.bfloat16, 8)):
+        gate, up = (quantized(24, 768, group_size, bits, seed=seed)[1:] for seed in (1, 2))
+        yield projections.launch_swiglu(mx.zeros((m, 768), dtype), gate, up, group_size, bits)
+
+
+def gather_fused_launches(fused: str):
+    """gather_qmv's SwiGLU form (x shared by a token's experts) or weighted-sum form (a row per pair), bits 4/8
+    x dtypes, 8 experts per token, and 2 (fewer than 8 indices and weights: Metal's constant address space)."""
+    def launches():
+        for bits, dtype in [(bits, dtype) for bits in (4, 8) for dtype in qmatmul_kernel.DTYPES] + [(3, mx.float16)]:
+            w, scales, biases = quantized_experts(4, 32, 768, 64, bits)
+            for top in (8, 2):
+                experts = mx.zeros((1, 1, top), mx.int32 if top == 8 else mx.uint32)
+                if fused == "swiglu":
+                    yield gather_kernel.launch_swiglu(mx.zeros((1, 1, 1, 1, 768), dtype), w, scales, biases, experts,
+                                                      64, bits)
+                else:
+                    yield gather_kernel.launch_sum(mx.zeros((1, 1, top, 1, 768), dtype), w, scales, biases, experts,
+                                                   mx.ones((1, 1, top)), 64, bits)
+    return launches
+
+
 LAUNCHES = {"qmatmul": (qmatmul_kernel.KERNEL, qmatmul_launches), "rope": (rope_kernel.KERNEL, rope_launches),
-            "gather_qmv": (gather_kernel.KERNEL, gather_qmv_launches)}
+            "gather_qmv": (gather_kernel.KERNEL, gather_qmv_launches),
+            "qmatmul_parts2": (projections.parts_kernel(2), parts_launches(2)),
+            "qmatmul_parts3": (projections.parts_kernel(3), parts_launches(3)),
+            "qmatmul_swiglu": (projections.SWIGLU_KERNEL, swiglu_launches),
+            "gather_qmv_swiglu": (gather_kernel.SWIGLU_KERNEL, gather_fused_launches("swiglu")),
+            "gather_qmv_sum": (gather_kernel.SUM_KERNEL, gather_fused_launches("sum"))}
+QUANTIZED = [name for name in LAUNCHES if name != "rope"]  # the kernels built on qmatmul's shared loop
 BROKEN = Kernel("broken", ("x",), ("y",), "y[LANE] = x[LANE] + undeclared_name;")
 
 
@@ -351,7 +401,7 @@ def without_const_x(kernel: Kernel) -> Kernel:
                                                                                   "GLOBAL T* x_rows = x"))
 
 
-@pytest.mark.parametrize("name", ["qmatmul", "gather_qmv"])
+@pytest.mark.parametrize("name", QUANTIZED)
 def test_nvcc_check_catches_a_broken_variant_of_the_kernel(name, tmp_path):
     kernel, launches = LAUNCHES[name]
     result = nvcc([cuda_source(without_const_x(kernel), next(launches()))], tmp_path)
@@ -386,7 +436,7 @@ def test_clang_check_catches_a_broken_kernel():
     assert clang_errors(cuda_only, launch)
 
 
-@pytest.mark.parametrize("name", ["qmatmul", "gather_qmv"])
+@pytest.mark.parametrize("name", QUANTIZED)
 def test_clang_check_catches_a_broken_variant_of_the_kernel(name):
     kernel, launches = LAUNCHES[name]
     assert clang_errors(without_const_x(kernel), next(launches()))

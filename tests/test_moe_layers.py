@@ -1,6 +1,6 @@
-"""The experts' joined gate+up stack (one gather for both) against mlx-lm's SwitchGLU, which gathers gate and up
-apart, holding the same weights: float and quantized, decode (each token's experts) and prefill (sorted by expert),
-and a layer whose gate and up are quantized differently (held apart)."""
+"""The experts' joined gate+up stack (one gather for both) and weighted sum against mlx-lm's SwitchGLU, which
+gathers gate and up apart, holding the same weights: float and quantized, decode (each token's experts) and
+prefill (sorted by expert), and a layer whose gate and up are quantized differently (held apart)."""
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -37,11 +37,19 @@ def twin_of(layer: Layer, settings: dict[str, tuple[int, int]] | None = None):
     return twin
 
 
-def inputs(tokens: int, seed: int) -> tuple[mx.array, mx.array]:
-    """x (1, tokens, DIM) and distinct top-k experts per token (1, tokens, TOP_K)."""
+def inputs(tokens: int, seed: int) -> tuple[mx.array, mx.array, mx.array]:
+    """x (1, tokens, DIM), distinct top-k experts per token (1, tokens, TOP_K) and their weights (1, tokens, TOP_K)."""
     rng = np.random.default_rng(seed)
     experts = np.stack([rng.choice(EXPERTS, TOP_K, replace=False) for _ in range(tokens)])
-    return mx.array(rng.standard_normal((1, tokens, DIM)).astype(np.float32)), mx.array(experts[None])
+    weights = rng.uniform(0.1, 1.0, (1, tokens, TOP_K)).astype(np.float32)
+    return (mx.array(rng.standard_normal((1, tokens, DIM)).astype(np.float32)), mx.array(experts[None]),
+            mx.array(weights))
+
+
+def weighted(twin, x: mx.array, experts: mx.array, weights: mx.array) -> np.ndarray:
+    """mlx-lm's SwitchGLU per (token, expert) (1, T, k, DIM), weighted and added over the experts as its MoE
+    blocks do -> (1, T, DIM)."""
+    return np.array((twin(x, experts) * weights[..., None]).sum(axis=-2))
 
 
 @pytest.mark.parametrize("tokens", [1, 48], ids=["decode", "sorted-prefill"])  # 48 * 2 pairs: the sorted path
@@ -58,9 +66,9 @@ def test_joined_gate_up_equals_two_gathers(tokens, bits):
         for part, value in zip(("weight", "scales", "biases"), mx.quantize(up, 32, bits)):
             assert mx.array_equal(params[f"switch_mlp.up_proj.{part}"], value)
     twin = twin_of(layer, {p: (32, bits) for p in ("gate_proj", "up_proj", "down_proj")} if bits else None)
-    x, experts = inputs(tokens, seed=tokens)
-    ours, theirs = np.array(layer.switch_mlp(x, experts)), np.array(twin(x, experts))
-    assert ours.shape == (1, tokens, TOP_K, DIM)
+    x, experts, weights = inputs(tokens, seed=tokens)
+    ours, theirs = np.array(layer.switch_mlp(x, experts, weights)), weighted(twin, x, experts, weights)
+    assert ours.shape == (1, tokens, DIM)
     assert np.abs(ours - theirs).max() <= 1e-5 * max(1.0, np.abs(theirs).max())
 
 
@@ -74,6 +82,6 @@ def test_gate_and_up_quantized_differently_are_held_apart(tokens):
     assert "gate_up_proj" not in mlp
     assert (mlp.gate_proj.bits, mlp.gate_proj.group_size, mlp.up_proj.bits, mlp.up_proj.group_size) == (8, 64, 4, 32)
     twin = twin_of(layer, {"gate_proj": (64, 8), "up_proj": (32, 4), "down_proj": (32, 4)})
-    x, experts = inputs(tokens, seed=5)
-    ours, theirs = np.array(mlp(x, experts)), np.array(twin(x, experts))
+    x, experts, weights = inputs(tokens, seed=5)
+    ours, theirs = np.array(mlp(x, experts, weights)), weighted(twin, x, experts, weights)
     assert np.abs(ours - theirs).max() <= 1e-5 * max(1.0, np.abs(theirs).max())

@@ -2,18 +2,24 @@
 
 `backend()` is "metal" on an Apple GPU, "cuda" on an NVIDIA GPU (MLX's CUDA build) and "reference" elsewhere;
 the environment variable QWEN_MLX_KERNELS=reference|custom overrides the choice ("custom" insists on a GPU).
-On "metal" and "cuda" the ops run our kernels (qmatmul.py, gather_qmv.py, rope.py, one source built for both) where
-they cover the case; everything else, and the whole "reference" path, runs MLX's own ops, which the kernels are tested
-against.
+On "metal" and "cuda" the ops run our kernels (qmatmul.py, projections.py, gather_qmv.py, rope.py, one source built
+for both) where they cover the case; everything else, and the whole "reference" path, runs MLX's own ops, which the
+kernels are tested against.
+
+The fused ops (`linears`, `swiglu`, `expert_swiglu`, `expert_sum`) take the model's layers: they fuse only layers
+that declare `custom_kernels` (quant.py's, whose product is `qmatmul`/`gather_qmm` of their own parameters) and
+otherwise call the layers, so that a layer swapped in from elsewhere (a distributed shard) keeps its own product.
 """
 
 import os
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from ..errors import UserError
 from ..rope import Rope
-from . import dialect, gather_qmv as _gather_qmv, qmatmul as _qmatmul, rope as _rope
+from . import dialect, gather_qmv as _gather_qmv, projections as _projections, qmatmul as _qmatmul
+from . import rope as _rope
 
 ENV = "QWEN_MLX_KERNELS"
 CHOICES = ("reference", "custom")
@@ -63,6 +69,69 @@ def gather_qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | No
                                                                         bits))[0]
     return mx.gather_qmm(x, w, scales, biases, rhs_indices=experts, transpose=True, group_size=group_size, bits=bits,
                          mode=mode, sorted_indices=sorted_experts)
+
+
+def _quantized_alike(layers) -> tuple[int, int] | None:
+    """(group_size, bits) when every layer is one of ours, affine-quantized with those same settings; else None."""
+    first = layers[0]
+    if not all(getattr(layer, "custom_kernels", False) and layer.mode == "affine" and "biases" in layer
+               and (layer.group_size, layer.bits) == (first.group_size, first.bits) for layer in layers):
+        return None
+    return first.group_size, first.bits
+
+
+def _matrix(layer: nn.Module) -> tuple[mx.array, mx.array, mx.array]:
+    return layer["weight"], layer["scales"], layer["biases"]
+
+
+def linears(x: mx.array, *layers: nn.Module) -> list[mx.array]:
+    """[layer(x) for layer in layers] for 2 or 3 linear layers of one input (Q, K and V); one launch on a GPU when
+    they are our quantized layers with one quantization."""
+    used, alike = backend(), _quantized_alike(layers)
+    if used != "reference" and alike and _projections.supports(x, [_matrix(l) for l in layers], *alike):
+        launch = _projections.launch_parts(x, [_matrix(l) for l in layers], *alike)
+        ys = dialect.run(_projections.parts_kernel(len(layers)), used, launch)
+        return [y + layer["bias"] if "bias" in layer else y for y, layer in zip(ys, layers)]
+    return [layer(x) for layer in layers]
+
+
+def swiglu(x: mx.array, gate: nn.Module, up: nn.Module) -> mx.array:
+    """silu(gate(x)) * up(x) (the MLP's activation); one launch on a GPU when gate and up are our quantized layers
+    with one quantization and no bias."""
+    used, alike = backend(), _quantized_alike((gate, up))
+    if (used != "reference" and alike and "bias" not in gate and "bias" not in up
+            and gate["weight"].shape == up["weight"].shape
+            and _projections.supports(x, [_matrix(gate), _matrix(up)], *alike)):
+        return dialect.run(_projections.SWIGLU_KERNEL, used,
+                           _projections.launch_swiglu(x, _matrix(gate), _matrix(up), *alike))[0]
+    return nn.silu(gate(x)) * up(x)
+
+
+def expert_swiglu(x: mx.array, gate_up: nn.Module, experts: mx.array, sorted_experts: bool) -> mx.array:
+    """silu(g) * u for [g, u] = gate_up(x, experts) split in halves (the experts' joined gate/up stack, gate rows
+    first): x (..., 1 or k, 1, dim) -> (..., k, 1, hidden). One launch on a GPU at decode sizes."""
+    used, alike = backend(), _quantized_alike((gate_up,))
+    w, scales, biases = _matrix(gate_up) if alike else (None, None, None)
+    if (used != "reference" and alike and w.shape[1] % 2 == 0
+            and _gather_qmv.supports(x, w, biases, experts, *alike, "affine")):
+        return dialect.run(_gather_qmv.SWIGLU_KERNEL, used,
+                           _gather_qmv.launch_swiglu(x, w, scales, biases, experts, *alike))[0]
+    gate, up = mx.split(gate_up(x, experts, sorted_experts), 2, axis=-1)
+    return nn.silu(gate) * up
+
+
+def expert_sum(h: mx.array, down: nn.Module, experts: mx.array, weights: mx.array) -> mx.array:
+    """The routed experts' down projections weighted and added: sum over j of weights[..., j] *
+    down(h[..., j, :, :], experts[..., j]) for h (..., k, 1, hidden), experts and weights (..., k) -> (..., dim).
+    One launch on a GPU at decode sizes (the k products are added in registers)."""
+    used, alike = backend(), _quantized_alike((down,))
+    if used != "reference" and alike and _gather_qmv.sums(h, experts, weights):
+        w, scales, biases = _matrix(down)
+        if _gather_qmv.supports(h, w, biases, experts, *alike, "affine"):
+            return dialect.run(_gather_qmv.SUM_KERNEL, used,
+                               _gather_qmv.launch_sum(h, w, scales, biases, experts, weights, *alike))[0]
+    y = down(h, experts).squeeze(-2)  # (..., k, dim)
+    return (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
 
 
 def rope(q: mx.array, k: mx.array, freqs: Rope, *, offset: int, norms: tuple[mx.array, mx.array, float] | None = None,

@@ -8,7 +8,7 @@ A body uses only these words beside plain C++ (loops, `constexpr`, `static_cast`
     GLOBAL            address space of kernel buffers, for pointer casts: `(const GLOBAL uint4*)(w + i)`
     LOCAL             address space of a thread's own arrays, for pointer casts
     AS_FLOAT(u)       the float whose bits are the uint32_t u
-    RSQRT, COS, SIN   precise float math
+    RSQRT, COS, SIN, EXP   precise float math
     UNROLL            unroll the loop that follows completely (its bounds are compile-time constants)
 
 Threadgroups are one-dimensional: grid (threads, 1, 1), threadgroup (threads per group, 1, 1), a multiple of 32.
@@ -40,6 +40,7 @@ METAL_PRELUDE = """\
 #define RSQRT(x) metal::precise::rsqrt(x)
 #define COS(x) metal::precise::cos(x)
 #define SIN(x) metal::precise::sin(x)
+#define EXP(x) metal::precise::exp(x)
 #define UNROLL _Pragma("clang loop unroll(full)")
 """
 
@@ -54,6 +55,7 @@ CUDA_PRELUDE = """\
 #define RSQRT(x) rsqrtf(x)
 #define COS(x) cosf(x)
 #define SIN(x) sinf(x)
+#define EXP(x) expf(x)
 #define UNROLL _Pragma("unroll")
 """
 

@@ -6,8 +6,15 @@ entry of the routing `experts` (flattened); its x row is p // SHARE (SHARE = k w
 experts, as for the experts' gate/up; 1 when each pair has its own row, as for down).
 
 Each pair is a one-row qmatmul on the matrix its expert index selects: the same warp layout and inner loop
-(qmatmul.ROWS_DOT, with M = 1), with the weight, scale and bias base pointers moved to that expert. Threadgroups
+(qmatmul.ROWS_ACC, with M = 1), with the weight, scale and bias base pointers moved to that expert. Threadgroups
 run over (pair, block of ROWS * WARPS rows), flattened into one grid axis, pair-major.
+
+Two fused forms serve the MoE block's decode step, so that it takes two launches (and no elementwise ops):
+- SWIGLU_KERNEL: on the joined gate/up stack (E, 2 * N, K) (gate rows first), each warp computes the same rows of
+  its expert's gate and up halves and stores silu(gate) * up: y (P, N), never the (P, 2 * N) product.
+- SUM_KERNEL: for down, with the router's weights (P,) float32: y[t] = sum over the token's TOP pairs p of
+  weight[p] * (x[p] @ W[e[p]].T), the TOP experts added in float registers: y (P / TOP, N), no (TOP, N)
+  intermediate in memory. Threadgroups run over (token, row block).
 """
 
 from __future__ import annotations
@@ -41,9 +48,74 @@ const GLOBAL T* scale_rows = scales + expert * n_rows * row_groups;
 const GLOBAL T* bias_rows = biases + expert * n_rows * row_groups;
 const GLOBAL T* x_rows = x + size_t(pair / SHARE) * K;
 GLOBAL T* y_rows = y + size_t(pair) * n_rows;
-""" + qmatmul.ROWS_DOT
+""" + qmatmul.ROWS_ACC + qmatmul.ROWS_STORE
 
 KERNEL = Kernel("qwen_gather_qmv", ("x", "w", "scales", "biases", "experts"), ("y",), BODY)
+
+# The pair's place, for the fused kernels: as BODY's, on a stack of n_rows-row matrices.
+_PAIR = """
+constexpr int M = 1;
+const int row_words = w_shape[2];
+const int K = row_words * 32 / BITS;
+const int row_groups = K / GROUP;
+const int blocks = (n_rows + ROWS * WARPS - 1) / (ROWS * WARPS);  // threadgroups per pair (or token)
+const int first_row = (int(GROUP_ID) % blocks * WARPS + int(WARP)) * ROWS;
+if (first_row >= n_rows) {
+  return;  // the whole warp leaves together
+}
+"""
+
+SWIGLU_BODY = """
+// x (X, K) T, w (E, 2 * N, K * BITS / 32) uint32 (gate rows, then up rows), scales and biases (E, 2 * N, K / GROUP)
+// T, experts (P) I -> y (P, N) T = silu(x @ gate.T) * (x @ up.T). Template: as BODY's.
+const int n_rows = w_shape[1] / 2;
+""" + _PAIR + """
+const int pair = int(GROUP_ID) / blocks;
+const size_t expert = size_t(experts[pair]);
+const GLOBAL uint32_t* gate_w = w + expert * 2 * n_rows * row_words;
+const GLOBAL T* gate_scales = scales + expert * 2 * n_rows * row_groups;
+const GLOBAL T* gate_biases = biases + expert * 2 * n_rows * row_groups;
+const GLOBAL T* x_rows = x + size_t(pair / SHARE) * K;
+GLOBAL T* y_rows = y + size_t(pair) * n_rows;
+""" + qmatmul.swiglu_rows(("gate_w", "gate_scales", "gate_biases"),
+                          ("gate_w + size_t(n_rows) * row_words", "gate_scales + size_t(n_rows) * row_groups",
+                           "gate_biases + size_t(n_rows) * row_groups"))
+
+SWIGLU_KERNEL = Kernel("qwen_gather_qmv_swiglu", ("x", "w", "scales", "biases", "experts"), ("y",), SWIGLU_BODY)
+
+SUM_BODY = """
+// x (P, K) T, w (E, N, K * BITS / 32) uint32, scales and biases (E, N, K / GROUP) T, experts (P) I, weights (P)
+// float -> y (P / TOP, N) T. Template: T, I, BITS, GROUP, TOP (pairs per token), ROWS, WARPS.
+const int n_rows = w_shape[1];
+""" + _PAIR + """
+const int token = int(GROUP_ID) / blocks;
+float total[ROWS];
+UNROLL for (int r = 0; r < ROWS; r++) {
+  total[r] = 0.0f;
+}
+for (int j = 0; j < TOP; j++) {
+  const int pair = token * TOP + j;
+  const size_t expert = size_t(experts[pair]);
+  const GLOBAL uint32_t* w_rows = w + expert * n_rows * row_words;
+  const GLOBAL T* scale_rows = scales + expert * n_rows * row_groups;
+  const GLOBAL T* bias_rows = biases + expert * n_rows * row_groups;
+  const GLOBAL T* x_rows = x + size_t(pair) * K;
+""" + qmatmul.ROWS_ACC + """
+  const float weight = weights[pair];
+  UNROLL for (int r = 0; r < ROWS; r++) {
+    total[r] += weight * acc[0][r];
+  }
+}
+GLOBAL T* y_rows = y + size_t(token) * n_rows;
+UNROLL for (int r = 0; r < ROWS; r++) {
+  const float sum = WARP_SUM(total[r]);
+  if (int(LANE) == r && first_row + r < n_rows) {
+    y_rows[first_row + r] = static_cast<T>(sum);
+  }
+}
+"""
+
+SUM_KERNEL = Kernel("qwen_gather_qmv_sum", ("x", "w", "scales", "biases", "experts", "weights"), ("y",), SUM_BODY)
 
 
 def pairs_per_x_row(x: mx.array, experts: mx.array) -> int | None:
@@ -86,3 +158,39 @@ def launch(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, experts
         output_shapes=[(*experts.shape, 1, n)],
         output_dtypes=[x.dtype],
     )
+
+
+def launch_swiglu(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, experts: mx.array,
+                  group_size: int, bits: int) -> Launch:
+    """The call computing silu(g) * u for [g, u] = x (..., 1, K) @ W[experts].T on the joined gate/up stack W
+    (E, 2 * N, K) -> (*experts.shape, 1, N) (see `supports`; W's rows even)."""
+    call = launch(x, w, scales, biases, experts, group_size, bits)
+    n = w.shape[1] // 2
+    blocks = -(-n // (qmatmul.ROWS * qmatmul.WARPS))
+    call.grid = (experts.size * blocks * qmatmul.WARPS * 32, 1, 1)
+    call.output_shapes = [(*experts.shape, 1, n)]
+    return call
+
+
+def launch_sum(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, experts: mx.array, weights: mx.array,
+               group_size: int, bits: int) -> Launch:
+    """The call computing sum over j of weights[..., j] * (x[..., j, 0, :] @ W[experts[..., j]].T) for x
+    (..., k, 1, K) with a row per pair, experts and weights (..., k) -> (..., N) (see `supports`, and `sums`)."""
+    n, k, top = w.shape[1], x.shape[-1], experts.shape[-1]
+    pairs = experts.size
+    blocks = -(-n // (qmatmul.ROWS * qmatmul.WARPS))
+    return Launch(
+        inputs=[x.reshape(pairs, k), w, scales.astype(x.dtype), biases.astype(x.dtype), experts.reshape(pairs),
+                weights.reshape(pairs).astype(mx.float32)],
+        template=[("T", x.dtype), ("I", experts.dtype), ("BITS", bits), ("GROUP", group_size), ("TOP", top),
+                  ("ROWS", qmatmul.ROWS), ("WARPS", qmatmul.WARPS)],
+        grid=(pairs // top * blocks * qmatmul.WARPS * 32, 1, 1),
+        threadgroup=(qmatmul.WARPS * 32, 1, 1),
+        output_shapes=[(*experts.shape[:-1], n)],
+        output_dtypes=[x.dtype],
+    )
+
+
+def sums(x: mx.array, experts: mx.array, weights: mx.array) -> bool:
+    """Whether x has a row per pair and weights one per pair, as SUM_KERNEL needs."""
+    return pairs_per_x_row(x, experts) == 1 and weights.shape == experts.shape

@@ -26,11 +26,13 @@ BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
 DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
-# The product of ROWS rows of one quantized matrix with M rows of x, shared by qmatmul and gather_qmv. In scope:
+# The product of ROWS rows of one quantized matrix with M rows of x, shared by every kernel of this package that
+# reads quantized weights. ROWS_ACC leaves each lane's partial sums in acc[M][ROWS]; ROWS_STORE adds them over the
+# warp and stores them. In scope:
 #   w_rows (n_rows, row_words) uint32, scale_rows and bias_rows (n_rows, row_groups) T: the matrix;
-#   x_rows (M, K) T; y_rows (M, n_rows) T: where row m's outputs go;
+#   x_rows (M, K) T; y_rows (M, n_rows) T: where row m's outputs go (ROWS_STORE);
 #   first_row: the warp's first row (< n_rows); template BITS, GROUP, ROWS and a compile-time M.
-ROWS_DOT = """
+ROWS_ACC = """
 constexpr int WORDS = BITS == 2 ? 2 : (BITS == 3 || BITS == 6) ? 3 : BITS == 5 ? 5 : 4;  // words per lane per step
 constexpr int VALS = WORDS * 32 / BITS;  // values per lane per step: 32 or 16, inside one group
 constexpr uint32_t MASK = (1u << BITS) - 1u;
@@ -102,7 +104,9 @@ for (int step = int(LANE); step < K / VALS; step += 32) {
     }
   }
 }
+"""
 
+ROWS_STORE = """
 UNROLL for (int m = 0; m < M; m++) {
   UNROLL for (int r = 0; r < ROWS; r++) {
     const float total = WARP_SUM(acc[m][r]);
@@ -129,7 +133,7 @@ const GLOBAL T* scale_rows = scales;
 const GLOBAL T* bias_rows = biases;
 const GLOBAL T* x_rows = x;
 GLOBAL T* y_rows = y;
-""" + ROWS_DOT
+""" + ROWS_ACC + ROWS_STORE
 
 KERNEL = Kernel("qwen_qmatmul", ("x", "w", "scales", "biases"), ("y",), BODY)
 
@@ -164,3 +168,37 @@ def launch(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_s
         output_shapes=[(*x.shape[:-1], n)],
         output_dtypes=[x.dtype],
     )
+
+
+SWIGLU_STORE = """
+UNROLL for (int m = 0; m < M; m++) {
+  UNROLL for (int r = 0; r < ROWS; r++) {
+    const float gate = WARP_SUM(gate_acc[m][r]);
+    const float up = WARP_SUM(acc[m][r]);
+    if (int(LANE) == (m * ROWS + r) % 32 && first_row + r < n_rows) {
+      y_rows[size_t(m) * n_rows + first_row + r] = static_cast<T>(gate / (1.0f + EXP(-gate)) * up);
+    }
+  }
+}
+"""
+
+
+def swiglu_rows(gate: tuple[str, str, str], up: tuple[str, str, str]) -> str:
+    """Body text storing silu(x_rows @ G.T) * (x_rows @ U.T) for the warp's rows into y_rows: ROWS_ACC over the
+    gate matrix, then over the up matrix, each given as the expressions of its (weights, scales, biases) row-0
+    pointers; the activation is applied to the float sums, before anything is rounded to T."""
+    def over(matrix: tuple[str, str, str], then: str) -> str:
+        w, s, b = matrix
+        return ("{\n"
+                f"const GLOBAL uint32_t* w_rows = {w};\n"
+                f"const GLOBAL T* scale_rows = {s};\n"
+                f"const GLOBAL T* bias_rows = {b};\n" + ROWS_ACC + then + "}\n")
+
+    keep = """
+UNROLL for (int m = 0; m < M; m++) {
+  UNROLL for (int r = 0; r < ROWS; r++) {
+    gate_acc[m][r] = acc[m][r];
+  }
+}
+"""
+    return "float gate_acc[M][ROWS];\n" + over(gate, keep) + over(up, SWIGLU_STORE)

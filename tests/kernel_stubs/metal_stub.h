@@ -29,6 +29,7 @@ namespace precise {
 float rsqrt(float);
 float cos(float);
 float sin(float);
+float exp(float);
 }  // namespace precise
 }  // namespace metal
 
