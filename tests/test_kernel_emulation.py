@@ -1,0 +1,283 @@
+"""Every kernel's own text, run on the CPU (tests/kernel_emulator.py: one std::thread per GPU thread, the warp sum
+at a barrier), against the reference path it replaces: each kernel over its bits, group sizes, dtypes, row counts
+and routings, then whole quantized models whose decode runs only through the emulated kernels, greedy tokens
+identical to the reference path. What this cannot show (a GPU's memory model, its fast math, speed) is left to
+scripts/device_check.py on a GPU.
+
+Criterion for one product, as device_check's: with e(a, b) = max |a - b| / max |b| and `truth` the float32 product
+of the dequantized weights, e(ours, truth) <= max(tol, e(mlx, truth)) and e(ours, mlx) <= tol + e(mlx, truth);
+tol = 1e-5 (float32), 4e-3 (float16), 2e-2 (bfloat16): the output's rounding, plus room for another order of sums.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+import kernel_emulator
+from qwen_mlx import kernels
+from qwen_mlx.kernels import dialect
+from qwen_mlx.loader import load_model
+from qwen_mlx.quant import quantize_model
+from qwen_mlx.rope import Rope, cos_sin, rotate_reference
+
+qmatmul_kernel = sys.modules["qwen_mlx.kernels.qmatmul"]
+projections = sys.modules["qwen_mlx.kernels.projections"]
+gather_kernel = sys.modules["qwen_mlx.kernels.gather_qmv"]
+rope_kernel = sys.modules["qwen_mlx.kernels.rope"]
+
+pytestmark = pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed (it builds the "
+                                "kernels' text for the CPU emulator)")
+
+TOLERANCE = {mx.float32: 1e-5, mx.float16: 4e-3, mx.bfloat16: 2e-2}
+
+
+def error(got: mx.array, expected: mx.array) -> float:
+    expected = expected.astype(mx.float32)
+    return (mx.abs(got.astype(mx.float32) - expected).max() / mx.maximum(mx.abs(expected).max(), 1e-30)).item()
+
+
+def assert_close(ours: mx.array, mlx: mx.array, truth: mx.array, what: str) -> None:
+    assert ours.shape == mlx.shape == truth.shape and ours.dtype == mlx.dtype, what
+    tol, own = TOLERANCE[ours.dtype], error(mlx, truth)
+    assert error(ours, truth) <= max(tol, own) and error(ours, mlx) <= tol + own, (
+        f"{what}: vs float32 {error(ours, truth):.2e}, vs MLX {error(ours, mlx):.2e}, MLX's own {own:.2e}")
+
+
+def matrix(n: int, k: int, group_size: int, bits: int, dtype, seed: int):
+    """(w, scales, biases) of a random (n, k) matrix, and its dequantized float32 values."""
+    w = (mx.random.normal((n, k), key=mx.random.key(seed)) * 0.05).astype(dtype)
+    q = mx.quantize(w, group_size, bits)
+    return q, mx.dequantize(*q, group_size, bits).astype(mx.float32)
+
+
+def emulated(calls):
+    """The outputs of each (kernel, launch), run by the emulator as one build."""
+    return kernel_emulator.run(calls)
+
+
+CASES = [(bits, 64, mx.float32) for bits in qmatmul_kernel.BITS]  # every width
+CASES += [(4, 32, mx.bfloat16), (4, 128, mx.float16), (8, 32, mx.float16), (8, 128, mx.bfloat16)]
+
+
+def test_qmatmul_equals_quantized_matmul():
+    calls, expected = [], []
+    for i, (bits, group_size, dtype) in enumerate(CASES):
+        (w, scales, biases), dense = matrix(40, 384, group_size, bits, dtype, seed=i)  # 40 rows: a partial block
+        for m in (1, 3, 8):
+            x = mx.random.normal((m, 384), key=mx.random.key(100 + m)).astype(dtype)
+            calls.append((qmatmul_kernel.KERNEL, qmatmul_kernel.launch(x, w, scales, biases, group_size, bits)))
+            expected.append((mx.quantized_matmul(x, w, scales, biases, group_size=group_size, bits=bits),
+                             (x.astype(mx.float32) @ dense.T).astype(dtype), f"bits {bits} group {group_size} "
+                             f"{dtype} M {m}"))
+    for (ours,), (theirs, truth, what) in zip(emulated(calls), expected):
+        assert_close(ours, theirs, truth, what)
+
+
+@pytest.mark.parametrize("rows", [(64, 32, 32), (40, 24), (128, 16, 16)], ids=["qkv", "two-parts", "gqa-4-to-1"])
+def test_parts_equal_separate_products(rows):
+    """Q, K and V (or any 2-3 matrices of one input) in one launch: each output equals its own product, including
+    parts whose rows end inside a threadgroup's block."""
+    calls, expected = [], []
+    for i, (bits, group_size, dtype) in enumerate([(4, 64, mx.float32), (8, 32, mx.bfloat16), (3, 128, mx.float16)]):
+        parts = [matrix(n, 256, group_size, bits, dtype, seed=10 * i + j) for j, n in enumerate(rows)]
+        for m in (1, 5):
+            x = mx.random.normal((1, m, 256), key=mx.random.key(m)).astype(dtype)
+            matrices = [q for q, _ in parts]
+            assert projections.supports(x, matrices, group_size, bits)
+            calls.append((projections.parts_kernel(len(rows)),
+                          projections.launch_parts(x, matrices, group_size, bits)))
+            expected.append([(mx.quantized_matmul(x, *q, group_size=group_size, bits=bits),
+                              (x.astype(mx.float32) @ dense.T).astype(dtype)) for q, dense in parts])
+    for outputs, parts in zip(emulated(calls), expected):
+        assert len(outputs) == len(parts)
+        for j, (ours, (theirs, truth)) in enumerate(zip(outputs, parts)):
+            assert_close(ours, theirs, truth, f"part {j}")
+
+
+def test_swiglu_equals_silu_gate_times_up():
+    calls, expected = [], []
+    for i, (bits, group_size, dtype) in enumerate([(4, 64, mx.float32), (8, 128, mx.bfloat16), (6, 32, mx.float16)]):
+        (gate, gate_dense), (up, up_dense) = (matrix(72, 256, group_size, bits, dtype, seed=2 * i + j)
+                                              for j in range(2))
+        for m in (1, 8):
+            x = mx.random.normal((m, 256), key=mx.random.key(m)).astype(dtype)
+            calls.append((projections.SWIGLU_KERNEL, projections.launch_swiglu(x, gate, up, group_size, bits)))
+            theirs = nn.silu(mx.quantized_matmul(x, *gate, group_size=group_size, bits=bits)) * mx.quantized_matmul(
+                x, *up, group_size=group_size, bits=bits)
+            x32 = x.astype(mx.float32)
+            expected.append((theirs, (nn.silu(x32 @ gate_dense.T) * (x32 @ up_dense.T)).astype(dtype)))
+    for (ours,), (theirs, truth) in zip(emulated(calls), expected):
+        assert_close(ours, theirs, truth, "swiglu")
+
+
+# Experts: stacks (E, N, K), decode routings of T tokens x k experts
+
+E = 8
+ROUTINGS = {"random": np.array([[3, 6], [0, 5], [7, 1]]), "all to one expert": np.full((3, 2), 5),
+            "repeated": np.array([[2, 2], [2, 2], [4, 4]]), "first and last": np.array([[0, 7], [7, 0], [0, 7]])}
+
+
+def experts_stack(n: int, k: int, group_size: int, bits: int, dtype, seed: int):
+    w = (mx.random.normal((E, n, k), key=mx.random.key(seed)) * 0.05).astype(dtype)
+    q = mx.quantize(w, group_size, bits)
+    return q, mx.dequantize(*q, group_size, bits).astype(mx.float32)
+
+
+def gathered_truth(x: mx.array, dense: mx.array, experts: mx.array) -> mx.array:
+    """float32 x (..., 1 or k, 1, K) @ dense[experts].T -> (..., k, 1, N)."""
+    return x.astype(mx.float32) @ dense[experts].swapaxes(-1, -2)
+
+
+@pytest.mark.parametrize("bits,group_size,dtype", [(4, 64, mx.float32), (8, 32, mx.bfloat16), (3, 128, mx.float16)])
+def test_gather_kernels_equal_gather_qmm_on_skewed_routing(bits, group_size, dtype):
+    """gather_qmv (x shared by a token's experts, or a row per pair), its SwiGLU form on the joined gate/up stack
+    and its weighted-sum form for down, on random, one-expert, repeated and first/last routings."""
+    (gate_up, gate_up_dense), (down, down_dense) = (experts_stack(2 * 24, 256, group_size, bits, dtype, seed=1),
+                                                    experts_stack(40, 128, group_size, bits, dtype, seed=2))
+    calls, expected = [], []
+    for name, routing in ROUTINGS.items():
+        experts = mx.array(routing[None], mx.int32)  # (1, T, k)
+        weights = mx.array(np.random.default_rng(len(name)).uniform(0, 1, routing.shape)[None], mx.float32)
+        weights[0, 0, 1] = 0.0  # an expert held by another rank weighs zero (distributed.ExpertShard)
+        x = mx.random.normal((1, 3, 1, 1, 256), key=mx.random.key(3)).astype(dtype)  # each token's row
+        h = mx.random.normal((1, 3, 2, 1, 128), key=mx.random.key(4)).astype(dtype)  # a row per pair
+
+        calls.append((gather_kernel.KERNEL, gather_kernel.launch(x, *gate_up, experts, group_size, bits)))
+        expected.append((mx.gather_qmm(x, *gate_up, rhs_indices=experts, group_size=group_size, bits=bits),
+                         gathered_truth(x, gate_up_dense, experts).astype(dtype), f"gather_qmv SHARE 2, {name}"))
+        calls.append((gather_kernel.KERNEL, gather_kernel.launch(h, *down, experts, group_size, bits)))
+        down_mlx = mx.gather_qmm(h, *down, rhs_indices=experts, group_size=group_size, bits=bits)
+        down_truth = gathered_truth(h, down_dense, experts)
+        expected.append((down_mlx, down_truth.astype(dtype), f"gather_qmv SHARE 1, {name}"))
+
+        calls.append((gather_kernel.SWIGLU_KERNEL, gather_kernel.launch_swiglu(x, *gate_up, experts, group_size,
+                                                                               bits)))
+        g, u = mx.split(mx.gather_qmm(x, *gate_up, rhs_indices=experts, group_size=group_size, bits=bits), 2, -1)
+        g32, u32 = mx.split(gathered_truth(x, gate_up_dense, experts), 2, -1)
+        expected.append((nn.silu(g) * u, (nn.silu(g32) * u32).astype(dtype), f"gather SwiGLU, {name}"))
+
+        calls.append((gather_kernel.SUM_KERNEL, gather_kernel.launch_sum(h, *down, experts, weights, group_size,
+                                                                         bits)))
+        expected.append(((down_mlx.squeeze(-2) * weights[..., None].astype(dtype)).sum(-2),
+                         (down_truth.squeeze(-2) * weights[..., None]).sum(-2).astype(dtype),
+                         f"gather weighted sum, {name}"))
+    for (ours,), (theirs, truth, what) in zip(emulated(calls), expected):
+        assert_close(ours, theirs, truth, what)
+
+
+def test_rope_equals_the_reference_path_and_the_definition():
+    head_dim = 128
+    inv_freq = 1.0 / 1e6 ** (mx.arange(0, head_dim, 2, dtype=mx.float32) / head_dim)
+    rope = Rope(inv_freq, 1.0, 1.0 / inv_freq)
+    calls, expected = [], []
+    for dtype in rope_kernel.DTYPES:
+        q = mx.random.normal((1, 3, 4, head_dim), key=mx.random.key(1)).astype(dtype)
+        k = mx.random.normal((1, 3, 2, head_dim), key=mx.random.key(2)).astype(dtype)
+        weights = (mx.random.uniform(0.5, 1.5, (head_dim,)).astype(dtype),
+                   mx.random.uniform(0.5, 1.5, (head_dim,)).astype(dtype), 1e-6)
+        for norms, offset, scale in ((None, 0, 1.0), (None, 4093, 1.2), (weights, 7, 1.0)):
+            calls.append((rope_kernel.KERNEL, rope_kernel.launch(q, k, inv_freq, offset, norms, scale)))
+            cos, sin = cos_sin(rope, offset, 3)
+            definition = None if norms else [scale * rotate_reference(a.astype(mx.float32).transpose(0, 2, 1, 3),
+                                                                      cos, sin) for a in (q, k)]
+            expected.append((kernels.rope(q, k, rope, offset=offset, norms=norms, scale=scale), definition,
+                             f"{dtype} offset {offset} norm {norms is not None}"))
+    for ours, (reference, definition, what) in zip(emulated(calls), expected):
+        for i, (got, want) in enumerate(zip(ours, reference)):
+            tol = TOLERANCE[got.dtype] + 4e-7 * 4096  # the float32 angle's rounding grows with the position
+            assert got.shape == want.shape and error(got, want) <= tol, what
+            if definition:
+                assert error(got, definition[i]) <= tol, what
+
+
+# Whole models: every decode product through the emulated kernels
+
+
+@pytest.fixture
+def emulated_gpu(monkeypatch):
+    """kernels' GPU path with the emulator as the GPU; records the names of the kernels launched."""
+    launched = []
+
+    def run(kernel, backend, launch):
+        launched.append(kernel.name)
+        return emulated([(kernel, launch)])[0]
+
+    monkeypatch.setattr(kernels, "backend", lambda: "cuda")
+    monkeypatch.setattr(dialect, "run", run)
+    return launched
+
+
+def quantized_layers(path, bits: int):
+    """The checkpoint's model with its decoder layers quantized (embedding and head kept in float: the real
+    151,936-row head would take the emulator minutes per token)."""
+    model, _ = load_model(path)
+    quantize_model(model, {"group_size": 32, "bits": bits, "model.embed_tokens": False, "lm_head": False})
+    return model, model.config
+
+
+def greedy(model, cfg, prompt: list[int], steps: int) -> tuple[list[int], mx.array]:
+    from qwen_mlx.cache import make_cache
+
+    cache = make_cache(cfg)
+    logits = model(mx.array([prompt]), cache)[:, -1]
+    tokens, all_logits = [], [logits]
+    for _ in range(steps):
+        tokens.append(logits.argmax(-1).item())
+        logits = model(mx.array([[tokens[-1]]]), cache)[:, -1]
+        all_logits.append(logits)
+    return tokens, mx.concatenate(all_logits)
+
+
+# head_dim 64 (the RoPE kernel's smallest); Qwen2.5 derives it from hidden size / heads, and has QKV bias.
+MODELS = {"qwen3": dict(head_dim=64), "qwen2": dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=1),
+          "qwen3_moe": dict(head_dim=64)}
+
+
+@pytest.mark.parametrize("variant,bits", [("qwen3", 4), ("qwen2", 8), ("qwen3_moe", 4), ("qwen3_moe", 8)])
+def test_greedy_tokens_with_emulated_kernels_equal_the_reference_path(tiny_checkpoint, emulated_gpu, monkeypatch,
+                                                                      variant, bits):
+    model, cfg = quantized_layers(tiny_checkpoint(variant, **MODELS[variant]), bits)
+    prompt = [9707, 11, 1879, 0, 358, 1079]  # 6 tokens: the prompt's products fit the kernels too (M <= 8)
+    ours, ours_logits = greedy(model, cfg, prompt, 24)
+    expected = {"qwen_qmatmul_parts3", "qwen_rope", "qwen_qmatmul"}
+    expected |= {"qwen_gather_qmv_swiglu", "qwen_gather_qmv_sum"} if cfg.num_experts else set()
+    expected |= {"qwen_qmatmul_swiglu"} if variant != "qwen3_moe" or cfg.mlp_only_layers else set()
+    assert set(emulated_gpu) == expected
+    monkeypatch.setattr(kernels, "backend", lambda: "reference")
+    reference, reference_logits = greedy(model, cfg, prompt, 24)
+    assert ours == reference and len(set(ours)) > 3
+    assert error(ours_logits, reference_logits) <= 1e-4
+
+
+# The emulator itself
+
+
+def test_emulator_defines_every_word_of_the_dialect():
+    words = lambda prelude: {line.split()[1].split("(")[0] for line in prelude.splitlines()}
+    assert words(kernel_emulator.EMULATOR_PRELUDE) == words(dialect.CUDA_PRELUDE) == words(dialect.METAL_PRELUDE)
+
+
+def test_emulator_catches_a_broken_kernel():
+    """The weighted sum with the router's weight dropped, and qmatmul with lane 0's sum stored instead of the
+    warp's: both give wrong outputs here."""
+    (down, _), experts = experts_stack(40, 128, 64, 4, mx.float32, seed=2), mx.array([[[3, 6]]], mx.int32)
+    h, weights = mx.random.normal((1, 1, 2, 1, 128)), mx.array([[[0.25, 0.75]]])
+    (w, scales, biases), _ = matrix(40, 256, 64, 4, mx.float32, seed=0)
+    x = mx.random.normal((1, 256))
+    broken = [(gather_kernel.SUM_KERNEL, "total[r] += weight * acc[0][r];", "total[r] += acc[0][r];",
+               gather_kernel.launch_sum(h, *down, experts, weights, 64, 4)),
+              (qmatmul_kernel.KERNEL, "const float total = WARP_SUM(acc[m][r]);", "const float total = acc[m][r];",
+               qmatmul_kernel.launch(x, w, scales, biases, 64, 4))]
+    calls = []
+    for kernel, old, new, launch in broken:
+        assert old in kernel.body
+        calls += [(kernel, launch), (dialect.Kernel(kernel.name + "_broken", kernel.inputs, kernel.outputs,
+                                                    kernel.body.replace(old, new)), launch)]
+    outputs = emulated(calls)
+    for i in range(0, len(outputs), 2):
+        assert error(outputs[i + 1][0], outputs[i][0]) > 0.1
