@@ -31,8 +31,11 @@ import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import mlx.nn as nn  # noqa: E402
+
 from qwen_mlx import bench, kernels  # noqa: E402
 from qwen_mlx.config import ModelConfig  # noqa: E402
+from qwen_mlx.quant import QuantizedLinear, QuantizedSwitchLinear  # noqa: E402
 from qwen_mlx.rope import Rope, cos_sin, make_rope, rotate_reference  # noqa: E402
 
 qmatmul_kernel = sys.modules["qwen_mlx.kernels.qmatmul"]  # the module (kernels.qmatmul is the function)
@@ -52,6 +55,8 @@ EXPERT_SHAPES = {  # name -> (E, N, K) of the stacked expert weights; gate/up is
     "235b-a22b gate/up": (128, 2 * 1536, 4096), "235b-a22b down": (128, 4096, 1536),
 }
 TOP_K = 8  # experts per token, both models
+# The fused projections: model -> (q rows, k/v rows, intermediate, hidden); 30B-A3B's dense layers are its attention.
+FUSED_MODELS = {"0.6b": (2048, 1024, 3072, 1024), "4b": (4096, 1024, 9728, 2560), "30b-a3b": (4096, 512, None, 2048)}
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 # max |ours - reference| / max |reference|: the output's rounding at that width, plus room for a different order
 # of float32 sums.
@@ -192,6 +197,105 @@ def gather_case(x, w, scales, biases, experts, group: int, bits: int) -> dict:
     own = errors[2]  # as in check_qmatmul: within tolerance of float32 (or as close as MLX), and of MLX
     return dict(vs_mlx=errors[0], ours_vs_fp32=errors[1], mlx_vs_fp32=own, tolerance=tolerance,
                 ok=errors[1] <= max(tolerance, own) and errors[0] <= tolerance + own)
+
+
+def judged(ours: mx.array, theirs: mx.array, truth: mx.array, dtype_name: str) -> dict:
+    """check_qmatmul's criterion for one output: ours vs MLX's ops and both vs the float32 truth."""
+    errors = mx.stack([relative_errors(ours, theirs), relative_errors(ours, truth),
+                       relative_errors(theirs, truth)]).tolist()
+    tolerance, own = TOLERANCE[dtype_name], errors[2]
+    return dict(vs_mlx=errors[0], ours_vs_fp32=errors[1], mlx_vs_fp32=own, tolerance=tolerance,
+                ok=errors[1] <= max(tolerance, own) and errors[0] <= tolerance + own)
+
+
+def quantized_layer(n: int, k: int, group: int, bits: int, dtype: mx.Dtype, seed: int) -> tuple[QuantizedLinear,
+                                                                                                 mx.array]:
+    """A random (n, k) layer as the model holds it, and its dequantized float32 weight."""
+    w = (mx.random.normal((n, k), key=mx.random.key(seed)) * 0.02).astype(dtype)
+    q = mx.quantize(w, group, bits)
+    layer = QuantizedLinear(k, n, bias=False, group_size=group, bits=bits)
+    layer.weight, layer.scales, layer.biases = q
+    return layer, mx.dequantize(*q, group, bits).astype(mx.float32)
+
+
+def check_fused(bits_list, groups, dtypes, ms, models: dict, expert_shapes: dict, log) -> list[dict]:
+    """kernels.linears (Q, K, V in one launch), kernels.swiglu (gate, up, SwiGLU), and the experts' decode pair
+    kernels.expert_swiglu / kernels.expert_sum, custom vs MLX's ops and vs float32, on the models' shapes."""
+    rows = []
+    for model, (nq, nkv, inter, hidden) in models.items():
+        for dtype_name in dtypes:
+            dtype = DTYPES[dtype_name]
+            for bits in bits_list:
+                for group in groups:
+                    qkv = [quantized_layer(n, hidden, group, bits, dtype, seed=i) for i, n in enumerate((nq, nkv, nkv))]
+                    mlp = [quantized_layer(inter, hidden, group, bits, dtype, seed=3 + i) for i in range(2)] \
+                        if inter else []
+                    for m in ms:
+                        x = mx.random.normal((m, hidden), key=mx.random.key(m)).astype(dtype)
+                        with kernels_choice("custom"):
+                            outs = kernels.linears(x, *(layer for layer, _ in qkv))
+                            act = kernels.swiglu(x, *(layer for layer, _ in mlp)) if mlp else None
+                        case = dict(model=model, bits=bits, group=group, dtype=dtype_name, m=m)
+                        for name, ours, (layer, dense) in zip("qkv", outs, qkv):
+                            rows.append(dict(case, op=f"linears {name}", **judged(
+                                ours, layer(x), x.astype(mx.float32) @ dense.T, dtype_name)))
+                        if mlp:
+                            (gate, g32), (up, u32) = mlp
+                            x32 = x.astype(mx.float32)
+                            rows.append(dict(case, op="swiglu", **judged(
+                                act, nn.silu(gate(x)) * up(x), nn.silu(x32 @ g32.T) * (x32 @ u32.T), dtype_name)))
+                    del qkv, mlp
+                    mx.clear_cache()
+    for name, (e, n, k) in expert_shapes.items():  # (E, 2 * intermediate, hidden): the joined gate/up stack
+        for dtype_name in dtypes:
+            for bits in bits_list:
+                for group in groups:
+                    gate_up, down = expert_layers(e, n, k, group, bits, DTYPES[dtype_name], seed=0)
+                    for tokens in ms:
+                        x = mx.random.normal((tokens, 1, 1, k), key=mx.random.key(tokens)).astype(DTYPES[dtype_name])
+                        for routing, experts in routings(tokens, e, tokens).items():
+                            weights = mx.softmax(mx.random.normal(experts.shape, key=mx.random.key(7)), axis=-1)
+                            rows += expert_cases(x, gate_up, down, experts, weights, group, bits, dict(
+                                model=name, bits=bits, group=group, dtype=dtype_name, m=tokens, routing=routing))
+                    del gate_up, down
+                    mx.clear_cache()
+    for row in rows:
+        if not row["ok"]:
+            log(f"MISMATCH fused {row}")
+    for op in dict.fromkeys(r["op"] for r in rows):
+        mine = [r for r in rows if r["op"] == op]
+        log(f"fused {op:<18} {sum(r['ok'] for r in mine)}/{len(mine)} within tolerance, worst vs MLX "
+            f"{max(r['vs_mlx'] for r in mine):.2e}")
+    return rows
+
+
+def expert_layers(e: int, n: int, k: int, group: int, bits: int, dtype: mx.Dtype, seed: int):
+    """A random joined gate/up stack (E, n, k) and its down stack (E, k, n / 2), as the model holds them."""
+    def stack(shape, key):
+        w = (mx.random.normal(shape, key=mx.random.key(key)) * 0.02).astype(dtype)
+        return QuantizedSwitchLinear(*mx.quantize(w, group, bits), group, bits, "affine")
+    return stack((e, n, k), seed), stack((e, k, n // 2), seed + 1)
+
+
+def expert_cases(x, gate_up, down, experts, weights, group: int, bits: int, case: dict) -> list[dict]:
+    """One decode step of the experts: SwiGLU of the joined gate/up stack, then down weighted and summed."""
+    with kernels_choice("custom"):
+        h = kernels.expert_swiglu(x, gate_up, experts, False)  # (T, k, 1, I)
+        y = kernels.expert_sum(h, down, experts, weights)  # (T, H)
+    g, u = mx.split(gate_up(x, experts), 2, axis=-1)
+    h_mlx = nn.silu(g) * u
+    y_mlx = (down(h, experts).squeeze(-2) * weights[..., None].astype(h.dtype)).sum(axis=-2)
+    flat = experts.reshape(-1)
+    dense = lambda layer: mx.dequantize(layer.weight[flat], layer.scales[flat], layer.biases[flat], group,
+                                        bits).astype(mx.float32)  # (P, N, K)
+    pairs = mx.broadcast_to(x, (*experts.shape, 1, x.shape[-1])).reshape(flat.size, 1, -1).astype(mx.float32)
+    g32, u32 = mx.split(pairs @ dense(gate_up).swapaxes(-1, -2), 2, axis=-1)
+    h32 = (nn.silu(g32) * u32).reshape(h.shape)
+    y32 = ((h.reshape(flat.size, 1, -1).astype(mx.float32) @ dense(down).swapaxes(-1, -2)).reshape(
+        *experts.shape, -1) * weights[..., None]).sum(axis=-2)  # from our h, so that only the sum is judged
+    dtype_name = case["dtype"]
+    return [dict(case, op="expert_swiglu", **judged(h, h_mlx, h32, dtype_name)),
+            dict(case, op="expert_sum", **judged(y, y_mlx, y32, dtype_name))]
 
 
 def norm_reference(x: mx.array, weight: mx.array, eps: float) -> mx.array:
@@ -379,6 +483,88 @@ def bench_gather_qmv(shapes: dict, cases: list[tuple[str, int]], peak: float, lo
     return rows
 
 
+def bench_fused(log, dense: tuple = FUSED_MODELS["4b"], experts: tuple = EXPERT_SHAPES["30b-a3b gate/up"],
+                copies: int = 24) -> list[dict]:
+    """One decode token, bf16, 4-bit, group 64: the launches the fused ops replace, timed both ways over `copies`
+    copies of the weights (more bytes than the L2 holds). 4B's Q/K/V and gate/up/SwiGLU; 30B-A3B's experts (SwiGLU
+    of 8 experts' gate/up, then down weighted and summed) against mx.gather_qmm and MLX's elementwise ops."""
+    rows = []
+    nq, nkv, inter, hidden = dense
+
+    def layers(n, k, copies, seed):
+        return [quantized_layer(n, k, 64, 4, mx.bfloat16, seed=seed + 10 * i)[0] for i in range(copies)]
+
+    x = mx.random.normal((1, hidden)).astype(mx.bfloat16)
+    qkv = list(zip(*(layers(n, hidden, copies, seed) for seed, n in enumerate((nq, nkv, nkv)))))
+    mlp = list(zip(layers(inter, hidden, copies // 2, 3), layers(inter, hidden, copies // 2, 4)))
+    mx.eval(qkv, mlp)
+
+    def fused_qkv(x, q, k, v):
+        with kernels_choice("custom"):
+            return kernels.linears(x, q, k, v)
+
+    def our_three(x, q, k, v):
+        with kernels_choice("custom"):
+            return [layer(x) for layer in (q, k, v)]
+
+    def fused_mlp(x, gate, up):
+        with kernels_choice("custom"):
+            return kernels.swiglu(x, gate, up)
+
+    def our_mlp(x, gate, up):
+        with kernels_choice("custom"):
+            return nn.silu(gate(x)) * up(x)
+
+    def mlx_mlp(x, gate, up):
+        with kernels_choice("reference"):
+            return nn.silu(gate(x)) * up(x)
+
+    def mlx_three(x, q, k, v):
+        with kernels_choice("reference"):
+            return [layer(x) for layer in (q, k, v)]
+
+    cases = [("4b q/k/v, one launch", fused_qkv, [("3 x our qmatmul", our_three),
+                                                 ("3 x mx.quantized_matmul", mlx_three)], qkv),
+             ("4b gate/up + SwiGLU, one launch", fused_mlp, [("our qmatmul x 2 + silu * up", our_mlp),
+                                                            ("MLX: quantized_matmul x 2 + silu * up", mlx_mlp)], mlp)]
+    e, n, k = experts
+    stacks = [(*expert_layers(e, n, k, 64, 4, mx.bfloat16, seed=20 + 2 * i), routings(1, e, 60 + i)["random"][None],
+               mx.softmax(mx.random.normal((1, 1, TOP_K), key=mx.random.key(i)), axis=-1))
+              for i in range(max(2, copies // 4))]
+    mx.eval([(gate_up.parameters(), down.parameters(), r, w) for gate_up, down, r, w in stacks])
+    x_moe = mx.random.normal((1, 1, 1, 1, k)).astype(mx.bfloat16)
+
+    def experts_fused(x, gate_up, down, experts, weights):
+        with kernels_choice("custom"):
+            return kernels.expert_sum(kernels.expert_swiglu(x, gate_up, experts, False), down, experts, weights)
+
+    def experts_with(choice):
+        def run(x, gate_up, down, experts, weights):
+            with kernels_choice(choice):
+                g, u = mx.split(gate_up(x, experts), 2, axis=-1)
+                y = down(nn.silu(g) * u, experts).squeeze(-2)
+                return (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+        return run
+
+    cases.append(("30b-a3b experts, 2 launches", experts_fused, [
+        ("our gather_qmv x 2 + ops", experts_with("custom")), ("MLX: gather_qmm x 2 + ops", experts_with("reference"))],
+        stacks))
+    for name, fused, others, operands in cases:
+        inputs = x_moe if "experts" in name else x
+        t_fused = time_per_call(fused, operands, inputs)
+        row = dict(case=name, fused_us=t_fused * 1e6)
+        line = f"{name:<34} {t_fused * 1e6:7.1f} us"
+        for other_name, other in others:
+            t = time_per_call(other, operands, inputs)
+            row[other_name] = t * 1e6
+            line += f" | {other_name} {t * 1e6:7.1f} us (x{t / t_fused:.2f})"
+        rows.append(row)
+        log(line)
+    del qkv, mlp, stacks
+    mx.clear_cache()
+    return rows
+
+
 def bench_rope(log) -> list[dict]:
     rope = make_rope(bench.preset_config("qwen3-4b", 1))
     rows = []
@@ -451,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         bits, groups, dtypes, ms = qmatmul_kernel.BITS, qmatmul_kernel.GROUP_SIZES, tuple(DTYPES), (1, 2, 4, 8)
     gather_bits = tuple(b for b in bits if b in (4, 8))
-    result = {"schema": "qwen-mlx-device-check/2", "mlx_version": mx.__version__, "backend": backend, "gpu": gpu,
+    result = {"schema": "qwen-mlx-device-check/3", "mlx_version": mx.__version__, "backend": backend, "gpu": gpu,
               "hbm_gbs": peak}
     parts = set(args.parts.split(","))
     failures = 0
@@ -460,15 +646,18 @@ def main(argv: list[str] | None = None) -> int:
         result["qmatmul"] = check_qmatmul(bits, groups, dtypes, ms, SHAPES, log)
         result["gather_qmv"] = check_gather_qmv(gather_bits, groups, dtypes, ms, EXPERT_SHAPES, log)
         result["rope"] = check_rope(dtypes, log)
+        result["fused"] = check_fused(gather_bits, groups, dtypes, ms, FUSED_MODELS,
+                                      {k: v for k, v in EXPERT_SHAPES.items() if "gate/up" in k}, log)
         result["model"] = [check_model("qwen3-4b", log), check_model("qwen3-30b-a3b", log)]
         failures = sum(not r["ok"] for r in result["qmatmul"] + result["gather_qmv"] + result["rope"]
-                       + result["model"])
+                       + result["fused"] + result["model"])
         log(f"correctness: {failures} failure(s) in {time.perf_counter() - start:.0f} s")
         save(result, args.json)  # what is done is kept should a later part run out of time
     if "bench" in parts:
         result["qmatmul_bench"] = bench_qmatmul(SHAPES, peak, log)
         result["gather_qmv_bench"] = bench_gather_qmv(GATHER_BENCH_SHAPES, GATHER_BENCH_CASES, peak, log)
         result["rope_bench"] = bench_rope(log)
+        result["fused_bench"] = bench_fused(log)
         save(result, args.json)
     if "e2e" in parts:
         result["end_to_end"] = end_to_end("qwen3-4b", None, args.prompt, args.gen, log)

@@ -78,3 +78,26 @@ def test_time_per_call_is_per_call():
     x = mx.ones((4, 4))
     seconds = device_check.time_per_call(lambda x, w: x @ w, [(mx.ones((4, 4)),)], x, calls=8, rounds=1)
     assert 0 < seconds < 1
+
+
+def test_fused_check_passes_the_reference_and_catches_a_wrong_result(reference_only, monkeypatch):
+    models = {"tiny": (64, 32, 96, 128), "tiny attention only": (64, 32, None, 128)}  # (q, kv, intermediate, hidden)
+    args = ((4,), (64,), ("float32", "bfloat16"), (1, 2), models, {"tiny experts": (8, 2 * 64, 128)}, lambda *_: None)
+    rows = device_check.check_fused(*args)
+    ops = [r["op"] for r in rows]
+    assert ops.count("linears q") == 8 and ops.count("swiglu") == 4 and ops.count("expert_sum") == 12
+    assert all(r["ok"] for r in rows)
+    for name in ("linears", "swiglu", "expert_swiglu", "expert_sum"):
+        right = getattr(kernels, name)
+        with monkeypatch.context() as patch:
+            patch.setattr(kernels, name, lambda *a, right=right: (
+                [y * 1.05 for y in right(*a)] if name == "linears" else right(*a) * 1.05))
+            assert not all(r["ok"] for r in device_check.check_fused(*args)), name
+
+
+def test_fused_bench_runs(reference_only, monkeypatch):
+    monkeypatch.setattr(device_check, "time_per_call", lambda fn, operands, x: mx.eval(fn(x, *operands[0])) or 1e-6)
+    rows = device_check.bench_fused(lambda *_: None, dense=(64, 32, 96, 128), experts=(8, 128, 128), copies=4)
+    assert [r["case"] for r in rows] == ["4b q/k/v, one launch", "4b gate/up + SwiGLU, one launch",
+                                         "30b-a3b experts, 2 launches"]
+    assert all(r["fused_us"] == 1.0 for r in rows)
