@@ -100,13 +100,9 @@ class SparseMoE(nn.Module):
         self.switch_mlp = SwitchMLP(dim, hidden, n)
 
     def route(self, x: mx.array) -> tuple[mx.array, mx.array]:
-        """x (B, L, dim) -> the top-k experts of each token (B, L, k) and their weights (B, L, k) float32."""
-        probs = mx.softmax(self.gate(x).astype(mx.float32), axis=-1)  # (B, L, E)
-        experts = mx.stop_gradient(mx.argpartition(-probs, kth=self.top_k - 1, axis=-1)[..., : self.top_k])
-        weights = mx.take_along_axis(probs, experts, axis=-1)  # (B, L, k)
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(axis=-1, keepdims=True)
-        return experts, weights
+        """x (B, L, dim) -> the top-k experts of each token (B, L, k) and their weights (B, L, k) float32:
+        softmax over the experts in float32, top-k, renormalized when norm_topk_prob (one fused op)."""
+        return kernels.route(self.gate(x), self.top_k, self.norm_topk_prob)
 
     def __call__(self, x: mx.array) -> mx.array:
         experts, weights = self.route(x)

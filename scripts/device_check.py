@@ -269,6 +269,34 @@ def check_fused(bits_list, groups, dtypes, ms, models: dict, expert_shapes: dict
     return rows
 
 
+def check_router(dtypes, token_counts, log) -> list[dict]:
+    """kernels.route (softmax, top-8 of 128 experts, renormalized or not) custom vs its definition in MLX's ops
+    (float32 softmax, a full sort): the same experts per token and weights within 1e-5."""
+    rows = []
+    for dtype_name in dtypes:
+        for tokens in token_counts:
+            logits = (mx.random.normal((tokens, 128), key=mx.random.key(tokens)) * 3).astype(DTYPES[dtype_name])
+            for norm in (True, False):
+                with kernels_choice("custom"):
+                    experts, weights = kernels.route(logits, TOP_K, norm)
+                probs = mx.softmax(logits.astype(mx.float32), axis=-1)  # the definition, in MLX's ops
+                ref_experts = mx.argsort(-probs, axis=-1)[..., :TOP_K].astype(mx.uint32)
+                ref_weights = mx.take_along_axis(probs, ref_experts, axis=-1)
+                ref_weights = ref_weights / ref_weights.sum(axis=-1, keepdims=True) if norm else ref_weights
+                order, ref_order = mx.argsort(experts, axis=-1), mx.argsort(ref_experts, axis=-1)
+                same = mx.array_equal(mx.take_along_axis(experts, order, -1),
+                                      mx.take_along_axis(ref_experts, ref_order, -1)).item()
+                error = relative_error(mx.take_along_axis(weights, order, -1),
+                                       mx.take_along_axis(ref_weights, ref_order, -1))
+                rows.append(dict(dtype=dtype_name, tokens=tokens, norm=norm, same_experts=same, vs_reference=error,
+                                 tolerance=1e-5, ok=same and error <= 1e-5))
+                if not rows[-1]["ok"]:
+                    log(f"MISMATCH router {rows[-1]}")
+    log(f"router: {sum(r['ok'] for r in rows)}/{len(rows)} equal to the reference (same experts, weights within "
+        f"1e-5), worst {max(r['vs_reference'] for r in rows):.2e}")
+    return rows
+
+
 def expert_layers(e: int, n: int, k: int, group: int, bits: int, dtype: mx.Dtype, seed: int):
     """A random joined gate/up stack (E, n, k) and its down stack (E, k, n / 2), as the model holds them."""
     def stack(shape, key):
@@ -549,6 +577,16 @@ def bench_fused(log, dense: tuple = FUSED_MODELS["4b"], experts: tuple = EXPERT_
     cases.append(("30b-a3b experts, 2 launches", experts_fused, [
         ("our gather_qmv x 2 + ops", experts_with("custom")), ("MLX: gather_qmm x 2 + ops", experts_with("reference"))],
         stacks))
+
+    def router(choice):
+        def run(_, logits):
+            with kernels_choice(choice):
+                return kernels.route(logits, TOP_K, True)
+        return run
+
+    logits = [(mx.random.normal((1, 1, e), key=mx.random.key(i)).astype(mx.bfloat16),) for i in range(8)]
+    cases.append(("30b-a3b router, one launch", router("custom"), [("MLX: softmax + top-k ops", router("reference"))],
+                  logits))
     for name, fused, others, operands in cases:
         inputs = x_moe if "experts" in name else x
         t_fused = time_per_call(fused, operands, inputs)
@@ -646,11 +684,12 @@ def main(argv: list[str] | None = None) -> int:
         result["qmatmul"] = check_qmatmul(bits, groups, dtypes, ms, SHAPES, log)
         result["gather_qmv"] = check_gather_qmv(gather_bits, groups, dtypes, ms, EXPERT_SHAPES, log)
         result["rope"] = check_rope(dtypes, log)
+        result["router"] = check_router(dtypes, (1, 8, 512), log)
         result["fused"] = check_fused(gather_bits, groups, dtypes, ms, FUSED_MODELS,
                                       {k: v for k, v in EXPERT_SHAPES.items() if "gate/up" in k}, log)
         result["model"] = [check_model("qwen3-4b", log), check_model("qwen3-30b-a3b", log)]
         failures = sum(not r["ok"] for r in result["qmatmul"] + result["gather_qmv"] + result["rope"]
-                       + result["fused"] + result["model"])
+                       + result["router"] + result["fused"] + result["model"])
         log(f"correctness: {failures} failure(s) in {time.perf_counter() - start:.0f} s")
         save(result, args.json)  # what is done is kept should a later part run out of time
     if "bench" in parts:

@@ -1,8 +1,8 @@
 """Runs a kernel's own body text on the CPU, compiled by the host C++ compiler: a GPU stand-in for the tests.
 
 The dialect's words get a third meaning (EMULATOR_PRELUDE): each thread of a threadgroup is a std::thread,
-`WARP_SUM` meets the warp's 32 threads at a barrier and adds the 32 values, `GROUP_ID`/`WARP`/`LANE` come from
-the thread's place, `AS_FLOAT` is a bit copy, float math is <cmath>'s. The threads run the threadgroups one after
+`WARP_SUM`/`WARP_MAX` meet the warp's 32 threads at a barrier and reduce the 32 values, `GROUP_ID`/`WARP`/`LANE`
+come from the thread's place, `AS_FLOAT` is a bit copy, float math is <cmath>'s. The threads run the threadgroups one after
 another, each warp at its own pace (warps never wait for each other here, as in the kernels; a warp's lanes must
 leave a body together, as the kernels make them: a lone early lane would leave its warp waiting forever). The
 body is exactly the text Metal and CUDA compile (without their preludes), so the indexing, the packed-bit decoding,
@@ -31,6 +31,7 @@ EMULATOR_PRELUDE = """\
 #define WARP (emu_thread / 32)
 #define LANE (emu_thread % 32)
 #define WARP_SUM(v) emu_warp_sum(v)
+#define WARP_MAX(v) emu_warp_max(v)
 #define GLOBAL
 #define LOCAL
 #define AS_FLOAT(u) emu_as_float(u)
@@ -81,6 +82,14 @@ inline float emu_warp_sum(float v) {
   for (int i = 0; i < 32; i++) sum += emu_warp->values[i];
   emu_warp->meet.arrive_and_wait();
   return sum;
+}
+inline float emu_warp_max(float v) {
+  emu_warp->values[emu_thread % 32] = v;
+  emu_warp->meet.arrive_and_wait();
+  float best = emu_warp->values[0];
+  for (int i = 1; i < 32; i++) best = std::max(best, emu_warp->values[i]);
+  emu_warp->meet.arrive_and_wait();
+  return best;
 }
 inline float emu_as_float(uint32_t u) {
   float f;

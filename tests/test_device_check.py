@@ -99,5 +99,14 @@ def test_fused_bench_runs(reference_only, monkeypatch):
     monkeypatch.setattr(device_check, "time_per_call", lambda fn, operands, x: mx.eval(fn(x, *operands[0])) or 1e-6)
     rows = device_check.bench_fused(lambda *_: None, dense=(64, 32, 96, 128), experts=(8, 128, 128), copies=4)
     assert [r["case"] for r in rows] == ["4b q/k/v, one launch", "4b gate/up + SwiGLU, one launch",
-                                         "30b-a3b experts, 2 launches"]
+                                         "30b-a3b experts, 2 launches", "30b-a3b router, one launch"]
     assert all(r["fused_us"] == 1.0 for r in rows)
+
+
+def test_router_check_passes_the_reference_and_catches_a_wrong_result(reference_only, monkeypatch):
+    rows = device_check.check_router(("float32", "bfloat16"), (1, 3), lambda *_: None)
+    assert len(rows) == 8 and all(r["ok"] for r in rows)
+    right = kernels.route
+    monkeypatch.setattr(kernels, "route", lambda logits, k, norm: (right(logits, k, norm)[0],
+                                                                   right(logits, k, norm)[1] * 1.01))
+    assert not any(r["ok"] for r in device_check.check_router(("float32",), (1,), lambda *_: None))

@@ -29,6 +29,7 @@ qmatmul_kernel = sys.modules["qwen_mlx.kernels.qmatmul"]
 projections = sys.modules["qwen_mlx.kernels.projections"]
 gather_kernel = sys.modules["qwen_mlx.kernels.gather_qmv"]
 rope_kernel = sys.modules["qwen_mlx.kernels.rope"]
+router_kernel = sys.modules["qwen_mlx.kernels.router"]
 
 pytestmark = pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed (it builds the "
                                 "kernels' text for the CPU emulator)")
@@ -195,6 +196,24 @@ def test_rope_equals_the_reference_path_and_the_definition():
                 assert error(got, definition[i]) <= tol, what
 
 
+def test_router_equals_softmax_top_k():
+    """The chosen experts (as sets: the kernel orders them by probability, argpartition does not) and their
+    weights, for 128 experts (Qwen3-MoE), 40 (a partial last lane slot) and 512, with and without renormalization."""
+    calls, expected = [], []
+    for dtype in router_kernel.DTYPES:
+        for experts, top_k, norm in ((128, 8, True), (40, 2, False), (512, 16, True), (128, 8, False)):
+            logits = (mx.random.normal((5, experts), key=mx.random.key(experts)) * 3).astype(dtype)
+            calls.append((router_kernel.KERNEL, router_kernel.launch(logits, top_k, norm)))
+            expected.append(kernels.route(logits, top_k, norm))  # the reference path
+    for (got_experts, got_weights), (experts, weights) in zip(emulated(calls), expected):
+        order, got_order = np.argsort(np.array(experts), -1), np.argsort(np.array(got_experts), -1)
+        assert (np.take_along_axis(np.array(got_experts), got_order, -1)
+                == np.take_along_axis(np.array(experts), order, -1)).all()
+        np.testing.assert_allclose(np.take_along_axis(np.array(got_weights), got_order, -1),
+                                   np.take_along_axis(np.array(weights), order, -1), rtol=2e-6, atol=1e-7)
+        assert (np.diff(np.array(got_weights), axis=-1) <= 0).all()  # by descending probability
+
+
 # Whole models: every decode product through the emulated kernels
 
 
@@ -245,7 +264,7 @@ def test_greedy_tokens_with_emulated_kernels_equal_the_reference_path(tiny_check
     prompt = [9707, 11, 1879, 0, 358, 1079]  # 6 tokens: the prompt's products fit the kernels too (M <= 8)
     ours, ours_logits = greedy(model, cfg, prompt, 24)
     expected = {"qwen_qmatmul_parts3", "qwen_rope", "qwen_qmatmul"}
-    expected |= {"qwen_gather_qmv_swiglu", "qwen_gather_qmv_sum"} if cfg.num_experts else set()
+    expected |= {"qwen_router", "qwen_gather_qmv_swiglu", "qwen_gather_qmv_sum"} if cfg.num_experts else set()
     expected |= {"qwen_qmatmul_swiglu"} if variant != "qwen3_moe" or cfg.mlp_only_layers else set()
     assert set(emulated_gpu) == expected
     monkeypatch.setattr(kernels, "backend", lambda: "reference")

@@ -28,6 +28,7 @@ from qwen_mlx.rope import Rope, cos_sin, rotate_reference
 qmatmul_kernel = sys.modules["qwen_mlx.kernels.qmatmul"]
 gather_kernel = sys.modules["qwen_mlx.kernels.gather_qmv"]
 projections = sys.modules["qwen_mlx.kernels.projections"]
+router_kernel = sys.modules["qwen_mlx.kernels.router"]
 rope_kernel = sys.modules["qwen_mlx.kernels.rope"]
 STUBS = Path(__file__).parent / "kernel_stubs"
 
@@ -257,6 +258,31 @@ def test_reference_fused_ops_equal_their_definitions():
     assert mx.array_equal(kernels.swiglu(x, gate, up), nn.silu(gate(x)) * up(x))
 
 
+def test_gpu_backend_routes_in_one_launch(monkeypatch):
+    calls = kernel_calls(monkeypatch, "cuda")
+    experts, weights = kernels.route(mx.zeros((1, 5, 128), mx.bfloat16), 8, True)
+    assert (experts.shape, experts.dtype, weights.shape, weights.dtype) == ((1, 5, 8), mx.uint32, (1, 5, 8),
+                                                                            mx.float32)
+    ((kernel, _, launch),) = calls
+    assert kernel == router_kernel.KERNEL and launch.grid == (5 * 32, 1, 1)
+    assert dict(launch.template) == {"T": mx.bfloat16, "E": 128, "TOP_K": 8, "NORM": True}
+    kernels.route(mx.zeros((1, 1, 1024)), 8, True)  # more experts than a warp holds: the reference ops
+    kernels.route(mx.zeros((1, 1, 64)), 32, True)  # top-k past the kernel's registers
+    assert len(calls) == 1
+
+
+def test_reference_route_is_softmax_top_k():
+    logits = mx.random.normal((2, 3, 16), key=mx.random.key(0))
+    for norm in (True, False):
+        experts, weights = kernels.route(logits, 4, norm)
+        probs = np.array(mx.softmax(logits, axis=-1))
+        top = np.sort(np.argsort(-probs, axis=-1)[..., :4], axis=-1)
+        assert (np.sort(np.array(experts), axis=-1) == top).all()
+        expected = np.take_along_axis(probs, np.array(experts).astype(np.int64), -1)
+        expected = expected / expected.sum(-1, keepdims=True) if norm else expected
+        np.testing.assert_allclose(np.array(weights), expected, rtol=1e-6)
+
+
 def test_gpu_backend_launches_one_rope_for_q_and_k(monkeypatch):
     calls = []
     monkeypatch.setattr(kernels, "backend", lambda: "metal")
@@ -356,14 +382,21 @@ def gather_fused_launches(fused: str):
     return launches
 
 
+def router_launches():
+    for dtype in router_kernel.DTYPES:
+        for experts, top_k, norm in ((128, 8, True), (40, 2, False), (512, 16, True)):
+            yield router_kernel.launch(mx.zeros((3, experts), dtype), top_k, norm)
+
+
 LAUNCHES = {"qmatmul": (qmatmul_kernel.KERNEL, qmatmul_launches), "rope": (rope_kernel.KERNEL, rope_launches),
+            "router": (router_kernel.KERNEL, router_launches),
             "gather_qmv": (gather_kernel.KERNEL, gather_qmv_launches),
             "qmatmul_parts2": (projections.parts_kernel(2), parts_launches(2)),
             "qmatmul_parts3": (projections.parts_kernel(3), parts_launches(3)),
             "qmatmul_swiglu": (projections.SWIGLU_KERNEL, swiglu_launches),
             "gather_qmv_swiglu": (gather_kernel.SWIGLU_KERNEL, gather_fused_launches("swiglu")),
             "gather_qmv_sum": (gather_kernel.SUM_KERNEL, gather_fused_launches("sum"))}
-QUANTIZED = [name for name in LAUNCHES if name != "rope"]  # the kernels built on qmatmul's shared loop
+QUANTIZED = [name for name in LAUNCHES if name not in ("rope", "router")]  # built on qmatmul's shared loop
 BROKEN = Kernel("broken", ("x",), ("y",), "y[LANE] = x[LANE] + undeclared_name;")
 
 

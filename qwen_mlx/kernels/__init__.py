@@ -2,8 +2,8 @@
 
 `backend()` is "metal" on an Apple GPU, "cuda" on an NVIDIA GPU (MLX's CUDA build) and "reference" elsewhere;
 the environment variable QWEN_MLX_KERNELS=reference|custom overrides the choice ("custom" insists on a GPU).
-On "metal" and "cuda" the ops run our kernels (qmatmul.py, projections.py, gather_qmv.py, rope.py, one source built
-for both) where they cover the case; everything else, and the whole "reference" path, runs MLX's own ops, which the
+On "metal" and "cuda" the ops run our kernels (qmatmul.py, projections.py, gather_qmv.py, router.py, rope.py, one
+source built for both) where they cover the case; everything else, and the whole "reference" path, runs MLX's own ops, which the
 kernels are tested against.
 
 The fused ops (`linears`, `swiglu`, `expert_swiglu`, `expert_sum`) take the model's layers: they fuse only layers
@@ -19,7 +19,7 @@ import mlx.nn as nn
 from ..errors import UserError
 from ..rope import Rope
 from . import dialect, gather_qmv as _gather_qmv, projections as _projections, qmatmul as _qmatmul
-from . import rope as _rope
+from . import rope as _rope, router as _router
 
 ENV = "QWEN_MLX_KERNELS"
 CHOICES = ("reference", "custom")
@@ -132,6 +132,21 @@ def expert_sum(h: mx.array, down: nn.Module, experts: mx.array, weights: mx.arra
                                _gather_qmv.launch_sum(h, w, scales, biases, experts, weights, *alike))[0]
     y = down(h, experts).squeeze(-2)  # (..., k, dim)
     return (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+
+
+def route(logits: mx.array, top_k: int, norm_topk_prob: bool) -> tuple[mx.array, mx.array]:
+    """The MoE router after its matmul: logits (..., E) -> the top-k experts of each token (..., k) and their
+    softmax probabilities (..., k) float32, renormalized to sum to 1 when `norm_topk_prob`. One launch on a GPU."""
+    used = backend()
+    if used != "reference" and _router.supports(logits, top_k):
+        experts, weights = dialect.run(_router.KERNEL, used, _router.launch(logits, top_k, norm_topk_prob))
+        return experts, weights
+    probs = mx.softmax(logits.astype(mx.float32), axis=-1)  # (..., E)
+    experts = mx.stop_gradient(mx.argpartition(-probs, kth=top_k - 1, axis=-1)[..., :top_k])
+    weights = mx.take_along_axis(probs, experts, axis=-1)  # (..., k)
+    if norm_topk_prob:
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+    return experts, weights
 
 
 def rope(q: mx.array, k: mx.array, freqs: Rope, *, offset: int, norms: tuple[mx.array, mx.array, float] | None = None,

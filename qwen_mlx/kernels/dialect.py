@@ -5,6 +5,7 @@ A body uses only these words beside plain C++ (loops, `constexpr`, `static_cast`
     GROUP_ID          index of this threadgroup (CUDA block) along x
     WARP, LANE        simdgroup (warp) index within the threadgroup, lane within the simdgroup (32 wide on both)
     WARP_SUM(v)       float sum over the 32 lanes, every lane gets it
+    WARP_MAX(v)       float maximum over the 32 lanes, every lane gets it
     GLOBAL            address space of kernel buffers, for pointer casts: `(const GLOBAL uint4*)(w + i)`
     LOCAL             address space of a thread's own arrays, for pointer casts
     AS_FLOAT(u)       the float whose bits are the uint32_t u
@@ -34,6 +35,7 @@ METAL_PRELUDE = """\
 #define WARP simdgroup_index_in_threadgroup
 #define LANE thread_index_in_simdgroup
 #define WARP_SUM(v) metal::simd_sum(v)
+#define WARP_MAX(v) metal::simd_max(v)
 #define GLOBAL device
 #define LOCAL thread
 #define AS_FLOAT(u) as_type<float>(u)
@@ -49,6 +51,7 @@ CUDA_PRELUDE = """\
 #define WARP (threadIdx.x / 32)
 #define LANE (threadIdx.x % 32)
 #define WARP_SUM(v) qwen_warp_sum(v)
+#define WARP_MAX(v) qwen_warp_max(v)
 #define GLOBAL
 #define LOCAL
 #define AS_FLOAT(u) __uint_as_float(u)
@@ -65,6 +68,12 @@ CUDA_HEADER = """\
 __device__ inline float qwen_warp_sum(float v) {
   for (int step = 16; step > 0; step /= 2) {
     v += __shfl_xor_sync(0xffffffffu, v, step);
+  }
+  return v;
+}
+__device__ inline float qwen_warp_max(float v) {
+  for (int step = 16; step > 0; step /= 2) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, step));
   }
   return v;
 }

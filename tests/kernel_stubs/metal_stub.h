@@ -22,6 +22,7 @@ typedef uint uint4 __attribute__((ext_vector_type(4)));
 
 namespace metal {
 template <typename T> T simd_sum(T);
+template <typename T> T simd_max(T);
 template <typename T> T min(T, T);
 template <typename T> T max(T, T);
 template <typename To, typename From> To as_type(From);
