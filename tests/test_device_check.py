@@ -110,3 +110,28 @@ def test_router_check_passes_the_reference_and_catches_a_wrong_result(reference_
     monkeypatch.setattr(kernels, "route", lambda logits, k, norm: (right(logits, k, norm)[0],
                                                                    right(logits, k, norm)[1] * 1.01))
     assert not any(r["ok"] for r in device_check.check_router(("float32",), (1,), lambda *_: None))
+
+
+def test_main_runs_every_part_and_writes_the_json(reference_only, monkeypatch, tmp_path):
+    """The whole command on tiny shapes (the reference path standing in for the kernels), so that the one device
+    call is not spent on a wiring mistake: every part runs, the JSON holds each part's results, exit status 0."""
+    import functools
+    import json
+
+    monkeypatch.setattr(device_check, "SHAPES", {"4b q": (64, 256), "4b gate/up": (128, 256), "4b down": (64, 128)})
+    monkeypatch.setattr(device_check, "EXPERT_SHAPES", {"tiny gate/up": (8, 128, 128), "tiny down": (8, 128, 64)})
+    monkeypatch.setattr(device_check, "FUSED_MODELS", {"tiny": (64, 32, 96, 128)})
+    monkeypatch.setattr(device_check, "GATHER_BENCH_SHAPES", {device_check.GATHER_TARGET_SHAPE: (8, 64, 128)})
+    monkeypatch.setattr(device_check, "GATHER_BENCH_CASES", [(device_check.GATHER_TARGET_SHAPE, 1)])
+    monkeypatch.setattr(device_check, "bench_fused", functools.partial(
+        device_check.bench_fused, dense=(64, 32, 96, 128), experts=(8, 128, 128), copies=4))
+    monkeypatch.setattr(device_check, "time_per_call", lambda fn, operands, x: mx.eval(fn(x, *operands[0])) or 1e-6)
+    monkeypatch.setattr(device_check, "check_model", lambda preset, log: dict(preset=preset, ok=True))
+    monkeypatch.setattr(device_check, "end_to_end", lambda preset, layers, prompt, gen, log: [dict(preset=preset)])
+    out = tmp_path / "device_check.json"
+    assert device_check.main(["--quick", "--json", str(out), "--prompt", "8", "--gen", "2"]) == 0
+    result = json.loads(out.read_text())
+    for key in ("qmatmul", "gather_qmv", "rope", "router", "fused", "model", "qmatmul_bench", "gather_qmv_bench",
+                "rope_bench", "fused_bench", "end_to_end", "moe_end_to_end"):
+        assert result[key], key
+    assert result["failures"] == 0 and result["schema"] == "qwen-mlx-device-check/3"
