@@ -133,9 +133,14 @@ def main() -> None:
     ap.add_argument("--variant", choices=sorted(VARIANTS), default="qwen3")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tokenizer-dir", type=Path, help="copy tokenizer files from here (see make_tokenizer.py)")
+    ap.add_argument("--tokenizer-dir", type=Path,
+                    help="copy tokenizer files from here (default: write Qwen3's tokenizer, see make_tokenizer.py)")
     args = ap.parse_args()
     write_tiny_checkpoint(args.out_dir, args.variant, args.dtype, seed=args.seed, tokenizer_dir=args.tokenizer_dir)
+    if args.tokenizer_dir is None:  # a checkpoint that `qwen-mlx generate` and `chat` can run as it is
+        from make_tokenizer import write_qwen_tokenizer
+
+        write_qwen_tokenizer(args.out_dir)
     print(args.out_dir)
 
 
