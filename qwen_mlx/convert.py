@@ -24,6 +24,7 @@ from mlx.utils import tree_flatten
 
 from .config import ModelConfig
 from .errors import UserError
+from .files import fsync_dir
 from .loader import _DTYPES, _EXPERT, TensorInfo, check_weights, load_config, read_index, resolve, sanitize
 from .model import Model, checkpoint_weights
 from .quant import layer_settings, plan_quantization, quantizable_layers
@@ -421,13 +422,13 @@ def _output_dir(out: Path, force: bool) -> Iterator[Path]:
         tmp.mkdir()
         try:
             yield tmp
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             old = None
             if out.exists():
                 old = parent / f".{out.name}.old-{os.getpid()}"
                 os.rename(out, old)
             os.rename(tmp, out)
-            _fsync_dir(parent)
+            fsync_dir(parent)
             if old is not None:
                 shutil.rmtree(old)
         except BaseException:
@@ -436,14 +437,6 @@ def _output_dir(out: Path, force: bool) -> Iterator[Path]:
     finally:
         lock_path.unlink(missing_ok=True)
         lock.close()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- small files ---------------------------------------------------------------------------------------------

@@ -206,11 +206,11 @@ if point == "shard":
                 os.kill(os.getpid(), signal.SIGKILL)
     c._ShardWriter.write = killing_write
 else:
-    fsync_dir = c._fsync_dir
+    fsync_dir = c.fsync_dir
     def killing_fsync_dir(path):
         fsync_dir(path)
         os.kill(os.getpid(), signal.SIGKILL)
-    c._fsync_dir = killing_fsync_dir
+    c.fsync_dir = killing_fsync_dir
 from qwen_mlx.cli import main
 sys.exit(main(sys.argv[3:]))
 """
