@@ -6,7 +6,7 @@ import argparse
 import sys
 import traceback
 
-from .errors import UserError
+from .errors import UserError, one_line
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -460,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if args.debug:
             traceback.print_exc()
-        print(f"qwen-mlx: error: {_one_line(e)}", file=sys.stderr)
+        print(f"qwen-mlx: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -468,20 +468,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         where = f"{e.filename}: " if e.filename else ""
-        print(f"qwen-mlx: error: {where}{e.strerror or _one_line(e)}", file=sys.stderr)
+        print(f"qwen-mlx: error: {where}{e.strerror or one_line(e)}", file=sys.stderr)
         return 1
     except Exception as e:
         if args.debug:
             traceback.print_exc()
             return 1
-        what = ": ".join(filter(None, [type(e).__name__, _one_line(e)]))
+        what = ": ".join(filter(None, [type(e).__name__, one_line(e)]))
         print(f"qwen-mlx: error: internal error: {what} (run with --debug for the traceback)", file=sys.stderr)
         return 1
     return 0
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .config import ConfigError, ModelConfig
-from .errors import UserError
+from .errors import UserError, one_line
 from .memory import MemoryPlan, check_fits, kv_cache_bytes
 from .model import Model, SparseMoE, SwitchMLP, checkpoint_names
 from .quant import quantize_model
@@ -149,7 +149,7 @@ def read_index(path: Path) -> dict[str, TensorInfo]:
                 found = {name: f.get_slice(name) for name in f.keys()}
                 found = {name: (piece.get_dtype(), tuple(piece.get_shape())) for name, piece in found.items()}
         except Exception as e:  # the Rust parser's errors: bad header, offsets, sizes, truncated file
-            raise LoadError(f"{file}: not a valid safetensors file ({_one_line(e)})") from None
+            raise LoadError(f"{file}: not a valid safetensors file ({one_line(e) or type(e).__name__})") from None
         length, header = _read_header(file)
         for name, (dtype, shape) in found.items():
             if name in index:
@@ -425,7 +425,3 @@ def check_finite(model: nn.Module) -> None:
             if bad:
                 raise LoadError(f"tensor {name} has {bad} non-finite values (NaN or infinity): the checkpoint is "
                                 "corrupt")
-
-
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
