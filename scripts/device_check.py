@@ -94,41 +94,47 @@ def relative_error(got: mx.array, expected: mx.array) -> float:
 # 1. Correctness
 
 
+def judged(ours: mx.array, theirs: mx.array, truth: mx.array, dtype_name: str) -> dict:
+    """The criterion for one output, with e(a, b) = max |a - b| / max |b|: ours is as close to the float32 truth
+    as the tolerance (or as MLX's own result is) and, by the triangle inequality, no further from MLX's result than
+    the tolerance plus MLX's own error."""
+    errors = mx.stack([relative_errors(ours, theirs), relative_errors(ours, truth),
+                       relative_errors(theirs, truth)]).tolist()
+    tolerance, own = TOLERANCE[dtype_name], errors[2]
+    return dict(vs_mlx=errors[0], ours_vs_fp32=errors[1], mlx_vs_fp32=own, tolerance=tolerance,
+                ok=errors[1] <= max(tolerance, own) and errors[0] <= tolerance + own)
+
+
+def quantized_variants(base: mx.array, dtypes, bits_list, groups):
+    """(dtype name, bits, group, (w, scales, biases)): `base` cast to each dtype and quantized each way, the cache
+    cleared after each dtype."""
+    for dtype_name in dtypes:
+        w_full = base.astype(DTYPES[dtype_name])
+        for bits in bits_list:
+            for group in groups:
+                yield dtype_name, bits, group, mx.quantize(w_full, group, bits)
+        del w_full
+        mx.clear_cache()
+
+
 def check_qmatmul(bits_list, groups, dtypes, ms, shapes, log) -> list[dict]:
     rows = []
     for name, (n, k) in shapes.items():
         base = mx.random.normal((n, k), key=mx.random.key(n + k)) * 0.02
-        for dtype_name in dtypes:
-            dtype = DTYPES[dtype_name]
-            w_full = base.astype(dtype)
-            for bits in bits_list:
-                for group in groups:
-                    w, scales, biases = mx.quantize(w_full, group, bits)
-                    dense = mx.dequantize(w, scales, biases, group, bits).astype(mx.float32)
-                    for m in ms:
-                        x = mx.random.normal((m, k), key=mx.random.key(m)).astype(dtype)
-                        if not qmatmul_kernel.supports(x, w, biases, group, bits, "affine"):
-                            raise SystemExit(f"the kernel does not cover {name} bits {bits} group {group} M {m}")
-                        with kernels_choice("custom"):
-                            ours = kernels.qmatmul(x, w, scales, biases, group, bits)
-                        theirs = mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group,
-                                                     bits=bits)
-                        truth = x.astype(mx.float32) @ dense.T
-                        errors = mx.stack([relative_errors(ours, theirs), relative_errors(ours, truth),
-                                           relative_errors(theirs, truth)]).tolist()  # one synchronisation
-                        row = dict(shape=name, n=n, k=k, bits=bits, group=group, dtype=dtype_name, m=m,
-                                   vs_mlx=errors[0], ours_vs_fp32=errors[1], mlx_vs_fp32=errors[2],
-                                   tolerance=TOLERANCE[dtype_name])
-                        # Ours is as close to the float32 product as the tolerance (or as MLX itself) and, by the
-                        # triangle inequality, no further from MLX's result than that plus MLX's own error.
-                        own = row["mlx_vs_fp32"]
-                        row["ok"] = row["ours_vs_fp32"] <= max(row["tolerance"], own) \
-                            and row["vs_mlx"] <= row["tolerance"] + own
-                        rows.append(row)
-                        if not row["ok"]:
-                            log(f"MISMATCH qmatmul {row}")
-                    del w, scales, biases, dense
-            mx.clear_cache()
+        for dtype_name, bits, group, (w, scales, biases) in quantized_variants(base, dtypes, bits_list, groups):
+            dense = mx.dequantize(w, scales, biases, group, bits).astype(mx.float32)
+            for m in ms:
+                x = mx.random.normal((m, k), key=mx.random.key(m)).astype(DTYPES[dtype_name])
+                if not qmatmul_kernel.supports(x, w, biases, group, bits, "affine"):
+                    raise SystemExit(f"the kernel does not cover {name} bits {bits} group {group} M {m}")
+                with kernels_choice("custom"):
+                    ours = kernels.qmatmul(x, w, scales, biases, group, bits)
+                theirs = mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group, bits=bits)
+                row = dict(shape=name, n=n, k=k, bits=bits, group=group, dtype=dtype_name, m=m,
+                           **judged(ours, theirs, x.astype(mx.float32) @ dense.T, dtype_name))
+                rows.append(row)
+                if not row["ok"]:
+                    log(f"MISMATCH qmatmul {row}")
         log(f"qmatmul {name:<18} ({n}x{k}): {sum(r['ok'] for r in rows if r['shape'] == name)}/"
             f"{sum(r['shape'] == name for r in rows)} within tolerance, worst vs MLX "
             f"{max(r['vs_mlx'] for r in rows if r['shape'] == name):.2e}")
@@ -155,24 +161,16 @@ def check_gather_qmv(bits_list, groups, dtypes, token_counts, shapes, log) -> li
     rows = []
     for name, (e, n, k) in shapes.items():
         base = mx.random.normal((e, n, k), key=mx.random.key(n + k)) * 0.02
-        for dtype_name in dtypes:
-            dtype = DTYPES[dtype_name]
-            w_full = base.astype(dtype)
-            for bits in bits_list:
-                for group in groups:
-                    w, scales, biases = mx.quantize(w_full, group, bits)
-                    for tokens in token_counts:
-                        x = gather_inputs(name, tokens, k, dtype)
-                        for routing, experts in routings(tokens, e, tokens).items():
-                            row = gather_case(x, w, scales, biases, experts, group, bits)
-                            row.update(shape=name, e=e, n=n, k=k, bits=bits, group=group, dtype=dtype_name,
-                                       tokens=tokens, routing=routing)
-                            rows.append(row)
-                            if not row["ok"]:
-                                log(f"MISMATCH gather_qmv {row}")
-                    del w, scales, biases
-            del w_full
-            mx.clear_cache()
+        for dtype_name, bits, group, (w, scales, biases) in quantized_variants(base, dtypes, bits_list, groups):
+            for tokens in token_counts:
+                x = gather_inputs(name, tokens, k, DTYPES[dtype_name])
+                for routing, experts in routings(tokens, e, tokens).items():
+                    row = gather_case(x, w, scales, biases, experts, group, bits, dtype_name)
+                    row.update(shape=name, e=e, n=n, k=k, bits=bits, group=group, dtype=dtype_name, tokens=tokens,
+                               routing=routing)
+                    rows.append(row)
+                    if not row["ok"]:
+                        log(f"MISMATCH gather_qmv {row}")
         del base
         log(f"gather_qmv {name:<18} ({e}x{n}x{k}): {sum(r['ok'] for r in rows if r['shape'] == name)}/"
             f"{sum(r['shape'] == name for r in rows)} within tolerance, worst vs MLX "
@@ -180,7 +178,7 @@ def check_gather_qmv(bits_list, groups, dtypes, token_counts, shapes, log) -> li
     return rows
 
 
-def gather_case(x, w, scales, biases, experts, group: int, bits: int) -> dict:
+def gather_case(x, w, scales, biases, experts, group: int, bits: int, dtype_name: str) -> dict:
     """Ours vs mx.gather_qmm and both vs the float32 product with the selected experts' dequantized weights."""
     if not gather_kernel.supports(x, w, biases, experts, group, bits, "affine"):
         raise SystemExit(f"the gather kernel does not cover x {x.shape} w {w.shape} bits {bits} group {group}")
@@ -191,21 +189,7 @@ def gather_case(x, w, scales, biases, experts, group: int, bits: int) -> dict:
     dense = mx.dequantize(w[flat], scales[flat], biases[flat], group, bits).astype(mx.float32)  # (P, N, K)
     pairs = mx.broadcast_to(x, (*experts.shape, 1, x.shape[-1])).reshape(flat.size, 1, -1).astype(mx.float32)
     truth = (pairs @ dense.swapaxes(-1, -2)).reshape(ours.shape)
-    errors = mx.stack([relative_errors(ours, theirs), relative_errors(ours, truth),
-                       relative_errors(theirs, truth)]).tolist()
-    tolerance = TOLERANCE[{mx.bfloat16: "bfloat16", mx.float16: "float16", mx.float32: "float32"}[x.dtype]]
-    own = errors[2]  # as in check_qmatmul: within tolerance of float32 (or as close as MLX), and of MLX
-    return dict(vs_mlx=errors[0], ours_vs_fp32=errors[1], mlx_vs_fp32=own, tolerance=tolerance,
-                ok=errors[1] <= max(tolerance, own) and errors[0] <= tolerance + own)
-
-
-def judged(ours: mx.array, theirs: mx.array, truth: mx.array, dtype_name: str) -> dict:
-    """check_qmatmul's criterion for one output: ours vs MLX's ops and both vs the float32 truth."""
-    errors = mx.stack([relative_errors(ours, theirs), relative_errors(ours, truth),
-                       relative_errors(theirs, truth)]).tolist()
-    tolerance, own = TOLERANCE[dtype_name], errors[2]
-    return dict(vs_mlx=errors[0], ours_vs_fp32=errors[1], mlx_vs_fp32=own, tolerance=tolerance,
-                ok=errors[1] <= max(tolerance, own) and errors[0] <= tolerance + own)
+    return judged(ours, theirs, truth, dtype_name)
 
 
 def quantized_layer(n: int, k: int, group: int, bits: int, dtype: mx.Dtype, seed: int) -> tuple[QuantizedLinear,
