@@ -131,11 +131,17 @@ def test_reference_rope_is_norm_then_fast_rope(with_norm):
 # Dispatch: what a GPU backend hands to the kernel, and what it leaves to MLX
 
 
-def test_gpu_backend_launches_the_kernel_for_small_m_only(monkeypatch):
+def kernel_calls(monkeypatch, backend: str) -> list[tuple[Kernel, str, dialect.Launch]]:
+    """The kernel launches a GPU `backend` would make, recorded; each returns zeros of its outputs' shapes."""
     calls = []
-    monkeypatch.setattr(kernels, "backend", lambda: "cuda")
+    monkeypatch.setattr(kernels, "backend", lambda: backend)
     monkeypatch.setattr(dialect, "run", lambda kernel, backend, launch: calls.append((kernel, backend, launch))
-                        or [mx.zeros(launch.output_shapes[0], launch.output_dtypes[0])])
+                        or [mx.zeros(s, d) for s, d in zip(launch.output_shapes, launch.output_dtypes)])
+    return calls
+
+
+def test_gpu_backend_launches_the_kernel_for_small_m_only(monkeypatch):
+    calls = kernel_calls(monkeypatch, "cuda")
     _, w, scales, biases = quantized(100, 512, 64, 4)
     x = mx.zeros((2, 4, 512), mx.bfloat16)
     assert kernels.qmatmul(x, w, scales, biases, 64, 4).shape == (2, 4, 100)
@@ -150,15 +156,6 @@ def test_gpu_backend_launches_the_kernel_for_small_m_only(monkeypatch):
     fp_w, fp_scales = mx.quantize(mx.zeros((100, 512)), 32, 4, mode="mxfp4")
     kernels.qmatmul(mx.zeros((1, 512), mx.bfloat16), fp_w, fp_scales, None, 32, 4, "mxfp4")  # not affine
     assert len(calls) == n
-
-
-def kernel_calls(monkeypatch, backend: str) -> list[tuple[Kernel, str, dialect.Launch]]:
-    """The kernel launches a GPU `backend` would make, recorded; each returns zeros of its outputs' shapes."""
-    calls = []
-    monkeypatch.setattr(kernels, "backend", lambda: backend)
-    monkeypatch.setattr(dialect, "run", lambda kernel, backend, launch: calls.append((kernel, backend, launch))
-                        or [mx.zeros(s, d) for s, d in zip(launch.output_shapes, launch.output_dtypes)])
-    return calls
 
 
 def test_gpu_backend_launches_gather_qmv_for_decode_only(monkeypatch):
@@ -284,14 +281,12 @@ def test_reference_route_is_softmax_top_k():
 
 
 def test_gpu_backend_launches_one_rope_for_q_and_k(monkeypatch):
-    calls = []
-    monkeypatch.setattr(kernels, "backend", lambda: "metal")
-    monkeypatch.setattr(dialect, "run", lambda kernel, backend, launch: calls.append(launch)
-                        or [mx.zeros(s, d) for s, d in zip(launch.output_shapes, launch.output_dtypes)])
+    calls = kernel_calls(monkeypatch, "metal")
     q, k = mx.zeros((1, 3, 32, 128), mx.float16), mx.zeros((1, 3, 8, 128), mx.float16)
     out_q, out_k = kernels.rope(q, k, qwen_rope(), offset=11, norms=(mx.ones(128), mx.ones(128), 1e-6))
     assert out_q.shape == (1, 32, 3, 128) and out_k.shape == (1, 8, 3, 128)
-    (launch,) = calls
+    ((kernel, _, launch),) = calls
+    assert kernel == rope_kernel.KERNEL
     assert dict(launch.template) == {"T": mx.float16, "D": 128, "NORM": True, "WARPS": 4}
     assert launch.inputs[-1].tolist() == [11] and launch.grid == (3 * 40 // 4 * 128, 1, 1)
 

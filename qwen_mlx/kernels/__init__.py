@@ -3,8 +3,8 @@
 `backend()` is "metal" on an Apple GPU, "cuda" on an NVIDIA GPU (MLX's CUDA build) and "reference" elsewhere;
 the environment variable QWEN_MLX_KERNELS=reference|custom overrides the choice ("custom" insists on a GPU).
 On "metal" and "cuda" the ops run our kernels (qmatmul.py, projections.py, gather_qmv.py, router.py, rope.py, one
-source built for both) where they cover the case; everything else, and the whole "reference" path, runs MLX's own ops, which the
-kernels are tested against.
+source built for both) where they cover the case; everything else, and the whole "reference" path, runs MLX's own
+ops, which the kernels are tested against.
 
 The fused ops (`linears`, `swiglu`, `expert_swiglu`, `expert_sum`) take the model's layers: they fuse only layers
 that declare `custom_kernels` (quant.py's, whose product is `qmatmul`/`gather_qmm` of their own parameters) and
@@ -88,10 +88,12 @@ def linears(x: mx.array, *layers: nn.Module) -> list[mx.array]:
     """[layer(x) for layer in layers] for 2 or 3 linear layers of one input (Q, K and V); one launch on a GPU when
     they are our quantized layers with one quantization."""
     used, alike = backend(), _quantized_alike(layers)
-    if used != "reference" and alike and _projections.supports(x, [_matrix(l) for l in layers], *alike):
-        launch = _projections.launch_parts(x, [_matrix(l) for l in layers], *alike)
-        ys = dialect.run(_projections.parts_kernel(len(layers)), used, launch)
-        return [y + layer["bias"] if "bias" in layer else y for y, layer in zip(ys, layers)]
+    if used != "reference" and alike:
+        matrices = [_matrix(layer) for layer in layers]
+        if _projections.supports(x, matrices, *alike):
+            ys = dialect.run(_projections.parts_kernel(len(layers)), used,
+                             _projections.launch_parts(x, matrices, *alike))
+            return [y + layer["bias"] if "bias" in layer else y for y, layer in zip(ys, layers)]
     return [layer(x) for layer in layers]
 
 
@@ -99,11 +101,10 @@ def swiglu(x: mx.array, gate: nn.Module, up: nn.Module) -> mx.array:
     """silu(gate(x)) * up(x) (the MLP's activation); one launch on a GPU when gate and up are our quantized layers
     with one quantization and no bias."""
     used, alike = backend(), _quantized_alike((gate, up))
-    if (used != "reference" and alike and "bias" not in gate and "bias" not in up
-            and gate["weight"].shape == up["weight"].shape
-            and _projections.supports(x, [_matrix(gate), _matrix(up)], *alike)):
-        return dialect.run(_projections.SWIGLU_KERNEL, used,
-                           _projections.launch_swiglu(x, _matrix(gate), _matrix(up), *alike))[0]
+    if used != "reference" and alike and "bias" not in gate and "bias" not in up:
+        matrices = [_matrix(gate), _matrix(up)]
+        if gate["weight"].shape == up["weight"].shape and _projections.supports(x, matrices, *alike):
+            return dialect.run(_projections.SWIGLU_KERNEL, used, _projections.launch_swiglu(x, *matrices, *alike))[0]
     return nn.silu(gate(x)) * up(x)
 
 
@@ -111,11 +112,11 @@ def expert_swiglu(x: mx.array, gate_up: nn.Module, experts: mx.array, sorted_exp
     """silu(g) * u for [g, u] = gate_up(x, experts) split in halves (the experts' joined gate/up stack, gate rows
     first): x (..., 1 or k, 1, dim) -> (..., k, 1, hidden). One launch on a GPU at decode sizes."""
     used, alike = backend(), _quantized_alike((gate_up,))
-    w, scales, biases = _matrix(gate_up) if alike else (None, None, None)
-    if (used != "reference" and alike and w.shape[1] % 2 == 0
-            and _gather_qmv.supports(x, w, biases, experts, *alike, "affine")):
-        return dialect.run(_gather_qmv.SWIGLU_KERNEL, used,
-                           _gather_qmv.launch_swiglu(x, w, scales, biases, experts, *alike))[0]
+    if used != "reference" and alike:
+        w, scales, biases = _matrix(gate_up)
+        if w.shape[1] % 2 == 0 and _gather_qmv.supports(x, w, biases, experts, *alike, "affine"):
+            return dialect.run(_gather_qmv.SWIGLU_KERNEL, used,
+                               _gather_qmv.launch_swiglu(x, w, scales, biases, experts, *alike))[0]
     gate, up = mx.split(gate_up(x, experts, sorted_experts), 2, axis=-1)
     return nn.silu(gate) * up
 

@@ -27,33 +27,9 @@ from .dialect import Kernel, Launch
 MAX_PAIRS = 64  # 8 decode tokens x 8 experts; more pairs are a prefill: mx.gather_qmm's sorted matmul wins there
 INDEX_DTYPES = (mx.int32, mx.uint32)  # mx.argpartition leaves uint32
 
-BODY = """
-// x (X, K) T, w (E, N, K * BITS / 32) uint32, scales and biases (E, N, K / GROUP) T, experts (P) I -> y (P, N) T.
-// Template: T, I, BITS, GROUP, SHARE (pairs per x row), ROWS (rows per warp), WARPS (warps per threadgroup).
-// I is the experts' dtype: MLX names a CUDA build by its template values only, so each index dtype needs its own.
-constexpr int M = 1;
-const int n_rows = w_shape[1];
-const int row_words = w_shape[2];
-const int K = row_words * 32 / BITS;
-const int row_groups = K / GROUP;
-const int blocks = (n_rows + ROWS * WARPS - 1) / (ROWS * WARPS);  // threadgroups per pair
-const int pair = int(GROUP_ID) / blocks;
-const int first_row = (int(GROUP_ID) % blocks * WARPS + int(WARP)) * ROWS;
-if (first_row >= n_rows) {
-  return;  // the whole warp leaves together
-}
-const size_t expert = size_t(experts[pair]);
-const GLOBAL uint32_t* w_rows = w + expert * n_rows * row_words;
-const GLOBAL T* scale_rows = scales + expert * n_rows * row_groups;
-const GLOBAL T* bias_rows = biases + expert * n_rows * row_groups;
-const GLOBAL T* x_rows = x + size_t(pair / SHARE) * K;
-GLOBAL T* y_rows = y + size_t(pair) * n_rows;
-""" + qmatmul.ROWS_ACC + qmatmul.ROWS_STORE
-
-KERNEL = Kernel("qwen_gather_qmv", ("x", "w", "scales", "biases", "experts"), ("y",), BODY)
-
-# The pair's place, for the fused kernels: as BODY's, on a stack of n_rows-row matrices.
-_PAIR = """
+# Where a threadgroup's warp works, for every kernel here: its row block of a stack of n_rows-row matrices, for
+# the pair (or token) GROUP_ID / blocks.
+_PLACE = """
 constexpr int M = 1;
 const int row_words = w_shape[2];
 const int K = row_words * 32 / BITS;
@@ -65,11 +41,28 @@ if (first_row >= n_rows) {
 }
 """
 
+BODY = """
+// x (X, K) T, w (E, N, K * BITS / 32) uint32, scales and biases (E, N, K / GROUP) T, experts (P) I -> y (P, N) T.
+// Template: T, I, BITS, GROUP, SHARE (pairs per x row), ROWS (rows per warp), WARPS (warps per threadgroup).
+// I is the experts' dtype: MLX names a CUDA build by its template values only, so each index dtype needs its own.
+const int n_rows = w_shape[1];
+""" + _PLACE + """
+const int pair = int(GROUP_ID) / blocks;
+const size_t expert = size_t(experts[pair]);
+const GLOBAL uint32_t* w_rows = w + expert * n_rows * row_words;
+const GLOBAL T* scale_rows = scales + expert * n_rows * row_groups;
+const GLOBAL T* bias_rows = biases + expert * n_rows * row_groups;
+const GLOBAL T* x_rows = x + size_t(pair / SHARE) * K;
+GLOBAL T* y_rows = y + size_t(pair) * n_rows;
+""" + qmatmul.ROWS_ACC + qmatmul.ROWS_STORE
+
+KERNEL = Kernel("qwen_gather_qmv", ("x", "w", "scales", "biases", "experts"), ("y",), BODY)
+
 SWIGLU_BODY = """
 // x (X, K) T, w (E, 2 * N, K * BITS / 32) uint32 (gate rows, then up rows), scales and biases (E, 2 * N, K / GROUP)
 // T, experts (P) I -> y (P, N) T = silu(x @ gate.T) * (x @ up.T). Template: as BODY's.
 const int n_rows = w_shape[1] / 2;
-""" + _PAIR + """
+""" + _PLACE + """
 const int pair = int(GROUP_ID) / blocks;
 const size_t expert = size_t(experts[pair]);
 const GLOBAL uint32_t* gate_w = w + expert * 2 * n_rows * row_words;
@@ -87,7 +80,7 @@ SUM_BODY = """
 // x (P, K) T, w (E, N, K * BITS / 32) uint32, scales and biases (E, N, K / GROUP) T, experts (P) I, weights (P)
 // float -> y (P / TOP, N) T. Template: T, I, BITS, GROUP, TOP (pairs per token), ROWS, WARPS.
 const int n_rows = w_shape[1];
-""" + _PAIR + """
+""" + _PLACE + """
 const int token = int(GROUP_ID) / blocks;
 float total[ROWS];
 UNROLL for (int r = 0; r < ROWS; r++) {
@@ -145,7 +138,20 @@ def supports(x: mx.array, w: mx.array, biases: mx.array | None, experts: mx.arra
 def launch(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, experts: mx.array, group_size: int,
            bits: int) -> Launch:
     """The call computing x (..., 1, K) @ W[experts].T -> (*experts.shape, 1, N) (see `supports`)."""
-    n, k = w.shape[1], x.shape[-1]
+    return _pairs_launch(x, w, scales, biases, experts, group_size, bits, w.shape[1])
+
+
+def launch_swiglu(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, experts: mx.array,
+                  group_size: int, bits: int) -> Launch:
+    """The call computing silu(g) * u for [g, u] = x (..., 1, K) @ W[experts].T on the joined gate/up stack W
+    (E, 2 * N, K) -> (*experts.shape, 1, N) (see `supports`; W's rows even)."""
+    return _pairs_launch(x, w, scales, biases, experts, group_size, bits, w.shape[1] // 2)
+
+
+def _pairs_launch(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, experts: mx.array,
+                  group_size: int, bits: int, n: int) -> Launch:
+    """A call over (pair, block of n output rows): BODY's or SWIGLU_BODY's."""
+    k = x.shape[-1]
     pairs, share = experts.size, pairs_per_x_row(x, experts)
     blocks = -(-n // (qmatmul.ROWS * qmatmul.WARPS))
     return Launch(
@@ -158,18 +164,6 @@ def launch(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, experts
         output_shapes=[(*experts.shape, 1, n)],
         output_dtypes=[x.dtype],
     )
-
-
-def launch_swiglu(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, experts: mx.array,
-                  group_size: int, bits: int) -> Launch:
-    """The call computing silu(g) * u for [g, u] = x (..., 1, K) @ W[experts].T on the joined gate/up stack W
-    (E, 2 * N, K) -> (*experts.shape, 1, N) (see `supports`; W's rows even)."""
-    call = launch(x, w, scales, biases, experts, group_size, bits)
-    n = w.shape[1] // 2
-    blocks = -(-n // (qmatmul.ROWS * qmatmul.WARPS))
-    call.grid = (experts.size * blocks * qmatmul.WARPS * 32, 1, 1)
-    call.output_shapes = [(*experts.shape, 1, n)]
-    return call
 
 
 def launch_sum(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, experts: mx.array, weights: mx.array,
