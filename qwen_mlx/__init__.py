@@ -9,13 +9,13 @@
     for event in chat.send("hi"): ...
 """
 
-from .api import LLM, Event, Reply, load
-from .chat import ChatSession
-from .config import ModelConfig
-from .errors import UserError
-from .generate import GenerationStats
-from .loader import LoadError, load_model
-from .sampling import SamplingParams
+from qwen_mlx.api import LLM, Event, Reply, load
+from qwen_mlx.engine.chat import ChatSession
+from qwen_mlx.engine.generate import GenerationStats
+from qwen_mlx.engine.sampling import SamplingParams
+from qwen_mlx.errors import UserError
+from qwen_mlx.models.config import ModelConfig
+from qwen_mlx.weights.loader import LoadError, load_model
 
 __version__ = "0.1.0"
 

@@ -11,41 +11,19 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import mlx.core as mx
 
-from .cache import make_cache
-from .generate import GenerationStats, generate_tokens
-from .loader import load_model
-from .memory import MemoryPlan
-from .model import Cache, Model
-from .sampling import SamplingParams, make_sampler
-from .thinking import ThinkingSplitter, prompt_opens_thinking
-from .tokenizer import Tokenizer
-
-FinishReason = Literal["stop", "length", "cancelled"]
-
-
-@dataclass
-class Event:
-    """One piece of a streamed reply. kind "thinking"/"answer" carry text; the last event is "done"."""
-
-    kind: Literal["thinking", "answer", "done"]
-    text: str
-    stats: GenerationStats
-    finish_reason: FinishReason | None = None  # set on "done"
-
-
-@dataclass
-class Reply:
-    text: str  # the answer
-    thinking: str
-    stats: GenerationStats
-    finish_reason: FinishReason
-
+from qwen_mlx.cache.kv import make_cache
+from qwen_mlx.engine.chat import ChatSession
+from qwen_mlx.engine.generate import GenerationStats, generate_tokens
+from qwen_mlx.engine.sampling import SamplingParams, make_sampler
+from qwen_mlx.engine.stream import Event, Reply, collect, stream_reply
+from qwen_mlx.engine.tokenizer import Tokenizer
+from qwen_mlx.models.qwen3 import Cache, Model
+from qwen_mlx.weights.loader import load_model
+from qwen_mlx.weights.memory import MemoryPlan
 
 Prompt = str | list[dict]
 
@@ -100,9 +78,7 @@ class LLM:
 
     def chat(self, *, system: str | None = None, think: bool = True, max_kv_size: int | None = None,
              kv_bits: int | None = None, kv_group_size: int | None = None, sampling: SamplingParams | None = None):
-        """A multi-turn conversation that keeps its KV cache between turns (see chat.ChatSession)."""
-        from .chat import ChatSession
-
+        """A multi-turn conversation that keeps its KV cache between turns (see engine.chat.ChatSession)."""
         return ChatSession(self, system=system, think=think, max_kv_size=max_kv_size, kv_bits=kv_bits,
                            kv_group_size=kv_group_size, sampling=sampling)
 
@@ -113,64 +89,3 @@ def load(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None, memory: Mem
     weight is read (see memory.py)."""
     model, path = load_model(path_or_repo, dtype=dtype, memory=memory)
     return LLM(model, Tokenizer.from_dir(path), path)
-
-
-def stream_reply(llm: LLM, prompt: list[int], cache: list[Cache], new_tokens: list[int], sampling: SamplingParams,
-                 *, max_tokens: int, stop: threading.Event | None = None, stop_strings: tuple[str, ...] = (),
-                 generated: list[int] | None = None) -> Iterator[Event]:
-    """Generate after `prompt`, of which `cache` already holds all but `new_tokens`; split the tokens into
-    thinking and answer text as they arrive. Generated ids are appended to `generated` when given."""
-    tok = llm.tokenizer
-    stats = GenerationStats()
-    splitter = ThinkingSplitter(tok.think_id, tok.think_end_id, prompt_opens_thinking(prompt, tok.think_id,
-                                                                                      tok.think_end_id))
-    detok = tok.detokenizer()
-    eos = set(tok.eos_ids)
-    generated = generated if generated is not None else []
-    channel = "thinking" if splitter.in_thinking else "answer"
-    answer = ""
-    reason: FinishReason = "length"
-    for token in llm.generate_tokens(new_tokens, cache, sampling, max_tokens=max_tokens, stats=stats, stop=stop):
-        generated.append(token)
-        if token in eos:
-            reason = "stop"
-            break
-        kind = splitter.feed(token)
-        if kind is None:  # a think marker: finish the text of the channel it closes
-            text = detok.flush()
-            if text:
-                yield Event(channel, text, stats)
-            channel = "thinking" if splitter.in_thinking else "answer"
-            continue
-        text = detok.add(token)
-        if not text:
-            continue
-        if kind == "answer" and stop_strings:
-            answer += text
-            hit = min((answer.find(s) for s in stop_strings if s in answer), default=-1)
-            if hit >= 0:
-                text = text[: max(0, len(text) - (len(answer) - hit))]
-                if text:
-                    yield Event(kind, text, stats)
-                reason = "stop"
-                break
-        yield Event(kind, text, stats)
-    else:
-        if stop is not None and stop.is_set():
-            reason = "cancelled"
-    text = detok.flush()
-    if text and reason != "stop":
-        yield Event(channel, text, stats)
-    yield Event("done", "", stats, reason)
-
-
-def collect(events: Iterator[Event]) -> Reply:
-    answer, thinking = [], []
-    for event in events:
-        if event.kind == "answer":
-            answer.append(event.text)
-        elif event.kind == "thinking":
-            thinking.append(event.text)
-        else:
-            return Reply("".join(answer), "".join(thinking), event.stats, event.finish_reason)
-    raise RuntimeError("the event stream ended without a 'done' event")

@@ -6,15 +6,15 @@ import argparse
 import sys
 import traceback
 
-from .errors import UserError, one_line
+from qwen_mlx.errors import UserError, one_line
 
 
 def _info(args: argparse.Namespace) -> None:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from . import kernels
-    from .loader import check_finite, load_model
+    from qwen_mlx.kernels import ops as kernels
+    from qwen_mlx.weights.loader import check_finite, load_model
 
     model, path = load_model(args.model)
     if args.check:
@@ -43,7 +43,7 @@ def _info(args: argparse.Namespace) -> None:
     if args.check:
         print("check        every tensor is finite")
     if args.distributed:
-        from .distributed import memory_plan
+        from qwen_mlx.distributed.runtime import memory_plan
 
         plan = memory_plan(path, args.distributed)
         print(f"over {args.distributed} ranks (weights per rank; KV cache per rank per 1k tokens of context):")
@@ -80,19 +80,19 @@ def _open_model(args: argparse.Namespace, context: int):
     if args.distributed is None:
         from contextlib import nullcontext
 
-        from .api import load
-        from .memory import MemoryPlan
+        from qwen_mlx.api import load
+        from qwen_mlx.weights.memory import MemoryPlan
 
         plan = MemoryPlan(context=context, max_kv_size=args.max_kv_size, kv_bits=args.kv_bits,
                           kv_group_size=args.kv_group_size, force=args.force)
         return nullcontext(load(args.model, memory=plan))
-    from .distributed import run_ranks
+    from qwen_mlx.distributed.runtime import run_ranks
 
     return run_ranks(args.model, args.distributed, verbose=getattr(args, "verbose", False))
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from .memory import wired_limit
+    from qwen_mlx.weights.memory import wired_limit
 
     # Under a launcher only rank 0 reads the prompt, once the model is up; alone, before loading, for the check.
     prompt = _read_prompt(args) if args.distributed is None else ""
@@ -129,11 +129,10 @@ def _generate(args: argparse.Namespace) -> None:
 def _chat(args: argparse.Namespace) -> None:
     from pathlib import Path
 
+    from qwen_mlx.weights.memory import wired_limit
     from tui.app import ChatApp
     from tui.engine import ModelEngine
     from tui.history import History, default_path
-
-    from .memory import wired_limit
 
     # the conversation's length is not known: the check counts one reply (or the whole window)
     with wired_limit(), _open_model(args, args.max_tokens) as llm:
@@ -159,7 +158,7 @@ def _share_the_terminal(app, engine, llm):
     once the app has ended."""
     import threading
 
-    from .distributed import DistributedLLM
+    from qwen_mlx.distributed.runtime import DistributedLLM
 
     ended = threading.Event()
     if isinstance(llm, DistributedLLM):
@@ -174,13 +173,13 @@ def _share_the_terminal(app, engine, llm):
 
 
 def _launch(args: argparse.Namespace) -> None:
-    from .launch import launch
+    from qwen_mlx.distributed.launch import launch
 
     if args.hosts and args.n:
         raise UserError("give --hosts or -n, not both")
     hosts = args.hosts.split(",") if args.hosts else ["127.0.0.1"] * (args.n or 2)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    code = launch(hosts, command, python=args.python, port=args.port)
+    code = launch(hosts, command, python=args.python, port=args.port, main=main)
     if code:
         raise SystemExit(code)
 
@@ -220,8 +219,9 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
 def _bench(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from . import bench, bench_context
-    from .memory import wired_limit
+    from qwen_mlx.bench import context as bench_context
+    from qwen_mlx.bench import run as bench
+    from qwen_mlx.weights.memory import wired_limit
 
     if args.plot and not args.context:
         raise UserError("--plot draws the long-context cases: give --context too")
@@ -248,7 +248,7 @@ def _bench(args: argparse.Namespace) -> None:
         bench.write_json(result, Path(args.json))
         print(f"\nwrote {args.json}")
     if args.plot:
-        from .bench_plot import write_context_svg
+        from qwen_mlx.bench.plot import write_context_svg
 
         write_context_svg(result, Path(args.plot))
         print(f"wrote {args.plot}")
@@ -265,7 +265,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def _cache_list(text: str) -> list[str]:
-    from .bench_context import CACHE_KINDS
+    from qwen_mlx.bench.context import CACHE_KINDS
 
     values = text.split(",")
     bad = [v for v in values if v not in CACHE_KINDS]
@@ -283,7 +283,7 @@ def _bits_list(text: str) -> list[str]:
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from .convert import convert
+    from qwen_mlx.weights.convert import convert
 
     result = convert(args.src, args.out, bits=args.bits, group_size=args.group_size, mode=args.mode,
                      recipe=args.recipe, dtype=args.dtype, dequantize=args.dequantize, shard_size=args.shard_size,
@@ -293,7 +293,7 @@ def _convert(args: argparse.Namespace) -> None:
     print(f"wrote {result.path} ({what}, {result.total_bytes / 2**20:.1f} MiB in {result.shards} "
           f"shard{'s' if result.shards > 1 else ''}, {result.seconds:.1f} s)")
     if args.report:
-        from .convert import quality_report
+        from qwen_mlx.weights.convert import quality_report
 
         print(quality_report(args.src, result, text_file=args.report_text))
 
@@ -397,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     convert.set_defaults(run=_convert)
 
-    from .bench import PRESETS  # a plain dict; importing it is cheap
+    from qwen_mlx.bench.run import PRESETS  # a plain dict; importing it is cheap
 
     bench = sub.add_parser(
         "bench", help="measure prefill/decode speed and memory, side by side with mlx-lm",

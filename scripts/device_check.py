@@ -33,10 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mlx.nn as nn  # noqa: E402
 
-from qwen_mlx import bench, kernels  # noqa: E402
-from qwen_mlx.config import ModelConfig  # noqa: E402
-from qwen_mlx.quant import QuantizedLinear, QuantizedSwitchLinear  # noqa: E402
-from qwen_mlx.rope import Rope, cos_sin, make_rope, rotate_reference  # noqa: E402
+from qwen_mlx.bench import run as bench
+from qwen_mlx.kernels import ops as kernels  # noqa: E402
+from qwen_mlx.models.config import ModelConfig  # noqa: E402
+from qwen_mlx.models.rope import Rope, cos_sin, make_rope, rotate_reference  # noqa: E402
+from qwen_mlx.weights.quant import QuantizedLinear, QuantizedSwitchLinear  # noqa: E402
 
 qmatmul_kernel = sys.modules["qwen_mlx.kernels.qmatmul"]  # the module (kernels.qmatmul is the function)
 gather_kernel = sys.modules["qwen_mlx.kernels.gather_qmv"]
@@ -343,9 +344,11 @@ def check_rope(dtypes, log) -> list[dict]:
 
 def rope_case(rope: Rope, q, k, offset: int, norms, dtype_name: str, model: str, freq_name: str) -> dict:
     with kernels_choice("custom"):
-        ours = kernels.rope(q, k, rope, offset=offset, norms=norms, scale=rope.attention_factor)
+        ours = kernels.rope(q, k, rope.inv_freq, rope.wavelengths, offset=offset, norms=norms,
+                            scale=rope.attention_factor)
     with kernels_choice("reference"):
-        reference = kernels.rope(q, k, rope, offset=offset, norms=norms, scale=rope.attention_factor)
+        reference = kernels.rope(q, k, rope.inv_freq, rope.wavelengths, offset=offset, norms=norms,
+                                 scale=rope.attention_factor)
     length = q.shape[1]
     cos, sin = cos_sin(rope, offset, length)
     cos, sin = cos * rope.attention_factor, sin * rope.attention_factor
@@ -366,7 +369,7 @@ def rope_case(rope: Rope, q, k, offset: int, norms, dtype_name: str, model: str,
 def check_model(preset: str, log) -> dict:
     """Logits of a 2-layer `preset`-shaped 4-bit model over a prompt and 4 cached decode steps: custom vs
     reference. (30B-A3B: the prompt's 8 x 8 (token, expert) pairs and each step's 8 run the gather kernel.)"""
-    from qwen_mlx.cache import make_cache
+    from qwen_mlx.cache.kv import make_cache
 
     cfg = bench.preset_config(preset, 2)
     mx.random.seed(0)
@@ -600,7 +603,7 @@ def bench_rope(log) -> list[dict]:
         def run(choice):
             def call(_, q, k, norms):
                 with kernels_choice(choice):
-                    return kernels.rope(q, k, rope, offset=1000, norms=norms)
+                    return kernels.rope(q, k, rope.inv_freq, rope.wavelengths, offset=1000, norms=norms)
             return call
 
         t_ours = time_per_call(run("custom"), operands, None)
@@ -616,7 +619,7 @@ def bench_rope(log) -> list[dict]:
 
 
 def end_to_end(preset: str, layers: int | None, prompt: int, gen: int, log) -> list[dict]:
-    """Decode and prefill of a `preset`-shaped 4-bit model (all its layers, or `layers`) through qwen_mlx.bench."""
+    """Decode and prefill of a `preset`-shaped 4-bit model (all its layers, or `layers`) through qwen_mlx.bench.run."""
     rows = []
     for choice in ("custom", "reference"):
         with kernels_choice(choice):

@@ -13,7 +13,7 @@ import sys
 import threading
 
 import qwen_mlx
-from qwen_mlx.distributed import run_ranks
+from qwen_mlx.distributed.runtime import run_ranks
 from tui.engine import ModelEngine
 
 SCRIPT = [  # (message, think, stop after this many pieces or None)

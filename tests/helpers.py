@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from qwen_mlx.cache import make_cache
+from qwen_mlx.cache.kv import make_cache
 
 
 def greedy_ours(model, prompt: np.ndarray, n: int, cache=None) -> list[int]:

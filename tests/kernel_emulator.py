@@ -183,7 +183,7 @@ def run(calls: list[tuple[Kernel, Launch]]) -> list[list[mx.array]]:
         Path(str(library) + ".tmp").rename(library)
     lib = ctypes.CDLL(str(library))
     results = []
-    for i, (kernel, launch) in enumerate(calls):
+    for i, (_kernel, launch) in enumerate(calls):
         inputs = [_as_numpy(a) for a in launch.inputs]
         shapes = [np.array(a.shape or (1,), np.int32) for a in launch.inputs]
         outputs = [np.zeros(s, NUMPY_TYPES[d]) for s, d in zip(launch.output_shapes, launch.output_dtypes)]

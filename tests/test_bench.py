@@ -10,10 +10,10 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
 
-from qwen_mlx.bench import mlx_lm_twin, weight_bytes_per_token
-from qwen_mlx.bench_context import filled_cache_mlx_lm, filled_cache_ours
-from qwen_mlx.generate import generate_tokens
-from qwen_mlx.loader import load_model
+from qwen_mlx.bench.context import filled_cache_mlx_lm, filled_cache_ours
+from qwen_mlx.bench.run import mlx_lm_twin, weight_bytes_per_token
+from qwen_mlx.engine.generate import generate_tokens
+from qwen_mlx.weights.loader import load_model
 
 DOC_KEYS = {"schema", "device", "bandwidth_gbs", "bandwidth_source", "mlx_version", "mlx_lm_version", "cases",
             "ratios", "context_cases", "context_ratios", "rotating_run"}

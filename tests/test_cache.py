@@ -23,12 +23,20 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from helpers import greedy_ours, prompt_ids
-from qwen_mlx.cache import (CacheError, CacheFileError, KVCache, QuantizedKVCache, RotatingKVCache, load_cache,
-                            make_cache, save_cache)
+
+from qwen_mlx.cache.kv import (
+    CacheError,
+    CacheFileError,
+    KVCache,
+    QuantizedKVCache,
+    RotatingKVCache,
+    load_cache,
+    make_cache,
+    save_cache,
+)
 from qwen_mlx.errors import UserError
-from qwen_mlx.loader import load_model
+from qwen_mlx.weights.loader import load_model
 
 VARIANTS = ["qwen3", "qwen2", "qwen3_yarn", "qwen3_moe"]
 # qwen2's tiny checkpoint derives head_dim = 64 / 4 = 16, below MLX's smallest quantization group (32): the
@@ -104,7 +112,7 @@ class OracleCache:
                     for a in (k, v))
         self.k = k if self.k is None else mx.concatenate([self.k, k], axis=2)
         self.v = v if self.v is None else mx.concatenate([self.v, v], axis=2)
-        L, S = q.shape[2], self.offset + q.shape[2]
+        S = self.offset + q.shape[2]
         t, j = np.arange(self.offset, S)[:, None], np.arange(S)[None]
         allowed = self.visible(t, j)  # (L, S)
         qn, kn, vn = (np.array(a.astype(mx.float32)).astype(np.float64) for a in (q, self.k, self.v))

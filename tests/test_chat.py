@@ -6,7 +6,7 @@ import time
 import pytest
 
 import qwen_mlx
-from qwen_mlx.sampling import SamplingParams
+from qwen_mlx.engine.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0)
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from qwen_mlx.tokenizer import TemplateError, Tokenizer
+from qwen_mlx.engine.tokenizer import TemplateError, Tokenizer
 
 REASONING_HISTORY = [
     {"role": "system", "content": "You are terse."},

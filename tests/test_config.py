@@ -1,9 +1,9 @@
 import json
 
 import pytest
-
 from make_tiny_checkpoint import VARIANTS
-from qwen_mlx.config import ConfigError, ModelConfig
+
+from qwen_mlx.models.config import ConfigError, ModelConfig
 
 BASE = {**VARIANTS["qwen3"], "vocab_size": 100}
 

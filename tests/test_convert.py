@@ -15,12 +15,12 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from helpers import prompt_ids
-from qwen_mlx.convert import convert
+
 from qwen_mlx.errors import UserError
-from qwen_mlx.loader import LoadError, load_model, read_index
-from qwen_mlx.quant import layer_settings, logit_agreement
+from qwen_mlx.weights.convert import convert
+from qwen_mlx.weights.loader import LoadError, load_model, read_index
+from qwen_mlx.weights.quant import layer_settings, logit_agreement
 
 
 def ours(path, ids: np.ndarray) -> np.ndarray:

@@ -3,13 +3,13 @@ pass, and a wrong result fails them. (Its real run, on the GPU, is described in 
 
 from contextlib import contextmanager
 
+import device_check
 import mlx.core as mx
 import pytest
 
-import device_check
-from qwen_mlx import kernels
-from qwen_mlx.bench import preset_config
-from qwen_mlx.rope import make_rope
+from qwen_mlx.bench.run import preset_config
+from qwen_mlx.kernels import ops as kernels
+from qwen_mlx.models.rope import make_rope
 
 
 @pytest.fixture

@@ -21,14 +21,14 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import greedy_ours, prompt_ids
 from mlx.utils import tree_flatten
 
-from helpers import greedy_ours, prompt_ids
-from qwen_mlx.cache import make_cache
-from qwen_mlx.distributed import DistributedError, check_tensor_split, expert_range, memory_plan, plan_stages
-from qwen_mlx.loader import LoadError, load_config, load_model
-from qwen_mlx.model import checkpoint_weights
-from qwen_mlx.quant import quantize_model
+from qwen_mlx.cache.kv import make_cache
+from qwen_mlx.distributed.runtime import DistributedError, check_tensor_split, expert_range, memory_plan, plan_stages
+from qwen_mlx.models.qwen3 import checkpoint_weights
+from qwen_mlx.weights.loader import LoadError, load_config, load_model
+from qwen_mlx.weights.quant import quantize_model
 
 TOL = 1e-4  # max abs difference of fp32 logits (only the order of additions differs)
 N_TOKENS = 24
@@ -76,9 +76,9 @@ def run_launcher(n: int, *command: str, timeout: float = 60) -> tuple[str, str, 
 
 def launch(n: int, path: Path, mode: str, *extra: str, max_tokens: int = N_TOKENS,
            timeout: float = 60) -> tuple[dict | None, str, float]:
-    """Run `python -m qwen_mlx.distributed generate` on n local ring ranks; returns rank 0's JSON line (or None),
+    """Run `python -m qwen_mlx.distributed.runtime generate` on n local ring ranks; returns rank 0's JSON line (or None),
     all output, and the seconds it took."""
-    out, err, elapsed = run_launcher(n, "-m", "qwen_mlx.distributed", "generate", "--model", str(path), "--mode",
+    out, err, elapsed = run_launcher(n, "-m", "qwen_mlx.distributed.runtime", "generate", "--model", str(path), "--mode",
                                      mode, "--prompt-ids", ",".join(map(str, PROMPT)), "--max-tokens",
                                      str(max_tokens), "--timeout", "20", *extra, timeout=timeout)
     out += err
@@ -197,8 +197,9 @@ def test_chat_engine_on_rank_0_with_the_other_rank_serving(tiny_checkpoint):
     """The chat app's engine on rank 0 (no app: driven from a worker thread like the app does) over a pipeline of
     2 ranks: four turns, one stopped early as Esc does, give exactly the single-process replies, the KV cache
     reused across turns alike; rank 1 serves until rank 0 quits and both end cleanly."""
-    import qwen_mlx
     from distributed_chat import replies
+
+    import qwen_mlx
 
     path = tiny_checkpoint("qwen3_moe")
     out, err, _ = run_launcher(2, str(Path(__file__).parent / "distributed_chat.py"), str(path), "pipeline")

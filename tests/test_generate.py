@@ -1,9 +1,10 @@
 import threading
 
 from helpers import greedy_ours, prompt_ids
-from qwen_mlx.cache import make_cache
-from qwen_mlx.generate import GenerationStats, generate_tokens
-from qwen_mlx.loader import load_model
+
+from qwen_mlx.cache.kv import make_cache
+from qwen_mlx.engine.generate import GenerationStats, generate_tokens
+from qwen_mlx.weights.loader import load_model
 
 
 def test_generate_tokens_equals_reference_greedy(tiny_checkpoint):

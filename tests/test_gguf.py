@@ -20,14 +20,14 @@ import gguf
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import joined_gate_up, prompt_ids
 from mlx.utils import tree_flatten
 
-from helpers import joined_gate_up, prompt_ids
-from qwen_mlx.convert import convert
-from qwen_mlx.gguf import GGUFError, load_tensor, read_gguf, read_header
-from qwen_mlx.loader import load_config, load_model
-from qwen_mlx.model import Model, checkpoint_weights
-from qwen_mlx.quant import logit_agreement
+from qwen_mlx.models.qwen3 import Model, checkpoint_weights
+from qwen_mlx.weights.convert import convert
+from qwen_mlx.weights.gguf import GGUFError, load_tensor, read_gguf, read_header
+from qwen_mlx.weights.loader import load_config, load_model
+from qwen_mlx.weights.quant import logit_agreement
 
 # Hugging Face -> llama.cpp names, as its convert_hf_to_gguf.py maps a Qwen2/Qwen3/Qwen3-MoE checkpoint.
 GLOBAL = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}

@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import sys
 
+import kernel_emulator
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 
-import kernel_emulator
-from qwen_mlx import kernels
 from qwen_mlx.kernels import dialect
-from qwen_mlx.loader import load_model
-from qwen_mlx.quant import quantize_model
-from qwen_mlx.rope import Rope, cos_sin, rotate_reference
+from qwen_mlx.kernels import ops as kernels
+from qwen_mlx.models.rope import Rope, cos_sin, rotate_reference
+from qwen_mlx.weights.loader import load_model
+from qwen_mlx.weights.quant import quantize_model
 
 qmatmul_kernel = sys.modules["qwen_mlx.kernels.qmatmul"]
 projections = sys.modules["qwen_mlx.kernels.projections"]
@@ -186,7 +186,7 @@ def test_rope_equals_the_reference_path_and_the_definition():
             cos, sin = cos_sin(rope, offset, 3)
             definition = None if norms else [scale * rotate_reference(a.astype(mx.float32).transpose(0, 2, 1, 3),
                                                                       cos, sin) for a in (q, k)]
-            expected.append((kernels.rope(q, k, rope, offset=offset, norms=norms, scale=scale), definition,
+            expected.append((kernels.rope(q, k, rope.inv_freq, rope.wavelengths, offset=offset, norms=norms, scale=scale), definition,
                              f"{dtype} offset {offset} norm {norms is not None}"))
     for ours, (reference, definition, what) in zip(emulated(calls), expected):
         for i, (got, want) in enumerate(zip(ours, reference)):
@@ -240,7 +240,7 @@ def quantized_layers(path, bits: int):
 
 
 def greedy(model, cfg, prompt: list[int], steps: int) -> tuple[list[int], mx.array]:
-    from qwen_mlx.cache import make_cache
+    from qwen_mlx.cache.kv import make_cache
 
     cache = make_cache(cfg)
     logits = model(mx.array([prompt]), cache)[:, -1]

@@ -15,15 +15,15 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-
 from kernel_sources import cuda_source, metal_source
-from qwen_mlx import kernels
+
 from qwen_mlx.errors import UserError
 from qwen_mlx.kernels import dialect
+from qwen_mlx.kernels import ops as kernels
 from qwen_mlx.kernels.dialect import Kernel
-from qwen_mlx.model import SwitchMLP
-from qwen_mlx.quant import QuantizedEmbedding, QuantizedLinear, quantize_model
-from qwen_mlx.rope import Rope, cos_sin, rotate_reference
+from qwen_mlx.models.qwen3 import SwitchMLP
+from qwen_mlx.models.rope import Rope, cos_sin, rotate_reference
+from qwen_mlx.weights.quant import QuantizedEmbedding, QuantizedLinear, quantize_model
 
 qmatmul_kernel = sys.modules["qwen_mlx.kernels.qmatmul"]
 gather_kernel = sys.modules["qwen_mlx.kernels.gather_qmv"]
@@ -117,14 +117,14 @@ def test_reference_rope_is_norm_then_fast_rope(with_norm):
     q_norm, k_norm = nn.RMSNorm(128, eps=1e-6), nn.RMSNorm(128, eps=1e-6)
     q_norm.weight, k_norm.weight = mx.random.uniform(0.5, 1.5, (128,)), mx.random.uniform(0.5, 1.5, (128,))
     norms = (q_norm.weight, k_norm.weight, 1e-6) if with_norm else None
-    got_q, got_k = kernels.rope(q, k, rope, offset=7, norms=norms)
+    got_q, got_k = kernels.rope(q, k, rope.inv_freq, rope.wavelengths, offset=7, norms=norms)
     if with_norm:
         q, k = q_norm(q), k_norm(k)
     cos, sin = cos_sin(rope, 7, 5)
     for got, x in ((got_q, q), (got_k, k)):
         assert got.shape == (x.shape[0], x.shape[2], x.shape[1], 128)
         assert mx.abs(got - rotate_reference(x.transpose(0, 2, 1, 3), cos, sin)).max().item() < 1e-4
-    scaled_q, _ = kernels.rope(q, k, rope, offset=7, scale=1.5)  # YaRN's attention factor applied here
+    scaled_q, _ = kernels.rope(q, k, rope.inv_freq, rope.wavelengths, offset=7, scale=1.5)  # YaRN's attention factor applied here
     assert mx.allclose(scaled_q, 1.5 * rotate_reference(q.transpose(0, 2, 1, 3), cos, sin), atol=1e-4)
 
 
@@ -208,9 +208,9 @@ def test_quantized_experts_take_two_fused_launches_at_decode(monkeypatch, tokens
 
 
 def test_quantized_attention_and_mlp_take_one_launch_each_for_qkv_and_gate_up(monkeypatch):
-    from qwen_mlx.config import ModelConfig
-    from qwen_mlx.model import Block
-    from qwen_mlx.rope import make_rope
+    from qwen_mlx.models.config import ModelConfig
+    from qwen_mlx.models.qwen3 import Block
+    from qwen_mlx.models.rope import make_rope
 
     cfg = ModelConfig.from_dict(dict(model_type="qwen3", hidden_size=128, num_hidden_layers=1,
                                      num_attention_heads=4, num_key_value_heads=2, head_dim=64,
@@ -283,7 +283,7 @@ def test_reference_route_is_softmax_top_k():
 def test_gpu_backend_launches_one_rope_for_q_and_k(monkeypatch):
     calls = kernel_calls(monkeypatch, "metal")
     q, k = mx.zeros((1, 3, 32, 128), mx.float16), mx.zeros((1, 3, 8, 128), mx.float16)
-    out_q, out_k = kernels.rope(q, k, qwen_rope(), offset=11, norms=(mx.ones(128), mx.ones(128), 1e-6))
+    out_q, out_k = kernels.rope(q, k, qwen_rope().inv_freq, qwen_rope().wavelengths, offset=11, norms=(mx.ones(128), mx.ones(128), 1e-6))
     assert out_q.shape == (1, 32, 3, 128) and out_k.shape == (1, 8, 3, 128)
     ((kernel, _, launch),) = calls
     assert kernel == rope_kernel.KERNEL

@@ -4,10 +4,9 @@ import subprocess
 import sys
 
 import mlx.core as mx
-import numpy as np
 import pytest
 
-from qwen_mlx.loader import LoadError, load_model, resolve
+from qwen_mlx.weights.loader import LoadError, load_model, resolve
 
 
 @pytest.fixture
@@ -55,7 +54,7 @@ def test_unsupported_dtype_is_named(ckpt):
 def test_expert_stack_problems_are_named_as_the_checkpoint_names_them(tiny_checkpoint, tmp_path):
     """Gate and up are joined into one stack on loading: a missing or misshapen part is named as the checkpoint
     (Hugging Face's per-expert tensors, mlx-lm's stacks) names it."""
-    from qwen_mlx.convert import convert
+    from qwen_mlx.weights.convert import convert
 
     hf = shutil.copytree(tiny_checkpoint("qwen3_moe"), tmp_path / "hf")
     rewrite_weights(hf, lambda w: w.pop("model.layers.0.mlp.experts.3.up_proj.weight"))
@@ -151,10 +150,10 @@ def test_cli_info_on_a_good_checkpoint(tiny_checkpoint):
 def test_peak_memory_while_loading_stays_near_the_weights(tmp_path, variant, layout):
     """Experts dominate this checkpoint (vocab cut to 1000), so stacking them (Hugging Face's per-expert tensors)
     and joining gate and up (from either layout) must not copy them twice."""
+    from make_tiny_checkpoint import write_tiny_checkpoint
     from mlx.utils import tree_flatten
 
-    from make_tiny_checkpoint import write_tiny_checkpoint
-    from qwen_mlx.convert import convert
+    from qwen_mlx.weights.convert import convert
 
     overrides = dict(vocab_size=1000, hidden_size=256, num_hidden_layers=4)
     if variant == "qwen3_moe":

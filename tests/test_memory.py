@@ -9,10 +9,10 @@ import pytest
 from mlx.utils import tree_flatten
 
 from qwen_mlx import cli
-from qwen_mlx.cache import make_cache
-from qwen_mlx.generate import prefill
-from qwen_mlx.loader import _weight_bytes, load_config, load_model, read_index
-from qwen_mlx.memory import MemoryCheckError, MemoryPlan, kv_cache_bytes
+from qwen_mlx.cache.kv import make_cache
+from qwen_mlx.engine.generate import prefill
+from qwen_mlx.weights.loader import _weight_bytes, load_config, load_model, read_index
+from qwen_mlx.weights.memory import MemoryCheckError, MemoryPlan, kv_cache_bytes
 
 GiB = 2**30
 
@@ -46,7 +46,7 @@ def test_weight_estimate_is_what_loading_allocates(tiny_checkpoint, variant):
 
 
 def test_weight_estimate_of_a_quantized_checkpoint(tiny_checkpoint, tmp_path):
-    from qwen_mlx.convert import convert
+    from qwen_mlx.weights.convert import convert
 
     out = convert(tiny_checkpoint("qwen3"), tmp_path / "q4", dtype="bf16", progress=False).path
     model, _ = load_model(out)

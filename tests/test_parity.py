@@ -13,9 +13,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-
 from helpers import greedy_mlx_lm, greedy_ours, greedy_transformers, prompt_ids
-from qwen_mlx.loader import load_model
+
+from qwen_mlx.weights.loader import load_model
 
 VARIANTS = ["qwen3", "qwen2", "qwen3_yarn", "qwen3_moe"]
 
@@ -71,7 +71,7 @@ def test_greedy_tokens_equal_transformers_and_mlx_lm(tiny_checkpoint, variant, o
 def test_incremental_decode_equals_full_forward(tiny_checkpoint, variant):
     """Prefill 20 tokens, then feed 30 more one at a time (positions beyond 2x the prefill): each step's logits
     equal the full forward pass at that position. The 64-token YaRN original context is crossed too."""
-    from qwen_mlx.cache import make_cache
+    from qwen_mlx.cache.kv import make_cache
 
     model, _ = load_model(tiny_checkpoint(variant))
     ids = prompt_ids(70, seed=3)
@@ -87,7 +87,7 @@ def test_incremental_decode_equals_full_forward(tiny_checkpoint, variant):
 
 def test_chunked_prefill_equals_one_pass(tiny_checkpoint):
     """Multi-token steps on a non-empty cache use the offset causal mask."""
-    from qwen_mlx.cache import make_cache
+    from qwen_mlx.cache.kv import make_cache
 
     model, _ = load_model(tiny_checkpoint("qwen3"))
     ids = prompt_ids(300, seed=4)  # crosses the cache's 256-token growth step

@@ -4,12 +4,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from helpers import greedy_ours, prompt_ids
 from mlx.utils import tree_flatten
 
-from helpers import greedy_ours, prompt_ids
-from qwen_mlx.loader import load_model
-from qwen_mlx.model import checkpoint_weights
-from qwen_mlx.quant import QuantizedSwitchLinear, layer_settings, quantize_model
+from qwen_mlx.models.qwen3 import checkpoint_weights
+from qwen_mlx.weights.loader import load_model
+from qwen_mlx.weights.quant import QuantizedSwitchLinear, layer_settings, quantize_model
 
 
 def mlx_lm_quantized_twin(path, params: dict, group_size: int, bits: int):

@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from qwen_mlx.sampling import SamplingParams, apply_repetition_penalty, filter_logits, make_sampler
+from qwen_mlx.engine.sampling import SamplingParams, apply_repetition_penalty, filter_logits, make_sampler
 
 RNG = np.random.default_rng(0)
 LOGITS = RNG.normal(0, 2, (1, 50)).astype(np.float32)

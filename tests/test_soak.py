@@ -6,8 +6,8 @@ import resource
 import mlx.core as mx
 
 import qwen_mlx
-from qwen_mlx.cache import make_cache
-from qwen_mlx.loader import load_model
+from qwen_mlx.cache.kv import make_cache
+from qwen_mlx.weights.loader import load_model
 
 
 def rss_kib() -> int:

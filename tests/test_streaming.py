@@ -2,8 +2,8 @@
 
 import pytest
 
-from qwen_mlx.thinking import ThinkingSplitter, prompt_opens_thinking
-from qwen_mlx.tokenizer import Tokenizer
+from qwen_mlx.engine.thinking import ThinkingSplitter, prompt_opens_thinking
+from qwen_mlx.engine.tokenizer import Tokenizer
 
 TEXTS = ["héllo wörld, 你好世界！ 😀🎉👩‍👩‍👧‍👦 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ∑∫ ok",
          "日本語のテキストと emoji 🇯🇵🗾 mixed with code `x = 1` and ümlauts" * 3]

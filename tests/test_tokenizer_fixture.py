@@ -3,7 +3,6 @@
 import unicodedata
 
 import pytest
-
 from make_tokenizer import ADDED_TOKENS, FIRST_ADDED_ID, SPLIT_PATTERN, load_ranks
 
 CORPUS = [

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 
 import pytest
 
 from qwen_mlx.api import Event
-from qwen_mlx.generate import GenerationStats
+from qwen_mlx.engine.generate import GenerationStats
 from tui.app import ChatApp
 from tui.widgets import Turn
 

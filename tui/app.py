@@ -12,7 +12,7 @@ from textual.message import Message
 from textual.widgets import Collapsible, Footer, Markdown, Static
 
 from qwen_mlx.api import Event
-from qwen_mlx.chat import reply_content, split_reply_content
+from qwen_mlx.engine.chat import reply_content, split_reply_content
 
 from .conversation import save_conversation
 from .engine import Engine

@@ -8,7 +8,6 @@ from typing import Protocol
 
 from qwen_mlx.api import LLM, Event
 
-
 SHORT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
@@ -42,7 +41,7 @@ class ModelEngine:
     def __init__(self, llm: LLM, *, system: str | None = None, max_kv_size: int | None = None,
                  kv_bits: int | None = None, kv_group_size: int | None = None, max_tokens: int = 4096,
                  sampling_overrides: dict | None = None):
-        from qwen_mlx import kernels
+        from qwen_mlx.kernels import ops as kernels
 
         self.llm = llm
         self.name = self.llm.path.name

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from textual.app import ComposeResult
 from textual.containers import Vertical
-from textual.widgets import Collapsible, Markdown, Static, TextArea
 from textual.message import Message
+from textual.widgets import Collapsible, Markdown, Static, TextArea
 
-from qwen_mlx.generate import GenerationStats
+from qwen_mlx.engine.generate import GenerationStats
 
 
 class Turn(Vertical):

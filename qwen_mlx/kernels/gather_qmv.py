@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from . import qmatmul
-from .dialect import Kernel, Launch
+from qwen_mlx.kernels import qmatmul
+from qwen_mlx.kernels.dialect import Kernel, Launch
 
 MAX_PAIRS = 64  # 8 decode tokens x 8 experts; more pairs are a prefill: mx.gather_qmm's sorted matmul wins there
 INDEX_DTYPES = (mx.int32, mx.uint32)  # mx.argpartition leaves uint32

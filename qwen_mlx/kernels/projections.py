@@ -16,8 +16,8 @@ import functools
 
 import mlx.core as mx
 
-from . import qmatmul
-from .dialect import Kernel, Launch
+from qwen_mlx.kernels import qmatmul
+from qwen_mlx.kernels.dialect import Kernel, Launch
 
 MAX_PARTS = 3
 MIN_ELEMENTS = 8  # Metal passes smaller inputs in the constant address space: a part's pointer cannot then be chosen
@@ -37,7 +37,7 @@ def parts_kernel(parts: int) -> Kernel:
     inputs = ("x", *(f"{name}{i}" for i in range(parts) for name in ("w", "scales", "biases")))
     blocks = [f"(w{i}_shape[0] + ROWS * WARPS - 1) / (ROWS * WARPS)" for i in range(parts)]  # row blocks per part
     firsts = ["0"] + [" + ".join(f"blocks{j}" for j in range(i)) for i in range(1, parts)]
-    body = f"""
+    body = """
 // x (M, K) T; w<i> (N<i>, K * BITS / 32) uint32, scales<i> and biases<i> (N<i>, K / GROUP) T -> y<i> (M, N<i>) T.
 // Template: T, BITS, GROUP, M, ROWS (rows per warp), WARPS (warps per threadgroup).
 const int row_words = w0_shape[1];

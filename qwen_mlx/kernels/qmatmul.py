@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .dialect import Kernel, Launch
+from qwen_mlx.kernels.dialect import Kernel, Launch
 
 MAX_M = 8  # larger M is a matrix product: mx.quantized_matmul's tiled kernels win there
 ROWS = 4  # output rows per warp

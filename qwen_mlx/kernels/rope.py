@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .dialect import Kernel, Launch
+from qwen_mlx.kernels.dialect import Kernel, Launch
 
 WARPS = 4  # head vectors per threadgroup
 DTYPES = (mx.bfloat16, mx.float16, mx.float32)

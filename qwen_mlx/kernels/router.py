@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .dialect import Kernel, Launch
+from qwen_mlx.kernels.dialect import Kernel, Launch
 
 MAX_EXPERTS = 512  # 16 logits per lane
 MAX_TOP_K = 16

@@ -5,8 +5,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 
-from .api import LLM, Event, stream_reply
-from .sampling import SamplingParams
+from qwen_mlx.engine.sampling import SamplingParams
+from qwen_mlx.engine.stream import Event, Generator, stream_reply
 
 
 def reply_content(thinking: str, answer: str) -> str:
@@ -34,7 +34,7 @@ class ChatSession:
     cache follows it exactly.)
     """
 
-    def __init__(self, llm: LLM, *, system: str | None = None, think: bool = True, max_kv_size: int | None = None,
+    def __init__(self, llm: Generator, *, system: str | None = None, think: bool = True, max_kv_size: int | None = None,
                  kv_bits: int | None = None, kv_group_size: int | None = None,
                  sampling: SamplingParams | None = None):
         self.llm = llm

@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .errors import UserError
+from qwen_mlx.errors import UserError
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "qwen3_moe")
 
@@ -70,11 +70,11 @@ class ModelConfig:
         return self.num_attention_heads // self.num_key_value_heads
 
     @classmethod
-    def from_dict(cls, raw: dict, source: str = "config.json") -> "ModelConfig":
+    def from_dict(cls, raw: dict, source: str = "config.json") -> ModelConfig:
         return _parse(raw, source)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "ModelConfig":
+    def from_file(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))

@@ -14,7 +14,7 @@ same token next and stop at the same step. `qwen-mlx generate|chat --distributed
 rank 0 gets a DistributedLLM (the usual LLM interface), the other ranks `serve` it. For checks and benchmarks,
 token ids in, JSON out, with MLX's launcher (`--` before `-m`):
 
-    mlx.launch --backend ring -n 2 --python "$(which python)" -- -m qwen_mlx.distributed generate \\
+    mlx.launch --backend ring -n 2 --python "$(which python)" -- -m qwen_mlx.distributed.runtime generate \\
         --model PATH --mode pipeline --prompt-ids 1,2,3 --max-tokens 32
 
 A rank that dies closes its sockets: the others' next exchange fails within about a second and each ends with one
@@ -42,15 +42,15 @@ import numpy as np
 from mlx.nn.layers.distributed import shard_linear
 from mlx.utils import tree_flatten
 
-from .api import LLM
-from .cache import make_cache
-from .config import ModelConfig
-from .errors import UserError
-from .generate import GenerationStats, generation_stream
-from .loader import load_config, load_model, read_index, resolve
-from .model import MLP, Model, SparseMoE
-from .sampling import SamplingParams, make_sampler
-from .tokenizer import Tokenizer
+from qwen_mlx.api import LLM
+from qwen_mlx.cache.kv import make_cache
+from qwen_mlx.engine.generate import GenerationStats, generation_stream
+from qwen_mlx.engine.sampling import SamplingParams, make_sampler
+from qwen_mlx.engine.tokenizer import Tokenizer
+from qwen_mlx.errors import UserError
+from qwen_mlx.models.config import ModelConfig
+from qwen_mlx.models.qwen3 import MLP, Model, SparseMoE
+from qwen_mlx.weights.loader import load_config, load_model, read_index, resolve
 
 MODES = ("pipeline", "tensor", "expert")
 _DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4}
@@ -618,7 +618,7 @@ def run_ranks(model: str, mode: str, *, verbose: bool = False, timeout: float = 
     with failures(watchdog):
         group = connect(watchdog, backend)
     if group.size() == 1:
-        from .api import load
+        from qwen_mlx.api import load
 
         print(f"qwen-mlx: --distributed {mode}: one process, not several started by mlx.launch: running the whole "
               "model here", file=sys.stderr)
@@ -685,7 +685,7 @@ def _generate_cmd(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m qwen_mlx.distributed", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m qwen_mlx.distributed.runtime", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="decode token ids over all ranks; rank 0 prints one JSON line")

@@ -13,7 +13,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from .errors import UserError
+from qwen_mlx.errors import UserError
 
 MAX_TEMPLATE_SECONDS = 2.0
 MAX_TEMPLATE_CHARS = 4_000_000  # rendered prompt, and any string or list the template builds
@@ -42,7 +42,7 @@ class Tokenizer:
         self._plain = None  # the backend without added tokens, built when first needed
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> "Tokenizer":
+    def from_dir(cls, path: str | Path) -> Tokenizer:
         from tokenizers import Tokenizer as Backend
 
         path = Path(path)
@@ -138,7 +138,7 @@ class Tokenizer:
         return _render(self._template, messages=messages, add_generation_prompt=add_generation_prompt,
                        enable_thinking=enable_thinking, tools=tools)
 
-    def detokenizer(self) -> "StreamingDetokenizer":
+    def detokenizer(self) -> StreamingDetokenizer:
         return StreamingDetokenizer(self)
 
 

@@ -15,18 +15,19 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Sequence, Union
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
-from .config import ModelConfig
-from .errors import UserError
-from .files import replacing
+from qwen_mlx.errors import UserError
+from qwen_mlx.files import replacing
+from qwen_mlx.models.config import ModelConfig
 
 if TYPE_CHECKING:
-    from .model import Model
+    from qwen_mlx.models.qwen3 import Model
 
 STEP = 256  # storage grows by this many tokens at a time
 BITS = (2, 3, 4, 5, 6, 8)  # what mx.quantize supports
@@ -343,7 +344,7 @@ def default_slack(max_size: int) -> int:
     return min(256, max_size // 8)
 
 
-LayerCache = Union[KVCache, QuantizedKVCache, RotatingKVCache]
+LayerCache = KVCache | QuantizedKVCache | RotatingKVCache
 
 
 def make_cache(cfg: ModelConfig, *, max_size: int | None = None, keep: int = 4, slack: int | None = None,
@@ -387,7 +388,7 @@ class PromptCache:
     metadata: dict[str, str]
 
 
-def model_fingerprint(model: "Model") -> str:
+def model_fingerprint(model: Model) -> str:
     """Identity of a loaded model for prompt-cache files: its config, its weight dtype and two trained norm
     vectors (the final norm and layer 0's input norm), so that two fine-tunes of one architecture differ too."""
     h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
@@ -397,7 +398,7 @@ def model_fingerprint(model: "Model") -> str:
     return h.hexdigest()[:32]
 
 
-def save_cache(path: str | Path, caches: Sequence[LayerCache], *, model: "Model", tokens: Sequence[int] = (),
+def save_cache(path: str | Path, caches: Sequence[LayerCache], *, model: Model, tokens: Sequence[int] = (),
                metadata: Mapping[str, str] | None = None) -> None:
     """Write the caches (one per layer), the token ids they hold (optional) and string metadata to a
     safetensors file, atomically: a temporary file in the same directory, fsync, rename."""
@@ -441,7 +442,7 @@ def _cache_state(cache: LayerCache) -> tuple[dict[str, mx.array], dict]:
     return dict(zip(names, store.view(n))), info
 
 
-def load_cache(path: str | Path, *, model: "Model") -> PromptCache:
+def load_cache(path: str | Path, *, model: Model) -> PromptCache:
     """Read a file written by save_cache for this model. Everything is checked before `mx.load` reads a byte of
     tensor data: the safetensors header (by the `safetensors` package's parser), the JSON metadata, the model
     identity, every layer's settings and every tensor's name, dtype and shape. Raises CacheFileError."""

@@ -22,12 +22,21 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .config import ModelConfig
-from .errors import UserError
-from .files import fsync_dir
-from .loader import _DTYPES, _EXPERT, TensorInfo, check_weights, load_config, read_index, resolve, sanitize
-from .model import Model, checkpoint_weights
-from .quant import layer_settings, plan_quantization, quantizable_layers
+from qwen_mlx.errors import UserError
+from qwen_mlx.files import fsync_dir
+from qwen_mlx.models.config import ModelConfig
+from qwen_mlx.models.qwen3 import Model, checkpoint_weights
+from qwen_mlx.weights.loader import (
+    _DTYPES,
+    _EXPERT,
+    TensorInfo,
+    check_weights,
+    load_config,
+    read_index,
+    resolve,
+    sanitize,
+)
+from qwen_mlx.weights.quant import layer_settings, plan_quantization, quantizable_layers
 
 DEFAULT_SHARD_SIZE = 5 * 10**9  # bytes; the hub's and mlx-lm's limit
 # Copied from the source when present; never code (*.py) and never anything the model does not need.
@@ -133,7 +142,7 @@ def open_source(src: str | Path) -> Source:
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ConvertError(f"{src}: not a checkpoint directory or a .gguf file")
-        from .gguf import read_gguf
+        from qwen_mlx.weights.gguf import read_gguf
 
         return _gguf_source(str(src), read_gguf(path))
     return _safetensors_source(str(src), resolve(src))
@@ -484,8 +493,8 @@ def quality_report(src: str | Path, result: ConvertResult, *, text_file: str | P
     """Per-tensor relative error (from the convert) and end to end: KL divergence and top-1 agreement of the
     converted model's next-token distribution vs the source's, over `text_file` (which also gives perplexity) or
     over random token ids. The source model is held unquantized in memory for this."""
-    from .loader import load_model
-    from .quant import logit_agreement, perplexity
+    from qwen_mlx.weights.loader import load_model
+    from qwen_mlx.weights.quant import logit_agreement, perplexity
 
     source = open_source(src)
     reference = Model(ModelConfig.from_dict(source.config, str(src)))
@@ -494,7 +503,7 @@ def quality_report(src: str | Path, result: ConvertResult, *, text_file: str | P
     reference.load_weights(list(weights.items()))
     converted, _ = load_model(result.path)
     if text_file is not None:
-        from .tokenizer import Tokenizer
+        from qwen_mlx.engine.tokenizer import Tokenizer
 
         try:
             text = Path(text_file).read_text(encoding="utf-8")

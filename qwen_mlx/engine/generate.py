@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from .model import Cache, Model
+from qwen_mlx.models.qwen3 import Cache, Model
 
 # logits (1, vocab) float32, tokens so far (prompt + generated) -> next token (1,)
 Sampler = Callable[[mx.array, list[int]], mx.array]

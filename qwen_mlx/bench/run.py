@@ -20,14 +20,14 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .cache import make_cache
-from .config import ModelConfig
-from .errors import UserError
-from .files import write_atomically
-from .generate import GenerationStats, generate_tokens
-from .memory import MemoryPlan, check_fits, kv_cache_bytes
-from .model import Model, checkpoint_weights
-from .quant import quantize_model
+from qwen_mlx.cache.kv import make_cache
+from qwen_mlx.engine.generate import GenerationStats, generate_tokens
+from qwen_mlx.errors import UserError
+from qwen_mlx.files import write_atomically
+from qwen_mlx.models.config import ModelConfig
+from qwen_mlx.models.qwen3 import Model, checkpoint_weights
+from qwen_mlx.weights.memory import MemoryPlan, check_fits, kv_cache_bytes
+from qwen_mlx.weights.quant import quantize_model
 
 _QWEN3 = dict(model_type="qwen3", vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1000000.0,
               max_position_embeddings=40960, head_dim=128, attention_bias=False)
@@ -288,7 +288,7 @@ def models(sources: list[str], bits_list: list[str], layers: int | None, with_ml
     mlx-lm loads a second one)."""
     for source in sources:
         if source not in PRESETS:  # a checkpoint: its own weights and quantization; mlx-lm loads its own copy
-            from .loader import load_model
+            from qwen_mlx.weights.loader import load_model
 
             model, path = load_model(source, memory=memory)
             quant = model.config.quantization

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .generate import Sampler
+from qwen_mlx.engine.generate import Sampler
 
 # Qwen3's recommended settings (model card): thinking turns, and non-thinking turns.
 QWEN3_THINKING = dict(temperature=0.6, top_p=0.95, top_k=20, min_p=0.0)
@@ -26,7 +26,7 @@ class SamplingParams:
     seed: int | None = None
 
     @classmethod
-    def for_checkpoint(cls, path: str | Path, *, thinking: bool, **overrides) -> "SamplingParams":
+    def for_checkpoint(cls, path: str | Path, *, thinking: bool, **overrides) -> SamplingParams:
         """The checkpoint's generation_config.json settings for thinking turns; Qwen3's recommended
         non-thinking settings for non-thinking turns (the checkpoint file states only one set)."""
         base = dict(QWEN3_THINKING if thinking else QWEN3_NON_THINKING)

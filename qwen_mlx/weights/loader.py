@@ -20,11 +20,11 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .config import ConfigError, ModelConfig
-from .errors import UserError, one_line
-from .memory import MemoryPlan, check_fits, kv_cache_bytes
-from .model import Model, SparseMoE, SwitchMLP, checkpoint_names
-from .quant import quantize_model
+from qwen_mlx.errors import UserError, one_line
+from qwen_mlx.models.config import ConfigError, ModelConfig
+from qwen_mlx.models.qwen3 import Model, SparseMoE, SwitchMLP, checkpoint_names
+from qwen_mlx.weights.memory import MemoryPlan, check_fits, kv_cache_bytes
+from qwen_mlx.weights.quant import quantize_model
 
 # What a model needs from the hub: weights, configs, tokenizer and template. Never code.
 HUB_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "tokenizer*", "vocab.json", "merges.txt"]
@@ -348,7 +348,7 @@ class _Stack:
     dtype: mx.Dtype
 
     @classmethod
-    def whole(cls, name: str, tensor: mx.array | ExpertRows, num_experts: int, experts: range | None) -> "_Stack":
+    def whole(cls, name: str, tensor: mx.array | ExpertRows, num_experts: int, experts: range | None) -> _Stack:
         if experts is None:
             return cls(name, [((slice(None),), lambda: tensor)], tuple(tensor.shape), tensor.dtype)
         if tensor.shape[0] != num_experts:
@@ -359,7 +359,7 @@ class _Stack:
 
     @classmethod
     def of_experts(cls, name: str, pieces: dict[int, mx.array], num_experts: int,
-                   experts: range | None) -> "_Stack":
+                   experts: range | None) -> _Stack:
         if sorted(pieces) != list(range(num_experts)):
             missing = sorted(set(range(num_experts)) - set(pieces))
             piece = name.replace(".switch_mlp.", f".experts.{missing[0] if missing else '?'}.")

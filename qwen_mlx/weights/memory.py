@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .cache import STEP, default_slack
-from .config import ModelConfig
-from .errors import UserError
+from qwen_mlx.cache.kv import STEP, default_slack
+from qwen_mlx.errors import UserError
+from qwen_mlx.models.config import ModelConfig
 
 
 class MemoryCheckError(UserError):

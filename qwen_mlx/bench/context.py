@@ -14,14 +14,23 @@ from dataclasses import asdict, dataclass
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .bench import Timing, device_bandwidth, document, memory_check, memory_limit, models, time_mlx_lm, time_ours, \
-    weight_bytes_per_token
-from .cache import make_cache
-from .config import ModelConfig
-from .errors import UserError
-from .generate import GenerationStats, generate_tokens
-from .memory import MemoryPlan
-from .model import Model
+from qwen_mlx.bench.run import (
+    Timing,
+    device_bandwidth,
+    document,
+    memory_check,
+    memory_limit,
+    models,
+    time_mlx_lm,
+    time_ours,
+    weight_bytes_per_token,
+)
+from qwen_mlx.cache.kv import make_cache
+from qwen_mlx.engine.generate import GenerationStats, generate_tokens
+from qwen_mlx.errors import UserError
+from qwen_mlx.models.config import ModelConfig
+from qwen_mlx.models.qwen3 import Model
+from qwen_mlx.weights.memory import MemoryPlan
 
 # cache kind -> (rotating, KV bits)
 CACHE_KINDS = {"plain": (False, None), "rotating": (True, None), "kv8": (False, 8), "kv4": (False, 4),
@@ -135,11 +144,11 @@ def run_context(sources: list[str], bits_list: list[str], contexts: list[int], g
         token = [seed % cfg.vocab_size]
         for context in contexts:
             for kind in kinds:
-                engines = {"qwen-mlx": lambda g, k=kind, c=context: time_ours(
-                    model, token, g, filled_cache_ours(cfg, k, c, max_kv_size, seed))}
+                engines = {"qwen-mlx": lambda g, k=kind, c=context, m=model: time_ours(
+                    m, token, g, filled_cache_ours(cfg, k, c, max_kv_size, seed))}
                 if twin is not None and twin_supports(kind):
-                    engines["mlx-lm"] = lambda g, k=kind, c=context: time_mlx_lm(
-                        twin, token, g, filled_cache_mlx_lm(cfg, k, c, max_kv_size, seed))
+                    engines["mlx-lm"] = lambda g, k=kind, c=context, t=twin: time_mlx_lm(
+                        t, token, g, filled_cache_mlx_lm(cfg, k, c, max_kv_size, seed))
                 runs = _alternate(engines, gen_tokens, repeats, warmup)
                 for engine, results in runs.items():
                     case = _case(name, bits, cfg, engine, kind, max_kv_size, context, gen_tokens, results, weights,

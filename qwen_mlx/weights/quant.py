@@ -15,10 +15,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from . import kernels
-from .config import QUANT_FORMATS, quant_format_problem
-from .errors import UserError
-from .model import SwitchLinear, SwitchMLP, checkpoint_names
+from qwen_mlx.errors import UserError
+from qwen_mlx.kernels import ops as kernels
+from qwen_mlx.models.config import QUANT_FORMATS, quant_format_problem
+from qwen_mlx.models.qwen3 import SwitchLinear, SwitchMLP, checkpoint_names
 
 
 class QuantizedLinear(nn.QuantizedLinear):
@@ -54,7 +54,7 @@ class QuantizedSwitchLinear(nn.Module):
         self.group_size, self.bits, self.mode = group_size, bits, mode
 
     @classmethod
-    def from_switch(cls, layer: SwitchLinear, group_size: int, bits: int, mode: str) -> "QuantizedSwitchLinear":
+    def from_switch(cls, layer: SwitchLinear, group_size: int, bits: int, mode: str) -> QuantizedSwitchLinear:
         weight, scales, *biases = mx.quantize(layer.weight, group_size, bits, mode=mode)
         return cls(weight, scales, biases[0] if biases else None, group_size, bits, mode)
 

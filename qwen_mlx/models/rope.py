@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .config import ModelConfig, RopeScaling
+from qwen_mlx.models.config import ModelConfig, RopeScaling
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from .errors import UserError
+from qwen_mlx.errors import UserError
 
 LOCAL = ("127.0.0.1", "localhost")
 
@@ -63,10 +64,9 @@ def _watch(others: list[tuple[str, subprocess.Popen]], log_path: Path) -> None:
         time.sleep(0.2)
 
 
-def launch(hosts: list[str], command: list[str], *, python: str, port: int) -> int:
-    """Run `qwen-mlx COMMAND` as rank 0 here (hosts[0] is this machine) and as ranks 1.. on the other hosts."""
-    from .cli import main
-
+def launch(hosts: list[str], command: list[str], *, python: str, port: int, main: Callable[[list[str]], int]) -> int:
+    """Run `qwen-mlx COMMAND` as rank 0 here (hosts[0] is this machine), through `main` (the CLI's, passed in so
+    that this module does not import the face above it), and as ranks 1.. on the other hosts."""
     if not command:
         raise UserError("give the command after --, e.g. qwen-mlx launch -n 2 -- chat -m MODEL --distributed auto")
     ring = json.dumps(ring_hostfile([_ip(h) for h in hosts], port))

@@ -14,9 +14,9 @@ from typing import Protocol
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import kernels
-from .config import ModelConfig
-from .rope import Rope, make_rope, softmax_scale
+from qwen_mlx.kernels import ops as kernels
+from qwen_mlx.models.config import ModelConfig
+from qwen_mlx.models.rope import Rope, make_rope, softmax_scale
 
 
 class Cache(Protocol):
@@ -55,7 +55,8 @@ class Attention(nn.Module):
         # Qwen3 RMS-normalizes each head of q and k, then rotates; one fused op, which also puts heads first.
         norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if "q_norm" in self else None
         offset = cache.offset if cache is not None else 0
-        q, k = kernels.rope(q, k, self._rope, offset=offset, norms=norms)  # (B, heads, L, head_dim)
+        rope = self._rope
+        q, k = kernels.rope(q, k, rope.inv_freq, rope.wavelengths, offset=offset, norms=norms)  # (B, heads, L, hd)
         # GQA: the fused attention maps each group of n_rep query heads to its KV head; nothing is repeated.
         if cache is None:
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask="causal")
