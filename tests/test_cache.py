@@ -613,8 +613,9 @@ def test_save_writes_a_temp_file_fsyncs_then_renames(saved, monkeypatch):
 SAVER = r"""
 import os, random, signal, sys
 import mlx.core as mx
-from qwen_mlx import cache as c, files
-from qwen_mlx.loader import load_model
+from qwen_mlx import files
+from qwen_mlx.cache import kv as c
+from qwen_mlx.weights.loader import load_model
 
 checkpoint, path, point, first = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 model, _ = load_model(checkpoint)
