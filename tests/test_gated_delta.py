@@ -155,3 +155,67 @@ def test_op_runs_the_reference_on_cpu_and_one_launch_on_a_gpu(monkeypatch):
     kernels.gated_delta_step(*args[:5], args[5].astype(mx.bfloat16))
     assert not kernel.supports(*args[:2], args[2][:, :3], args[3][:, :3], args[4][:, :3], args[5][:, :3])  # 2 : 3
     assert len(calls) == 1
+
+
+# A whole hybrid model's decode through the emulated kernel
+
+def tiny_qwen3_5():
+    """A tiny random Qwen3.5 text model in transformers, float32: value heads 2x key heads, Dk 16 != Dv 24, a
+    non-default layer order."""
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    config = Qwen3_5TextConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_key_head_dim=16,
+                               linear_value_head_dim=24, linear_num_key_heads=2, linear_num_value_heads=4,
+                               layer_types=["linear_attention", "full_attention", "linear_attention",
+                                            "linear_attention"])
+    torch.manual_seed(0)
+    return Qwen3_5ForCausalLM(config).eval()
+
+
+def through_kernel(body: Kernel, calls: list):
+    """transformers' recurrence replaced by `body` run in the emulator: its decode step (one token from a cached
+    state), with transformers' own L2 norm and q scaling before it."""
+    from transformers.models.qwen3_5.modeling_qwen3_5 import l2norm as torch_l2norm
+
+    def recurrence(query, key, value, g, beta, initial_state=None, output_final_state=False,
+                   use_qk_l2norm_in_kernel=False, **_):
+        assert query.shape[1] == 1 and initial_state is not None and use_qk_l2norm_in_kernel
+        q, k = (torch_l2norm(a[:, 0].float(), dim=-1, eps=1e-6) for a in (query, key))  # (B, Hk, Dk)
+        as_mx = lambda t: mx.array(t.detach().float().contiguous().numpy())
+        args = [as_mx(q / q.shape[-1] ** 0.5), as_mx(k), as_mx(value[:, 0]), as_mx(g[:, 0]), as_mx(beta[:, 0]),
+                as_mx(initial_state)]
+        assert kernel.supports(*args)
+        y, state = kernel_emulator.run([(body, kernel.launch(*args))])[0]
+        calls.append(body)
+        return torch.from_numpy(np.array(y))[:, None].to(query.dtype), torch.from_numpy(np.array(state))
+    return recurrence
+
+
+@needs_gxx
+@pytest.mark.slow  # ~12 s alone, ~25 s on a loaded machine: transformers' generate, twice
+def test_tiny_qwen3_5_decodes_the_same_tokens_through_the_emulated_kernel(monkeypatch):
+    """32 greedy tokens of a tiny Qwen3.5 in transformers, every decode step of its 3 linear-attention layers
+    through the kernel's text (the prompt takes transformers' chunked form): the same tokens as transformers' own
+    recurrence, logits within 1e-4. With the kernel's key-head mapping broken, the logits move."""
+    from transformers.models.qwen3_5 import modeling_qwen3_5
+
+    model, prompt = tiny_qwen3_5(), torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
+
+    def generate(tokens: int):
+        with torch.no_grad():
+            out = model.generate(prompt, max_new_tokens=tokens, do_sample=False, return_dict_in_generate=True,
+                                 output_logits=True)
+        return out.sequences[0, 8:], torch.stack(out.logits)
+
+    expected, expected_logits = generate(32)
+    calls = []
+    monkeypatch.setattr(modeling_qwen3_5, "torch_recurrent_gated_delta_rule", through_kernel(kernel.KERNEL, calls))
+    tokens, logits = generate(32)
+    assert len(calls) == 31 * 3  # every decode step after the prompt, in each linear layer
+    assert tokens.tolist() == expected.tolist()
+    assert (logits - expected_logits).abs().max().item() <= 1e-4
+    monkeypatch.setattr(modeling_qwen3_5, "torch_recurrent_gated_delta_rule", through_kernel(
+        broken("(head % HV) / (HV / HK)", "(head % HV) % HK"), calls))
+    _, logits = generate(4)
+    assert (logits - expected_logits[:4]).abs().max().item() > 1e-3
