@@ -121,8 +121,8 @@ def broken(old: str, new: str) -> Kernel:
 @needs_gxx
 @pytest.mark.parametrize("variant", [
     ("(head % HV) / (HV / HK)", "(head % HV) % HK"),  # value head h reads key head h % Hk instead of h // 2
-    ("s[i] += static_cast<float>(k_head[i]) * delta;\n    s_out[size_t(i) * DV] = s[i];",
-     "s_out[size_t(i) * DV] = s[i];\n    s[i] += static_cast<float>(k_head[i]) * delta;"),  # stores the old S
+    ("s[i] += static_cast<float>(k[qk + i]) * delta;\n    state_out[s0 + size_t(i) * DV] = s[i];",
+     "state_out[s0 + size_t(i) * DV] = s[i];\n    s[i] += static_cast<float>(k[qk + i]) * delta;"),  # the old S
 ], ids=["key-head-mapping", "state-before-update"])
 def test_emulation_catches_a_broken_kernel(variant):
     worst_y, worst_state = emulated_steps(broken(*variant), QWEN35_35B_A3B, mx.float32, steps=2, seed=3)

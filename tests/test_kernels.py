@@ -386,10 +386,12 @@ def router_launches():
 
 def gated_delta_launches():
     """Qwen3.5-35B-A3B's shapes (16 key heads, 32 value heads, 128 x 128) in each dtype with g float32, and odd
-    shapes (a partial block of columns, Dk != Dv, 3 value heads per key head, g and beta in other dtypes)."""
+    shapes (a partial block of columns, Dk != Dv, 3 value heads per key head, g and beta in other dtypes, inputs of
+    fewer than 8 elements: Metal's constant address space)."""
     for dtype in gated_delta_kernel.DTYPES:
         for b, hk, hv, dk, dv, g_dtype, beta_dtype in ((1, 16, 32, 128, 128, mx.float32, dtype),
-                                                       (2, 1, 3, 24, 40, dtype, mx.float32)):
+                                                       (2, 1, 3, 24, 40, dtype, mx.float32),
+                                                       (1, 1, 1, 3, 2, mx.float32, dtype)):
             yield gated_delta_kernel.launch(mx.zeros((b, hk, dk), dtype), mx.zeros((b, hk, dk), dtype),
                                             mx.zeros((b, hv, dv), dtype), mx.zeros((b, hv), g_dtype),
                                             mx.zeros((b, hv), beta_dtype), mx.zeros((b, hv, dk, dv)))

@@ -41,23 +41,22 @@ const int head = int(GROUP_ID) / BLOCKS;  // b * HV + h
 const int column = (int(GROUP_ID) % BLOCKS) * 32 + int(LANE);
 const int key_head = (head / HV) * HK + (head % HV) / (HV / HK);  // b * HK + h // (HV / HK)
 if (column < DV) {
-  const GLOBAL T* q_head = q + size_t(key_head) * DK;
-  const GLOBAL T* k_head = k + size_t(key_head) * DK;
-  const GLOBAL float* s_in = state + size_t(head) * DK * DV + column;
-  GLOBAL float* s_out = state_out + size_t(head) * DK * DV + column;
+  // Offsets, not pointers: Metal passes an input of fewer than 8 elements in its constant address space.
+  const size_t qk = size_t(key_head) * DK;  // q, k of this key head
+  const size_t s0 = size_t(head) * DK * DV + column;  // S[0, column] of this head; row i at s0 + i * DV
   const float decay = EXP(static_cast<float>(g[head]));
   float s[DK];
   float kv = 0.0f;
   UNROLL for (int i = 0; i < DK; i++) {
-    s[i] = s_in[size_t(i) * DV] * decay;
-    kv += s[i] * static_cast<float>(k_head[i]);
+    s[i] = state[s0 + size_t(i) * DV] * decay;
+    kv += s[i] * static_cast<float>(k[qk + i]);
   }
   const float delta = (static_cast<float>(v[size_t(head) * DV + column]) - kv) * static_cast<float>(beta[head]);
   float out = 0.0f;
   UNROLL for (int i = 0; i < DK; i++) {
-    s[i] += static_cast<float>(k_head[i]) * delta;
-    s_out[size_t(i) * DV] = s[i];
-    out += s[i] * static_cast<float>(q_head[i]);
+    s[i] += static_cast<float>(k[qk + i]) * delta;
+    state_out[s0 + size_t(i) * DV] = s[i];
+    out += s[i] * static_cast<float>(q[qk + i]);
   }
   y[size_t(head) * DV + column] = static_cast<T>(out);
 }
