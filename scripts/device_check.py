@@ -6,9 +6,11 @@
    size x dtype x 1/2/4/8 decode tokens of 8 experts on the 30B-A3B and 235B-A22B expert stacks (random, one-expert
    and repeated-expert routing), likewise; custom RoPE (with and without QK-norm, default and YaRN frequencies,
    several offsets) vs the reference path (mx.fast.rms_norm + mx.fast.rope) and vs the plain float32 definition in
-   qwen_mlx/rope.py; logits of 2-layer 4B- and 30B-A3B-shaped 4-bit models, custom vs reference kernels.
+   qwen_mlx/rope.py; the gated-delta decode step at Qwen3.5-35B-A3B's shapes over several tokens vs its reference
+   in MLX's ops; logits of 2-layer 4B- and 30B-A3B-shaped 4-bit models, custom vs reference kernels.
 2. Micro-benchmarks at the decode shapes: many calls on different weight matrices per synchronisation, our kernels
-   vs MLX's built-ins, GB/s and fraction of HBM bandwidth, against the targets of issues 6 and 12.
+   vs MLX's built-ins, GB/s and fraction of HBM bandwidth, against the targets of issues 6 and 12; the gated-delta
+   step vs its reference ops (GB/s of the state read and written).
 3. End to end: decode tok/s of a 4B-shaped and a few-layer 30B-A3B-shaped 4-bit model with custom kernels,
    reference kernels and mlx-lm.
 
@@ -41,6 +43,7 @@ from qwen_mlx.weights.quant import QuantizedLinear, QuantizedSwitchLinear  # noq
 
 qmatmul_kernel = sys.modules["qwen_mlx.kernels.qmatmul"]  # the module (kernels.qmatmul is the function)
 gather_kernel = sys.modules["qwen_mlx.kernels.gather_qmv"]
+gated_delta_kernel = sys.modules["qwen_mlx.kernels.gated_delta"]
 
 SHAPES = {  # name -> (N, K) of x @ W.T, W (N, K)
     "0.6b q": (2048, 1024), "0.6b kv": (1024, 1024), "0.6b o": (1024, 2048), "0.6b gate/up": (3072, 1024),
@@ -56,6 +59,13 @@ EXPERT_SHAPES = {  # name -> (E, N, K) of the stacked expert weights; gate/up is
     "235b-a22b gate/up": (128, 2 * 1536, 4096), "235b-a22b down": (128, 4096, 1536),
 }
 TOP_K = 8  # experts per token, both models
+# The gated delta rule's decode step: name -> (B, key heads, value heads, Dk, Dv). Qwen3.5-35B-A3B's linear attention
+# (linear_num_key_heads 16, linear_num_value_heads 32, key and value head dims 128; Qwen3-Next-80B-A3B's are the same).
+GATED_DELTA_SHAPES = {"35b-a3b": (1, 16, 32, 128, 128), "35b-a3b batch 4": (4, 16, 32, 128, 128),
+                      "odd (3 value heads per key head, 24 x 40)": (2, 1, 3, 24, 40)}
+GATED_DELTA_BENCH_SHAPES = {"35b-a3b": (1, 16, 32, 128, 128), "35b-a3b batch 8": (8, 16, 32, 128, 128)}
+GATED_DELTA_STEPS = 6
+GATED_DELTA_STATE_TOLERANCE = 1e-4  # the float32 state, max |ours - reference| / max |reference|, any input dtype
 # The fused projections: model -> (q rows, k/v rows, intermediate, hidden); 30B-A3B's dense layers are its attention.
 FUSED_MODELS = {"0.6b": (2048, 1024, 3072, 1024), "4b": (4096, 1024, 9728, 2560), "30b-a3b": (4096, 512, None, 2048)}
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
@@ -279,6 +289,55 @@ def check_router(dtypes, token_counts, log) -> list[dict]:
                     log(f"MISMATCH router {rows[-1]}")
     log(f"router: {sum(r['ok'] for r in rows)}/{len(rows)} equal to the reference (same experts, weights within "
         f"1e-5), worst {max(r['vs_reference'] for r in rows):.2e}")
+    return rows
+
+
+def gated_delta_inputs(shape: tuple, dtype: mx.Dtype, seed: int) -> tuple[mx.array, ...]:
+    """One decode token as the model hands it to kernels.gated_delta_step: q, k (B, Hk, Dk) L2-normalised (q also
+    scaled by Dk**-0.5) and v (B, Hv, Dv) in `dtype`, g (B, Hv) float32 = -exp(A_log) * softplus(a + dt_bias),
+    beta (B, Hv) = sigmoid(b) in `dtype`."""
+    b, hk, hv, dk, dv = shape
+    key = mx.random.split(mx.random.key(seed), 6)
+    q, k = (mx.random.normal((b, hk, dk), key=key[i]) for i in range(2))
+    q, k = (a * mx.rsqrt((a * a).sum(axis=-1, keepdims=True) + 1e-6) for a in (q, k))
+    v = mx.random.normal((b, hv, dv), key=key[2])
+    g = -mx.exp(mx.random.uniform(-1, 1, (hv,), key=key[3])) * nn.softplus(mx.random.normal((b, hv), key=key[4]))
+    beta = mx.sigmoid(mx.random.normal((b, hv), key=key[5]))
+    return (q * dk ** -0.5).astype(dtype), k.astype(dtype), v.astype(dtype), g, beta.astype(dtype)
+
+
+def gated_delta_state(shape: tuple, seed: int) -> mx.array:
+    b, _, hv, dk, dv = shape
+    return mx.random.normal((b, hv, dk, dv), key=mx.random.key(seed)) * 0.1
+
+
+def check_gated_delta(dtypes, shapes: dict, steps: int, log) -> list[dict]:
+    """kernels.gated_delta_step custom vs the reference in MLX's ops (gated_delta.reference, float32 inside) over
+    `steps` decode tokens, each side carrying its own state: y within the dtype's tolerance, the float32 state
+    within GATED_DELTA_STATE_TOLERANCE, as max |error| / max |reference| over the steps."""
+    rows = []
+    for name, shape in shapes.items():
+        for dtype_name in dtypes:
+            ours = theirs = gated_delta_state(shape, seed=len(name))
+            worst_y = worst_state = 0.0
+            for t in range(steps):
+                args = gated_delta_inputs(shape, DTYPES[dtype_name], seed=t)
+                if not gated_delta_kernel.supports(*args, ours):
+                    raise SystemExit(f"the gated-delta kernel does not cover {name} {dtype_name}")
+                with kernels_choice("custom"):
+                    y, ours = kernels.gated_delta_step(*args, ours)
+                y_ref, theirs = gated_delta_kernel.reference(*args, theirs)
+                errors = mx.stack([relative_errors(y, y_ref), relative_errors(ours, theirs)]).tolist()
+                worst_y, worst_state = max(worst_y, errors[0]), max(worst_state, errors[1])
+            b, hk, hv, dk, dv = shape
+            rows.append(dict(shape=name, b=b, hk=hk, hv=hv, dk=dk, dv=dv, dtype=dtype_name, steps=steps,
+                             y_vs_reference=worst_y, state_vs_reference=worst_state,
+                             y_tolerance=TOLERANCE[dtype_name], state_tolerance=GATED_DELTA_STATE_TOLERANCE,
+                             ok=worst_y <= TOLERANCE[dtype_name] and worst_state <= GATED_DELTA_STATE_TOLERANCE))
+            if not rows[-1]["ok"]:
+                log(f"MISMATCH gated_delta {rows[-1]}")
+    log(f"gated_delta: {sum(r['ok'] for r in rows)}/{len(rows)} within tolerance over {steps} steps, worst y "
+        f"{max(r['y_vs_reference'] for r in rows):.2e}, worst state {max(r['state_vs_reference'] for r in rows):.2e}")
     return rows
 
 
@@ -615,6 +674,38 @@ def bench_rope(log) -> list[dict]:
     return rows
 
 
+def bench_gated_delta(shapes: dict, peak: float, log, copies: int = 48) -> list[dict]:
+    """One decode token, bf16 q/k/v/beta, float32 g and state: the kernel vs the reference's MLX ops, calls cycling
+    through `copies` states (48 x 2 MiB at 35B-A3B's batch 1: more than the L2 holds, as a model's 30 linear layers
+    are). GB/s counts the state read and written, the one traffic that matters."""
+    rows = []
+    for name, shape in shapes.items():
+        args = gated_delta_inputs(shape, mx.bfloat16, seed=0)
+        operands = [(*args, gated_delta_state(shape, seed=i)) for i in range(copies)]
+        mx.eval(operands)
+
+        def ours(_, *operands):
+            with kernels_choice("custom"):
+                return kernels.gated_delta_step(*operands)
+
+        def reference(_, *operands):
+            return gated_delta_kernel.reference(*operands)
+
+        moved = 2 * operands[0][-1].nbytes + sum(a.nbytes for a in args) + args[2].nbytes  # state in, out; y
+        t_ours, t_ref = time_per_call(ours, operands, None), time_per_call(reference, operands, None)
+        row = dict(shape=name, b=shape[0], hk=shape[1], hv=shape[2], dk=shape[3], dv=shape[4], ours_us=t_ours * 1e6,
+                   reference_us=t_ref * 1e6, speedup=t_ref / t_ours, ours_gbs=moved / t_ours / 1e9,
+                   reference_gbs=moved / t_ref / 1e9, ours_hbm_fraction=moved / t_ours / 1e9 / peak,
+                   limit_us=moved / (peak * 1e9) * 1e6)
+        rows.append(row)
+        log(f"gated_delta {name:<16} ours {row['ours_us']:7.1f} us {row['ours_gbs']:6.0f} GB/s "
+            f"({100 * row['ours_hbm_fraction']:4.1f}% HBM, limit {row['limit_us']:.1f} us)  reference ops "
+            f"{row['reference_us']:7.1f} us {row['reference_gbs']:6.0f} GB/s  x{row['speedup']:.2f}")
+        del operands
+        mx.clear_cache()
+    return rows
+
+
 # 3. End to end
 
 
@@ -662,7 +753,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         bits, groups, dtypes, ms = qmatmul_kernel.BITS, qmatmul_kernel.GROUP_SIZES, tuple(DTYPES), (1, 2, 4, 8)
     gather_bits = tuple(b for b in bits if b in (4, 8))
-    result = {"schema": "qwen-mlx-device-check/3", "mlx_version": mx.__version__, "backend": backend, "gpu": gpu,
+    result = {"schema": "qwen-mlx-device-check/4", "mlx_version": mx.__version__, "backend": backend, "gpu": gpu,
               "hbm_gbs": peak}
     parts = set(args.parts.split(","))
     failures = 0
@@ -672,11 +763,12 @@ def main(argv: list[str] | None = None) -> int:
         result["gather_qmv"] = check_gather_qmv(gather_bits, groups, dtypes, ms, EXPERT_SHAPES, log)
         result["rope"] = check_rope(dtypes, log)
         result["router"] = check_router(dtypes, (1, 8, 512), log)
+        result["gated_delta"] = check_gated_delta(dtypes, GATED_DELTA_SHAPES, GATED_DELTA_STEPS, log)
         result["fused"] = check_fused(gather_bits, groups, dtypes, ms, FUSED_MODELS,
                                       {k: v for k, v in EXPERT_SHAPES.items() if "gate/up" in k}, log)
         result["model"] = [check_model("qwen3-4b", log), check_model("qwen3-30b-a3b", log)]
         failures = sum(not r["ok"] for r in result["qmatmul"] + result["gather_qmv"] + result["rope"]
-                       + result["router"] + result["fused"] + result["model"])
+                       + result["router"] + result["gated_delta"] + result["fused"] + result["model"])
         log(f"correctness: {failures} failure(s) in {time.perf_counter() - start:.0f} s")
         save(result, args.json)  # what is done is kept should a later part run out of time
     if "bench" in parts:
@@ -684,6 +776,7 @@ def main(argv: list[str] | None = None) -> int:
         result["gather_qmv_bench"] = bench_gather_qmv(GATHER_BENCH_SHAPES, GATHER_BENCH_CASES, peak, log)
         result["rope_bench"] = bench_rope(log)
         result["fused_bench"] = bench_fused(log)
+        result["gated_delta_bench"] = bench_gated_delta(GATED_DELTA_BENCH_SHAPES, peak, log)
         save(result, args.json)
     if "e2e" in parts:
         result["end_to_end"] = end_to_end("qwen3-4b", None, args.prompt, args.gen, log)

@@ -112,6 +112,39 @@ def test_router_check_passes_the_reference_and_catches_a_wrong_result(reference_
     assert not any(r["ok"] for r in device_check.check_router(("float32",), (1,), lambda *_: None))
 
 
+TINY_GATED_DELTA = {"tiny": (1, 2, 4, 16, 24), "odd": (2, 1, 3, 8, 40)}  # (B, Hk, Hv, Dk, Dv)
+
+
+def test_gated_delta_check_passes_the_reference_and_catches_a_wrong_result(reference_only, monkeypatch):
+    args = (("float32", "bfloat16"), TINY_GATED_DELTA, 3, lambda *_: None)
+    rows = device_check.check_gated_delta(*args)
+    assert len(rows) == 4 and all(r["ok"] and r["y_vs_reference"] == r["state_vs_reference"] == 0 for r in rows)
+    right = kernels.gated_delta_step
+    monkeypatch.setattr(kernels, "gated_delta_step", lambda *a: (right(*a)[0] * 1.05, right(*a)[1]))
+    assert not any(r["ok"] for r in device_check.check_gated_delta(*args))
+    # A state that drifts by 2e-4 of its scale is caught even when y stays within bfloat16's tolerance.
+    monkeypatch.setattr(kernels, "gated_delta_step", lambda *a: (right(*a)[0], right(*a)[1] * (1 + 2e-4)))
+    assert not any(r["ok"] for r in device_check.check_gated_delta(*args))
+
+
+def test_gated_delta_inputs_are_as_the_model_hands_them():
+    q, k, v, g, beta = device_check.gated_delta_inputs((2, 3, 6, 16, 8), mx.bfloat16, seed=0)
+    assert (q.shape, k.shape, v.shape, g.shape, beta.shape) == ((2, 3, 16), (2, 3, 16), (2, 6, 8), (2, 6), (2, 6))
+    assert (q.dtype, g.dtype, beta.dtype) == (mx.bfloat16, mx.float32, mx.bfloat16)
+    norms = lambda a: mx.sqrt((a.astype(mx.float32) ** 2).sum(-1))
+    assert mx.allclose(norms(k), mx.ones((2, 3)), atol=1e-2) and mx.allclose(norms(q), mx.full((2, 3), 0.25),
+                                                                             atol=1e-2)
+    assert (g < 0).all().item() and ((beta > 0) & (beta < 1)).all().item()
+
+
+def test_gated_delta_bench_runs(reference_only, monkeypatch):
+    monkeypatch.setattr(device_check, "time_per_call", lambda fn, operands, x: mx.eval(fn(x, *operands[0])) or 1e-6)
+    rows = device_check.bench_gated_delta({"tiny": (1, 2, 4, 16, 24)}, 1000.0, lambda *_: None, copies=2)
+    assert [(r["shape"], r["ours_us"], r["reference_us"]) for r in rows] == [("tiny", 1.0, 1.0)]
+    state_bytes = 1 * 4 * 16 * 24 * 4
+    assert rows[0]["ours_gbs"] * 1e3 > 2 * state_bytes  # bytes per µs: at least the state read and written
+
+
 def test_main_runs_every_part_and_writes_the_json(reference_only, monkeypatch, tmp_path):
     """The whole command on tiny shapes (the reference path standing in for the kernels), so that the one device
     call is not spent on a wiring mistake: every part runs, the JSON holds each part's results, exit status 0."""
@@ -125,13 +158,16 @@ def test_main_runs_every_part_and_writes_the_json(reference_only, monkeypatch, t
     monkeypatch.setattr(device_check, "GATHER_BENCH_CASES", [(device_check.GATHER_TARGET_SHAPE, 1)])
     monkeypatch.setattr(device_check, "bench_fused", functools.partial(
         device_check.bench_fused, dense=(64, 32, 96, 128), experts=(8, 128, 128), copies=4))
+    monkeypatch.setattr(device_check, "GATED_DELTA_SHAPES", TINY_GATED_DELTA)
+    monkeypatch.setattr(device_check, "GATED_DELTA_BENCH_SHAPES", {"tiny": (1, 2, 4, 16, 24)})
     monkeypatch.setattr(device_check, "time_per_call", lambda fn, operands, x: mx.eval(fn(x, *operands[0])) or 1e-6)
     monkeypatch.setattr(device_check, "check_model", lambda preset, log: dict(preset=preset, ok=True))
     monkeypatch.setattr(device_check, "end_to_end", lambda preset, layers, prompt, gen, log: [dict(preset=preset)])
     out = tmp_path / "device_check.json"
     assert device_check.main(["--quick", "--json", str(out), "--prompt", "8", "--gen", "2"]) == 0
     result = json.loads(out.read_text())
-    for key in ("qmatmul", "gather_qmv", "rope", "router", "fused", "model", "qmatmul_bench", "gather_qmv_bench",
-                "rope_bench", "fused_bench", "end_to_end", "moe_end_to_end"):
+    for key in ("qmatmul", "gather_qmv", "rope", "router", "gated_delta", "fused", "model", "qmatmul_bench",
+                "gather_qmv_bench", "rope_bench", "fused_bench", "gated_delta_bench", "end_to_end", "moe_end_to_end"):
         assert result[key], key
-    assert result["failures"] == 0 and result["schema"] == "qwen-mlx-device-check/3"
+    assert [r["shape"] for r in result["gated_delta"]] == ["tiny", "tiny", "odd", "odd"]  # --quick: bf16, fp32
+    assert result["failures"] == 0 and result["schema"] == "qwen-mlx-device-check/4"

@@ -29,6 +29,7 @@ qmatmul_kernel = sys.modules["qwen_mlx.kernels.qmatmul"]
 gather_kernel = sys.modules["qwen_mlx.kernels.gather_qmv"]
 projections = sys.modules["qwen_mlx.kernels.projections"]
 router_kernel = sys.modules["qwen_mlx.kernels.router"]
+gated_delta_kernel = sys.modules["qwen_mlx.kernels.gated_delta"]
 rope_kernel = sys.modules["qwen_mlx.kernels.rope"]
 STUBS = Path(__file__).parent / "kernel_stubs"
 
@@ -383,15 +384,29 @@ def router_launches():
             yield router_kernel.launch(mx.zeros((3, experts), dtype), top_k, norm)
 
 
+def gated_delta_launches():
+    """Qwen3.5-35B-A3B's shapes (16 key heads, 32 value heads, 128 x 128) in each dtype with g float32, and odd
+    shapes (a partial block of columns, Dk != Dv, 3 value heads per key head, g and beta in other dtypes, inputs of
+    fewer than 8 elements: Metal's constant address space)."""
+    for dtype in gated_delta_kernel.DTYPES:
+        for b, hk, hv, dk, dv, g_dtype, beta_dtype in ((1, 16, 32, 128, 128, mx.float32, dtype),
+                                                       (2, 1, 3, 24, 40, dtype, mx.float32),
+                                                       (1, 1, 1, 3, 2, mx.float32, dtype)):
+            yield gated_delta_kernel.launch(mx.zeros((b, hk, dk), dtype), mx.zeros((b, hk, dk), dtype),
+                                            mx.zeros((b, hv, dv), dtype), mx.zeros((b, hv), g_dtype),
+                                            mx.zeros((b, hv), beta_dtype), mx.zeros((b, hv, dk, dv)))
+
+
 LAUNCHES = {"qmatmul": (qmatmul_kernel.KERNEL, qmatmul_launches), "rope": (rope_kernel.KERNEL, rope_launches),
             "router": (router_kernel.KERNEL, router_launches),
+            "gated_delta": (gated_delta_kernel.KERNEL, gated_delta_launches),
             "gather_qmv": (gather_kernel.KERNEL, gather_qmv_launches),
             "qmatmul_parts2": (projections.parts_kernel(2), parts_launches(2)),
             "qmatmul_parts3": (projections.parts_kernel(3), parts_launches(3)),
             "qmatmul_swiglu": (projections.SWIGLU_KERNEL, swiglu_launches),
             "gather_qmv_swiglu": (gather_kernel.SWIGLU_KERNEL, gather_fused_launches("swiglu")),
             "gather_qmv_sum": (gather_kernel.SUM_KERNEL, gather_fused_launches("sum"))}
-QUANTIZED = [name for name in LAUNCHES if name not in ("rope", "router")]  # built on qmatmul's shared loop
+QUANTIZED = [name for name in LAUNCHES if name not in ("rope", "router", "gated_delta")]  # built on qmatmul's shared loop
 BROKEN = Kernel("broken", ("x",), ("y",), "y[LANE] = x[LANE] + undeclared_name;")
 
 

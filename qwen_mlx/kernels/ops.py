@@ -18,6 +18,7 @@ import mlx.nn as nn
 
 from qwen_mlx.errors import UserError
 from qwen_mlx.kernels import dialect
+from qwen_mlx.kernels import gated_delta as _gated_delta
 from qwen_mlx.kernels import gather_qmv as _gather_qmv
 from qwen_mlx.kernels import projections as _projections
 from qwen_mlx.kernels import qmatmul as _qmatmul
@@ -173,6 +174,18 @@ def rope(q: mx.array, k: mx.array, inv_freq: mx.array, wavelengths: mx.array, *,
     if scale != 1.0:
         q, k = q * scale, k * scale
     return q, k
+
+
+def gated_delta_step(q: mx.array, k: mx.array, v: mx.array, g: mx.array, beta: mx.array,
+                     state: mx.array) -> tuple[mx.array, mx.array]:
+    """One decode token of the gated delta rule (kernels/gated_delta.py has the math): q, k (B, Hk, Dk)
+    L2-normalised, q scaled by Dk**-0.5; v (B, Hv, Dv); g (B, Hv) log-decay; beta (B, Hv); state (B, Hv, Dk, Dv)
+    float32 -> y (B, Hv, Dv) in v's dtype, the new state float32. One launch on a GPU."""
+    used = backend()
+    if used != "reference" and _gated_delta.supports(q, k, v, g, beta, state):
+        y, new_state = dialect.run(_gated_delta.KERNEL, used, _gated_delta.launch(q, k, v, g, beta, state))
+        return y, new_state
+    return _gated_delta.reference(q, k, v, g, beta, state)
 
 
 def gather_mm(x: mx.array, w: mx.array, experts: mx.array, sorted_experts: bool) -> mx.array:
