@@ -293,7 +293,7 @@ def _convert(args: argparse.Namespace) -> None:
     print(f"wrote {result.path} ({what}, {result.total_bytes / 2**20:.1f} MiB in {result.shards} "
           f"shard{'s' if result.shards > 1 else ''}, {result.seconds:.1f} s)")
     if args.report:
-        from qwen_mlx.weights.convert import quality_report
+        from qwen_mlx.weights.quality import quality_report
 
         print(quality_report(args.src, result, text_file=args.report_text))
 
