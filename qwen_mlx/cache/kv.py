@@ -68,7 +68,7 @@ def _settings(meta_state: Mapping, names: tuple[str, ...], nullable: tuple[str, 
 # ---------------------------------------------------------------------------------------------- growing caches
 
 
-class StoredCache:
+class _StoredCache:
     """What the caches share: a position (`offset`) and a Store."""
 
     kind: ClassVar[str]  # the cache's name in a prompt-cache file
@@ -101,7 +101,7 @@ class StoredCache:
         self.offset = offset
 
 
-class KVCache(StoredCache):
+class KVCache(_StoredCache):
     """Keys and values of every token seen, float, preallocated in steps of 256 tokens and returned as views."""
 
     kind = "kv"
@@ -146,7 +146,7 @@ class KVCache(StoredCache):
 
 
 
-class QuantizedKVCache(StoredCache):
+class QuantizedKVCache(_StoredCache):
     """Every token's K and V group-quantized with mx.quantize (`bits` per value plus a float scale and bias per
     `group_size` values); attention runs on the quantized data (quantized_attention). Grows in steps of 256.
     A step's own keys are quantized before it attends to them: every query reads exactly what is stored."""
@@ -199,7 +199,7 @@ class QuantizedKVCache(StoredCache):
 # --------------------------------------------------------------------------------------------- rotating cache
 
 
-class RotatingKVCache(StoredCache):
+class RotatingKVCache(_StoredCache):
     """Fixed memory: the first `keep` tokens are pinned, the others live in a ring; float, or quantized when
     `bits` is given (the quantized attention of QuantizedKVCache).
 
