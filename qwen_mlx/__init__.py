@@ -15,7 +15,8 @@ from qwen_mlx.engine.generate import GenerationStats
 from qwen_mlx.engine.sampling import SamplingParams
 from qwen_mlx.errors import UserError
 from qwen_mlx.models.config import ModelConfig
-from qwen_mlx.weights.loader import LoadError, load_model
+from qwen_mlx.weights.loader import load_model
+from qwen_mlx.weights.names import LoadError
 
 __version__ = "0.1.0"
 

@@ -25,16 +25,9 @@ import numpy as np
 import pytest
 from helpers import greedy_ours, prompt_ids
 
-from qwen_mlx.cache.kv import (
-    CacheError,
-    CacheFileError,
-    KVCache,
-    QuantizedKVCache,
-    RotatingKVCache,
-    load_cache,
-    make_cache,
-    save_cache,
-)
+from qwen_mlx.cache.files import CacheFileError, load_cache, save_cache
+from qwen_mlx.cache.kv import KVCache, QuantizedKVCache, RotatingKVCache, make_cache
+from qwen_mlx.cache.store import CacheError
 from qwen_mlx.errors import UserError
 from qwen_mlx.weights.loader import load_model
 
@@ -613,8 +606,8 @@ def test_save_writes_a_temp_file_fsyncs_then_renames(saved, monkeypatch):
 SAVER = r"""
 import os, random, signal, sys
 import mlx.core as mx
-from qwen_mlx import files
-from qwen_mlx.cache import kv as c
+from qwen_mlx.cache import files as c
+from qwen_mlx.cache.kv import make_cache
 from qwen_mlx.weights.loader import load_model
 
 checkpoint, path, point, first = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -633,7 +626,7 @@ elif point == "before_rename":  # written and synced, not yet renamed
         os.kill(os.getpid(), signal.SIGKILL)
     os.replace = killed
 for version in range(first, first + 1000):
-    caches = c.make_cache(cfg)
+    caches = make_cache(cfg)
     for layer in caches:
         layer.update_and_fetch(mx.full(shape, float(version)), mx.full(shape, -float(version)))
     c.save_cache(path, caches, model=model, metadata={"version": str(version)})

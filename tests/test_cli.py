@@ -61,11 +61,12 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
 
 def test_internal_error_is_one_line_and_debug_shows_the_traceback(monkeypatch, capsys):
     from qwen_mlx import cli as cli_module
+    from qwen_mlx import commands
 
     def broken(args):
         raise RuntimeError("index out of range\n  in a place")
 
-    monkeypatch.setattr(cli_module, "_info", broken)
+    monkeypatch.setattr(commands, "info", broken)
     assert cli_module.main(["info", "--model", "x"]) == 1
     assert capsys.readouterr().err == ("qwen-mlx: error: internal error: RuntimeError: index out of range in a place "
                                        "(run with --debug for the traceback)\n")
@@ -78,20 +79,22 @@ def test_internal_error_is_one_line_and_debug_shows_the_traceback(monkeypatch, c
 
 def test_a_failing_disk_is_one_line_naming_the_file(monkeypatch, capsys):
     from qwen_mlx import cli as cli_module
+    from qwen_mlx import commands
 
     def disk_full(args):
         raise OSError(28, "No space left on device", "/tmp/out/model.safetensors")
 
-    monkeypatch.setattr(cli_module, "_info", disk_full)
+    monkeypatch.setattr(commands, "info", disk_full)
     assert cli_module.main(["info", "--model", "x"]) == 1
     assert capsys.readouterr().err == "qwen-mlx: error: /tmp/out/model.safetensors: No space left on device\n"
 
 
 def test_interrupt_exits_130(monkeypatch):
     from qwen_mlx import cli as cli_module
+    from qwen_mlx import commands
 
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli_module, "_info", interrupted)
+    monkeypatch.setattr(commands, "info", interrupted)
     assert cli_module.main(["info", "--model", "x"]) == 130

@@ -19,7 +19,8 @@ from helpers import prompt_ids
 
 from qwen_mlx.errors import UserError
 from qwen_mlx.weights.convert import convert
-from qwen_mlx.weights.loader import LoadError, load_model, read_index
+from qwen_mlx.weights.loader import load_model, read_index
+from qwen_mlx.weights.names import LoadError
 from qwen_mlx.weights.quant import layer_settings, logit_agreement
 
 
@@ -192,7 +193,7 @@ def test_microscaling_modes_load_in_both(tiny_checkpoint, tmp_path, mode):
 # every file is written and synced but before the rename.
 KILLER = """
 import os, signal, sys
-import qwen_mlx.convert as c
+import qwen_mlx.weights.convert as c
 point, n = sys.argv[1], int(sys.argv[2])
 closed = 0
 if point == "shard":

@@ -27,7 +27,8 @@ from mlx.utils import tree_flatten
 from qwen_mlx.cache.kv import make_cache
 from qwen_mlx.distributed.runtime import DistributedError, check_tensor_split, expert_range, memory_plan, plan_stages
 from qwen_mlx.models.qwen3 import checkpoint_weights
-from qwen_mlx.weights.loader import LoadError, load_config, load_model
+from qwen_mlx.weights.loader import load_config, load_model
+from qwen_mlx.weights.names import LoadError
 from qwen_mlx.weights.quant import quantize_model
 
 TOL = 1e-4  # max abs difference of fp32 logits (only the order of additions differs)

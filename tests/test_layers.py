@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MAX_LINES = 450
 
 LAYERS = {
-    "qwen_mlx.errors": 0, "qwen_mlx.files": 0,
+    "qwen_mlx.errors": 0, "qwen_mlx.files": 0, "qwen_mlx.quant_formats": 0,
     "qwen_mlx.kernels": 1,
     "qwen_mlx.models": 2,
     "qwen_mlx.cache": 3,
@@ -21,6 +21,7 @@ LAYERS = {
     "qwen_mlx.api": 6, "qwen_mlx": 6.5,  # the package's __init__ re-exports the public API
     "qwen_mlx.distributed": 7, "qwen_mlx.bench": 7,
     "qwen_mlx.serve": 8, "tui": 8,  # the faces
+    "qwen_mlx.commands": 8.5,  # each subcommand's body, run by the CLI
     "qwen_mlx.cli": 9,  # the entry point that starts every face
 }
 
@@ -141,6 +142,13 @@ def test_the_checker_sees_a_circle_and_an_upward_import(tmp_path, monkeypatch):
                 raise AssertionError(f"{check.__name__} passed on a tree with a circle")
     finally:
         ROOT = saved
+
+
+def test_no_module_is_longer_than_max_lines():
+    # qwen_mlx/distributed/ is left out for now: its split (runtime.py) lands separately.
+    lengths = {p.relative_to(ROOT): len(p.read_text().splitlines()) for p in (ROOT / "qwen_mlx").rglob("*.py")}
+    long = {str(path): n for path, n in lengths.items() if n > MAX_LINES and path.parts[1] != "distributed"}
+    assert not long, f"modules over {MAX_LINES} lines: {long}"
 
 
 def test_at_least_five_wings():

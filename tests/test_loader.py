@@ -6,7 +6,8 @@ import sys
 import mlx.core as mx
 import pytest
 
-from qwen_mlx.weights.loader import LoadError, load_model, resolve
+from qwen_mlx.weights.loader import load_model, resolve
+from qwen_mlx.weights.names import LoadError
 
 
 @pytest.fixture

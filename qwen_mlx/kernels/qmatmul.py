@@ -18,12 +18,12 @@ from __future__ import annotations
 import mlx.core as mx
 
 from qwen_mlx.kernels.dialect import Kernel, Launch
+from qwen_mlx.quant_formats import QUANT_FORMATS
 
 MAX_M = 8  # larger M is a matrix product: mx.quantized_matmul's tiled kernels win there
 ROWS = 4  # output rows per warp
 WARPS = 2  # warps per threadgroup
-BITS = (2, 3, 4, 5, 6, 8)
-GROUP_SIZES = (32, 64, 128)
+BITS, GROUP_SIZES = QUANT_FORMATS["affine"]  # the kernel reads every affine format
 DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
 # The product of ROWS rows of one quantized matrix with M rows of x, shared by every kernel of this package that

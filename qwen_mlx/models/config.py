@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from qwen_mlx.errors import UserError
+from qwen_mlx.quant_formats import quant_format_problem
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "qwen3_moe")
 
@@ -104,11 +105,12 @@ class ModelConfig:
             for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
                         "decoder_sparse_step", "mlp_only_layers"):
                 out.pop(key)
-        out["architectures"] = [_ARCHITECTURES[self.model_type]]
+        out["architectures"] = [ARCHITECTURES[self.model_type]]
         return out
 
 
-_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+# model_type -> the transformers class a config.json names in "architectures"
+ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 
 def _parse(raw: dict, source: str) -> ModelConfig:
@@ -247,27 +249,6 @@ def _parse_quantization(raw: dict, source: str) -> dict | None:
         elif not isinstance(override, bool):
             raise ConfigError(f"{source}: quantization[{key!r}] must be an object or a boolean, got {override!r}")
     return quant
-
-
-# MLX quantization formats: mode -> (bits, group sizes). affine stores a scale and a bias per group; the
-# microscaling formats store one shared exponent (mx) or fp8 scale (nv) per group and have one fixed shape.
-QUANT_FORMATS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
-    "affine": ((2, 3, 4, 5, 6, 8), (32, 64, 128)),
-    "mxfp4": ((4,), (32,)),
-    "mxfp8": ((8,), (32,)),
-    "nvfp4": ((4,), (16,)),
-}
-
-
-def quant_format_problem(mode: object, bits: object, group_size: object) -> str | None:
-    """What MLX can store instead of (mode, bits, group_size), or None when it can store that."""
-    if mode not in QUANT_FORMATS:
-        return f"mode {mode!r} is not one of {', '.join(QUANT_FORMATS)}"
-    all_bits, groups = QUANT_FORMATS[mode]
-    if bits not in all_bits or group_size not in groups:
-        return (f"{mode} takes bits {'/'.join(map(str, all_bits))} and group size "
-                f"{'/'.join(map(str, groups))}")
-    return None
 
 
 def _check_quant_settings(settings: dict, key: str, source: str) -> None:

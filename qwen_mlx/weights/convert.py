@@ -1,4 +1,5 @@
-"""Write an MLX checkpoint (mlx-lm's layout) from a Hugging Face checkpoint, an MLX checkpoint or a GGUF file.
+"""Write an MLX checkpoint (mlx-lm's layout) from a Hugging Face checkpoint, an MLX checkpoint or a GGUF file
+(read by sources.py; quality.py measures the result).
 
 One tensor at a time: each source tensor is read lazily, cast, quantized and streamed into its shard file, so peak
 memory stays near the largest tensor (an expert stack for MoE), not the model. The output appears complete or not
@@ -13,64 +14,25 @@ import os
 import shutil
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from qwen_mlx.errors import UserError
 from qwen_mlx.files import fsync_dir
 from qwen_mlx.models.config import ModelConfig
 from qwen_mlx.models.qwen3 import Model, checkpoint_weights
-from qwen_mlx.weights.loader import (
-    _DTYPES,
-    _EXPERT,
-    TensorInfo,
-    check_weights,
-    load_config,
-    read_index,
-    resolve,
-    sanitize,
-)
+from qwen_mlx.weights.loader import SAFETENSORS_DTYPES, check_weights
 from qwen_mlx.weights.quant import layer_settings, plan_quantization, quantizable_layers
+from qwen_mlx.weights.sources import DTYPES, ConvertError, Source, SourceTensor, open_source
 
 DEFAULT_SHARD_SIZE = 5 * 10**9  # bytes; the hub's and mlx-lm's limit
-# Copied from the source when present; never code (*.py) and never anything the model does not need.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "chat_template.json")
-DTYPES = {"bf16": mx.bfloat16, "bfloat16": mx.bfloat16, "fp16": mx.float16, "float16": mx.float16,
-          "fp32": mx.float32, "float32": mx.float32}
 _DTYPE_NAMES = {mx.bfloat16: "bfloat16", mx.float16: "float16", mx.float32: "float32"}
-_SAFETENSORS_DTYPES = {dtype: name for name, dtype in _DTYPES.items()}  # what the loader reads is what we write
-
-
-class ConvertError(UserError):
-    """A convert that cannot start: bad source, output or options. One sentence naming the path or flag."""
-
-
-@dataclass(frozen=True)
-class SourceTensor:
-    """One model parameter of the source, by its name in the (unquantized) model."""
-
-    shape: tuple[int, ...]  # as the unquantized model holds it
-    load: Callable[[], mx.array]  # the floating-point tensor, lazily; called once
-    # Quantized in the source (an MLX checkpoint): (group_size, bits, mode) and the packed arrays {"weight",
-    # "scales"[, "biases"]}, copied as they are when the output asks for the same quantization.
-    packed: tuple[tuple[int, int, str], Callable[[], dict[str, mx.array]]] | None = None
-
-
-@dataclass
-class Source:
-    name: str  # what the user passed, for the card
-    config: dict  # config.json in Hugging Face spelling, without any quantization section
-    tensors: dict[str, SourceTensor]
-    files: dict[str, bytes]  # tokenizer and generation config files, by name
-    dtype: mx.Dtype  # the output dtype unless --dtype says otherwise
-    index: dict[str, TensorInfo] = field(default_factory=dict)  # safetensors sources: where each tensor lives
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}  # what the loader reads we write
 
 
 @dataclass
@@ -132,108 +94,6 @@ def convert(src: str | Path, out: str | Path, *, bits: int | None = None, group_
         _write_file(tmp / "README.md", _card(source.name, out.name, cfg, quantization, out_dtype, total,
                                              _quantized_bits(jobs)).encode())
     return ConvertResult(out, quantization, total, len(shards), time.perf_counter() - start, errors)
-
-
-# --- sources -------------------------------------------------------------------------------------------------
-
-def open_source(src: str | Path) -> Source:
-    """A checkpoint directory, hub id or .gguf file, with every tensor checked and nothing read yet."""
-    path = Path(src).expanduser()
-    if path.is_file():
-        if path.suffix.lower() != ".gguf":
-            raise ConvertError(f"{src}: not a checkpoint directory or a .gguf file")
-        from qwen_mlx.weights.gguf import read_gguf
-
-        return _gguf_source(str(src), read_gguf(path))
-    return _safetensors_source(str(src), resolve(src))
-
-
-def _safetensors_source(name: str, path: Path) -> Source:
-    cfg = load_config(path)
-    raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    for key in ("quantization", "quantization_config", "auto_map", "_name_or_path"):
-        raw.pop(key, None)  # auto_map names code that is never run nor copied
-    index = read_index(path)
-    for tensor, info in index.items():
-        if info.dtype not in _DTYPES:
-            raise ConvertError(f"{info.file.name}: tensor {tensor} has dtype {info.dtype}, which qwen-mlx does not "
-                               "convert")
-    # mx.load is lazy: an array is read from its file when evaluated. Each is taken out of `arrays` when it is
-    # used, so that once written it is freed.
-    arrays: dict[str, mx.array] = {}
-    for file in sorted({info.file for info in index.values()}):
-        arrays.update(mx.load(str(file)))
-    take = arrays.pop
-
-    tensors: dict[str, SourceTensor] = {}
-    experts: dict[str, dict[int, str]] = {}
-    quant = cfg.quantization
-    for tensor, info in index.items():
-        if tensor.endswith("rotary_emb.inv_freq") or (cfg.tie_word_embeddings and tensor.startswith("lm_head.")):
-            continue
-        if tensor.endswith((".scales", ".biases")) and quant:
-            continue  # read with their weight below
-        m = _EXPERT.match(tensor)
-        if m:
-            prefix, e, proj, kind = m.groups()
-            experts.setdefault(f"{prefix}.switch_mlp.{proj}.{kind}", {})[int(e)] = tensor
-            continue
-        layer = tensor.removesuffix(".weight")
-        if quant and f"{layer}.scales" in index:
-            tensors[tensor] = _packed_tensor(layer, index, quant, take)
-        else:
-            tensors[tensor] = SourceTensor(info.shape, lambda t=tensor: take(t))
-    for stacked, per_expert in experts.items():
-        names = [per_expert[e] for e in sorted(per_expert)]
-        if sorted(per_expert) != list(range(cfg.num_experts)):
-            missing = sorted(set(range(cfg.num_experts)) - set(per_expert))
-            raise ConvertError(f"{path}: tensor {stacked.replace('switch_mlp', f'experts.{missing[0]}')} is "
-                               "missing" if missing else f"{path}: {stacked} has more experts than the config")
-        shapes = {index[n].shape for n in names}
-        if len(shapes) != 1:
-            raise ConvertError(f"{index[names[0]].file.name}: the experts of {stacked} differ in shape")
-        tensors[stacked] = SourceTensor((len(names), *index[names[0]].shape),
-                                        lambda names=names: mx.stack([take(n) for n in names]))
-    return Source(name, raw, tensors, _copy_files(path), _default_dtype(cfg.torch_dtype), index)
-
-
-def _packed_tensor(layer: str, index: dict[str, TensorInfo], quant: dict, take) -> SourceTensor:
-    """A weight quantized in the source: checked against its stated settings, dequantized when loaded."""
-    settings = layer_settings(quant, layer)
-    weight, scales = index[f"{layer}.weight"], index[f"{layer}.scales"]
-    if settings is None or weight.dtype != "U32":
-        raise ConvertError(f"{weight.file.name}: {layer} has scales but config.json does not quantize it")
-    group_size, bits, mode = settings
-    in_dims = weight.shape[-1] * 32 // bits
-    if in_dims != scales.shape[-1] * group_size or weight.shape[:-1] != scales.shape[:-1]:
-        raise ConvertError(f"{weight.file.name}: {layer}.weight {weight.shape} and .scales {scales.shape} do not fit "
-                           f"{bits}-bit group {group_size} quantization")
-    parts = ["weight", "scales"] + (["biases"] if f"{layer}.biases" in index else [])
-
-    def packed() -> dict[str, mx.array]:
-        return {part: take(f"{layer}.{part}") for part in parts}
-
-    def load() -> mx.array:
-        p = packed()
-        return mx.dequantize(p["weight"], p["scales"], p.get("biases"), group_size, bits, mode=mode)
-
-    return SourceTensor((*weight.shape[:-1], in_dims), load, ((group_size, bits, mode), packed))
-
-
-def _gguf_source(name: str, gguf) -> Source:
-    tensors = {n: SourceTensor(shape, load) for n, (shape, load) in gguf.tensors.items()}
-    return Source(name, gguf.config, tensors, gguf.files, _default_dtype(gguf.config.get("torch_dtype")))
-
-
-def _default_dtype(name: object) -> mx.Dtype:
-    return DTYPES.get(name, mx.bfloat16) if isinstance(name, str) else mx.bfloat16
-
-
-def _copy_files(path: Path) -> dict[str, bytes]:
-    names = [n for n in TOKENIZER_FILES + ("generation_config.json",) if (path / n).is_file()]
-    names += sorted(f.name for f in path.glob("*.jinja") if f.is_file())
-    return {n: (path / n).read_bytes() for n in names}
-
 
 # --- the plan: which arrays go into the output ---------------------------------------------------------------
 
@@ -380,7 +240,7 @@ def _safetensors_header(outs: list[_Out]) -> bytes:
     header: dict = {"__metadata__": {"format": "mlx"}}
     offset = 0
     for o in outs:
-        header[o.name] = {"dtype": _SAFETENSORS_DTYPES[o.dtype], "shape": list(o.shape),
+        header[o.name] = {"dtype": _SAFETENSORS_NAMES[o.dtype], "shape": list(o.shape),
                           "data_offsets": [offset, offset + o.nbytes]}
         offset += o.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -484,49 +344,6 @@ from mlx_lm import load  # mlx-lm reads the same layout
 model, tokenizer = load("{name}")
 ```
 """
-
-
-# --- quality -------------------------------------------------------------------------------------------------
-
-def quality_report(src: str | Path, result: ConvertResult, *, text_file: str | Path | None = None,
-                   tokens: int = 256) -> str:
-    """Per-tensor relative error (from the convert) and end to end: KL divergence and top-1 agreement of the
-    converted model's next-token distribution vs the source's, over `text_file` (which also gives perplexity) or
-    over random token ids. The source model is held unquantized in memory for this."""
-    from qwen_mlx.weights.loader import load_model
-    from qwen_mlx.weights.quant import logit_agreement, perplexity
-
-    source = open_source(src)
-    reference = Model(ModelConfig.from_dict(source.config, str(src)))
-    params = {name for name, _ in tree_flatten(reference.parameters())}
-    weights = sanitize({name: t.load() for name, t in source.tensors.items()}, reference.config, params)
-    reference.load_weights(list(weights.items()))
-    converted, _ = load_model(result.path)
-    if text_file is not None:
-        from qwen_mlx.engine.tokenizer import Tokenizer
-
-        try:
-            text = Path(text_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConvertError(f"{text_file}: cannot read the report text ({type(e).__name__})") from None
-        ids = mx.array(Tokenizer.from_dir(result.path).encode(text)[:tokens])
-        if ids.size < 2:
-            raise ConvertError(f"{text_file}: the report text needs at least two tokens")
-    else:
-        ids = mx.random.randint(0, converted.config.vocab_size, (tokens,), key=mx.random.key(0))
-    ref_logits, logits = reference(ids[None])[0], converted(ids[None])[0]
-    m = logit_agreement(ref_logits, logits)
-    lines = []
-    if result.tensor_errors:
-        errors = sorted(result.tensor_errors.items(), key=lambda kv: -kv[1])
-        mean = sum(result.tensor_errors.values()) / len(errors)
-        lines.append(f"tensor error  relative L2, mean {mean:.4f} over {len(errors)} quantized tensors; worst: "
-                     + ", ".join(f"{name} {err:.4f}" for name, err in errors[:3]))
-    lines.append(f"vs source     KL {m['kl_mean']:.5f} nats mean, {m['kl_max']:.5f} max; top-1 agreement "
-                 f"{100 * m['top1']:.1f}% over {ids.size} {'text' if text_file else 'random'} tokens")
-    if text_file is not None:
-        lines.append(f"perplexity    source {perplexity(ref_logits, ids):.3f}, converted {perplexity(logits, ids):.3f}")
-    return "\n".join(lines)
 
 
 def _human(n: int) -> str:

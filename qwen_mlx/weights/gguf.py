@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import mmap
-import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +28,8 @@ import mlx.core as mx
 import numpy as np
 
 from qwen_mlx.errors import UserError
+from qwen_mlx.models.config import ARCHITECTURES
+from qwen_mlx.weights.names import GGUF_UNUSED, gguf_name
 
 # gguf value types: id -> (struct format, size) for scalars
 _SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4), 5: ("<i", 4), 6: ("<f", 4),
@@ -43,21 +44,7 @@ DEFAULT_ALIGNMENT = 32
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
                    "Q6_K")
 
-ARCHITECTURES = {"qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe"}
-_HF_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
-
-# llama.cpp tensor names -> Hugging Face names (ours). The MoE expert stacks (E, out, in) map onto switch_mlp.
-_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_BLOCK_NAMES = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-    "ffn_gate_inp": "mlp.gate", "ffn_gate_exps": "mlp.switch_mlp.gate_proj",
-    "ffn_up_exps": "mlp.switch_mlp.up_proj", "ffn_down_exps": "mlp.switch_mlp.down_proj",
-}
-_BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
-_NOT_USED = ("rope_freqs.weight",)  # llama.cpp's precomputed rope factors; we compute our own
+MODEL_TYPES = {"qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe"}  # llama.cpp architecture -> ours
 
 # Qwen2's pre-tokenizer split (llama.cpp's "qwen2" pre-tokenizer), the same for Qwen2, 2.5 and 3.
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
@@ -257,15 +244,15 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
     header = read_header(path)
     meta = header.metadata
     arch = meta.get("general.architecture")
-    if arch not in ARCHITECTURES:
+    if arch not in MODEL_TYPES:
         raise GGUFError(f"{path}: architecture {arch!r} is not a Qwen model qwen-mlx runs "
-                        f"({', '.join(ARCHITECTURES)})")
+                        f"({', '.join(MODEL_TYPES)})")
     tensors = {}
     layers = set()
     for name, info in header.tensors.items():
-        if name in _NOT_USED:
+        if name in GGUF_UNUSED:
             continue
-        hf_name = _hf_name(name)
+        hf_name = gguf_name(name)
         if hf_name is None:
             raise GGUFError(f"{path}: tensor {name} is not part of a {arch} model")
         if name.startswith("blk."):
@@ -274,16 +261,6 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
     config = _config(path, arch, meta, header.tensors, layers)
     files = _tokenizer_files(path, meta, config)
     return GGUFCheckpoint(config, tensors, files)
-
-
-def _hf_name(name: str) -> str | None:
-    stem, _, kind = name.rpartition(".")
-    if stem in _GLOBAL_NAMES and kind == "weight":
-        return f"{_GLOBAL_NAMES[stem]}.weight"
-    m = _BLOCK.match(name)
-    if m and m.group(2) in _BLOCK_NAMES:
-        return f"model.layers.{int(m.group(1))}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
-    return None
 
 
 def _config(path: Path, arch: str, meta: dict, tensors: dict[str, TensorInfo], layers: set[int]) -> dict:
@@ -300,7 +277,7 @@ def _config(path: Path, arch: str, meta: dict, tensors: dict[str, TensorInfo], l
             raise GGUFError(f"{path}: metadata key {full} must be {kind.__name__}, got {value!r}")
         return value
 
-    model_type = ARCHITECTURES[arch]
+    model_type = MODEL_TYPES[arch]
     if "token_embd.weight" not in tensors:
         raise GGUFError(f"{path}: tensor token_embd.weight is missing")
     hidden, heads = get("embedding_length", int), get("attention.head_count", int)
@@ -310,7 +287,7 @@ def _config(path: Path, arch: str, meta: dict, tensors: dict[str, TensorInfo], l
                         f"{min(layers, default=0)}..{max(layers, default=-1)}")
     vocab = tensors["token_embd.weight"].shape[0]
     cfg = {
-        "architectures": [_HF_ARCHITECTURES[model_type]],
+        "architectures": [ARCHITECTURES[model_type]],
         "model_type": model_type,
         "hidden_size": hidden,
         "num_hidden_layers": n_layers,

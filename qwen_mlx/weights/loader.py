@@ -20,23 +20,18 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from qwen_mlx.errors import UserError, one_line
+from qwen_mlx.errors import one_line
 from qwen_mlx.models.config import ConfigError, ModelConfig
 from qwen_mlx.models.qwen3 import Model, SparseMoE, SwitchMLP, checkpoint_names
 from qwen_mlx.weights.memory import MemoryPlan, check_fits, kv_cache_bytes
+from qwen_mlx.weights.names import LoadError, sanitize
 from qwen_mlx.weights.quant import quantize_model
 
 # What a model needs from the hub: weights, configs, tokenizer and template. Never code.
 HUB_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "tokenizer*", "vocab.json", "merges.txt"]
 
-_DTYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16, "U32": mx.uint32,
-           "U8": mx.uint8}  # U8: the scales of the mxfp4/mxfp8/nvfp4 quantization modes
-_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp)\.experts\.(\d+)\."
-                     r"(gate_proj|up_proj|down_proj)\.(weight|scales|biases)$")
-
-
-class LoadError(UserError):
-    """A checkpoint cannot be found or loaded; the message is one sentence naming the file or tensor."""
+# The safetensors dtypes a checkpoint may hold (and convert writes). U8: the scales of the mxfp4/mxfp8/nvfp4 modes.
+SAFETENSORS_DTYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16, "U32": mx.uint32, "U8": mx.uint8}
 
 
 @dataclass(frozen=True)
@@ -198,7 +193,7 @@ def _weight_files(path: Path) -> list[Path]:
 
 def _check_dtypes(index: dict[str, TensorInfo]) -> None:
     for name, info in index.items():
-        if info.dtype not in _DTYPES:
+        if info.dtype not in SAFETENSORS_DTYPES:
             raise LoadError(f"{info.file.name}: tensor {name} has dtype {info.dtype}, which qwen-mlx does not load")
 
 
@@ -207,11 +202,11 @@ def _weight_bytes(index: dict[str, TensorInfo], dtype: mx.Dtype | None) -> tuple
     activations take the embedding's dtype (a quantized one's scales), or `dtype` when the weights are cast."""
     total = 0
     for info in index.values():
-        stored = _DTYPES[info.dtype]
+        stored = SAFETENSORS_DTYPES[info.dtype]
         cast = dtype if dtype is not None and mx.issubdtype(stored, mx.floating) else stored
         total += cast.size * math.prod(info.shape)
     embed = index.get("model.embed_tokens.scales") or index.get("model.embed_tokens.weight")
-    element = dtype or (_DTYPES[embed.dtype] if embed is not None else mx.float32)
+    element = dtype or (SAFETENSORS_DTYPES[embed.dtype] if embed is not None else mx.float32)
     return total, element.size
 
 
@@ -239,7 +234,7 @@ class ExpertRows:
 
     @property
     def dtype(self) -> mx.Dtype:
-        return _DTYPES[self.info.dtype]
+        return SAFETENSORS_DTYPES[self.info.dtype]
 
     def __getitem__(self, e: int) -> mx.array:
         size = self.dtype.size * math.prod(self.shape[1:])
@@ -302,100 +297,6 @@ def _shift_layers(quantization: dict, layers: range) -> dict:
         elif int(m[1]) in layers:
             out[f"model.layers.{int(m[1]) - layers.start}.{m[2]}"] = value
     return out
-
-
-def sanitize(weights: dict[str, mx.array | ExpertRows], cfg: ModelConfig, params: set[str],
-             experts: range | None = None) -> dict[str, mx.array]:
-    """Checkpoint names -> the model's `params`: drop what a model does not use, stack per-expert MoE tensors
-    (E, out, in), and join the experts' gate and up stacks into the model's gate_up_proj where it holds one.
-    With `experts`, the stacks hold only those experts (stacked from 0) and only they are read.
-
-    Consumes `weights` (emptied), so that each expert piece is freed as soon as it has been copied."""
-    out: dict[str, mx.array] = {}
-    per_expert: dict[str, dict[int, mx.array]] = {}  # stacked name -> expert -> piece
-    while weights:
-        name, value = weights.popitem()
-        if name.endswith("rotary_emb.inv_freq") or (cfg.tie_word_embeddings and name.startswith("lm_head.")):
-            continue
-        m = _EXPERT.match(name)
-        if m:
-            prefix, e, proj, kind = m.groups()
-            per_expert.setdefault(f"{prefix}.switch_mlp.{proj}.{kind}", {})[int(e)] = value
-            continue
-        out[name] = value
-    stacks = {name: _Stack.of_experts(name, pieces, cfg.num_experts, experts) for name, pieces in per_expert.items()}
-    for name in [n for n in out if ".switch_mlp." in n]:
-        stacks[name] = _Stack.whole(name, out.pop(name), cfg.num_experts, experts)
-    for name in sorted(params):
-        parts = checkpoint_names(name)
-        if len(parts) > 1 and all(p in stacks for p in parts):  # else check_weights names what is missing
-            out[name] = _join_in_place([stacks.pop(p) for p in parts], name)
-    for name, stack in stacks.items():  # not joined: a whole stack as it is, expert pieces stacked
-        index, read = stack.pieces[0]
-        out[name] = read() if index == (slice(None),) else _join_in_place([stack], name)
-    return out
-
-
-@dataclass
-class _Stack:
-    """One expert stack (E, rows, ...) of the checkpoint, or its experts in a range (stacked from 0), as pieces
-    (index into the stack, a function that reads the piece): E experts (Hugging Face's layout, index (e,)), the
-    whole stack in one (mlx-lm's, index (:,)), or one expert of that stack at a time when a range is kept."""
-
-    name: str
-    pieces: list[tuple[tuple, Callable[[], mx.array]] | None]
-    shape: tuple[int, ...]
-    dtype: mx.Dtype
-
-    @classmethod
-    def whole(cls, name: str, tensor: mx.array | ExpertRows, num_experts: int, experts: range | None) -> _Stack:
-        if experts is None:
-            return cls(name, [((slice(None),), lambda: tensor)], tuple(tensor.shape), tensor.dtype)
-        if tensor.shape[0] != num_experts:
-            raise LoadError(f"tensor {name} has shape {tuple(tensor.shape)}: {tensor.shape[0]} experts, the config "
-                            f"needs {num_experts}")
-        pieces = [((i,), lambda e=e: tensor[e]) for i, e in enumerate(experts)]
-        return cls(name, pieces, (len(experts), *tensor.shape[1:]), tensor.dtype)
-
-    @classmethod
-    def of_experts(cls, name: str, pieces: dict[int, mx.array], num_experts: int,
-                   experts: range | None) -> _Stack:
-        if sorted(pieces) != list(range(num_experts)):
-            missing = sorted(set(range(num_experts)) - set(pieces))
-            piece = name.replace(".switch_mlp.", f".experts.{missing[0] if missing else '?'}.")
-            raise LoadError(f"tensor {piece} is missing")
-        shape, dtype = tuple(pieces[0].shape), pieces[0].dtype
-        for e, piece in pieces.items():
-            if tuple(piece.shape) != shape or piece.dtype != dtype:
-                raise LoadError(f"expert {e} of {name} has shape {tuple(piece.shape)} {piece.dtype}, "
-                                f"expert 0 has {shape} {dtype}")
-        kept = experts if experts is not None else range(num_experts)
-        reads = [((i,), lambda piece=pieces.pop(e): piece) for i, e in enumerate(kept)]
-        pieces.clear()  # the other experts' pieces, never read
-        return cls(name, reads, (len(kept), *shape), dtype)
-
-
-def _join_in_place(stacks: list[_Stack], name: str) -> mx.array:
-    """The stacks joined along their rows (axis 1), without a second copy: each piece is read straight into its
-    slot of one buffer and dropped, so loading never holds more than the joined tensor plus one piece."""
-    first = stacks[0]
-    E, _, *rest = first.shape
-    for stack in stacks:
-        if (stack.shape[0], *stack.shape[2:]) != (E, *rest) or stack.dtype != first.dtype:
-            raise LoadError(f"{stack.name} {stack.shape} {stack.dtype} and {first.name} {first.shape} "
-                            f"{first.dtype} do not join into {name}")
-    joined = mx.zeros((E, sum(stack.shape[1] for stack in stacks), *rest), first.dtype)
-    start = 0
-    for stack in stacks:
-        rows = slice(start, start + stack.shape[1])
-        for i in range(len(stack.pieces)):
-            index, read = stack.pieces[i]
-            stack.pieces[i] = None
-            joined[(*index, rows)] = read()  # the old buffer has no other reference, so MLX updates it in place
-            del read  # and the piece, once read, is dropped
-            mx.eval(joined)
-        start = rows.stop
-    return joined
 
 
 def check_weights(expected: dict[str, tuple[int, ...]], index: dict[str, TensorInfo], weights: dict[str, mx.array],

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from qwen_mlx.cache.kv import STEP, default_slack
+from qwen_mlx.cache.kv import default_slack
+from qwen_mlx.cache.store import STEP
 from qwen_mlx.errors import UserError
 from qwen_mlx.models.config import ModelConfig
 

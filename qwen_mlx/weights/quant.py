@@ -17,8 +17,8 @@ from mlx.utils import tree_unflatten
 
 from qwen_mlx.errors import UserError
 from qwen_mlx.kernels import ops as kernels
-from qwen_mlx.models.config import QUANT_FORMATS, quant_format_problem
 from qwen_mlx.models.qwen3 import SwitchLinear, SwitchMLP, checkpoint_names
+from qwen_mlx.quant_formats import QUANT_FORMATS, quant_format_problem
 
 
 class QuantizedLinear(nn.QuantizedLinear):

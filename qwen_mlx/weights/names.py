@@ -1,0 +1,172 @@
+"""Checkpoint names -> the model's parameter names: the one place names change.
+
+A Hugging Face or mlx-lm checkpoint names its tensors by the model's module paths (models/qwen3.py), except:
+  - MoE experts: Hugging Face holds each expert apart (`...mlp.experts.{e}.{proj}.{kind}`), mlx-lm and the model
+    hold one stack (E, out, in) per projection (`...mlp.switch_mlp.{proj}.{kind}`): expert_stack / expert_piece;
+  - the model joins the experts' gate and up stacks into one gate_up_proj (models.qwen3.checkpoint_names);
+  - tensors no model uses: the rotary inv_freq buffer, the lm_head of a tied embedding (unused).
+llama.cpp's GGUF names (`blk.{i}.attn_q.weight`, ...) map onto the Hugging Face ones: gguf_name.
+sanitize applies all of it to a checkpoint's tensors, stacking experts without a second copy.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import mlx.core as mx
+
+from qwen_mlx.errors import UserError
+from qwen_mlx.models.config import ModelConfig
+from qwen_mlx.models.qwen3 import checkpoint_names
+
+_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp)\.experts\.(\d+)\."
+                     r"(gate_proj|up_proj|down_proj)\.(weight|scales|biases)$")
+
+# llama.cpp tensor names -> Hugging Face names. The MoE expert stacks (E, out, in) map onto switch_mlp.
+_GGUF_GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_GGUF_BLOCK = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.gate", "ffn_gate_exps": "mlp.switch_mlp.gate_proj",
+    "ffn_up_exps": "mlp.switch_mlp.up_proj", "ffn_down_exps": "mlp.switch_mlp.down_proj",
+}
+_GGUF_LAYER = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+GGUF_UNUSED = ("rope_freqs.weight",)  # llama.cpp's precomputed rope factors; we compute our own
+
+
+class LoadError(UserError):
+    """A checkpoint cannot be found or loaded; the message is one sentence naming the file or tensor."""
+
+
+class Experts(Protocol):
+    """A stack of experts (E, ...) read one expert at a time (loader.ExpertRows), or an mx.array."""
+
+    shape: tuple[int, ...]
+    dtype: mx.Dtype
+
+    def __getitem__(self, e: int) -> mx.array: ...
+
+
+def unused(name: str, cfg: ModelConfig) -> bool:
+    """A checkpoint tensor that no model uses (it is skipped, not an error)."""
+    return name.endswith("rotary_emb.inv_freq") or (cfg.tie_word_embeddings and name.startswith("lm_head."))
+
+
+def expert_stack(name: str) -> tuple[str, int] | None:
+    """`...mlp.experts.{e}.{proj}.{kind}` -> (`...mlp.switch_mlp.{proj}.{kind}`, e); None for any other name."""
+    m = _EXPERT.match(name)
+    return None if m is None else (f"{m[1]}.switch_mlp.{m[3]}.{m[4]}", int(m[2]))
+
+
+def expert_piece(stacked: str, e: int | str) -> str:
+    """The inverse of expert_stack: expert e's own tensor of the stack `stacked` (for messages)."""
+    return stacked.replace(".switch_mlp.", f".experts.{e}.")
+
+
+def gguf_name(name: str) -> str | None:
+    """A llama.cpp tensor name -> its Hugging Face name; None when a Qwen model has no such tensor."""
+    stem, _, kind = name.rpartition(".")
+    if stem in _GGUF_GLOBAL and kind == "weight":
+        return f"{_GGUF_GLOBAL[stem]}.weight"
+    m = _GGUF_LAYER.match(name)
+    if m and m[2] in _GGUF_BLOCK:
+        return f"model.layers.{int(m[1])}.{_GGUF_BLOCK[m[2]]}.{m[3]}"
+    return None
+
+
+def sanitize(weights: dict[str, mx.array | Experts], cfg: ModelConfig, params: set[str],
+             experts: range | None = None) -> dict[str, mx.array]:
+    """Checkpoint names -> the model's `params`: drop what a model does not use, stack per-expert MoE tensors
+    (E, out, in), and join the experts' gate and up stacks into the model's gate_up_proj where it holds one.
+    With `experts`, the stacks hold only those experts (stacked from 0) and only they are read.
+
+    Consumes `weights` (emptied), so that each expert piece is freed as soon as it has been copied."""
+    out: dict[str, mx.array] = {}
+    per_expert: dict[str, dict[int, mx.array]] = {}  # stacked name -> expert -> piece
+    while weights:
+        name, value = weights.popitem()
+        if unused(name, cfg):
+            continue
+        piece = expert_stack(name)
+        if piece:
+            stacked, e = piece
+            per_expert.setdefault(stacked, {})[e] = value
+            continue
+        out[name] = value
+    stacks = {name: _Stack.of_experts(name, pieces, cfg.num_experts, experts) for name, pieces in per_expert.items()}
+    for name in [n for n in out if ".switch_mlp." in n]:
+        stacks[name] = _Stack.whole(name, out.pop(name), cfg.num_experts, experts)
+    for name in sorted(params):
+        parts = checkpoint_names(name)
+        if len(parts) > 1 and all(p in stacks for p in parts):  # else check_weights names what is missing
+            out[name] = _join_in_place([stacks.pop(p) for p in parts], name)
+    for name, stack in stacks.items():  # not joined: a whole stack as it is, expert pieces stacked
+        index, read = stack.pieces[0]
+        out[name] = read() if index == (slice(None),) else _join_in_place([stack], name)
+    return out
+
+
+@dataclass
+class _Stack:
+    """One expert stack (E, rows, ...) of the checkpoint, or its experts in a range (stacked from 0), as pieces
+    (index into the stack, a function that reads the piece): E experts (Hugging Face's layout, index (e,)), the
+    whole stack in one (mlx-lm's, index (:,)), or one expert of that stack at a time when a range is kept."""
+
+    name: str
+    pieces: list[tuple[tuple, Callable[[], mx.array]] | None]
+    shape: tuple[int, ...]
+    dtype: mx.Dtype
+
+    @classmethod
+    def whole(cls, name: str, tensor: mx.array | Experts, num_experts: int, experts: range | None) -> _Stack:
+        if experts is None:
+            return cls(name, [((slice(None),), lambda: tensor)], tuple(tensor.shape), tensor.dtype)
+        if tensor.shape[0] != num_experts:
+            raise LoadError(f"tensor {name} has shape {tuple(tensor.shape)}: {tensor.shape[0]} experts, the config "
+                            f"needs {num_experts}")
+        pieces = [((i,), lambda e=e: tensor[e]) for i, e in enumerate(experts)]
+        return cls(name, pieces, (len(experts), *tensor.shape[1:]), tensor.dtype)
+
+    @classmethod
+    def of_experts(cls, name: str, pieces: dict[int, mx.array], num_experts: int,
+                   experts: range | None) -> _Stack:
+        if sorted(pieces) != list(range(num_experts)):
+            missing = sorted(set(range(num_experts)) - set(pieces))
+            raise LoadError(f"tensor {expert_piece(name, missing[0] if missing else '?')} is missing")
+        shape, dtype = tuple(pieces[0].shape), pieces[0].dtype
+        for e, piece in pieces.items():
+            if tuple(piece.shape) != shape or piece.dtype != dtype:
+                raise LoadError(f"expert {e} of {name} has shape {tuple(piece.shape)} {piece.dtype}, "
+                                f"expert 0 has {shape} {dtype}")
+        kept = experts if experts is not None else range(num_experts)
+        reads = [((i,), lambda piece=pieces.pop(e): piece) for i, e in enumerate(kept)]
+        pieces.clear()  # the other experts' pieces, never read
+        return cls(name, reads, (len(kept), *shape), dtype)
+
+
+def _join_in_place(stacks: list[_Stack], name: str) -> mx.array:
+    """The stacks joined along their rows (axis 1), without a second copy: each piece is read straight into its
+    slot of one buffer and dropped, so loading never holds more than the joined tensor plus one piece."""
+    first = stacks[0]
+    E, _, *rest = first.shape
+    for stack in stacks:
+        if (stack.shape[0], *stack.shape[2:]) != (E, *rest) or stack.dtype != first.dtype:
+            raise LoadError(f"{stack.name} {stack.shape} {stack.dtype} and {first.name} {first.shape} "
+                            f"{first.dtype} do not join into {name}")
+    joined = mx.zeros((E, sum(stack.shape[1] for stack in stacks), *rest), first.dtype)
+    start = 0
+    for stack in stacks:
+        rows = slice(start, start + stack.shape[1])
+        for i in range(len(stack.pieces)):
+            index, read = stack.pieces[i]
+            stack.pieces[i] = None
+            joined[(*index, rows)] = read()  # the old buffer has no other reference, so MLX updates it in place
+            del read  # and the piece, once read, is dropped
+            mx.eval(joined)
+        start = rows.stop
+    return joined
