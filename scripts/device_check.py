@@ -230,15 +230,18 @@ def check_fused(bits_list, groups, dtypes, ms, models: dict, expert_shapes: dict
                         with kernels_choice("custom"):
                             outs = kernels.linears(x, *(layer for layer, _ in qkv))
                             act = kernels.swiglu(x, *(layer for layer, _ in mlp)) if mlp else None
+                        with kernels_choice("reference"):  # MLX's ops: on a GPU the layers would call ours
+                            theirs = [layer(x) for layer, _ in qkv]
+                            act_mlx = nn.silu(mlp[0][0](x)) * mlp[1][0](x) if mlp else None
                         case = dict(model=model, bits=bits, group=group, dtype=dtype_name, m=m)
-                        for name, ours, (layer, dense) in zip("qkv", outs, qkv):
+                        for name, ours, mlx_out, (_, dense) in zip("qkv", outs, theirs, qkv):
                             rows.append(dict(case, op=f"linears {name}", **judged(
-                                ours, layer(x), x.astype(mx.float32) @ dense.T, dtype_name)))
+                                ours, mlx_out, x.astype(mx.float32) @ dense.T, dtype_name)))
                         if mlp:
-                            (gate, g32), (up, u32) = mlp
+                            (_, g32), (_, u32) = mlp
                             x32 = x.astype(mx.float32)
                             rows.append(dict(case, op="swiglu", **judged(
-                                act, nn.silu(gate(x)) * up(x), nn.silu(x32 @ g32.T) * (x32 @ u32.T), dtype_name)))
+                                act, act_mlx, nn.silu(x32 @ g32.T) * (x32 @ u32.T), dtype_name)))
                     del qkv, mlp
                     mx.clear_cache()
     for name, (e, n, k) in expert_shapes.items():  # (E, 2 * intermediate, hidden): the joined gate/up stack
@@ -354,9 +357,10 @@ def expert_cases(x, gate_up, down, experts, weights, group: int, bits: int, case
     with kernels_choice("custom"):
         h = kernels.expert_swiglu(x, gate_up, experts, False)  # (T, k, 1, I)
         y = kernels.expert_sum(h, down, experts, weights)  # (T, H)
-    g, u = mx.split(gate_up(x, experts), 2, axis=-1)
-    h_mlx = nn.silu(g) * u
-    y_mlx = (down(h, experts).squeeze(-2) * weights[..., None].astype(h.dtype)).sum(axis=-2)
+    with kernels_choice("reference"):  # MLX's ops: on a GPU the layers would call ours
+        g, u = mx.split(gate_up(x, experts), 2, axis=-1)
+        h_mlx = nn.silu(g) * u
+        y_mlx = (down(h, experts).squeeze(-2) * weights[..., None].astype(h.dtype)).sum(axis=-2)
     flat = experts.reshape(-1)
     dense = lambda layer: mx.dequantize(layer.weight[flat], layer.scales[flat], layer.biases[flat], group,
                                         bits).astype(mx.float32)  # (P, N, K)

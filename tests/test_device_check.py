@@ -171,3 +171,36 @@ def test_main_runs_every_part_and_writes_the_json(reference_only, monkeypatch, t
         assert result[key], key
     assert [r["shape"] for r in result["gated_delta"]] == ["tiny", "tiny", "odd", "odd"]  # --quick: bf16, fp32
     assert result["failures"] == 0 and result["schema"] == "qwen-mlx-device-check/4"
+
+
+def test_no_baseline_reaches_our_kernels(monkeypatch):
+    """On a GPU (forced here, with a stub runner recording each launch) every check and benchmark computes its
+    baseline with MLX's own ops: each launch of our kernels happens inside kernels_choice("custom"), where the
+    check computes ours. A baseline left outside it (say `layer(x)`) would launch our kernel with the variable
+    unset, and the check would compare our kernels with themselves."""
+    import os
+
+    from qwen_mlx.kernels import dialect
+
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    monkeypatch.setattr(kernels, "gpu_backend", lambda: "cuda")
+    launches = []
+    monkeypatch.setattr(dialect, "run", lambda kernel, backend, launch: launches.append(
+        (kernel.name, os.environ.get(kernels.ENV))) or [mx.zeros(s, d) for s, d in zip(launch.output_shapes,
+                                                                                         launch.output_dtypes)])
+    monkeypatch.setattr(device_check, "time_per_call", lambda fn, operands, x: mx.eval(fn(x, *operands[0])) or 1e-6)
+    quiet = lambda *_: None
+    device_check.check_qmatmul((4,), (64,), ("bfloat16",), (1, 2), {"tiny": (16, 256)}, quiet)
+    device_check.check_gather_qmv((4,), (64,), ("bfloat16",), (1,), TINY_EXPERTS, quiet)
+    device_check.check_fused((4,), (64,), ("bfloat16",), (1, 2), {"tiny": (64, 32, 96, 128)},
+                             {"tiny experts": (8, 2 * 64, 128)}, quiet)
+    device_check.check_router(("bfloat16",), (1,), quiet)
+    rope = make_rope(preset_config("qwen3-0.6b", 1))
+    device_check.rope_case(rope, mx.zeros((1, 3, 4, 128)), mx.zeros((1, 3, 2, 128)), 5, None, "float32", "tiny",
+                           "default")
+    device_check.bench_gather_qmv(TINY_EXPERTS, [("tiny gate/up", 1)], 1000.0, quiet)
+    device_check.bench_fused(quiet, dense=(64, 32, 96, 128), experts=(8, 128, 128), copies=4)
+    names = {name for name, _ in launches}
+    assert {"qwen_qmatmul", "qwen_gather_qmv", "qwen_qmatmul_parts3", "qwen_qmatmul_swiglu", "qwen_gather_qmv_swiglu",
+            "qwen_gather_qmv_sum", "qwen_router", "qwen_rope"} <= names
+    assert [(name, choice) for name, choice in launches if choice != "custom"] == []
