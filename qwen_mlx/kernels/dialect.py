@@ -83,6 +83,14 @@ __device__ inline float qwen_warp_max(float v) {
 METAL_HEADER = ""
 
 BACKENDS = ("metal", "cuda")
+# Metal passes an input of fewer elements in the constant address space (MLX's max_constant_array_size,
+# mlx/backend/common/metal_kernel.cpp): a body may index such an input but not hold it in a GLOBAL pointer.
+CONSTANT_BELOW = 8
+
+
+def in_device_memory(*arrays: mx.array) -> bool:
+    """Whether every array reaches a Metal kernel in the device address space (see CONSTANT_BELOW)."""
+    return all(a.size >= CONSTANT_BELOW for a in arrays)
 
 
 @dataclass(frozen=True)

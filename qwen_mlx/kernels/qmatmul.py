@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from qwen_mlx.kernels.dialect import Kernel, Launch
+from qwen_mlx.kernels.dialect import Kernel, Launch, in_device_memory
 from qwen_mlx.quant_formats import QUANT_FORMATS
 
 MAX_M = 8  # larger M is a matrix product: mx.quantized_matmul's tiled kernels win there
@@ -145,10 +145,11 @@ def values_per_step(bits: int) -> int:
 
 
 def supports(x: mx.array, w: mx.array, biases: mx.array | None, group_size: int, bits: int, mode: str) -> bool:
-    """Whether the kernel covers this product; anything else goes to mx.quantized_matmul."""
+    """Whether the kernel covers this product; anything else goes to mx.quantized_matmul. The body holds w, scales
+    and biases (the size of scales) in GLOBAL pointers: each needs 8 elements or more (dialect.CONSTANT_BELOW)."""
     if mode != "affine" or biases is None or bits not in BITS or group_size not in GROUP_SIZES:
         return False
-    if x.dtype not in DTYPES or w.ndim != 2 or x.size == 0:
+    if x.dtype not in DTYPES or w.ndim != 2 or x.size == 0 or not in_device_memory(w, biases):
         return False
     k = x.shape[-1]
     return x.size // k <= MAX_M and k == w.shape[1] * 32 // bits and k % values_per_step(bits) == 0
