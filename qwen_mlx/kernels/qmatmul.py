@@ -36,7 +36,6 @@ ROWS_ACC = """
 constexpr int WORDS = BITS == 2 ? 2 : (BITS == 3 || BITS == 6) ? 3 : BITS == 5 ? 5 : 4;  // words per lane per step
 constexpr int VALS = WORDS * 32 / BITS;  // values per lane per step: 32 or 16, inside one group
 constexpr uint32_t MASK = (1u << BITS) - 1u;
-constexpr int X_VECS = VALS * int(sizeof(T)) / 16;  // 16-byte loads of x per step
 
 float acc[M][ROWS];
 UNROLL for (int m = 0; m < M; m++) {
@@ -50,7 +49,8 @@ for (int step = int(LANE); step < K / VALS; step += 32) {
   float scale[ROWS];
   float bias[ROWS];
   UNROLL for (int r = 0; r < ROWS; r++) {
-    // Rows past the end read the last row again; their sums are never stored.
+    // Rows past the end read the last row again; their sums are never stored. The vector loads of w are aligned:
+    // w is an MLX buffer or a view of whole rows of one, and a row is a multiple of WORDS words (K % VALS == 0).
     const int row = min(first_row + r, n_rows - 1);
     const GLOBAL uint32_t* src = w_rows + size_t(row) * row_words + step * WORDS;
     if (WORDS == 4) {
@@ -74,15 +74,12 @@ for (int step = int(LANE); step < K / VALS; step += 32) {
   }
 
   UNROLL for (int m = 0; m < M; m++) {
-    uint4 raw[X_VECS];
-    const GLOBAL uint4* xsrc = (const GLOBAL uint4*)(x_rows + size_t(m) * K + step * VALS);
-    UNROLL for (int i = 0; i < X_VECS; i++) {
-      raw[i] = xsrc[i];
-    }
-    const LOCAL T* xt = (const LOCAL T*)(raw);
+    // x value by value, as MLX's qmv reads it: MLX passes a row-contiguous slice of x as it is, at any element
+    // offset, where a vector load (which needs an address aligned to its size) would fault or read other bytes.
+    const GLOBAL T* xsrc = x_rows + size_t(m) * K + step * VALS;
     float xs[VALS];
     UNROLL for (int i = 0; i < VALS; i++) {
-      xs[i] = static_cast<float>(xt[i]);
+      xs[i] = static_cast<float>(xsrc[i]);
     }
     float xsum = 0.0f;
     UNROLL for (int i = 0; i < VALS; i++) {
