@@ -85,7 +85,8 @@ def test_fused_check_passes_the_reference_and_catches_a_wrong_result(reference_o
     args = ((4,), (64,), ("float32", "bfloat16"), (1, 2), models, {"tiny experts": (8, 2 * 64, 128)}, lambda *_: None)
     rows = device_check.check_fused(*args)
     ops = [r["op"] for r in rows]
-    assert ops.count("linears q") == 8 and ops.count("swiglu") == 4 and ops.count("expert_sum") == 12
+    assert ops.count("linears q") == 8 and ops.count("linears pair k") == 8 and ops.count("swiglu") == 4
+    assert ops.count("expert_sum") == 12
     assert all(r["ok"] for r in rows)
     for name in ("linears", "swiglu", "expert_swiglu", "expert_sum"):
         right = getattr(kernels, name)
@@ -167,10 +168,12 @@ def test_main_runs_every_part_and_writes_the_json(reference_only, monkeypatch, t
     assert device_check.main(["--quick", "--json", str(out), "--prompt", "8", "--gen", "2"]) == 0
     result = json.loads(out.read_text())
     for key in ("qmatmul", "gather_qmv", "rope", "router", "gated_delta", "fused", "model", "qmatmul_bench",
-                "gather_qmv_bench", "rope_bench", "fused_bench", "gated_delta_bench", "end_to_end", "moe_end_to_end"):
+                "qmatmul_crossover", "gather_qmv_bench", "rope_bench", "fused_bench", "gated_delta_bench",
+                "end_to_end", "moe_end_to_end"):
         assert result[key], key
     assert [r["shape"] for r in result["gated_delta"]] == ["tiny", "tiny", "odd", "odd"]  # --quick: bf16, fp32
-    assert result["failures"] == 0 and result["schema"] == "qwen-mlx-device-check/4"
+    assert result["failures"] == 0 and result["schema"] == "qwen-mlx-device-check/5"
+    assert result["qmatmul_crossover"]["max_m"] == 8  # equal times: ours is as fast at every M
 
 
 def test_no_baseline_reaches_our_kernels(monkeypatch):
@@ -204,3 +207,25 @@ def test_no_baseline_reaches_our_kernels(monkeypatch):
     assert {"qwen_qmatmul", "qwen_gather_qmv", "qwen_qmatmul_parts3", "qwen_qmatmul_swiglu", "qwen_gather_qmv_swiglu",
             "qwen_gather_qmv_sum", "qwen_router", "qwen_rope"} <= names
     assert [(name, choice) for name, choice in launches if choice != "custom"] == []
+
+
+def test_crossover_is_the_last_m_of_an_unbroken_run_of_wins():
+    """M = 1, 2 win on every shape and width, M = 3 loses on one, M = 4 wins again: the dispatch limit is 2."""
+    speedups = {1: (2.0, 1.5), 2: (1.2, 1.0), 3: (1.4, 0.9), 4: (1.1, 1.1)}  # per M: two (shape, width) cases
+    rows = [dict(shape=shape, m=m, speedup=speedup) for m, pair in speedups.items()
+            for shape, speedup in zip(device_check.CROSSOVER_SHAPES, pair)]
+    rows.append(dict(shape="lm head", m=1, speedup=0.5))  # not a crossover shape: not counted
+    result = device_check.crossover(rows, "cuda")
+    assert result["max_m"] == 2 and result["slowest_speedup_by_m"] == {1: 1.5, 2: 1.0, 3: 0.9, 4: 1.1}
+    assert device_check.crossover([dict(shape="4b q", m=1, speedup=0.8)], "cuda")["max_m"] == 0
+
+
+def test_custom_choice_lifts_the_dispatch_limit_for_the_checks_only(monkeypatch):
+    """Inside kernels_choice("custom") the checks reach every M the kernel is built for; after it, the limit is back."""
+    monkeypatch.setattr(kernels, "gpu_backend", lambda: "cuda")
+    limits = dict(device_check.qmatmul_kernel.DISPATCH_MAX_M)
+    with device_check.kernels_choice("custom"):
+        assert device_check.qmatmul_kernel.dispatched(mx.zeros((8, 64)), "cuda")
+        assert kernels.backend() == "cuda"
+    assert device_check.qmatmul_kernel.DISPATCH_MAX_M == limits
+    assert not device_check.qmatmul_kernel.dispatched(mx.zeros((2, 64)), "cuda")

@@ -261,6 +261,7 @@ def emulated_gpu(monkeypatch):
 
     monkeypatch.setattr(kernels, "backend", lambda: "cuda")
     monkeypatch.setattr(dialect, "run", run)
+    monkeypatch.setitem(qmatmul_kernel.DISPATCH_MAX_M, "cuda", qmatmul_kernel.MAX_M)  # the prompt's M too
     return launched
 
 

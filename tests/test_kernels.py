@@ -141,9 +141,16 @@ def kernel_calls(monkeypatch, backend: str) -> list[tuple[Kernel, str, dialect.L
     return calls
 
 
-def test_gpu_backend_launches_the_kernel_for_small_m_only(monkeypatch):
+def test_gpu_backend_launches_the_kernel_up_to_the_dispatch_limit(monkeypatch):
+    """The kernel is built for M <= 8; dispatch takes M up to the backend's measured crossover (1 until measured)."""
     calls = kernel_calls(monkeypatch, "cuda")
     _, w, scales, biases = quantized(100, 512, 64, 4)
+    assert qmatmul_kernel.DISPATCH_MAX_M == {"metal": 1, "cuda": 1}
+    kernels.qmatmul(mx.zeros((1, 1, 512), mx.bfloat16), w, scales, biases, 64, 4)
+    assert [dict(launch.template)["M"] for _, _, launch in calls] == [1]
+    kernels.qmatmul(mx.zeros((2, 512), mx.bfloat16), w, scales, biases, 64, 4)  # past the limit: MLX's op
+    assert len(calls) == 1
+    monkeypatch.setitem(qmatmul_kernel.DISPATCH_MAX_M, "cuda", 8)  # as set from device_check's crossover
     x = mx.zeros((2, 4, 512), mx.bfloat16)
     assert kernels.qmatmul(x, w, scales, biases, 64, 4).shape == (2, 4, 100)
     kernel, backend, launch = calls[-1]
@@ -232,6 +239,11 @@ def test_quantized_attention_and_mlp_take_one_launch_each_for_qkv_and_gate_up(mo
     assert [kernel.name for kernel, _, _ in calls][:3] == ["qwen_qmatmul"] * 3
     calls.clear()
     Block(cfg, make_rope(cfg), 0)(mx.zeros((1, 1, 128)), None)
+    assert [kernel.name for kernel, _, _ in calls] == ["qwen_rope"]
+
+    # Two tokens: past the dispatch limit (1 until measured), every product is MLX's
+    calls.clear()
+    block(mx.zeros((1, 2, 128)), None)
     assert [kernel.name for kernel, _, _ in calls] == ["qwen_rope"]
 
 

@@ -20,7 +20,11 @@ import mlx.core as mx
 from qwen_mlx.kernels.dialect import Kernel, Launch, in_device_memory
 from qwen_mlx.quant_formats import QUANT_FORMATS
 
-MAX_M = 8  # larger M is a matrix product: mx.quantized_matmul's tiled kernels win there
+MAX_M = 8  # the largest M the kernel is built and checked for; larger M is a matrix product (MLX's tiled kernels)
+# The largest M that dispatch hands this loop (qmatmul and the fused projections) on each GPU: the crossover with
+# mx.quantized_matmul that scripts/device_check.py measures ("qmatmul_crossover" in its JSON; docs/kernels.md).
+# Until measured, decode's M = 1 only: on sm_90 MLX runs M = 2..8 as a tensor-core qmm, likely faster.
+DISPATCH_MAX_M = {"metal": 1, "cuda": 1}
 ROWS = 4  # output rows per warp
 WARPS = 2  # warps per threadgroup
 BITS, GROUP_SIZES = QUANT_FORMATS["affine"]  # the kernel reads every affine format
@@ -139,6 +143,11 @@ def values_per_step(bits: int) -> int:
     """Values of a row one lane reads per step (the body's VALS); K must be a multiple."""
     words = {2: 2, 3: 3, 5: 5, 6: 3}.get(bits, 4)
     return words * 32 // bits
+
+
+def dispatched(x: mx.array, backend: str) -> bool:
+    """Whether x's row count is one that dispatch hands the kernel on `backend` (DISPATCH_MAX_M)."""
+    return x.size <= DISPATCH_MAX_M[backend] * x.shape[-1]
 
 
 def supports(x: mx.array, w: mx.array, biases: mx.array | None, group_size: int, bits: int, mode: str) -> bool:
