@@ -77,6 +77,8 @@ GATHER_TARGET_SPEEDUP, GATHER_TARGET_US = 5.0, 9.7  # issue 12: 8 experts of 768
 GATHER_TARGET_SHAPE = "30b-a3b gate (768x2048)"
 GATHER_BENCH_SHAPES = {GATHER_TARGET_SHAPE: (128, 768, 2048), **EXPERT_SHAPES}
 GATHER_BENCH_CASES = [(name, 1) for name in GATHER_BENCH_SHAPES] + [("30b-a3b gate/up", 4), ("30b-a3b down", 4)]
+# --quick's qmatmul checks beyond its grid: (bits, groups, dtypes, M) products.
+QUICK_QMATMUL_EXTRA = [((2, 3, 5, 6), (64,), ("bfloat16",), (1,)), ((4,), (32, 128), ("float16",), (1,))]
 # Shapes timed at every M the kernel is built for, at 4 and 8 bits: where our qmatmul stops beating
 # mx.quantized_matmul (on sm_90 MLX takes M >= 2 to a tensor-core qmm), the dispatch limit qmatmul.DISPATCH_MAX_M.
 CROSSOVER_SHAPES = ("0.6b q", "4b q", "4b gate/up", "4b down")
@@ -769,7 +771,10 @@ def save(result: dict, path: Path | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="write all results here")
-    parser.add_argument("--quick", action="store_true", help="a small grid (4/8 bits, group 64, M 1 and 8)")
+    parser.add_argument("--quick", action="store_true",
+                        help="the grid that fits one device call: 4/8 bits, group 64, bf16/fp32, M 1 and 8, and qmatmul "
+                             "once at each other width, group size and fp16 (about 75 kernel builds; the full grid "
+                             "asks for 525)")
     parser.add_argument("--parts", default="correctness,bench,e2e",
                         help="which parts to run, comma-separated (default: all three)")
     parser.add_argument("--hbm-gbs", type=float, help="peak memory bandwidth (default: from the GPU's name)")
@@ -796,6 +801,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     if "correctness" in parts:
         result["qmatmul"] = check_qmatmul(bits, groups, dtypes, ms, SHAPES, log)
+        if args.quick:  # each other width, group size and dtype once (the 3/5/6-bit words straddle)
+            for grid in QUICK_QMATMUL_EXTRA:
+                result["qmatmul"] += check_qmatmul(*grid, SHAPES, log)
         result["gather_qmv"] = check_gather_qmv(gather_bits, groups, dtypes, ms, EXPERT_SHAPES, log)
         result["rope"] = check_rope(dtypes, log)
         result["router"] = check_router(dtypes, (1, 8, 512), log)

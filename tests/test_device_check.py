@@ -174,6 +174,10 @@ def test_main_runs_every_part_and_writes_the_json(reference_only, monkeypatch, t
     assert [r["shape"] for r in result["gated_delta"]] == ["tiny", "tiny", "odd", "odd"]  # --quick: bf16, fp32
     assert result["failures"] == 0 and result["schema"] == "qwen-mlx-device-check/5"
     assert result["qmatmul_crossover"]["max_m"] == 8  # equal times: ours is as fast at every M
+    qmatmul = result["qmatmul"]  # --quick still reaches every width, group size and dtype once
+    assert {r["bits"] for r in qmatmul} == set(device_check.qmatmul_kernel.BITS)
+    assert {r["group"] for r in qmatmul} == {32, 64, 128} and {r["dtype"] for r in qmatmul} == set(device_check.DTYPES)
+    assert {r["m"] for r in result["qmatmul_bench"] if r["shape"] == "4b q"} == set(range(1, 9))
 
 
 def test_no_baseline_reaches_our_kernels(monkeypatch):

@@ -1,6 +1,6 @@
 """One kernel source, two GPU languages: the macro vocabulary a kernel body is written in, and how it runs.
 
-A body uses only these words beside plain C++ (loops, `constexpr`, `static_cast`, `uint32_t`, `uint4`):
+A body uses only these words beside plain C++ (loops, `constexpr`, `static_cast`, `uint32_t`, `uint4`, `uint2`):
 
     GROUP_ID          index of this threadgroup (CUDA block) along x
     WARP, LANE        simdgroup (warp) index within the threadgroup, lane within the simdgroup (32 wide on both)
