@@ -225,8 +225,9 @@ def quantized_layer(n: int, k: int, group: int, bits: int, dtype: mx.Dtype, seed
 
 
 def check_fused(bits_list, groups, dtypes, ms, models: dict, expert_shapes: dict, log) -> list[dict]:
-    """kernels.linears (Q, K, V in one launch, and its two-part form), kernels.swiglu (gate, up, SwiGLU), and the experts' decode pair
-    kernels.expert_swiglu / kernels.expert_sum, custom vs MLX's ops and vs float32, on the models' shapes."""
+    """kernels.linears (Q, K, V in one launch, and its two-part form), kernels.swiglu (gate, up, SwiGLU), and the
+    experts' decode pair kernels.expert_swiglu / kernels.expert_sum, custom vs MLX's ops and vs float32, on the
+    models' shapes."""
     rows = []
     for model, (nq, nkv, inter, hidden) in models.items():
         for dtype_name in dtypes:
@@ -772,9 +773,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="write all results here")
     parser.add_argument("--quick", action="store_true",
-                        help="the grid that fits one device call: 4/8 bits, group 64, bf16/fp32, M 1 and 8, and qmatmul "
-                             "once at each other width, group size and fp16 (about 75 kernel builds; the full grid "
-                             "asks for 525)")
+                        help="the grid that fits one device call: 4/8 bits, group 64, bf16/fp32, M 1 and 8, and "
+                             "qmatmul once at each other width, group size and fp16 (about 75 kernel builds; the "
+                             "full grid asks for 525)")
     parser.add_argument("--parts", default="correctness,bench,e2e",
                         help="which parts to run, comma-separated (default: all three)")
     parser.add_argument("--hbm-gbs", type=float, help="peak memory bandwidth (default: from the GPU's name)")

@@ -202,6 +202,7 @@ def test_no_baseline_reaches_our_kernels(monkeypatch):
     device_check.check_fused((4,), (64,), ("bfloat16",), (1, 2), {"tiny": (64, 32, 96, 128)},
                              {"tiny experts": (8, 2 * 64, 128)}, quiet)
     device_check.check_router(("bfloat16",), (1,), quiet)
+    device_check.check_gated_delta(("bfloat16",), TINY_GATED_DELTA, 2, quiet)
     rope = make_rope(preset_config("qwen3-0.6b", 1))
     device_check.rope_case(rope, mx.zeros((1, 3, 4, 128)), mx.zeros((1, 3, 2, 128)), 5, None, "float32", "tiny",
                            "default")
@@ -209,7 +210,7 @@ def test_no_baseline_reaches_our_kernels(monkeypatch):
     device_check.bench_fused(quiet, dense=(64, 32, 96, 128), experts=(8, 128, 128), copies=4)
     names = {name for name, _ in launches}
     assert {"qwen_qmatmul", "qwen_gather_qmv", "qwen_qmatmul_parts3", "qwen_qmatmul_swiglu", "qwen_gather_qmv_swiglu",
-            "qwen_gather_qmv_sum", "qwen_router", "qwen_rope"} <= names
+            "qwen_gather_qmv_sum", "qwen_router", "qwen_rope", "qwen_gated_delta"} <= names
     assert [(name, choice) for name, choice in launches if choice != "custom"] == []
 
 
