@@ -774,8 +774,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write all results here")
     parser.add_argument("--quick", action="store_true",
                         help="the grid that fits one device call: 4/8 bits, group 64, bf16/fp32, M 1 and 8, and "
-                             "qmatmul once at each other width, group size and fp16 (about 75 kernel builds; the "
-                             "full grid asks for 525)")
+                             "qmatmul once at each other width, group size and fp16 (about 80 kernel builds; the "
+                             "full grid asks for about 530)")
     parser.add_argument("--parts", default="correctness,bench,e2e",
                         help="which parts to run, comma-separated (default: all three)")
     parser.add_argument("--hbm-gbs", type=float, help="peak memory bandwidth (default: from the GPU's name)")
