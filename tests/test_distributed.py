@@ -25,7 +25,7 @@ from helpers import greedy_ours, prompt_ids
 from mlx.utils import tree_flatten
 
 from qwen_mlx.cache.kv import make_cache
-from qwen_mlx.distributed.runtime import DistributedError, check_tensor_split, expert_range, memory_plan, plan_stages
+from qwen_mlx.distributed.plan import DistributedError, check_tensor_split, expert_range, memory_plan, plan_stages
 from qwen_mlx.models.qwen3 import checkpoint_weights
 from qwen_mlx.weights.loader import load_config, load_model
 from qwen_mlx.weights.names import LoadError
@@ -77,9 +77,9 @@ def run_launcher(n: int, *command: str, timeout: float = 60) -> tuple[str, str, 
 
 def launch(n: int, path: Path, mode: str, *extra: str, max_tokens: int = N_TOKENS,
            timeout: float = 60) -> tuple[dict | None, str, float]:
-    """Run `python -m qwen_mlx.distributed.runtime generate` on n local ring ranks; returns rank 0's JSON line (or None),
+    """Run `python -m qwen_mlx.distributed generate` on n local ring ranks; returns rank 0's JSON line (or None),
     all output, and the seconds it took."""
-    out, err, elapsed = run_launcher(n, "-m", "qwen_mlx.distributed.runtime", "generate", "--model", str(path), "--mode",
+    out, err, elapsed = run_launcher(n, "-m", "qwen_mlx.distributed", "generate", "--model", str(path), "--mode",
                                      mode, "--prompt-ids", ",".join(map(str, PROMPT)), "--max-tokens",
                                      str(max_tokens), "--timeout", "20", *extra, timeout=timeout)
     out += err
