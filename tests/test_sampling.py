@@ -43,11 +43,12 @@ def test_masks_equal_numpy(top_k, top_p, min_p):
 
 def test_repetition_penalty_equals_numpy():
     history = [3, 3, 7, 10, 49]
-    got = np.array(apply_repetition_penalty(mx.array(LOGITS), mx.array(history), 1.3))
     expected = LOGITS.copy()
     for t in set(history):
         expected[0, t] = expected[0, t] / 1.3 if expected[0, t] > 0 else expected[0, t] * 1.3
-    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    for recent in (history, mx.array(history)):  # a list, or the decode loop's lazy array
+        got = np.array(apply_repetition_penalty(mx.array(LOGITS), recent, 1.3))
+        np.testing.assert_allclose(got, expected, rtol=1e-6)
 
 
 def test_temperature_zero_is_argmax_and_seeded_runs_reproduce():

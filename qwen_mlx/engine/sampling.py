@@ -63,10 +63,11 @@ def make_sampler(params: SamplingParams) -> Sampler:
     return sample
 
 
-def apply_repetition_penalty(logits: mx.array, recent: mx.array, penalty: float) -> mx.array:
+def apply_repetition_penalty(logits: mx.array, recent: mx.array | list[int], penalty: float) -> mx.array:
     """CTRL's penalty: a seen token's logit is divided by `penalty` if positive, multiplied if negative.
-    recent: token ids (T,), repeats allowed (a repeated id is written twice with the same value)."""
-    ids = recent.astype(mx.uint32)
+    recent: token ids (T,), an array (possibly not yet evaluated) or a list; repeats allowed (a repeated id is
+    written twice with the same value)."""
+    ids = mx.array(recent, dtype=mx.uint32)
     seen = logits[:, ids]
     logits[:, ids] = mx.where(seen > 0, seen / penalty, seen * penalty)
     return logits
