@@ -3,6 +3,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+import pytest
 from helpers import greedy_ours, prompt_ids
 
 from qwen_mlx.cache.kv import make_cache
@@ -113,3 +114,45 @@ def test_one_decode_loop():
     users = {p.relative_to(root).as_posix() for p in [*root.glob("qwen_mlx/**/*.py"), *root.glob("tui/**/*.py")]
              if "async_eval(" in p.read_text()}
     assert users == {"qwen_mlx/engine/generate.py"}
+
+
+def recording(log: list[str], fed: list[int]):
+    """A counting forward and fill that record every token run into the (pretend) cache."""
+    forward = counting_forward(50, log)
+
+    def run(tokens: mx.array) -> mx.array:
+        fed.extend(tokens.tolist())
+        return forward(tokens)
+
+    return run, lambda tokens: fed.extend(tokens.tolist()) or []
+
+
+def alone_lockstep(fed: list[int]) -> generate.Lockstep:
+    """One process in lockstep with itself: the share hands back its own token and stop request."""
+    def share(token, stop):
+        mine = token.astype(mx.uint32) if token is not None else mx.zeros((1,), mx.uint32)
+        return mx.concatenate([mine, mx.array([stop], mx.uint32)])
+
+    return generate.Lockstep(share, lambda n: fed.__delitem__(slice(len(fed) - n, None)))
+
+
+@pytest.mark.parametrize("how", ["stop event", "closed"])
+@pytest.mark.parametrize("lockstep", [False, True], ids=["alone", "lockstep"])
+def test_a_stop_leaves_the_cache_holding_the_prompt_and_the_tokens_handed_over(how, lockstep):
+    """Stopped after 3 tokens (Esc, or the caller closing the generator as at a stop string), alone or in lockstep
+    (where the stop reaches the others steps later and the extra steps are forgotten): the same 3 tokens, and the
+    cache holds the prompt and exactly those tokens."""
+    fed, stop = [], threading.Event()
+    forward, fill = recording([], fed)
+    steps = generate.decode(forward, fill, [3, 4, 7], max_tokens=20, stop=stop,
+                            lockstep=alone_lockstep(fed) if lockstep else None)
+    got = []
+    for token in steps:
+        got.append(token)
+        if len(got) == 3:
+            if how == "closed":
+                steps.close()
+                break
+            stop.set()
+    assert got == [8, 9, 10]
+    assert fed == [3, 4, 7, 8, 9, 10]

@@ -130,8 +130,6 @@ def decode(forward: Forward, fill: Fill, prompt: list[int], *, sampler: Sampler 
         steps = _steps(forward, fill, prompt, sampler, max_tokens, prefill_chunk, stats, asked, lockstep, set(eos))
         first = None
         for n, token in enumerate(steps):
-            if asked():  # only in lockstep: this process asked to stop; the others learn it a step or two later
-                continue
             now = time.perf_counter()
             if first is None:
                 first = now
@@ -157,7 +155,9 @@ def read(y: mx.array) -> list[int]:
 def _steps(forward: Forward, fill: Fill, prompt: list[int], sampler: Sampler, max_tokens: int, prefill_chunk: int,
            stats: GenerationStats, asked: Callable[[], bool], lockstep: Lockstep | None,
            eos: set[int]) -> Iterator[int]:
-    """Every token read, in order (in lockstep, also those read after this process asked to stop)."""
+    """The tokens to hand to the caller: each one read whose next step was built before this process asked to stop
+    (so the cache holds exactly the tokens handed over, plus the prompt). In lockstep the loop goes on, without
+    handing tokens over, until every process reads the stop."""
     stats._start = time.perf_counter()
     mx.reset_peak_memory()
     ids = mx.array(prompt, dtype=mx.uint32)  # (T,)
@@ -170,21 +170,22 @@ def _steps(forward: Forward, fill: Fill, prompt: list[int], sampler: Sampler, ma
 
     history = ids
 
-    def step(token: mx.array) -> mx.array:
+    def step(token: mx.array, stopping: bool) -> mx.array:
         """token (1,) -> the next token (1,), or [token, stop] (2,) in lockstep; lazy."""
         y = sampler(forward(token), history)
-        return y if lockstep is None else lockstep.share(y, asked())
+        return y if lockstep is None else lockstep.share(y, stopping)
 
-    y = step(ids[-1:])
+    y = step(ids[-1:], asked())
     mx.async_eval(y)
     for n in range(max_tokens):
-        if lockstep is None and asked():
+        stopping = asked()  # as of building step n + 1
+        if stopping and lockstep is None:
             return
         queued = None
         if n + 1 < max_tokens:
             token = y[:1]  # (1,), lazy: step n + 1 is built before token n is known
             history = mx.concatenate([history, token])
-            queued = step(token)
+            queued = step(token, stopping)
             mx.async_eval(queued)
         token_id, *stopped = read(y)
         if stopped and stopped[0]:
@@ -192,7 +193,8 @@ def _steps(forward: Forward, fill: Fill, prompt: list[int], sampler: Sampler, ma
                 mx.eval(queued)  # every process queued it: run it before leaving
             lockstep.forget(1 if queued is None else 2)  # the tokens y and queued fed
             return
-        yield token_id
+        if not stopping:
+            yield token_id
         if token_id in eos:
             if queued is not None:
                 mx.eval(queued)
