@@ -17,7 +17,8 @@ from mlx.nn.layers.distributed import shard_linear
 from qwen_mlx.distributed.plan import DistributedError, check_tensor_split, expert_range, pipeline_plan
 from qwen_mlx.models.config import ModelConfig
 from qwen_mlx.models.qwen3 import MLP, Model, SparseMoE, SwitchMLP
-from qwen_mlx.weights.loader import LoadError, TensorInfo, load_config, load_model
+from qwen_mlx.weights.loader import TensorInfo, load_config, load_model
+from qwen_mlx.weights.names import LoadError
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
