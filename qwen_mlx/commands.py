@@ -43,7 +43,7 @@ def info(args: argparse.Namespace) -> None:
     if args.check:
         print("check        every tensor is finite")
     if args.distributed:
-        from qwen_mlx.distributed.runtime import memory_plan
+        from qwen_mlx.distributed.plan import memory_plan
 
         plan = memory_plan(path, args.distributed)
         print(f"over {args.distributed} ranks (weights per rank; KV cache per rank per 1k tokens of context):")
@@ -159,13 +159,13 @@ def _share_the_terminal(app, engine, llm):
 
     ended = threading.Event()
     if isinstance(llm, DistributedLLM):
-        engine.details += f" · {llm.runner.mode} over {llm.runner.size} ranks"
+        engine.details += f" · {llm.description}"
 
         def end_app() -> None:
             app.call_from_thread(app.exit, None, 1)
             ended.wait(2)
 
-        llm.watchdog.on_exit = end_app
+        llm.on_exit(end_app)
     return ended
 
 
