@@ -235,3 +235,29 @@ def test_draft_length_turns_itself_off_when_drafting_does_not_pay():
         k = good.next()
         good.update(k, k, 1.0 + 0.05 * k)  # cheap drafts, all accepted
     assert good._best() == good.max_k
+
+
+def test_the_api_speculates_with_a_draft_and_refuses_another_vocabulary(tiny_checkpoint, tmp_path):
+    """qwen_mlx.load(..., draft=...) gives the same greedy reply as without; a draft whose tokenizer maps tokens to
+    other ids is refused with one line."""
+    import json
+    import shutil
+
+    import qwen_mlx
+    from qwen_mlx.errors import UserError
+
+    target = tiny_checkpoint("qwen3")
+    plain = qwen_mlx.load(target).generate("Count to five.", think=False, max_tokens=24,
+                                           sampling=SamplingParams())
+    llm = qwen_mlx.load(target, draft=tiny_checkpoint("qwen2"), draft_tokens=3)
+    fast = llm.generate("Count to five.", think=False, max_tokens=24, sampling=SamplingParams())
+    assert fast.text == plain.text and fast.stats.forwards < fast.stats.generated_tokens + 1
+    other = tmp_path / "other"
+    shutil.copytree(tiny_checkpoint("qwen2"), other)
+    spec = json.loads((other / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = list(vocab)[100], list(vocab)[101]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(UserError, match="another vocabulary"):
+        qwen_mlx.load(target, draft=other)
