@@ -115,6 +115,8 @@ def load(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None, memory: Mem
     cache a run will need), a model that would not fit the GPU's recommended working set is refused before any
     weight is read (see weights/memory.py). With `draft`, a smaller checkpoint of the same vocabulary drafts for
     it (see LLM.speculate)."""
+    if draft_tokens is not None and not 1 <= draft_tokens <= MAX_DRAFT:
+        raise UserError(f"--draft-tokens must be between 1 and {MAX_DRAFT}: got {draft_tokens}")
     model, path = load_model(path_or_repo, dtype=dtype, memory=memory)
     llm = LLM(model, Tokenizer.from_dir(path), path)
     if draft is not None:

@@ -57,6 +57,11 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--distributed", choices=["pipeline", "tensor", "expert", "auto"], metavar="MODE",
                         help="split the model over the processes (Macs) mlx.launch starts: pipeline, tensor, expert "
                              "or auto (see README, Several Macs); rank 0 answers, the others serve it")
+    parser.add_argument("--draft-model", metavar="PATH", help="speculative decoding: a smaller checkpoint with the "
+                        "same tokenizer drafts tokens that the model checks several at a time (e.g. Qwen3-0.6B for "
+                        "Qwen3-8B); the output is unchanged")
+    parser.add_argument("--draft-tokens", type=int, metavar="N", help="tokens drafted per step, 1..8 (default: "
+                        "adapts to how many are accepted, and stops drafting when it does not pay)")
 
 
 def _int_list(text: str) -> list[int]:

@@ -82,7 +82,9 @@ def _open_model(args: argparse.Namespace, context: int):
 
         plan = MemoryPlan(context=context, max_kv_size=args.max_kv_size, kv_bits=args.kv_bits,
                           kv_group_size=args.kv_group_size, force=args.force)
-        return nullcontext(load(args.model, memory=plan))
+        return nullcontext(load(args.model, memory=plan, draft=args.draft_model, draft_tokens=args.draft_tokens))
+    if args.draft_model is not None:
+        raise UserError("--draft-model does not run with --distributed yet")
     from qwen_mlx.distributed.runtime import run_ranks
 
     return run_ranks(args.model, args.distributed, verbose=getattr(args, "verbose", False))
@@ -120,7 +122,9 @@ def generate(args: argparse.Namespace) -> None:
         s = done.stats
         print(f"prompt {s.prompt_tokens} tokens at {s.prompt_tps:.1f} tok/s, first token after "
               f"{s.time_to_first_token:.2f} s; {s.generated_tokens} tokens at {s.decode_tps:.1f} tok/s; "
-              f"peak memory {s.peak_memory / 2**30:.2f} GiB; finished: {done.finish_reason}", file=sys.stderr)
+              f"peak memory {s.peak_memory / 2**30:.2f} GiB; finished: {done.finish_reason}"
+              + (f"; speculative: {s.acceptance:.0%} of {s.drafted} drafted tokens accepted, "
+                 f"{s.tokens_per_forward:.2f} tokens per forward" if s.drafted else ""), file=sys.stderr)
 
 
 def chat(args: argparse.Namespace) -> None:

@@ -261,3 +261,23 @@ def test_the_api_speculates_with_a_draft_and_refuses_another_vocabulary(tiny_che
     (other / "tokenizer.json").write_text(json.dumps(spec))
     with pytest.raises(UserError, match="another vocabulary"):
         qwen_mlx.load(target, draft=other)
+
+
+def test_generate_with_a_draft_model_through_the_cli(tiny_checkpoint):
+    """`generate --draft-model` prints the same greedy answer as without it and says how speculation went;
+    a bad --draft-tokens is refused with one line and exit 2."""
+    import subprocess
+    import sys
+
+    base = [sys.executable, "-m", "qwen_mlx.cli", "generate", "-m", str(tiny_checkpoint("qwen3")), "-p", "hi",
+            "--no-think", "--temp", "0", "--max-tokens", "16"]
+    plain = subprocess.run(base, capture_output=True, text=True, timeout=300)
+    fast = subprocess.run([*base, "--draft-model", str(tiny_checkpoint("qwen3")), "--draft-tokens", "3", "-v"],
+                          capture_output=True, text=True, timeout=300)
+    assert plain.returncode == fast.returncode == 0, fast.stderr
+    assert fast.stdout == plain.stdout
+    assert "speculative: 100% of" in fast.stderr  # the model drafting for itself: every draft accepted
+    bad = subprocess.run([*base, "--draft-model", str(tiny_checkpoint("qwen3")), "--draft-tokens", "0"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--draft-tokens" in bad.stderr and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
