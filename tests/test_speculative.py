@@ -281,3 +281,21 @@ def test_generate_with_a_draft_model_through_the_cli(tiny_checkpoint):
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--draft-tokens" in bad.stderr and "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow  # the preset's 151,936-token head dominates: minutes on a busy 2-core CPU
+def test_bench_draft_oracle_runs_and_reports_k_plus_one_tokens_per_forward(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "spec.json"
+    run = subprocess.run([sys.executable, "-m", "qwen_mlx.cli", "bench", "--preset", "qwen3-0.6b", "--layers", "1",
+                          "--draft", "oracle", "--draft-tokens", "3", "--prompt-tokens", "8", "--gen-tokens", "9",
+                          "--repeats", "1", "--no-mlx-lm", "--json", str(out)], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr
+    case = json.loads(out.read_text())["cases"][0]
+    assert case["tokens_per_forward"] == 3.0 and case["acceptance"] == 1.0  # 9 tokens: 4 + 4 + 1 (the last round
+    # drafts none: max_tokens left no room), so 3 forwards
+    assert "speculative" in run.stdout and "tokens per target forward" in run.stdout

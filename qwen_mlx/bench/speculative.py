@@ -23,6 +23,7 @@ from qwen_mlx.cache.kv import make_cache
 from qwen_mlx.engine.generate import GenerationStats
 from qwen_mlx.engine.sampling import SamplingParams
 from qwen_mlx.engine.speculative import DraftLength, DraftModel, speculative_tokens
+from qwen_mlx.errors import UserError
 
 
 class OracleDraft:
@@ -75,7 +76,7 @@ def run(preset: str, layers: int | None, bits: str, draft: str, k: int, *, promp
     continuation = [t for t in _plain_tokens(model, prompt, gen_tokens)]
     draft_model = None if draft == "oracle" else random_model(preset_config(draft, None), bits)
     if draft_model is not None and draft_model.config.vocab_size != cfg.vocab_size:
-        raise ValueError(f"draft preset {draft} has another vocabulary size than {preset}")
+        raise UserError(f"draft preset {draft} has another vocabulary than {preset}")
     twins = (mlx_lm_twin(model, cfg, bits), mlx_lm_twin(draft_model, draft_model.config, bits)) \
         if with_mlx_lm and draft_model is not None else None
 
