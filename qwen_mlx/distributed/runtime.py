@@ -35,7 +35,7 @@ import numpy as np
 
 from qwen_mlx.api import LLM
 from qwen_mlx.cache.kv import make_cache
-from qwen_mlx.distributed.plan import choose_mode
+from qwen_mlx.distributed.plan import DistributedError, choose_mode
 from qwen_mlx.distributed.shard import load_rank
 from qwen_mlx.distributed.watchdog import Watchdog, connect, failures
 from qwen_mlx.engine.generate import GenerationStats, Lockstep, decode, greedy, logits_last
