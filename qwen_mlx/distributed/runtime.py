@@ -35,7 +35,7 @@ import numpy as np
 
 from qwen_mlx.api import LLM
 from qwen_mlx.cache.kv import make_cache
-from qwen_mlx.distributed.plan import choose_mode
+from qwen_mlx.distributed.plan import DistributedError, choose_mode
 from qwen_mlx.distributed.shard import load_rank
 from qwen_mlx.distributed.watchdog import Watchdog, connect, failures
 from qwen_mlx.engine.generate import GenerationStats, Lockstep, decode, greedy, logits_last
@@ -163,8 +163,13 @@ class DistributedLLM(LLM):
         self._cache_options = options  # the other ranks build theirs alike when a turn starts a new cache
         return self._runner.new_cache(**options)
 
+    def speculate(self, draft: LLM | None, *, tokens: int | None = None) -> None:
+        if draft is not None:
+            raise DistributedError("speculative decoding (--draft-model, --mtp) does not run with --distributed yet")
+
     def generate_tokens(self, new_tokens: list[int], cache: list, sampling: SamplingParams, *, max_tokens: int,
-                        stats: GenerationStats, stop: threading.Event | None) -> Iterator[int]:
+                        stats: GenerationStats, stop: threading.Event | None,
+                        context: list[int] = ()) -> Iterator[int]:
         turn = Turn(keep=cache[0].offset, tokens=new_tokens, sampling=asdict(sampling), max_tokens=max_tokens,
                     eos=list(self.tokenizer.eos_ids), cache=self._cache_options)
         share_turn(self._runner.group, turn, self._watchdog)

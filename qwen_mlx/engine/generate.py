@@ -56,11 +56,25 @@ class GenerationStats:
     generated_tokens: int = 0
     decode_seconds: float = 0.0  # from the first generated token to the latest
     peak_memory: int = 0  # bytes, mx.get_peak_memory() since the generation started
+    # Speculative decoding (engine/speculative.py): target forward passes, tokens drafted, drafted tokens accepted.
+    forwards: int = 0
+    drafted: int = 0
+    accepted: int = 0
     _start: float = field(default=0.0, repr=False)
 
     @property
     def prompt_tps(self) -> float:
         return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
+
+    @property
+    def acceptance(self) -> float:
+        """The share of drafted tokens the target accepted (0 without speculation)."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """Generated tokens per target forward pass (1 without speculation)."""
+        return self.generated_tokens / self.forwards if self.forwards else 1.0
 
     @property
     def decode_tps(self) -> float:

@@ -63,6 +63,18 @@ def make_sampler(params: SamplingParams) -> Sampler:
     return sample
 
 
+def probabilities(logits: mx.array, history: list[int], params: SamplingParams) -> mx.array:
+    """The distribution that make_sampler(params) draws from, logits (1, vocab) -> (1, vocab) float32: the
+    repetition penalty over `history`, then one-hot at the argmax when greedy, else the softmax of the filtered
+    logits at the temperature. Speculative decoding compares the target's and the draft's (engine/speculative)."""
+    logits = logits.astype(mx.float32)
+    if params.repetition_penalty != 1.0 and history:
+        logits = apply_repetition_penalty(logits, history[-params.repetition_context:], params.repetition_penalty)
+    if params.temperature <= 0:
+        return (mx.arange(logits.shape[-1]) == mx.argmax(logits, axis=-1, keepdims=True)).astype(mx.float32)
+    return mx.softmax(filter_logits(logits / params.temperature, params.top_k, params.top_p, params.min_p), axis=-1)
+
+
 def apply_repetition_penalty(logits: mx.array, recent: mx.array | list[int], penalty: float) -> mx.array:
     """CTRL's penalty: a seen token's logit is divided by `penalty` if positive, multiplied if negative.
     recent: token ids (T,), an array (possibly not yet evaluated) or a list; repeats allowed (a repeated id is
