@@ -37,8 +37,10 @@ class ScriptCache:
     def __init__(self):
         self.offset, self.produced, self.nbytes, self.state = 0, 0, 0, []
 
-    def copy(self):
-        return copy.copy(self)
+    def copy(self):  # a copy starts another sequence (the prefix cache's): its reply starts from the top
+        new = copy.copy(self)
+        new.produced = 0
+        return new
 
     def trim(self, n: int) -> int:
         self.offset -= n

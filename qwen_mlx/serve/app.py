@@ -199,10 +199,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def bind_warning(host: str, api_key: str | None) -> str | None:
+    """The warning for listening beyond this machine without a key; None when there is nothing to warn about."""
+    if is_loopback(host) or api_key:
+        return None
+    return f"serving on {host} without --api-key: anyone who can reach this port can use the model"
+
+
 def serve(llm, options: ServeOptions, *, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Run the server until interrupted (uvicorn)."""
     import uvicorn
 
-    if not is_loopback(host) and options.api_key is None:
-        log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", host)
     uvicorn.run(create_app(llm, options), host=host, port=port, log_level="info", timeout_graceful_shutdown=5)

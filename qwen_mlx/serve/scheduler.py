@@ -189,7 +189,7 @@ class Scheduler:
                 self._prefilling = None
                 self._active.append(seq)
         if self._active:
-            self._decode(self._active)
+            self._decode(list(self._active))  # a copy: sequences that finish leave self._active
 
     def _decode(self, batch: list[Sequence]) -> None:
         logits = self.forward.decode([s._last for s in batch], [s.cache for s in batch])  # (B, vocab)
