@@ -139,3 +139,21 @@ def test_a_client_that_disconnects_stops_its_generation_within_one_step(llm):
         assert seq.finish == "cancelled"
         assert seq.stop.step is not None and seq.stopped_step - seq.stop.step <= 1
         assert len(seq.generated) < 3000 and scheduler.busy == 0
+
+
+def test_a_client_that_disconnects_before_a_plain_reply_stops_it_too(llm):
+    app = create_app(llm, ServeOptions("tiny"))
+    scheduler, seen = app.state.scheduler, []
+    submit = scheduler.submit
+    scheduler.submit = lambda seq: (seen.append(seq), submit(seq))[1]
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 3000,
+            "temperature": 0}
+    with running(app) as url:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/chat/completions", json=body, timeout=1.0)  # gives up and closes
+        [seq] = seen
+        for _ in range(200):
+            if seq.finish is not None:
+                break
+            threading.Event().wait(0.05)
+        assert seq.finish == "cancelled" and len(seq.generated) < 3000

@@ -78,8 +78,8 @@ def create_app(llm, options: ServeOptions, forward: Forward | None = None) -> St
         pieces = runner.pieces(job, seq)
         if job.stream:
             return _sse(openai.chat_stream(pieces, options.model_name, llm.tokenizer, job), openai, options)
-        return JSONResponse(await openai.chat_response(pieces, options.model_name, llm.tokenizer,
-                                                       job.top_logprobs is not None))
+        return JSONResponse(await _unless_gone(request, seq, openai.chat_response(
+            pieces, options.model_name, llm.tokenizer, job.top_logprobs is not None)))
 
     async def completions(request: Request, body: dict) -> Response:
         job = await anyio.to_thread.run_sync(lambda: openai.parse_completion(llm, body, context=context))
@@ -87,7 +87,7 @@ def create_app(llm, options: ServeOptions, forward: Forward | None = None) -> St
         pieces = runner.pieces(job, seq)
         if job.stream:
             return _sse(openai.completion_stream(pieces, options.model_name, job), openai, options)
-        return JSONResponse(await openai.completion_response(pieces, options.model_name))
+        return JSONResponse(await _unless_gone(request, seq, openai.completion_response(pieces, options.model_name)))
 
     async def messages(request: Request, body: dict) -> Response:
         job = await anyio.to_thread.run_sync(lambda: anthropic.parse_messages(
@@ -96,7 +96,7 @@ def create_app(llm, options: ServeOptions, forward: Forward | None = None) -> St
         pieces = runner.pieces(job, seq, id_prefix="toolu_")
         if job.stream:
             return _sse(anthropic.message_stream(pieces, options.model_name, len(job.prompt)), anthropic, options)
-        return JSONResponse(await anthropic.message_response(pieces, options.model_name))
+        return JSONResponse(await _unless_gone(request, seq, anthropic.message_response(pieces, options.model_name)))
 
     async def models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [{"id": options.model_name, "object": "model", "created": 0,
@@ -165,6 +165,22 @@ async def _json_body(request: Request, limit: int) -> dict:
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     return body
+
+
+async def _unless_gone(request: Request, seq, reply):
+    """Await a whole (non-streamed) reply, cancelling its sequence if the client disconnects meanwhile (a streamed
+    reply learns it from the response itself)."""
+    async with anyio.create_task_group() as group:
+
+        async def watch() -> None:
+            while not await request.is_disconnected():
+                await anyio.sleep(0.1)
+            seq.stop.set()
+
+        group.start_soon(watch)
+        result = await reply
+        group.cancel_scope.cancel()
+    return result
 
 
 def _sse(chunks: AsyncIterator[str], api, options: ServeOptions) -> StreamingResponse:
