@@ -12,6 +12,7 @@ import pytest
 from serve_fixtures import ScriptedForward, running
 
 import qwen_mlx
+from qwen_mlx.engine.generate import generate_tokens
 from qwen_mlx.engine.sampling import SamplingParams
 from qwen_mlx.serve.app import ServeOptions, create_app
 
@@ -84,11 +85,15 @@ def test_max_completion_tokens_and_logprobs(llm, server):
                                            max_completion_tokens=4, logprobs=True, top_logprobs=3)
     entries = reply.choices[0].logprobs.content
     assert len(entries) == 4 and reply.usage.completion_tokens == 4
+    assert "".join(e.token for e in entries) == reply.choices[0].message.content
     for entry in entries:  # greedy: the chosen token is the most likely one, logprobs sorted, all <= 0
         assert entry.top_logprobs[0].token == entry.token
         assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
         values = [t.logprob for t in entry.top_logprobs]
-        assert values == sorted(values, reverse=True) and values[0] <= 0
+        assert values == sorted(values, reverse=True) and values[0] <= 0 and len(values) == 3
+    bare = client.chat.completions.create(model="tiny-qwen3", messages=QUESTION, temperature=0, max_tokens=2,
+                                          logprobs=True)
+    assert [e.top_logprobs for e in bare.choices[0].logprobs.content] == [[], []]
 
 
 def test_greedy_messages_equal_llm_generate_plain_and_streamed(llm, server):
@@ -110,8 +115,6 @@ def test_greedy_messages_equal_llm_generate_plain_and_streamed(llm, server):
 
 def test_completions_continue_raw_text(llm, server):
     tokens = llm.tokenizer.encode("The sky is")
-    from qwen_mlx.engine.generate import generate_tokens
-
     expected = llm.tokenizer.decode(list(generate_tokens(llm.model, tokens, llm.new_cache(), max_tokens=6)))
     client, _ = clients(server)
     reply = client.completions.create(model="tiny-qwen3", prompt="The sky is", temperature=0, max_tokens=6)

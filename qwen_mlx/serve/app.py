@@ -74,7 +74,7 @@ def create_app(llm, options: ServeOptions, forward: Forward | None = None) -> St
     async def chat(request: Request, body: dict) -> Response:
         job = await anyio.to_thread.run_sync(lambda: openai.parse_chat(
             llm, body, max_messages=options.max_messages, context=context))
-        seq = submit(job)
+        seq = await anyio.to_thread.run_sync(submit, job)  # a grammar takes a moment to build
         pieces = runner.pieces(job, seq)
         if job.stream:
             return _sse(openai.chat_stream(pieces, options.model_name, llm.tokenizer, job), openai, options)
@@ -83,7 +83,7 @@ def create_app(llm, options: ServeOptions, forward: Forward | None = None) -> St
 
     async def completions(request: Request, body: dict) -> Response:
         job = await anyio.to_thread.run_sync(lambda: openai.parse_completion(llm, body, context=context))
-        seq = submit(job)
+        seq = await anyio.to_thread.run_sync(submit, job)  # a grammar takes a moment to build
         pieces = runner.pieces(job, seq)
         if job.stream:
             return _sse(openai.completion_stream(pieces, options.model_name, job), openai, options)
@@ -92,7 +92,7 @@ def create_app(llm, options: ServeOptions, forward: Forward | None = None) -> St
     async def messages(request: Request, body: dict) -> Response:
         job = await anyio.to_thread.run_sync(lambda: anthropic.parse_messages(
             llm, body, max_messages=options.max_messages, context=context))
-        seq = submit(job)
+        seq = await anyio.to_thread.run_sync(submit, job)  # a grammar takes a moment to build
         pieces = runner.pieces(job, seq, id_prefix="toolu_")
         if job.stream:
             return _sse(anthropic.message_stream(pieces, options.model_name, len(job.prompt)), anthropic, options)

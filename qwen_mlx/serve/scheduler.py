@@ -234,10 +234,12 @@ class Scheduler:
 
 
 def _logprobs(row: mx.array, token: mx.array, n: int) -> tuple[mx.array, mx.array, mx.array]:
-    """The chosen token's log-probability and the n most likely tokens with theirs, from logits row (1, vocab)."""
-    lp = row - mx.logsumexp(row, axis=-1, keepdims=True)
-    top = mx.argsort(-lp[0])[: max(n, 1)]
-    return lp[0, token[0]], top, lp[0, top]
+    """The chosen token's log-probability and the n most likely tokens with theirs (most likely first), from the
+    logits row (1, vocab) the token was sampled from."""
+    lp = row[0] - mx.logsumexp(row[0])
+    top = mx.argpartition(-lp, kth=n - 1)[:n] if n else mx.array([], dtype=mx.uint32)
+    top = top[mx.argsort(-lp[top])]
+    return lp[token[0]], top, lp[top]
 
 
 def _report(token: int, report) -> TokenLogprob:
