@@ -28,24 +28,6 @@ def _launch(args: argparse.Namespace) -> None:
         raise SystemExit(code)
 
 
-def _serve(args: argparse.Namespace) -> None:
-    from qwen_mlx.api import load
-    from qwen_mlx.serve.app import ServeOptions, bind_warning, serve
-
-    for flag, n in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue)):
-        if n < 1:
-            raise UserError(f"{flag} must be at least 1")
-    if not 0 <= args.port <= 65535:
-        raise UserError(f"--port must be between 0 and 65535: got {args.port}")
-    warning = bind_warning(args.host, args.api_key)
-    if warning:
-        print(f"qwen-mlx: warning: {warning}", file=sys.stderr)
-    options = ServeOptions(model_name=args.model, api_key=args.api_key, max_batch=args.max_batch,
-                           max_queue=args.max_queue, prompt_cache_bytes=args.prompt_cache_bytes,
-                           max_body_bytes=args.max_body_bytes, debug=args.debug)
-    serve(load(args.model), options, host=args.host, port=args.port)
-
-
 def _add_model_argument(parser: argparse.ArgumentParser, default: str | None = None) -> None:
     parser.add_argument("-m", "--model", default=default, required=default is None, metavar="PATH",
                         help="checkpoint directory or Hugging Face hub id"
@@ -232,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: 1GiB)")
     serve.add_argument("--max-body-bytes", type=_size, default="4MiB", metavar="SIZE", help="largest request "
                        "body; larger ones get 413 (default: 4MiB)")
-    serve.set_defaults(run=_serve)
+    serve.set_defaults(run=commands.serve)
 
     from qwen_mlx.bench.run import PRESETS  # a plain dict; importing it is cheap
 
