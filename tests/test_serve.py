@@ -4,6 +4,7 @@ equal llm.generate's, streams equal plain answers, usage, thinking, structured o
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import anthropic
 import jsonschema
@@ -235,3 +236,32 @@ def test_malformed_tool_call_comes_back_as_text(llm, scripted):
     message = anthropic_client.messages.create(model="x", max_tokens=100, messages=ask, tools=tools,
                                                extra_body={"temperature": 0})
     assert [(b.type, b.text) for b in message.content] == [("text", broken)]
+
+
+def test_stop_strings_end_the_answer_in_both_apis(llm, server):
+    client, anthropic_client = clients(server)
+    for think, ask in ((True, client), (False, anthropic_client)):
+        reference = llm.generate(QUESTION, sampling=GREEDY, max_tokens=12, think=think).text
+        stop = reference[len(reference) // 2 : len(reference) // 2 + 3]
+        expected = reference[: reference.find(stop)]
+        if ask is client:
+            reply = client.chat.completions.create(model="x", messages=QUESTION, temperature=0, max_tokens=12,
+                                                   stop=[stop])
+            assert (reply.choices[0].message.content, reply.choices[0].finish_reason) == (expected, "stop")
+        else:
+            message = anthropic_client.messages.create(model="x", max_tokens=12, messages=QUESTION,
+                                                       stop_sequences=[stop], extra_body={"temperature": 0})
+            assert (message.content[0].text, message.stop_reason, message.stop_sequence) == \
+                (expected, "stop_sequence", stop)
+
+
+def test_a_seed_makes_sampling_reproducible_alongside_other_requests(server):
+    client, _ = clients(server)
+
+    def sample(seed):
+        return client.chat.completions.create(model="x", messages=QUESTION, temperature=1.0, top_p=1.0, seed=seed,
+                                              max_tokens=8, extra_body={"top_k": 0}).choices[0].message.content
+
+    with ThreadPoolExecutor(4) as pool:  # decoded in one batch: each sequence keeps its own random key
+        first, other, again, _ = pool.map(sample, [7, 8, 7, 9])
+    assert first == again and first != other
