@@ -135,8 +135,10 @@ class Scheduler:
 
     def _run(self) -> None:
         with mx.stream(generation_stream()):
-            while self._next_work():
+            while True:
                 try:
+                    if not self._next_work():
+                        return
                     self._step()
                 except Exception as e:  # a failed step ends the sequences in it, never the server
                     for seq in [*self._active, *filter(None, [self._prefilling])]:
@@ -159,15 +161,15 @@ class Scheduler:
                 self._waiting.remove(seq)
                 self._end(seq, "cancelled")
             if self._prefilling is None and self._waiting and len(self._active) < self.max_batch:
-                self._prefilling = self._admit(self._waiting.popleft())
+                self._prefilling = self._waiting.popleft()  # first: a failure to admit it then ends it
+                self._admit(self._prefilling)
         return True
 
-    def _admit(self, seq: Sequence) -> Sequence:
+    def _admit(self, seq: Sequence) -> None:
         n, cache = self.prefix.lookup(seq.prompt[:-1])
         seq.cache = cache if cache is not None else self.forward.new_cache()
         seq.cached_tokens = n
         seq._todo, seq._last = seq.prompt[n:-1], seq.prompt[-1]
-        return seq
 
     def _step(self) -> None:
         for seq in [s for s in self._active if s.stop.is_set()]:
