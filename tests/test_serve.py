@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import anthropic
 import jsonschema
+import mlx.core as mx
 import openai
 import pytest
 from serve_fixtures import ScriptedForward, running
@@ -265,3 +266,32 @@ def test_a_seed_makes_sampling_reproducible_alongside_other_requests(server):
     with ThreadPoolExecutor(4) as pool:  # decoded in one batch: each sequence keeps its own random key
         first, other, again, _ = pool.map(sample, [7, 8, 7, 9])
     assert first == again and first != other
+
+
+class Favourite(ScriptedForward):
+    """Every step prefers script[0] (logit 3) to script[1] (logit 2): only a repetition penalty ever picks the
+    second."""
+
+    def decode(self, tokens, caches):
+        first, second = self.script
+        row = mx.zeros((self.vocab_size,)).at[first].add(3.0).at[second].add(2.0)
+        for (cache,) in caches:
+            cache.offset += 1
+        return mx.stack([row] * len(caches))
+
+
+def test_a_repetition_penalty_sees_each_sequences_own_history(llm):
+    again, more = llm.tokenizer.encode(" again")[0], llm.tokenizer.encode(" more")[0]
+    forward = Favourite([again, more], llm.config.vocab_size)
+    with running(create_app(llm, ServeOptions("x"), forward=forward)) as url:
+        client, _ = clients(url)
+
+        def ask(penalty):
+            return client.chat.completions.create(model="x", messages=QUESTION, temperature=0, max_tokens=4,
+                                                  extra_body={"repetition_penalty": penalty}).choices[0].message.content
+
+        with ThreadPoolExecutor(2) as pool:
+            plain, penalized = pool.map(ask, [1.0, 5.0])
+    assert plain == " again" * 4
+    # " again" seen: 3 / 5 < 2, so " more"; then both seen: 0.6 > 0.4, " again" again
+    assert penalized == " again more again again"

@@ -89,6 +89,7 @@ class Sequence:
     _todo: list[int] = field(default_factory=list)  # prompt tokens still to prefill
     _last: int = 0
     _first: float = 0.0  # when the first token was sampled
+    _history: mx.array | None = None  # prompt and generated ids (T,) uint32, what the sampler is given
 
 
 class Scheduler:
@@ -170,6 +171,7 @@ class Scheduler:
         seq.cache = cache if cache is not None else self.forward.new_cache()
         seq.cached_tokens = n
         seq._todo, seq._last = seq.prompt[n:-1], seq.prompt[-1]
+        seq._history = mx.array(seq.prompt, dtype=mx.uint32)
 
     def _step(self) -> None:
         for seq in [s for s in self._active if s.stop.is_set()]:
@@ -200,11 +202,12 @@ class Scheduler:
             row = logits[b : b + 1]
             if seq.constraint is not None:
                 row = seq.constraint.mask(row)
-            token = seq.sampler(row, seq.prompt + seq.generated)
+            token = seq.sampler(row, seq._history)
+            seq._history = mx.concatenate([seq._history, token])  # lazy, as generate.decode keeps it
             picks.append(token)
             reports.append(_logprobs(row, token, seq.top_logprobs) if seq.top_logprobs is not None else None)
         tokens = mx.concatenate(picks)
-        mx.eval(tokens, [r for r in reports if r is not None])
+        mx.eval(tokens, [r for r in reports if r is not None], [s._history for s in batch])
         self.steps += 1
         now = time.perf_counter()
         for seq, token, report in zip(batch, tokens.tolist(), reports):
