@@ -12,6 +12,7 @@ not the request's fault is logged on one line (the traceback only with --debug) 
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import logging
@@ -170,17 +171,17 @@ async def _json_body(request: Request, limit: int) -> dict:
 async def _unless_gone(request: Request, seq, reply):
     """Await a whole (non-streamed) reply, cancelling its sequence if the client disconnects meanwhile (a streamed
     reply learns it from the response itself)."""
-    async with anyio.create_task_group() as group:
 
-        async def watch() -> None:
-            while not await request.is_disconnected():
-                await anyio.sleep(0.1)
-            seq.stop.set()
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.1)
+        seq.stop.set()
 
-        group.start_soon(watch)
-        result = await reply
-        group.cancel_scope.cancel()
-    return result
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await reply
+    finally:
+        watcher.cancel()
 
 
 def _sse(chunks: AsyncIterator[str], api, options: ServeOptions) -> StreamingResponse:

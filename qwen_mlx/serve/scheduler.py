@@ -264,7 +264,7 @@ class Submitted:
         return []
 
     def generate_tokens(self, new_tokens, cache, sampling, *, max_tokens: int, stats: GenerationStats,
-                        stop: threading.Event | None) -> Iterator[int]:
+                        stop: threading.Event | None, context: list[int] = ()) -> Iterator[int]:
         seq = self.seq
         try:
             while (item := seq.out.get()) is not None:
