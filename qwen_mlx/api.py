@@ -24,7 +24,7 @@ from qwen_mlx.engine.stream import Event, Reply, collect, stream_reply
 from qwen_mlx.engine.tokenizer import Tokenizer
 from qwen_mlx.errors import UserError
 from qwen_mlx.models.qwen3 import Cache, Model
-from qwen_mlx.weights.loader import load_model
+from qwen_mlx.weights.loader import load_config, load_model, resolve
 from qwen_mlx.weights.memory import MemoryPlan
 
 Prompt = str | list[dict]
@@ -117,8 +117,10 @@ def load(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None, memory: Mem
     it (see LLM.speculate)."""
     if draft_tokens is not None and not 1 <= draft_tokens <= MAX_DRAFT:
         raise UserError(f"--draft-tokens must be between 1 and {MAX_DRAFT}: got {draft_tokens}")
-    model, path = load_model(path_or_repo, dtype=dtype, memory=memory)
-    llm = LLM(model, Tokenizer.from_dir(path), path)
+    path = resolve(path_or_repo)
+    tokenizer = Tokenizer.from_dir(path, vocab_size=load_config(path).vocab_size)  # before any weight is read
+    model, path = load_model(path, dtype=dtype, memory=memory)
+    llm = LLM(model, tokenizer, path)
     if draft is not None:
         llm.speculate(load(draft, dtype=dtype), tokens=draft_tokens)
     return llm

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlx.core as mx
 
 from qwen_mlx.engine.generate import Sampler
+from qwen_mlx.untrusted import read_json
 
 # Qwen3's recommended settings (model card): thinking turns, and non-thinking turns.
 QWEN3_THINKING = dict(temperature=0.6, top_p=0.95, top_k=20, min_p=0.0)
@@ -31,11 +31,8 @@ class SamplingParams:
         non-thinking settings for non-thinking turns (the checkpoint file states only one set)."""
         base = dict(QWEN3_THINKING if thinking else QWEN3_NON_THINKING)
         file = Path(path) / "generation_config.json"
-        if thinking and file.is_file():
-            try:
-                config = json.loads(file.read_text(encoding="utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                config = {}
+        if thinking and file.exists():
+            config = read_json(file, Path(path))
             if isinstance(config, dict) and config.get("do_sample", True):
                 for key in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
                     if isinstance(config.get(key), (int, float)) and not isinstance(config.get(key), bool):

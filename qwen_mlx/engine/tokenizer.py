@@ -14,8 +14,10 @@ from datetime import datetime
 from pathlib import Path
 
 from qwen_mlx.errors import UserError
+from qwen_mlx.untrusted import read_json, read_text
 
 MAX_TEMPLATE_SECONDS = 2.0
+MAX_TEMPLATE_BYTES = 1_000_000  # chat_template.jinja; Qwen3's is 4 kB
 MAX_TEMPLATE_CHARS = 4_000_000  # rendered prompt, and any string or list the template builds
 MAX_ARGUMENT = 1_000_000  # largest integer a template may pass to a method (str.center(10**9) and the like)
 # Messages whose text comes from people or tools, not from the model: their text is never a control token.
@@ -42,24 +44,30 @@ class Tokenizer:
         self._plain = None  # the backend without added tokens, built when first needed
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> Tokenizer:
+    def from_dir(cls, path: str | Path, vocab_size: int | None = None) -> Tokenizer:
+        """The checkpoint's tokenizer; with `vocab_size` (the model's embedding rows), refused when any id it can
+        produce (vocabulary or added token) lies outside the embedding."""
         from tokenizers import Tokenizer as Backend
 
         path = Path(path)
         file = path / "tokenizer.json"
-        if not file.is_file():
+        if not file.exists():
             raise TokenizerError(f"{file}: file not found (the checkpoint has no tokenizer.json)")
         try:
-            backend = Backend.from_file(str(file))
+            backend = Backend.from_str(read_text(file, path))
+        except UserError:
+            raise
         except Exception as e:  # the Rust parser's message says what is wrong
             raise TokenizerError(f"{file}: not a valid tokenizer ({' '.join(str(e).split())})") from None
-        config = _read_json(path / "tokenizer_config.json")
+        if vocab_size is not None:
+            _check_ids(backend, vocab_size, file)
+        config = _read_json(path / "tokenizer_config.json", path)
         template = config.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")
-        if (path / "chat_template.jinja").is_file():
-            template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+        if (path / "chat_template.jinja").exists():
+            template = read_text(path / "chat_template.jinja", path, MAX_TEMPLATE_BYTES)
         if template is not None and not isinstance(template, str):
             raise TokenizerError(f"{path / 'tokenizer_config.json'}: chat_template must be a string")
         return cls(backend, template, _eos_ids(path, backend), str(path))
@@ -187,22 +195,29 @@ def _swap(text: str, table: dict[str, str]) -> str:
     return text
 
 
-def _read_json(file: Path) -> dict:
-    if not file.is_file():
+def _read_json(file: Path, root: Path) -> dict:
+    if not file.exists() and not file.is_symlink():
         return {}
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"{file}: not valid JSON ({e})") from None
+    data = read_json(file, root)
     if not isinstance(data, dict):
         raise TokenizerError(f"{file}: expected a JSON object")
     return data
 
 
+def _check_ids(backend, vocab_size: int, file: Path) -> None:
+    """Every id the tokenizer can produce indexes the model's embedding (an id past it would be read out of
+    bounds)."""
+    vocab = backend.get_vocab(with_added_tokens=True)
+    token, top = max(vocab.items(), key=lambda item: item[1], default=("", -1))
+    if top >= vocab_size:
+        raise TokenizerError(f"{file}: token {token!r} has id {top}, outside the model's vocabulary of {vocab_size} "
+                             "(config.json vocab_size)")
+
+
 def _eos_ids(path: Path, backend) -> tuple[int, ...]:
     """generation_config.json's eos_token_id, else config.json's, else Qwen's <|im_end|> and <|endoftext|>."""
     for name in ("generation_config.json", "config.json"):
-        eos = _read_json(path / name).get("eos_token_id")
+        eos = _read_json(path / name, path).get("eos_token_id")
         ids = [eos] if isinstance(eos, int) else eos
         if isinstance(ids, list) and ids and all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
             return tuple(ids)
