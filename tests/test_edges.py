@@ -1,0 +1,200 @@
+"""What a user or a hostile file finds at the edges, through the real command line: each case ends with exit status
+2, one line on stderr naming the flag, key or file, no traceback, in bounded time and memory, nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+MEMORY_LIMIT = 3 * 2**30  # address space of the child: a hostile file must not get near it
+TIME_LIMIT = 60
+
+
+def limited_cli(*args, input: str | None = None, timeout: float = TIME_LIMIT, cwd: Path | None = None):
+    """Run `qwen-mlx ARGS` under a memory limit and a timeout; returns the CompletedProcess and its seconds."""
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+
+    start = time.monotonic()
+    run = subprocess.run([sys.executable, "-m", "qwen_mlx.cli", *args], input=input, capture_output=True, text=True,
+                         timeout=timeout, preexec_fn=limit, cwd=cwd)
+    return run, time.monotonic() - start
+
+
+def main_in_process(capsys, *args) -> subprocess.CompletedProcess:
+    """The same command through cli.main in this process (for the many variants of a case that one subprocess
+    run already shows end to end)."""
+    from qwen_mlx.cli import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as e:  # argparse
+        code = e.code
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
+def assert_refused(run: subprocess.CompletedProcess, *words: str) -> None:
+    """Exit status 2, one line on stderr containing every word, nothing on stdout, no traceback."""
+    assert run.returncode == 2, (run.returncode, run.stderr[-2000:])
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qwen-mlx"), run.stderr[-2000:]
+    assert "Traceback" not in run.stderr and run.stdout == ""
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+@pytest.fixture
+def copy(tiny_checkpoint, tmp_path):
+    """copy(variant="qwen3") -> a fresh copy of a tiny checkpoint to spoil."""
+
+    def make(variant: str = "qwen3") -> Path:
+        return Path(shutil.copytree(tiny_checkpoint(variant), tmp_path / f"ckpt-{variant}"))
+
+    return make
+
+
+def edit_json(file: Path, **changes) -> None:
+    data = json.loads(file.read_text())
+    file.write_text(json.dumps({**data, **changes}))
+
+
+# --- flags ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args,flag", [
+    (["generate", "-p", "hi", "--max-tokens", "-1"], "--max-tokens"),
+    (["generate", "-p", "hi", "--max-tokens", "0"], "--max-tokens"),
+    (["generate", "-p", "hi", "--temp", "-1"], "--temp"),
+    (["generate", "-p", "hi", "--temp", "nan"], "--temp"),
+    (["generate", "-p", "hi", "--top-p", "5"], "--top-p"),
+    (["generate", "-p", "hi", "--top-k", "-3"], "--top-k"),
+    (["generate", "-p", "hi", "--min-p", "inf"], "--min-p"),
+    (["generate", "-p", "hi", "--repetition-penalty", "0"], "--repetition-penalty"),
+    (["generate", "-p", "hi", "--seed", "-1"], "--seed"),
+    (["generate", "-p", "hi", "--max-kv-size", "2"], "--max-kv-size"),
+    (["chat", "--max-tokens", "0"], "--max-tokens"),
+    (["bench", "--gen-tokens", "0"], "--gen-tokens"),
+    (["bench", "--gen-tokens", "2"], "--gen-tokens"),
+    (["bench", "--repeats", "0"], "--repeats"),
+    (["launch", "--port", "70000", "--", "generate"], "--port"),
+    (["info", "-m", "x", "--distributed", "0"], "--distributed"),
+])
+def test_bad_flag_values_are_refused_naming_the_flag(capsys, args, flag):
+    run = main_in_process(capsys, *args)
+    assert_refused(run, f"argument {flag}")
+    assert "--keep" not in run.stderr
+
+
+def test_a_bad_flag_value_through_the_command_line():
+    run, _ = limited_cli("generate", "-p", "hi", "--temp", "nan")
+    assert_refused(run, "argument --temp", "nan")
+
+
+# --- config.json ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key,value", [
+    ("rope_theta", float("nan")), ("rope_theta", float("inf")), ("rope_theta", -1.0), ("rms_norm_eps", 0.0),
+    ("rms_norm_eps", float("nan")), ("max_position_embeddings", 0), ("num_hidden_layers", 100000),
+    ("vocab_size", 10**12), ("hidden_size", 2**40),
+])
+def test_config_values_out_of_range_are_refused_naming_the_key(capsys, copy, key, value):
+    ckpt = copy()
+    edit_json(ckpt / "config.json", **{key: value})  # json writes NaN / Infinity as Python's json reads them
+    assert_refused(main_in_process(capsys, "generate", "-m", str(ckpt), "-p", "hi", "--max-tokens", "2"),
+                   "config.json", key)
+
+
+def test_absurd_layer_count_through_the_command_line(copy):
+    ckpt = copy()
+    edit_json(ckpt / "config.json", num_hidden_layers=100000)
+    run, seconds = limited_cli("generate", "-m", str(ckpt), "-p", "hi", "--max-tokens", "2")
+    assert_refused(run, "config.json", "num_hidden_layers")
+    assert seconds < 30
+
+
+def test_yarn_factor_out_of_range_is_refused(capsys, copy):
+    ckpt = copy("qwen3_yarn")
+    raw = json.loads((ckpt / "config.json").read_text())
+    edit_json(ckpt / "config.json", rope_scaling={**raw["rope_scaling"], "factor": float("inf")})
+    assert_refused(main_in_process(capsys, "info", "-m", str(ckpt)), "rope_scaling.factor")
+
+
+def test_a_config_that_disagrees_with_the_weights_is_refused_before_building(capsys, copy, monkeypatch):
+    from qwen_mlx.weights import loader
+
+    ckpt = copy()
+    edit_json(ckpt / "config.json", num_hidden_layers=1000)  # within range, but the files hold 2 layers
+    monkeypatch.setattr(loader, "Model", lambda *a: pytest.fail("the model was built"))
+    assert_refused(main_in_process(capsys, "generate", "-m", str(ckpt), "-p", "hi", "--max-tokens", "2"),
+                   "num_hidden_layers is 1000", "config.json")
+
+
+# --- tokenizer ids against the embedding ----------------------------------------------------------------------------
+
+def test_a_token_id_beyond_the_embedding_is_refused_at_load(copy):
+    ckpt = copy()
+    spec = json.loads((ckpt / "tokenizer.json").read_text())
+    spec["model"]["vocab"]["hi"] = 2_000_000_000
+    (ckpt / "tokenizer.json").write_text(json.dumps(spec))
+    run, _ = limited_cli("generate", "-m", str(ckpt), "-p", "hi", "--max-tokens", "2")
+    assert_refused(run, "tokenizer.json", "2000000000", "vocab_size")
+
+
+def test_a_vocabulary_smaller_than_the_tokenizer_is_refused(tiny_checkpoint):
+    """config.json and the embedding agree on 1,000 rows; the tokenizer's ids go up to 151,668."""
+    ckpt = tiny_checkpoint("qwen3", vocab_size=1000)
+    run, _ = limited_cli("generate", "-m", str(ckpt), "-p", "hi", "--max-tokens", "2")
+    assert_refused(run, "tokenizer.json", "151668", "vocabulary of 1000")
+
+
+# --- files that are not what they say -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,kind", [
+    ("config.json", "dev-zero"), ("model.safetensors", "fifo"), ("chat_template.jinja", "outside"),
+    ("tokenizer.json", "fifo"), ("generation_config.json", "dev-zero"), ("tokenizer_config.json", "outside"),
+    ("model.safetensors", "outside"), ("config.json", "fifo"),
+])
+def test_checkpoint_files_must_be_regular_files_inside_it(copy, tmp_path, name, kind):
+    ckpt = copy()
+    target = ckpt / name
+    if kind == "outside":  # the file itself, valid, but moved out of the checkpoint and linked back
+        outside = tmp_path / "elsewhere" / name
+        outside.parent.mkdir()
+        if target.exists():
+            shutil.move(target, outside)
+        else:
+            outside.write_text("{}" if name.endswith(".json") else "{{ messages[0].content }}")
+        target.symlink_to(outside)
+    else:
+        target.unlink(missing_ok=True)
+        if kind == "dev-zero":
+            target.symlink_to("/dev/zero")
+        else:
+            os.mkfifo(target)
+    run, seconds = limited_cli("generate", "-m", str(ckpt), "-p", "hi", "--max-tokens", "2", timeout=30)
+    assert_refused(run, name)
+    assert seconds < 20
+    words = {"dev-zero": "outside the checkpoint", "fifo": "not a regular file", "outside": "outside the checkpoint"}
+    assert words[kind] in run.stderr
+
+
+def test_the_hub_cache_links_into_its_blob_store_are_followed(copy, tmp_path):
+    """A hub snapshot is a directory of links into ../../blobs: those are the checkpoint's own files."""
+    from qwen_mlx.untrusted import checked_file
+
+    repo = tmp_path / "models--Qwen--Tiny"
+    snapshot, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    (blobs / "f00d").write_text("{}")
+    (snapshot / "config.json").symlink_to("../../blobs/f00d")
+    assert checked_file(snapshot / "config.json", snapshot) == (blobs / "f00d").resolve()
