@@ -2,6 +2,7 @@
 templates refused quickly with nothing escaping the sandbox."""
 
 import json
+import resource
 import shutil
 import subprocess
 import sys
@@ -80,11 +81,39 @@ HOSTILE = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(HOSTILE))
+# Filters, methods and operators whose size arguments the argument bound alone does not cover.
+UNBOUNDED_WORK = {
+    "center_filter": "{{ 'a'|center(1000000000) }}",
+    "indent_filter": "{{ ('x\n' * 1000000)|indent(999999) }}",
+    "indent_by_string": "{{ ('x\n' * 1000000)|indent('y' * 999999) }}",
+    "tojson_indent": "{{ messages|tojson(indent=100000000) }}",
+    "tojson_indent_string": "{{ [[[[1]]]]|tojson(indent='x' * 1000000) }}",
+    "tojson_separators": "{{ range(1000)|list|tojson(separators=('x' * 1000000, ':')) }}",
+    "str_replace": "{{ ('a' * 1000000).replace('a', 'b' * 1000000) }}",
+    "replace_filter": "{{ ('a' * 1000000)|replace('a', 'b' * 1000000) }}",
+    "replace_empty": "{{ ('a' * 1000000)|replace('', 'b' * 100) }}",
+    "lipsum": "{{ lipsum(100000, false, 1000000, 1000000) }}",
+    "join_filter": "{{ ('x' * 1000000)|join('y' * 1000000) }}",
+    "join_method": "{{ ('y' * 1000000).join('x' * 1000000) }}",
+    "expandtabs": "{{ ('\t' * 1000000).expandtabs(999999) }}",
+    "ljust": "{{ 'a'.ljust(999999) ~ ''.rjust(999999) ~ ''.zfill(999999) ~ ''.center(999999) ~ ''.ljust(999999) }}",
+    "tilde_doubling": "{% set ns = namespace(s='x' * 1000000) %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}"
+                      "{% endfor %}{{ ns.s|length }}",
+    "plus_doubling": "{% set ns = namespace(s='x' * 1000000) %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}"
+                     "{% endfor %}{{ ns.s|length }}",
+    "printf_operator": "{{ '%999999999s' % 'x' }}",
+    "batch_fill": "{{ [1]|batch(1000000000, 'x')|list }}",
+    "slice_filter": "{{ [1]|slice(100000000)|list|length }}",
+    "wordwrap": "{{ ('a ' * 1000000)|wordwrap(1, wrapstring='x' * 1000000) }}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE) + sorted(UNBOUNDED_WORK))
 def test_hostile_template_is_refused(tokenizers, name, tmp_path, monkeypatch):
     ours, _ = tokenizers
     monkeypatch.chdir(tmp_path)
-    hostile = Tokenizer(ours._backend, HOSTILE[name].replace("CANARY", str(tmp_path / CANARY_NAME)), ours.eos_ids)
+    source = {**HOSTILE, **UNBOUNDED_WORK}[name]
+    hostile = Tokenizer(ours._backend, source.replace("CANARY", str(tmp_path / CANARY_NAME)), ours.eos_ids)
     start = time.perf_counter()
     with pytest.raises(TemplateError) as e:
         hostile.apply_chat_template(CASES["single"])
@@ -93,18 +122,20 @@ def test_hostile_template_is_refused(tokenizers, name, tmp_path, monkeypatch):
     assert not (tmp_path / CANARY_NAME).exists()
 
 
-@pytest.mark.parametrize("name", sorted(HOSTILE))
+@pytest.mark.parametrize("name", sorted(HOSTILE) + ["lipsum", "replace_filter", "tilde_doubling"])
 def test_hostile_template_through_the_cli(tiny_checkpoint, tmp_path, name):
     """The real CLI: one line on stderr, exit 2, nothing written, the canary absent."""
     ckpt = shutil.copytree(tiny_checkpoint("qwen3"), tmp_path / "ckpt")
     config = json.loads((ckpt / "tokenizer_config.json").read_text())
     canary = tmp_path / CANARY_NAME
-    config["chat_template"] = HOSTILE[name].replace("CANARY", str(canary))
+    config["chat_template"] = {**HOSTILE, **UNBOUNDED_WORK}[name].replace("CANARY", str(canary))
     (ckpt / "tokenizer_config.json").write_text(json.dumps(config))
     before = sorted(p.name for p in ckpt.iterdir())
     start = time.perf_counter()
+    limit = lambda: resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))  # bounded memory too
     run = subprocess.run([sys.executable, "-m", "qwen_mlx.cli", "generate", "--model", str(ckpt), "--prompt", "hi",
-                          "--max-tokens", "2"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+                          "--max-tokens", "2"], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                         preexec_fn=limit)
     assert run.returncode == 2, run.stderr
     assert time.perf_counter() - start < 20  # imports and the model load included; the template's part is < 5 s
     assert run.stderr.strip().startswith("qwen-mlx: error: chat template") and len(run.stderr.strip().splitlines()) == 1

@@ -236,24 +236,55 @@ def _compile(source: str):
         raise TemplateError(f"chat template: syntax error on line {e.lineno}: {e.message}") from None
 
 
+# Filters a chat template may use: those of the Qwen and other Hugging Face templates. The rest (batch, slice,
+# wordwrap, urlize, pprint, format, ...) are gone: each can build far more than its arguments suggest.
+FILTERS = ("abs", "attr", "capitalize", "count", "d", "default", "dictsort", "e", "escape", "first", "float",
+           "groupby", "int", "items", "last", "length", "list", "lower", "map", "max", "min", "reject", "rejectattr",
+           "reverse", "round", "safe", "select", "selectattr", "sort", "string", "striptags", "title", "trim",
+           "truncate", "unique", "upper", "wordcount")
+MAX_JSON_INDENT = 16  # tojson(indent=...), as a count or a string
+
+
 def _environment():
+    from jinja2 import filters
+    from jinja2.compiler import CodeGenerator
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+    class BudgetedCodeGenerator(CodeGenerator):
+        def visit_Concat(self, node, frame):  # `a ~ b`: through the environment, so its size is checked
+            self.write("environment.concat_checked((")
+            for arg in node.nodes:
+                self.visit(arg, frame)
+                self.write(", ")
+            self.write("))")
+
     class BudgetedSandbox(ImmutableSandboxedEnvironment):
-        intercepted_binops = frozenset(["*", "**"])
+        code_generator_class = BudgetedCodeGenerator
+        intercepted_binops = frozenset(["*", "**", "+", "%"])
 
         def call_binop(self, context, operator, left, right):
             if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
                 raise TemplateError("chat template: exponent too large")
-            if operator == "*" and _built_size(left, right) > MAX_TEMPLATE_CHARS:
-                raise TemplateError("chat template: a string or list it builds is too large")
+            if operator == "%" and isinstance(left, str):
+                raise TemplateError("chat template: printf-style % formatting is not allowed")
+            if operator in ("*", "+"):
+                _check_size(_built_size(operator, left, right), f"'{operator}'")
             return super().call_binop(context, operator, left, right)
+
+        def concat_checked(self, values):
+            values = [str(v) for v in values]
+            _check_size(sum(map(len, values)), "'~'")
+            return "".join(values)
 
         def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's signature)
             for value in (*args, *kwargs.values()):
                 if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_ARGUMENT:
                     raise TemplateError("chat template: an argument is too large")
+            if getattr(__obj, "__name__", None) == "join" and isinstance(getattr(__obj, "__self__", None), str) \
+                    and args:
+                args = (list(args[0]), *args[1:])  # a generator, consumed once: by the estimate and the call alike
+            _check_size(_method_size(__obj, args, kwargs), f"str.{getattr(__obj, '__name__', '?')}")
             return super().call(__context, __obj, *args, **kwargs)
 
         def is_safe_attribute(self, obj, attr, value):
@@ -263,24 +294,84 @@ def _environment():
                 return False
             return super().is_safe_attribute(obj, attr, value)
 
+    @filters.pass_eval_context
+    def replace(eval_ctx, s, old, new, count=None):
+        _check_size(_replaced_size(str(s), str(old), str(new), count), "replace")
+        return filters.do_replace(eval_ctx, s, old, new, count)
+
+    @filters.pass_eval_context
+    def join(eval_ctx, value, d="", attribute=None):
+        items = list(value)
+        texts = items if attribute is None else []  # attributes of existing objects: already bounded
+        _check_size(sum(len(str(x)) for x in texts) + len(items) * len(str(d)), "join")
+        return filters.do_join(eval_ctx, items, d, attribute)
+
+    def center(value, width=80):
+        _check_size(width, "center")
+        return filters.do_center(value, width)
+
+    def indent(s, width=4, first=False, blank=False):
+        pad = len(width) if isinstance(width, str) else width
+        _check_size(len(str(s)) + (str(s).count("\n") + 2) * pad, "indent")
+        return filters.do_indent(s, width, first, blank)
+
     env = BudgetedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.filters.pop("format", None)  # printf-style padding has the same problem as str.format
+    env.filters = {name: env.filters[name] for name in FILTERS}
+    env.filters.update(tojson=_tojson, replace=replace, join=join, center=center, indent=indent)
+    del env.globals["lipsum"]  # generates up to gigabytes of text in one call
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(str(fmt)[:64])
     return env
 
 
-def _built_size(left, right) -> int:
-    if isinstance(left, (str, list, tuple)) and isinstance(right, int):
+def _check_size(size, what: str) -> None:
+    if isinstance(size, (int, float)) and size > MAX_TEMPLATE_CHARS:
+        raise TemplateError(f"chat template: {what} would build more than {MAX_TEMPLATE_CHARS} characters")
+
+
+def _built_size(operator: str, left, right) -> int:
+    """Length of `left * right` or `left + right` for strings and lists (0 for numbers)."""
+    sized = (str, list, tuple)
+    if operator == "+":
+        return len(left) + len(right) if isinstance(left, sized) and isinstance(right, sized) else 0
+    if isinstance(left, sized) and isinstance(right, int):
         return len(left) * right
-    if isinstance(right, (str, list, tuple)) and isinstance(left, int):
+    if isinstance(right, sized) and isinstance(left, int):
         return len(right) * left
+    return 0
+
+
+def _replaced_size(s: str, old: str, new: str, count) -> int:
+    n = len(s) + 1 if not old else s.count(old)
+    if isinstance(count, int) and count >= 0:
+        n = min(n, count)
+    return len(s) + n * len(new)
+
+
+def _method_size(method, args: tuple, kwargs: dict) -> int:
+    """Length of what a str method returns, for those that can return far more than they are given."""
+    s = getattr(method, "__self__", None)
+    if not isinstance(s, str) or not args and not kwargs:
+        return 0
+    name, first = method.__name__, args[0] if args else next(iter(kwargs.values()))
+    if name in ("center", "ljust", "rjust", "zfill"):
+        return first
+    if name == "expandtabs" and isinstance(first, int):
+        return len(s) + s.count("\t") * first
+    if name == "replace" and len(args) >= 2:
+        return _replaced_size(s, str(args[0]), str(args[1]), args[2] if len(args) > 2 else -1)
+    if name == "join" and isinstance(first, list):
+        return sum(len(str(x)) for x in first) + len(first) * len(s)
     return 0
 
 
 def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
     # transformers' tojson: plain json.dumps, no HTML escaping (Jinja's own escapes <, >, &, ').
+    sizes = [len(indent) if isinstance(indent, str) else indent if isinstance(indent, int) else 0,
+             *(len(str(p)) for p in separators or ())]
+    if any(size > MAX_JSON_INDENT for size in sizes):
+        raise TemplateError(f"chat template: tojson indent and separators are limited to {MAX_JSON_INDENT} "
+                            "characters")
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
