@@ -12,6 +12,7 @@ from qwen_mlx import commands
 from qwen_mlx.errors import UserError, one_line
 from qwen_mlx.flags import number
 from qwen_mlx.quant_formats import QUANT_FORMATS
+from qwen_mlx.terminal import printable
 
 DEFAULT_MODEL = "Qwen/Qwen3-0.6B"
 KEEP = 4  # tokens the rotating KV cache pins (cache.kv.make_cache's default): a window must be larger
@@ -120,7 +121,7 @@ class Parser(argparse.ArgumentParser):
     """argparse, with a bad flag reported on one line (no usage block above it)."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {printable(message)} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -313,10 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except UserError as e:
+    except UserError as e:  # its message names files, tensors and tokens from a checkpoint: printable
         if args.debug:
             traceback.print_exc()
-        print(f"qwen-mlx: error: {one_line(e)}", file=sys.stderr)
+        print(f"qwen-mlx: error: {printable(one_line(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -324,13 +325,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         where = f"{e.filename}: " if e.filename else ""
-        print(f"qwen-mlx: error: {where}{e.strerror or one_line(e)}", file=sys.stderr)
+        print(f"qwen-mlx: error: {printable(where + (e.strerror or one_line(e)))}", file=sys.stderr)
         return 1
     except Exception as e:
         if args.debug:
             traceback.print_exc()
             return 1
-        what = ": ".join(filter(None, [type(e).__name__, one_line(e)]))
+        what = printable(": ".join(filter(None, [type(e).__name__, one_line(e)])))
         print(f"qwen-mlx: error: internal error: {what} (run with --debug for the traceback)", file=sys.stderr)
         return 1
     return 0

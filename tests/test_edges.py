@@ -198,3 +198,89 @@ def test_the_hub_cache_links_into_its_blob_store_are_followed(copy, tmp_path):
     (blobs / "f00d").write_text("{}")
     (snapshot / "config.json").symlink_to("../../blobs/f00d")
     assert checked_file(snapshot / "config.json", snapshot) == (blobs / "f00d").resolve()
+
+
+# --- control sequences never reach a terminal raw --------------------------------------------------------------------
+
+TITLE = "\x1b]0;PWNED\x07"  # OSC 0: set the terminal's title
+
+
+@pytest.fixture
+def escaping_checkpoint(copy) -> Path:
+    """A checkpoint whose every generated token decodes to an escape sequence that retitles the terminal."""
+    ckpt = copy()
+    spec = json.loads((ckpt / "tokenizer.json").read_text())
+    spec["decoder"] = {"type": "Sequence", "decoders": [
+        spec["decoder"], {"type": "Replace", "pattern": {"Regex": "[\\s\\S]+"}, "content": TITLE}]}
+    (ckpt / "tokenizer.json").write_text(json.dumps(spec))
+    return ckpt
+
+
+def run_in_terminal(args: list[str], steps: list[tuple[bytes, bytes]] = (), timeout: float = 90) -> bytes:
+    """Run `qwen-mlx ARGS` with a pseudo-terminal as stdin, stdout and stderr; for each (wait_for, keys) step, type
+    the keys once the output holds wait_for. Returns every byte written to the terminal."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+    limit = lambda: resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+    proc = subprocess.Popen([sys.executable, "-m", "qwen_mlx.cli", *args], stdin=slave, stdout=slave, stderr=slave,
+                            env={**os.environ, "TERM": "xterm-256color"}, preexec_fn=limit)
+    os.close(slave)
+    out, steps, deadline = bytearray(), list(steps), time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if steps and steps[0][0] in out:
+                os.write(master, steps.pop(0)[1])
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            elif proc.poll() is not None:
+                break
+        else:
+            raise AssertionError(f"timed out; output so far: {bytes(out[-3000:])!r}")
+    finally:
+        proc.kill() if proc.poll() is None else None
+        proc.wait()
+        os.close(master)
+    assert not steps, f"never saw {steps[0][0]!r}; output: {bytes(out[-3000:])!r}"
+    return bytes(out)
+
+
+def test_generate_shows_the_models_control_characters_on_a_terminal(escaping_checkpoint):
+    out = run_in_terminal(["generate", "-m", str(escaping_checkpoint), "-p", "hi", "--max-tokens", "3", "--temp",
+                           "0", "--no-think"])
+    assert b"PWNED" in out and b"\x1b]0;PWNED" not in out and b"PWNED\x07" not in out
+    assert b"\\x1b]0;PWNED\\x07" in out  # visible instead
+
+
+def test_generate_keeps_them_in_a_file(escaping_checkpoint, tmp_path):
+    with open(tmp_path / "out.txt", "w") as f:
+        run = subprocess.run([sys.executable, "-m", "qwen_mlx.cli", "generate", "-m", str(escaping_checkpoint), "-p",
+                              "hi", "--max-tokens", "2", "--temp", "0", "--no-think"], stdout=f, timeout=120)
+    assert run.returncode == 0 and (tmp_path / "out.txt").read_text() == TITLE * 2 + "\n"
+
+
+def test_chat_shows_the_models_control_characters_on_a_terminal(escaping_checkpoint):
+    out = run_in_terminal(["chat", "-m", str(escaping_checkpoint), "--no-history", "--max-tokens", "3", "--temp", "0",
+                           "--no-think"], [(b"think off", b"hi\r"), (b"tok/s", b"\x11")])
+    assert b"PWNED" in out and b"\x1b]0;PWNED" not in out and b"PWNED\x07" not in out
+
+
+def test_names_from_files_are_printable_in_errors(capsys, copy):
+    ckpt = copy()
+    index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "\x1b]0;PWNED\x07.safetensors"}}
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    run = main_in_process(capsys, "info", "-m", str(ckpt))
+    assert_refused(run, "\\x1b]0;PWNED\\x07")
+    assert "\x1b" not in run.stderr and "\x07" not in run.stderr

@@ -13,6 +13,7 @@ from textual.widgets import Collapsible, Footer, Markdown, Static
 
 from qwen_mlx.api import Event
 from qwen_mlx.engine.chat import reply_content, split_reply_content
+from qwen_mlx.terminal import printable
 
 from .conversation import save_conversation
 from .engine import Engine
@@ -63,6 +64,7 @@ class ChatApp(App):
         self.live = None  # GenerationStats of the reply being generated
         self.last = None  # (stats, finish_reason) of the last finished reply
         self._streams = {}
+        self.failure: Exception | None = None  # the unhandled error that ended the app, if one did
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="transcript"):
@@ -70,7 +72,7 @@ class ChatApp(App):
         yield PromptInput(id="prompt", show_line_numbers=False)
         with Horizontal(id="status-bar"):
             yield Static("", id="status", markup=False)
-            yield Static(f"{self.engine.name} · {self.engine.details}", id="model", markup=False)
+            yield Static(printable(f"{self.engine.name} · {self.engine.details}"), id="model", markup=False)
         yield Footer()
 
     async def on_mount(self) -> None:
@@ -89,6 +91,20 @@ class ChatApp(App):
         self.query_one(PromptInput).focus()
         self.set_interval(0.25, self.refresh_status)
         self.refresh_status()
+
+    def _handle_exception(self, error: Exception) -> None:
+        # An error that ends the app is kept for the command to report in one line (cli._chat re-raises it).
+        self.failure = self.failure or error
+        super()._handle_exception(error)
+
+    def _fatal_error(self) -> None:
+        # Textual's own prints a traceback with local variables (message contents, paths) and rings the bell.
+        self._close_messages_no_wait()
+
+    def notify(self, message: str, **options) -> None:
+        """A notice, shown as plain text with control characters made visible (paths, errors and file contents
+        come from outside)."""
+        super().notify(printable(message), markup=False, **options)
 
     # --- input ---------------------------------------------------------------------------------------------
     async def on_prompt_input_submitted(self, message: PromptInput.Submitted) -> None:
@@ -209,7 +225,7 @@ class ChatApp(App):
             self.post_message(Failed(turn, f"{type(e).__name__}: {e}"))
 
     async def on_failed(self, message: Failed) -> None:
-        message.turn.query_one(".summary", Static).update(f"error: {message.error}")
+        message.turn.query_one(".summary", Static).update(f"error: {printable(message.error)}")
         self.notify(message.error, severity="error")
         self.generating = False
         self.live = None
@@ -224,13 +240,13 @@ class ChatApp(App):
             block = turn.query_one(Collapsible)
             block.display = True
             turn.thinking_text += event.text
-            await self.stream_to(turn, turn.query_one(".thinking-text", Markdown), event.text)
+            await self.stream_to(turn, turn.query_one(".thinking-text", Markdown), printable(event.text))
         else:
             if not turn.answer_text and turn.thinking_text and self.auto_collapse:
                 turn.query_one(Collapsible).collapsed = True
                 turn.query_one(Collapsible).title = "Thought"
             turn.answer_text += event.text
-            await self.stream_to(turn, turn.query_one(".answer", Markdown), event.text)
+            await self.stream_to(turn, turn.query_one(".answer", Markdown), printable(event.text))
 
     async def stream_to(self, turn: Turn, markdown: Markdown, text: str) -> None:
         stream = self._streams.get(markdown)
@@ -244,9 +260,9 @@ class ChatApp(App):
             if stream is not None:
                 await stream.stop()
         # one full render at the end: the streamed tail parse is an approximation while text arrives
-        await turn.query_one(".answer", Markdown).update(turn.answer_text)
+        await turn.query_one(".answer", Markdown).update(printable(turn.answer_text))
         if turn.thinking_text:
-            await turn.query_one(".thinking-text", Markdown).update(turn.thinking_text)
+            await turn.query_one(".thinking-text", Markdown).update(printable(turn.thinking_text))
             if not turn.answer_text:
                 turn.query_one(Collapsible).title = ("Thinking (stopped)" if event.finish_reason == "cancelled"
                                                      else "Thinking (cut off at max tokens)")
@@ -273,8 +289,8 @@ class ChatApp(App):
                     if thinking:
                         block = turn.query_one(Collapsible)
                         block.display, block.collapsed, block.title = True, True, "Thought"
-                        await turn.query_one(".thinking-text", Markdown).update(thinking)
-                    await turn.query_one(".answer", Markdown).update(answer)
+                        await turn.query_one(".thinking-text", Markdown).update(printable(thinking))
+                    await turn.query_one(".answer", Markdown).update(printable(answer))
 
     # --- status bar ------------------------------------------------------------------------------------------
     def refresh_status(self) -> None:

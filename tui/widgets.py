@@ -8,6 +8,7 @@ from textual.message import Message
 from textual.widgets import Collapsible, Markdown, Static, TextArea
 
 from qwen_mlx.engine.generate import GenerationStats
+from qwen_mlx.terminal import printable
 
 
 class Turn(Vertical):
@@ -20,7 +21,7 @@ class Turn(Vertical):
         self.thinking_text, self.answer_text = "", ""
 
     def compose(self) -> ComposeResult:
-        yield Static(self.user_text, classes="user", markup=False)
+        yield Static(printable(self.user_text), classes="user", markup=False)
         with Collapsible(title="Thinking…", collapsed=not self.show_thinking, classes="thinking"):
             yield Markdown(classes="thinking-text")
         yield Markdown(classes="answer")
