@@ -20,8 +20,6 @@ MAX_TEMPLATE_SECONDS = 2.0
 MAX_TEMPLATE_BYTES = 1_000_000  # chat_template.jinja; Qwen3's is 4 kB
 MAX_TEMPLATE_CHARS = 4_000_000  # rendered prompt, and any string or list the template builds
 MAX_ARGUMENT = 1_000_000  # largest integer a template may pass to a method (str.center(10**9) and the like)
-# Messages whose text comes from people or tools, not from the model: their text is never a control token.
-UNTRUSTED_ROLES = ("user", "system", "tool")
 
 
 class TokenizerError(UserError):
@@ -83,16 +81,18 @@ class Tokenizer:
                     tools: list[dict] | None = None) -> list[int]:
         """The token ids of the rendered chat template, where control tokens come from the template alone.
 
-        Text of user, system and tool messages that spells an added token (`<|im_start|>`, `<|im_end|>`,
-        `<think>`, ...) is encoded as its plain characters, so a pasted prompt cannot open a turn of its own or a
-        think block. Each such spelling is swapped for a private-use character while the template renders, and
-        put back after the template's own tokens have been found; the text between two of those is encoded as the
-        tokenizer encodes any text between added tokens. Messages without such text encode exactly as `encode`
-        of the rendered template (as transformers does)."""
+        Text of every message (user, system, tool, and assistant: a loaded or resumed conversation, or a model
+        that wrote the spelling out) that spells an added token (`<|im_start|>`, `<|im_end|>`, `<think>`, ...) is
+        encoded as its plain characters, so it cannot open a turn of its own or a think block. The one exception
+        is an assistant message's leading think block (`<think>...</think>` as engine.chat.reply_content writes
+        it), whose two delimiters the template itself parses. Each such spelling is swapped for a private-use
+        character while the template renders, and put back after the template's own tokens have been found; the
+        text between two of those is encoded as the tokenizer encodes any text between added tokens. Messages
+        without such text encode exactly as `encode` of the rendered template (as transformers does)."""
         marks = self._marks(messages)
         if not marks:
             return self.encode(self.apply_chat_template(messages, enable_thinking=enable_thinking, tools=tools))
-        hidden = [{**m, "content": _swap(m["content"], marks)} if _untrusted_text(m) else m for m in messages]
+        hidden = [_hidden(m, marks) for m in messages]
         text = self.apply_chat_template(hidden, enable_thinking=enable_thinking, tools=tools)
         back = {mark: token for token, mark in marks.items()}
         added = self._backend.get_added_tokens_decoder()
@@ -107,12 +107,12 @@ class Tokenizer:
 
     def _marks(self, messages: list[dict]) -> dict[str, str]:
         """Added-token spelling -> a private-use character for those that untrusted messages contain."""
-        texts = [m["content"] for m in messages if _untrusted_text(m)]
+        texts = [text for m in messages for text in _free_text(m)]
         found = sorted({t.content for t in self._backend.get_added_tokens_decoder().values()
                         if any(t.content in text for text in texts)}, key=len, reverse=True)
         if not found:
             return {}
-        joined = "".join(str(m.get("content")) for m in messages)
+        joined = "".join(texts)
         base = next(b for b in range(0x100000, 0x10FFFE - len(found), len(found))  # not already in the text
                     if not any(chr(b + i) in joined for i in range(len(found))))
         return {token: chr(base + i) for i, token in enumerate(found)}
@@ -185,8 +185,30 @@ class StreamingDetokenizer:
         return text
 
 
-def _untrusted_text(message: dict) -> bool:
-    return message.get("role") in UNTRUSTED_ROLES and isinstance(message.get("content"), str)
+def _free_text(message: dict) -> list[str]:
+    """The message's text in which an added token's spelling is plain text: all of it, except the delimiters of
+    an assistant message's leading think block."""
+    content = message.get("content")
+    reasoning = message.get("reasoning_content")
+    texts = [reasoning] if isinstance(reasoning, str) else []
+    if not isinstance(content, str):
+        return texts
+    if message.get("role") == "assistant" and content.startswith("<think>") and "</think>" in content:
+        return [*texts, *content[len("<think>"):].split("</think>", 1)]
+    return [*texts, content]
+
+
+def _hidden(message: dict, marks: dict[str, str]) -> dict:
+    """The message with the spellings in its free text swapped for their marks."""
+    out = dict(message)
+    if isinstance(message.get("reasoning_content"), str):
+        out["reasoning_content"] = _swap(message["reasoning_content"], marks)
+    content = message.get("content")
+    if isinstance(content, str):
+        parts = _free_text({**message, "reasoning_content": None})
+        hidden = [_swap(part, marks) for part in parts]
+        out["content"] = f"<think>{hidden[0]}</think>{hidden[1]}" if len(parts) == 2 else hidden[0]
+    return out
 
 
 def _swap(text: str, table: dict[str, str]) -> str:
