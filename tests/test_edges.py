@@ -218,7 +218,8 @@ def escaping_checkpoint(copy) -> Path:
 
 def run_in_terminal(args: list[str], steps: list[tuple[bytes, bytes]] = (), timeout: float = 90) -> bytes:
     """Run `qwen-mlx ARGS` with a pseudo-terminal as stdin, stdout and stderr; for each (wait_for, keys) step, type
-    the keys once the output holds wait_for. Returns every byte written to the terminal."""
+    the keys once the output holds wait_for. Returns every byte written to the terminal; the exit status is
+    run_in_terminal.returncode."""
     import fcntl
     import pty
     import select
@@ -251,7 +252,7 @@ def run_in_terminal(args: list[str], steps: list[tuple[bytes, bytes]] = (), time
             raise AssertionError(f"timed out; output so far: {bytes(out[-3000:])!r}")
     finally:
         proc.kill() if proc.poll() is None else None
-        proc.wait()
+        run_in_terminal.returncode = proc.wait()
         os.close(master)
     assert not steps, f"never saw {steps[0][0]!r}; output: {bytes(out[-3000:])!r}"
     return bytes(out)
@@ -284,3 +285,103 @@ def test_names_from_files_are_printable_in_errors(capsys, copy):
     run = main_in_process(capsys, "info", "-m", str(ckpt))
     assert_refused(run, "\\x1b]0;PWNED\\x07")
     assert "\x1b" not in run.stderr and "\x07" not in run.stderr
+
+
+# --- the chat app's files ---------------------------------------------------------------------------------------------
+
+def test_another_programs_database_is_refused_untouched(tiny_checkpoint, tmp_path):
+    import sqlite3
+
+    other = tmp_path / "notes.sqlite"
+    db = sqlite3.connect(other)
+    db.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
+    db.execute("INSERT INTO notes (body) VALUES ('mine')")
+    db.commit()
+    db.close()
+    before = other.read_bytes()
+    run, _ = limited_cli("chat", "-m", str(tiny_checkpoint("qwen3")), "--history", str(other))
+    assert_refused(run, str(other), "not a qwen-mlx chat history", "--no-history")
+    assert other.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["notes.sqlite"]
+
+
+def test_a_history_with_wrong_columns_is_refused(tmp_path):
+    import sqlite3
+
+    from tui.history import History, HistoryError
+
+    path = tmp_path / "h.sqlite"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE conversations (id INTEGER PRIMARY KEY, model TEXT, created REAL, extra TEXT)")
+    db.execute("CREATE TABLE messages (id INTEGER PRIMARY KEY, conversation INT, role TEXT, content TEXT, created REAL)")
+    db.close()
+    with pytest.raises(HistoryError, match="not a qwen-mlx chat history"):
+        History(path)
+
+
+def test_a_blob_in_the_history_ends_resume_with_one_line(tiny_checkpoint, tmp_path):
+    """A BLOB where text belongs, resumed with --continue: exit 2 and one line, no traceback with locals."""
+    from tui.history import History
+
+    path = tmp_path / "history.sqlite"
+    ckpt = tiny_checkpoint("qwen3")
+    h = History(path)
+    conversation = h.new_conversation(ckpt.name)
+    h.add(conversation, "user", "secret-words")
+    h.db.execute("INSERT INTO messages (conversation, role, content, created) VALUES (?, 'assistant', ?, 0)",
+                 (conversation, b"\x00\x01blob"))
+    h.db.commit()
+    h.close()
+    out = run_in_terminal(["chat", "-m", str(ckpt), "--history", str(path), "--continue"])
+    assert run_in_terminal.returncode == 2, out[-2000:]
+    assert b"holds a message that is not text" in out
+    assert b"Traceback" not in out and b"locals" not in out and b"secret-words" not in out
+
+
+@pytest.mark.parametrize("content,words", [
+    ("[" * 100000 + "]" * 100000, "not valid JSON"),
+    (json.dumps([{"role": "user", "content": "x"}] * 2000), "2000 messages"),
+    (json.dumps([{"role": "user", "content": ["not", "text"]}]), "message 1"),
+    ("\udcff", "not valid JSON"),
+])
+def test_conversation_files_are_bounded_and_checked(tmp_path, content, words):
+    from tui.conversation import ConversationError, read_conversation
+
+    (tmp_path / "c.json").write_text(content, errors="surrogateescape")
+    with pytest.raises(ConversationError, match=words):
+        read_conversation(tmp_path / "c.json")
+    with pytest.raises(ConversationError, match="not a regular file"):
+        read_conversation(tmp_path)
+    big = tmp_path / "big.json"
+    with open(big, "wb") as f:
+        f.truncate(64 * 2**20)
+    with pytest.raises(ConversationError, match="larger than"):
+        read_conversation(big)
+
+
+def test_load_runs_off_the_ui_thread_and_shows_a_bounded_transcript(tmp_path):
+    import asyncio
+
+    from test_tui import ScriptedEngine, send, wait_until
+
+    from tui.app import SHOWN_TURNS, ChatApp
+    from tui.widgets import Turn
+
+    many = [{"role": role, "content": f"{role} {i}"} for i in range(500) for role in ("user", "assistant")]
+    (tmp_path / "many.json").write_text(json.dumps(many))
+    (tmp_path / "too-many.json").write_text(json.dumps(many * 3))
+
+    async def run():
+        engine = ScriptedEngine([("answer", "ok")], delay=0)
+        app = ChatApp(engine)
+        async with app.run_test(size=(100, 30)) as pilot:
+            start = time.monotonic()
+            await send(pilot, f"/load {tmp_path / 'too-many.json'}")
+            await wait_until(pilot, lambda: any("3000 messages" in str(n.message) for n in app._notifications))
+            assert engine.restored is None
+            await send(pilot, f"/load {tmp_path / 'many.json'}")
+            await wait_until(pilot, lambda: engine.restored == many, timeout=30)
+            await wait_until(pilot, lambda: len(app.query(Turn)) == SHOWN_TURNS)
+            assert app.query_one(Turn).user_text == f"user {500 - SHOWN_TURNS}"
+            assert time.monotonic() - start < 30
+
+    asyncio.run(run())

@@ -13,13 +13,15 @@ from textual.widgets import Collapsible, Footer, Markdown, Static
 
 from qwen_mlx.api import Event
 from qwen_mlx.engine.chat import reply_content, split_reply_content
+from qwen_mlx.errors import UserError, one_line
 from qwen_mlx.terminal import printable
 
-from .conversation import save_conversation
+from .conversation import read_conversation, save_conversation
 from .engine import Engine
 from .history import History
 from .widgets import PromptInput, Turn, format_bytes, format_speculation, format_summary
 
+SHOWN_TURNS = 50  # of a resumed or loaded conversation, in the transcript
 HELP = ("Enter sends · ctrl+j newline · ↑↓ recall · Esc stops · ctrl+t shows/hides thinking · ctrl+q quits · "
         "/think /no_think · /system TEXT · /new · /save FILE · /load FILE · /copy · /help (tab completes)")
 
@@ -140,10 +142,10 @@ class ChatApp(App):
         elif name == "/save":
             self.save(arg)
         elif name == "/load":
-            messages = self.read_conversation(arg)
-            if messages is not None:
-                await self.start_over(messages)
-                self.notify(f"Loaded {len(messages)} messages from {arg}.")
+            if not arg:
+                self.notify("Usage: /load FILE", severity="error")
+            else:
+                self.load(arg)
         elif name == "/copy":
             answers = [t.answer_text for t in self.query(Turn) if t.answer_text]
             if answers:
@@ -158,6 +160,7 @@ class ChatApp(App):
         """A new conversation, empty or loaded from a file."""
         self.engine.restore(messages)
         await self.query(Turn).remove()
+        await self.query(".earlier").remove()
         await self.show_earlier(messages)
         if self.history is not None:
             self.conversation = self.history.new_conversation(self.engine.name)
@@ -178,23 +181,24 @@ class ChatApp(App):
             return
         self.notify(f"Saved to {target}.")
 
-    def read_conversation(self, path: str) -> list[dict] | None:
-        import json
+    @work(thread=True, exclusive=True, group="load")
+    def load(self, path: str) -> None:
+        """Read, check and show a saved conversation, off the UI thread."""
         from pathlib import Path
 
         try:
-            messages = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            self.notify(f"Could not read {path}: {getattr(e, 'strerror', None) or e}.", severity="error")
-            return None
-        valid = isinstance(messages, list) and all(
-            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
-            and isinstance(m.get("content"), str) for m in messages)
-        if not valid:
-            self.notify(f"{path} is not a saved conversation (a JSON list of role/content messages).",
-                        severity="error")
-            return None
-        return messages
+            messages = read_conversation(Path(path).expanduser())
+        except UserError as e:
+            self.call_from_thread(self.notify, one_line(e), severity="error")
+            return
+        self.call_from_thread(self.loaded, messages, path)
+
+    async def loaded(self, messages: list[dict], path: str) -> None:
+        if self.generating:
+            self.notify("Stop the answer first (Esc).", severity="warning")
+            return
+        await self.start_over(messages)
+        self.notify(f"Loaded {len(messages)} messages from {path}.")
 
     def copy(self, text: str) -> None:
         import shutil
@@ -275,8 +279,15 @@ class ChatApp(App):
         self.refresh_status()
 
     async def show_earlier(self, messages: list[dict]) -> None:
-        """Mount the turns of a resumed conversation, finished, in one batch."""
+        """Mount the turns of a resumed or loaded conversation, finished, in one batch: the last SHOWN_TURNS of
+        them (the model reads them all)."""
         transcript = self.query_one("#transcript")
+        users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        if len(users) > SHOWN_TURNS:
+            first = users[-SHOWN_TURNS]
+            await transcript.mount(Static(f"({first} earlier messages not shown)", classes="earlier summary",
+                                          markup=False))
+            messages = messages[first:]
         with self.batch_update():
             for message in messages:
                 if message["role"] == "user":
