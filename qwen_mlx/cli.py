@@ -15,7 +15,6 @@ from qwen_mlx.quant_formats import QUANT_FORMATS
 from qwen_mlx.terminal import printable
 
 DEFAULT_MODEL = "Qwen/Qwen3-0.6B"
-KEEP = 4  # tokens the rotating KV cache pins (cache.kv.make_cache's default): a window must be larger
 # bench: the first token is prefill's and the memory peak is reset after it, so decode is timed on the others
 MIN_GEN_TOKENS = 4
 AFFINE_GROUP_SIZES = QUANT_FORMATS["affine"][1]
@@ -58,9 +57,9 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="R", help="penalize recently seen tokens")
     parser.add_argument("--seed", type=number(int, low=0, high=2**63 - 1), help="random seed, for reproducible "
                         "sampling")
-    parser.add_argument("--max-kv-size", type=number(int, low=KEEP + 1), metavar="N", help="keep at most N tokens "
-                        "in the KV cache: fixed "
-                        "memory, the first 4 tokens pinned and a sliding window over the rest")
+    parser.add_argument("--max-kv-size", type=number(int, low=commands.KEEP + 1), metavar="N",
+                        help="keep at most N tokens in the KV cache: fixed memory, the first 4 tokens pinned and a "
+                             "sliding window over the rest")
     parser.add_argument("--kv-bits", type=int, choices=[4, 8], help="store the KV cache quantized to 4 or 8 bits "
                         "(with --max-kv-size too)")
     parser.add_argument("--kv-group-size", type=int, choices=AFFINE_GROUP_SIZES, help="values per quantization group "
@@ -275,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(window --max-kv-size), kv8, kv4 (8/4-bit quantized, group 64), rotating-kv8, rotating-kv4 "
                        "(mlx-lm has no quantized rotating cache: n/a) (default: plain,rotating,kv8,kv4,"
                        "rotating-kv4)")
-    bench.add_argument("--max-kv-size", type=number(int, low=KEEP + 1),
+    bench.add_argument("--max-kv-size", type=number(int, low=commands.KEEP + 1),
                        default=4096, metavar="N", help="window of the rotating "
                        "caches, in tokens, 4 of them pinned (default: 4096)")
     bench.add_argument("--rotating-run", action="store_true", help="generate 4 x --max-kv-size tokens through "
@@ -311,7 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Exit status: 0 done, 2 bad input (a file, config or flag: one line on stderr), 1 an
     internal error (one line; --debug shows the traceback), 130 interrupted."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:  # during start-up: the parser imports the bench presets
+        return 130
     try:
         args.run(args)
     except UserError as e:  # its message names files, tensors and tokens from a checkpoint: printable

@@ -9,6 +9,8 @@ import sys
 from qwen_mlx.errors import UserError
 from qwen_mlx.terminal import printable
 
+KEEP = 4  # tokens the rotating KV cache pins (cache.kv.make_cache's default): a window must be larger
+
 
 def info(args: argparse.Namespace) -> None:
     import mlx.core as mx
@@ -103,6 +105,12 @@ def generate(args: argparse.Namespace) -> None:
             return
         prompt = prompt or _read_prompt(args)
         sampling = llm.sampling(args.think, **_sampling_overrides(args))
+        if args.max_kv_size is not None:
+            n = len(llm.prompt_tokens(prompt, think=args.think, system=args.system))
+            if n > args.max_kv_size:
+                print(f"qwen-mlx: note: the prompt is {n} tokens; the KV window (--max-kv-size) keeps its first "
+                      f"{KEEP} and the latest {args.max_kv_size - KEEP}, and so does every step after",
+                      file=sys.stderr)
         show_thinking = not args.hide_think
         color = sys.stderr.isatty()
         # The model's text reaches a terminal with its control characters made visible; a file or pipe gets it as is.

@@ -385,3 +385,38 @@ def test_load_runs_off_the_ui_thread_and_shows_a_bounded_transcript(tmp_path):
             assert time.monotonic() - start < 30
 
     asyncio.run(run())
+
+
+# --- flags and figures ------------------------------------------------------------------------------------------------
+
+def test_a_prompt_longer_than_the_context_is_refused_at_once(tiny_checkpoint):
+    ckpt = tiny_checkpoint("qwen3", max_position_embeddings=64)
+    prompt = "word " * 200
+    run, seconds = limited_cli("generate", "-m", str(ckpt), "-p", prompt, "--max-tokens", "2")
+    assert_refused(run, "longer than the model's context of 64", "--max-kv-size")
+    assert seconds < 30
+    rotating, _ = limited_cli("generate", "-m", str(ckpt), "-p", prompt, "--max-tokens", "2", "--max-kv-size", "32",
+                              "--temp", "0")
+    assert rotating.returncode == 0, rotating.stderr
+    assert "keeps its first 4 and the latest 28" in rotating.stderr
+
+
+def test_generation_config_values_out_of_range_are_refused(capsys, copy):
+    ckpt = copy()
+    (ckpt / "generation_config.json").write_text(json.dumps({"temperature": -1, "top_p": 0.9}))
+    assert_refused(main_in_process(capsys, "generate", "-m", str(ckpt), "-p", "hi", "--max-tokens", "2"),
+                   "generation_config.json", "temperature")
+
+
+@pytest.mark.parametrize("delay", [0.3, 1.0, 2.5])
+def test_ctrl_c_during_start_up_exits_130_without_a_traceback(tiny_checkpoint, delay):
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "qwen_mlx.cli", "generate", "-m", str(tiny_checkpoint("qwen3")),
+                             "-p", "hi", "--max-tokens", "1000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    # 130 from cli.main; 0 when it had finished; -SIGINT when the signal came during the interpreter's shutdown
+    assert proc.returncode in (0, 130, -signal.SIGINT) and "Traceback" not in err, err
