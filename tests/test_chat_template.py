@@ -64,6 +64,92 @@ def test_earlier_reasoning_is_dropped_and_thinking_switch_is_rendered(tokenizers
         "<|im_start|>assistant\n<think>\n\n</think>\n\n")
 
 
+# The constructs of the Qwen3.5 family's template (written here, not copied): a content macro with namespace
+# counters and `~`, a reverse scan for the last query, think blocks split out of assistant content, XML-style tool
+# calls with `|items`, `tojson|safe` and `|string`, tool turns grouped with loop.previtem/nextitem, and a
+# generation prompt that opens the think block.
+QWEN35_STYLE = """\
+{%- set parts = namespace(images=0) %}
+{%- macro text_of(content) %}
+    {%- if content is string %}{{- content }}
+    {%- elif content is iterable and content is not mapping %}
+        {%- for item in content %}
+            {%- if item.type == 'image' %}{%- set parts.images = parts.images + 1 %}{{- 'Picture ' ~ parts.images ~ ': <|vision_start|><|image_pad|><|vision_end|>' }}
+            {%- elif 'text' in item %}{{- item.text }}{%- endif %}
+        {%- endfor %}
+    {%- elif content is none or content is undefined %}{{- '' }}
+    {%- else %}{{- raise_exception('Unexpected content type.') }}{%- endif %}
+{%- endmacro %}
+{%- if tools and tools is iterable and tools is not mapping %}
+    {{- '<|im_start|>system\\n# Tools\\n<tools>' }}
+    {%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}
+    {{- '\\n</tools>' }}
+    {%- if messages[0].role == 'system' %}{{- '\\n\\n' + text_of(messages[0].content)|trim }}{%- endif %}
+    {{- '<|im_end|>\\n' }}
+{%- elif messages[0].role == 'system' %}
+    {{- '<|im_start|>system\\n' + text_of(messages[0].content)|trim + '<|im_end|>\\n' }}
+{%- endif %}
+{%- set ns = namespace(found=false, last_query=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- if message.role == 'user' and not ns.found %}
+        {%- set ns.found, ns.last_query = true, messages|length - 1 - loop.index0 %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- set content = text_of(message.content)|trim %}
+    {%- if message.role == 'user' %}
+        {{- '<|im_start|>user\\n' + content + '<|im_end|>\\n' }}
+    {%- elif message.role == 'assistant' %}
+        {%- set reasoning = message.reasoning_content if message.reasoning_content is string else '' %}
+        {%- if reasoning == '' and '</think>' in content %}
+            {%- set reasoning = content.split('</think>')[0].split('<think>')[-1] %}
+            {%- set content = content.split('</think>')[-1].lstrip('\\n') %}
+        {%- endif %}
+        {%- if loop.index0 > ns.last_query %}
+            {{- '<|im_start|>assistant\\n<think>\\n' + reasoning|trim + '\\n</think>\\n\\n' + content }}
+        {%- else %}{{- '<|im_start|>assistant\\n' + content }}{%- endif %}
+        {%- for call in message.tool_calls or [] %}
+            {%- set call = call.function if call.function is defined else call %}
+            {{- '\\n<tool_call>\\n<function=' + call.name + '>\\n' }}
+            {%- for name, value in call.arguments|items %}
+                {{- '<parameter=' + name + '>\\n' }}
+                {{- value | tojson | safe if value is mapping or (value is sequence and value is not string) else value | string }}
+                {{- '\\n</parameter>\\n' }}
+            {%- endfor %}
+            {{- '</function>\\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == 'tool' %}
+        {%- if loop.previtem and loop.previtem.role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}
+        {{- '\\n<tool_response>\\n' + content + '\\n</tool_response>' }}
+        {%- if loop.last or loop.nextitem.role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}
+    {%- else %}{{- '<think>\\n' }}{%- endif %}
+{%- endif %}
+"""
+QWEN35_CASES = {**CASES, "images_and_lists": [
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is it?"}, {"type": "image"}]},
+    {"role": "assistant", "content": "a cat", "tool_calls": [{"function": {"name": "get", "arguments": {
+        "city": "Paris", "days": [1, 2], "opts": {"units": "C"}, "n": 3}}}]},
+    {"role": "tool", "content": "sunny"}, {"role": "tool", "content": "warm"}]}
+
+
+@pytest.mark.parametrize("case", sorted(QWEN35_CASES))
+@pytest.mark.parametrize("thinking", [True, False])
+def test_a_qwen3_5_style_template_renders_as_transformers(tokenizers, case, thinking):
+    ours, theirs = tokenizers
+    tools = TOOLS if case in ("tool_turns", "images_and_lists") else None
+    expected = theirs.apply_chat_template(QWEN35_CASES[case], chat_template=QWEN35_STYLE, tokenize=False,
+                                          add_generation_prompt=True, enable_thinking=thinking, tools=tools)
+    got = Tokenizer(ours._backend, QWEN35_STYLE, ours.eos_ids).apply_chat_template(
+        QWEN35_CASES[case], enable_thinking=thinking, tools=tools)
+    assert got == expected and "Picture" in got if case == "images_and_lists" else got == expected
+
+
 CANARY_NAME = "escaped.txt"
 HOSTILE = {
     "globals_via_cycler": "{{ cycler.__init__.__globals__.os.system('touch CANARY') }}",
