@@ -187,6 +187,16 @@ def test_checkpoint_files_must_be_regular_files_inside_it(copy, tmp_path, name, 
     assert words[kind] in run.stderr
 
 
+def test_convert_copies_no_file_from_outside_the_checkpoint(capsys, copy, tmp_path):
+    ckpt = copy()
+    secret = tmp_path / "secret.jinja"
+    secret.write_text("not for the output")
+    (ckpt / "extra.jinja").symlink_to(secret)
+    run = main_in_process(capsys, "convert", str(ckpt), str(tmp_path / "out"), "-q")
+    assert_refused(run, "extra.jinja", "outside the checkpoint")
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_hub_cache_links_into_its_blob_store_are_followed(copy, tmp_path):
     """A hub snapshot is a directory of links into ../../blobs: those are the checkpoint's own files."""
     from qwen_mlx.untrusted import checked_file

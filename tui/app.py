@@ -106,7 +106,7 @@ class ChatApp(App):
     def notify(self, message: str, **options) -> None:
         """A notice, shown as plain text with control characters made visible (paths, errors and file contents
         come from outside)."""
-        super().notify(printable(message), markup=False, **options)
+        super().notify(printable(message) if isinstance(message, str) else message, **{**options, "markup": False})
 
     # --- input ---------------------------------------------------------------------------------------------
     async def on_prompt_input_submitted(self, message: PromptInput.Submitted) -> None:
