@@ -288,20 +288,20 @@ class ChatApp(App):
             await transcript.mount(Static(f"({first} earlier messages not shown)", classes="earlier summary",
                                           markup=False))
             messages = messages[first:]
+        turns: list[Turn] = []
+        for message in messages:
+            if message["role"] == "user":
+                turns.append(Turn(message["content"], self.show_thinking))
+            elif message["role"] == "assistant" and turns:
+                turns[-1].thinking_text, turns[-1].answer_text = split_reply_content(message["content"])
         with self.batch_update():
-            for message in messages:
-                if message["role"] == "user":
-                    turn = Turn(message["content"], self.show_thinking)
-                    await transcript.mount(turn)
-                elif message["role"] == "assistant" and self.query(Turn):
-                    thinking, answer = split_reply_content(message["content"])
-                    turn = self.query(Turn).last()
-                    turn.thinking_text, turn.answer_text = thinking, answer
-                    if thinking:
-                        block = turn.query_one(Collapsible)
-                        block.display, block.collapsed, block.title = True, True, "Thought"
-                        await turn.query_one(".thinking-text", Markdown).update(printable(thinking))
-                    await turn.query_one(".answer", Markdown).update(printable(answer))
+            await transcript.mount_all(turns)
+            for turn in turns:
+                if turn.thinking_text:
+                    block = turn.query_one(Collapsible)
+                    block.display, block.collapsed, block.title = True, True, "Thought"
+                    await turn.query_one(".thinking-text", Markdown).update(printable(turn.thinking_text))
+                await turn.query_one(".answer", Markdown).update(printable(turn.answer_text))
 
     # --- status bar ------------------------------------------------------------------------------------------
     def refresh_status(self) -> None:

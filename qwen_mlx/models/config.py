@@ -11,7 +11,7 @@ from pathlib import Path
 
 from qwen_mlx.errors import UserError
 from qwen_mlx.quant_formats import quant_format_problem
-from qwen_mlx.untrusted import read_json
+from qwen_mlx.untrusted import UntrustedFileError, read_json
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "qwen3_moe")
 
@@ -79,7 +79,10 @@ class ModelConfig:
     def from_file(cls, path: str | Path, root: Path | None = None) -> ModelConfig:
         """Parse config.json of the checkpoint directory `root` (default: the file's directory)."""
         path = Path(path)
-        raw = read_json(path, path.parent if root is None else root)
+        try:
+            raw = read_json(path, path.parent if root is None else root)
+        except UntrustedFileError as e:
+            raise ConfigError(str(e)) from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a JSON object at the top level")
         return _parse(raw, str(path))

@@ -24,7 +24,7 @@ from mlx.utils import tree_flatten
 from qwen_mlx.errors import one_line
 from qwen_mlx.models.config import ConfigError, ModelConfig
 from qwen_mlx.models.qwen3 import Model, checkpoint_names
-from qwen_mlx.untrusted import UntrustedFileError, checked_file, read_json
+from qwen_mlx.untrusted import checked_file, read_json
 from qwen_mlx.weights.memory import MemoryPlan, check_fits, kv_cache_bytes
 from qwen_mlx.weights.names import LoadError, sanitize
 from qwen_mlx.weights.quant import quantize_model
@@ -76,7 +76,7 @@ def _download(repo_id: str) -> Path:
 def load_config(path: Path) -> ModelConfig:
     try:
         return ModelConfig.from_file(path / "config.json")
-    except (ConfigError, UntrustedFileError) as e:
+    except ConfigError as e:
         raise LoadError(str(e)) from None
 
 
