@@ -20,7 +20,7 @@ from qwen_mlx.engine.chat import ChatSession
 from qwen_mlx.engine.generate import GenerationStats, generate_tokens
 from qwen_mlx.engine.sampling import SamplingParams, make_sampler
 from qwen_mlx.engine.speculative import MAX_DRAFT, DraftLength, DraftModel, speculative_tokens
-from qwen_mlx.engine.stream import Event, Reply, collect, stream_reply
+from qwen_mlx.engine.stream import Event, Reply, check_context, collect, stream_reply
 from qwen_mlx.engine.tokenizer import Tokenizer
 from qwen_mlx.errors import UserError
 from qwen_mlx.models.qwen3 import Cache, Model
@@ -79,6 +79,7 @@ class LLM:
         `max_kv_size` bounds the KV cache (a rotating window), `kv_bits` quantizes it (see cache.make_cache)."""
         tokens = self.prompt_tokens(prompt, think=think, system=system)
         cache = self.new_cache(max_size=max_kv_size, bits=kv_bits, group_size=kv_group_size)
+        check_context(tokens, self.config, cache)
         yield from stream_reply(self, tokens, cache, tokens, sampling or self.sampling(think),
                                 max_tokens=max_tokens, stop=stop, stop_strings=stop_strings)
 
