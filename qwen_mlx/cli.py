@@ -224,13 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_argument(serve, DEFAULT_MODEL)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this "
                        "machine only; another address warns unless --api-key is given)")
-    serve.add_argument("--port", type=number(int, low=1, high=65535), default=8000, help="port (default: 8000)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     serve.add_argument("--api-key", default=os.environ.get("QWEN_MLX_API_KEY"), metavar="KEY",
                        help="require this key (Authorization: Bearer KEY, or x-api-key: KEY); default: the "
                             "QWEN_MLX_API_KEY environment variable, else none")
-    serve.add_argument("--max-batch", type=number(int, low=1), default=8, metavar="N", help="requests decoded together "
+    serve.add_argument("--max-batch", type=int, default=8, metavar="N", help="requests decoded together "
                        "(default: 8)")
-    serve.add_argument("--max-queue", type=number(int, low=0), default=64, metavar="N",
+    serve.add_argument("--max-queue", type=int, default=64, metavar="N",
                        help="requests waiting for a place in the batch; beyond them a request gets 429 with "
                             "Retry-After (default: 64)")
     serve.add_argument("--prompt-cache-bytes", type=_size, default="1GiB", metavar="SIZE", help="memory for the "

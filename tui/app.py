@@ -294,14 +294,7 @@ class ChatApp(App):
                 turns.append(Turn(message["content"], self.show_thinking))
             elif message["role"] == "assistant" and turns:
                 turns[-1].thinking_text, turns[-1].answer_text = split_reply_content(message["content"])
-        with self.batch_update():
-            await transcript.mount_all(turns)
-            for turn in turns:
-                if turn.thinking_text:
-                    block = turn.query_one(Collapsible)
-                    block.display, block.collapsed, block.title = True, True, "Thought"
-                    await turn.query_one(".thinking-text", Markdown).update(printable(turn.thinking_text))
-                await turn.query_one(".answer", Markdown).update(printable(turn.answer_text))
+        await transcript.mount_all(turns)
 
     # --- status bar ------------------------------------------------------------------------------------------
     def refresh_status(self) -> None:
