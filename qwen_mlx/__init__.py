@@ -9,16 +9,22 @@
     for event in chat.send("hi"): ...
 """
 
-from qwen_mlx.api import LLM, Event, Reply, load
-from qwen_mlx.engine.chat import ChatSession
-from qwen_mlx.engine.generate import GenerationStats
-from qwen_mlx.engine.sampling import SamplingParams
-from qwen_mlx.errors import UserError
-from qwen_mlx.models.config import ModelConfig
-from qwen_mlx.weights.loader import load_model
-from qwen_mlx.weights.names import LoadError
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = ["ChatSession", "Event", "GenerationStats", "LLM", "LoadError", "ModelConfig", "Reply", "SamplingParams",
-           "UserError", "__version__", "load", "load_model"]
+# Imported when first used, so that `import qwen_mlx.cli` (and `qwen-mlx --help`) stays light and a Ctrl-C during
+# start-up lands in cli.main, which turns it into exit status 130 instead of a traceback.
+_EXPORTS = {"LLM": "qwen_mlx.api", "Event": "qwen_mlx.api", "Reply": "qwen_mlx.api", "load": "qwen_mlx.api",
+            "ChatSession": "qwen_mlx.engine.chat", "GenerationStats": "qwen_mlx.engine.generate",
+            "SamplingParams": "qwen_mlx.engine.sampling", "UserError": "qwen_mlx.errors",
+            "ModelConfig": "qwen_mlx.models.config", "LoadError": "qwen_mlx.weights.names",
+            "load_model": "qwen_mlx.weights.loader"}
+
+__all__ = [*sorted(_EXPORTS), "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'qwen_mlx' has no attribute {name!r}")

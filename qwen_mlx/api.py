@@ -20,11 +20,11 @@ from qwen_mlx.engine.chat import ChatSession
 from qwen_mlx.engine.generate import GenerationStats, generate_tokens
 from qwen_mlx.engine.sampling import SamplingParams, make_sampler
 from qwen_mlx.engine.speculative import MAX_DRAFT, DraftLength, DraftModel, speculative_tokens
-from qwen_mlx.engine.stream import Event, Reply, collect, stream_reply
+from qwen_mlx.engine.stream import Event, Reply, check_context, collect, stream_reply
 from qwen_mlx.engine.tokenizer import Tokenizer
 from qwen_mlx.errors import UserError
 from qwen_mlx.models.qwen3 import Cache, Model
-from qwen_mlx.weights.loader import load_model
+from qwen_mlx.weights.loader import load_config, load_model, resolve
 from qwen_mlx.weights.memory import MemoryPlan
 
 Prompt = str | list[dict]
@@ -79,6 +79,7 @@ class LLM:
         `max_kv_size` bounds the KV cache (a rotating window), `kv_bits` quantizes it (see cache.make_cache)."""
         tokens = self.prompt_tokens(prompt, think=think, system=system)
         cache = self.new_cache(max_size=max_kv_size, bits=kv_bits, group_size=kv_group_size)
+        check_context(tokens, self.config, cache)
         yield from stream_reply(self, tokens, cache, tokens, sampling or self.sampling(think),
                                 max_tokens=max_tokens, stop=stop, stop_strings=stop_strings)
 
@@ -117,8 +118,10 @@ def load(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None, memory: Mem
     it (see LLM.speculate)."""
     if draft_tokens is not None and not 1 <= draft_tokens <= MAX_DRAFT:
         raise UserError(f"--draft-tokens must be between 1 and {MAX_DRAFT}: got {draft_tokens}")
-    model, path = load_model(path_or_repo, dtype=dtype, memory=memory)
-    llm = LLM(model, Tokenizer.from_dir(path), path)
+    path = resolve(path_or_repo)
+    tokenizer = Tokenizer.from_dir(path, vocab_size=load_config(path).vocab_size)  # before any weight is read
+    model, path = load_model(path, dtype=dtype, memory=memory)
+    llm = LLM(model, tokenizer, path)
     if draft is not None:
         llm.speculate(load(draft, dtype=dtype), tokens=draft_tokens)
     return llm

@@ -10,9 +10,13 @@ import traceback
 
 from qwen_mlx import commands
 from qwen_mlx.errors import UserError, one_line
+from qwen_mlx.flags import number
 from qwen_mlx.quant_formats import QUANT_FORMATS
+from qwen_mlx.terminal import printable
 
 DEFAULT_MODEL = "Qwen/Qwen3-0.6B"
+# bench: the first token is prefill's and the memory peak is reset after it, so decode is timed on the others
+MIN_GEN_TOKENS = 4
 AFFINE_GROUP_SIZES = QUANT_FORMATS["affine"][1]
 
 
@@ -38,17 +42,24 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--think", action=argparse.BooleanOptionalAction, default=True,
                         help="let Qwen3 think before answering (default: on; --no-think for a direct answer)")
     parser.add_argument("--system", metavar="TEXT", help="system prompt")
-    parser.add_argument("--max-tokens", type=int, default=1024, metavar="N", help="most tokens to generate "
+    parser.add_argument("--max-tokens", type=number(int, low=1),
+                        default=1024, metavar="N", help="most tokens to generate "
                         "(default: 1024)")
-    parser.add_argument("--temp", type=float, metavar="T", help="temperature; 0 is greedy (default: the "
+    parser.add_argument("--temp", type=number(float, low=0), metavar="T", help="temperature; 0 is greedy (default: the "
                         "checkpoint's recommendation for thinking or non-thinking turns)")
-    parser.add_argument("--top-k", type=int, metavar="K", help="keep the K most likely tokens")
-    parser.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling mass")
-    parser.add_argument("--min-p", type=float, metavar="P", help="drop tokens below P x the top probability")
-    parser.add_argument("--repetition-penalty", type=float, metavar="R", help="penalize recently seen tokens")
-    parser.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
-    parser.add_argument("--max-kv-size", type=int, metavar="N", help="keep at most N tokens in the KV cache: fixed "
-                        "memory, the first 4 tokens pinned and a sliding window over the rest")
+    parser.add_argument("--top-k", type=number(int, low=0), metavar="K", help="keep the K most likely tokens "
+                        "(0: all)")
+    parser.add_argument("--top-p", type=number(float, above=0, high=1), metavar="P", help="nucleus sampling mass "
+                        "(1: off)")
+    parser.add_argument("--min-p", type=number(float, low=0, high=1),
+                        metavar="P", help="drop tokens below P x the top probability")
+    parser.add_argument("--repetition-penalty", type=number(float, above=0),
+                        metavar="R", help="penalize recently seen tokens")
+    parser.add_argument("--seed", type=number(int, low=0, high=2**63 - 1), help="random seed, for reproducible "
+                        "sampling")
+    parser.add_argument("--max-kv-size", type=number(int, low=commands.KEEP + 1), metavar="N",
+                        help="keep at most N tokens in the KV cache: fixed memory, the first 4 tokens pinned and a "
+                             "sliding window over the rest")
     parser.add_argument("--kv-bits", type=int, choices=[4, 8], help="store the KV cache quantized to 4 or 8 bits "
                         "(with --max-kv-size too)")
     parser.add_argument("--kv-group-size", type=int, choices=AFFINE_GROUP_SIZES, help="values per quantization group "
@@ -61,8 +72,9 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-model", metavar="PATH", help="speculative decoding: a smaller checkpoint with the "
                         "same tokenizer drafts tokens that the model checks several at a time (e.g. Qwen3-0.6B for "
                         "Qwen3-8B); the output is unchanged")
-    parser.add_argument("--draft-tokens", type=int, metavar="N", help="tokens drafted per step, 1..8 (default: "
-                        "adapts to how many are accepted, and stops drafting when it does not pay)")
+    parser.add_argument("--draft-tokens", type=number(int, low=1), metavar="N",
+                        help="tokens drafted per step, 1..8 (default: adapts to how many are accepted, and stops "
+                             "drafting when it does not pay)")
 
 
 def _int_list(text: str) -> list[int]:
@@ -104,20 +116,28 @@ def _size(text: str) -> int:
     return value
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a bad flag reported on one line (no usage block above it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {printable(message)} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qwen-mlx", description="Fast, faithful Qwen3 inference on MLX.")
+    parser = Parser(prog="qwen-mlx", description="Fast, faithful Qwen3 inference on MLX.")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     # --debug also after the command; SUPPRESS keeps a subcommand from resetting the top-level value
-    debug = argparse.ArgumentParser(add_help=False)
+    debug = Parser(add_help=False)
     debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                parser_class=lambda **kw: argparse.ArgumentParser(parents=[debug], **kw))
+                                parser_class=lambda **kw: Parser(parents=[debug], **kw))
     info = sub.add_parser("info", help="describe a checkpoint and check that it loads",
                           description="Load a checkpoint (directory or hub id), check every tensor, describe it.")
     info.add_argument("-m", "--model", required=True, metavar="PATH",
                       help="checkpoint directory or Hugging Face hub id (e.g. Qwen/Qwen3-0.6B)")
     info.add_argument("--check", action="store_true", help="also read every weight and report any NaN or infinity")
-    info.add_argument("--distributed", type=int, metavar="N", help="also show what each of N ranks (Macs) holds "
+    info.add_argument("--distributed", type=number(int, low=1),
+                      metavar="N", help="also show what each of N ranks (Macs) holds "
                       "in each distributed mode: weights and KV cache")
     info.set_defaults(run=commands.info)
 
@@ -154,10 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
                "--distributed auto")
     launch.add_argument("--hosts", metavar="LIST", help="comma-separated hosts, this Mac first: IP addresses the "
                         "ring uses (e.g. Thunderbolt Bridge IPs), also used for ssh")
-    launch.add_argument("-n", type=int, metavar="N", help="instead of --hosts: N processes on this machine")
+    launch.add_argument("-n", type=number(int, low=1),
+                        metavar="N", help="instead of --hosts: N processes on this machine")
     launch.add_argument("--python", default=sys.executable, metavar="PATH", help="the Python with qwen-mlx on the "
                         "other hosts (default: this one's path)")
-    launch.add_argument("--port", type=int, default=32323, help="first ring port; rank r uses PORT + r "
+    launch.add_argument("--port", type=number(int, low=1, high=65535),
+                        default=32323, help="first ring port; rank r uses PORT + r "
                         "(default: 32323)")
     launch.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
                         help="the qwen-mlx command each rank runs, e.g. -- generate -m MODEL --distributed auto -p hi")
@@ -171,8 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "OUT appears only when complete.")
     convert.add_argument("src", metavar="SRC", help="checkpoint directory, hub id (e.g. Qwen/Qwen3-0.6B) or .gguf")
     convert.add_argument("out", metavar="OUT", help="output directory (must not exist, unless --force)")
-    convert.add_argument("--bits", type=int, metavar="N", help="bits per weight: 2, 3, 4, 5, 6 or 8 (default 4)")
-    convert.add_argument("--group-size", type=int, metavar="N", help="weights per scale: 32, 64 or 128 "
+    convert.add_argument("--bits", type=number(int, low=1),
+                         metavar="N", help="bits per weight: 2, 3, 4, 5, 6 or 8 (default 4)")
+    convert.add_argument("--group-size", type=number(int, low=1), metavar="N", help="weights per scale: 32, 64 or 128 "
                          "(default 64; mxfp4/mxfp8 use 32, nvfp4 16)")
     convert.add_argument("--mode", default="affine", metavar="MODE",
                          help="quantization format: affine (default), mxfp4, mxfp8 or nvfp4")
@@ -207,8 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "QWEN_MLX_API_KEY environment variable, else none")
     serve.add_argument("--max-batch", type=int, default=8, metavar="N", help="requests decoded together "
                        "(default: 8)")
-    serve.add_argument("--max-queue", type=int, default=64, metavar="N", help="requests waiting for a place in "
-                       "the batch; beyond them a request gets 429 with Retry-After (default: 64)")
+    serve.add_argument("--max-queue", type=int, default=64, metavar="N",
+                       help="requests waiting for a place in the batch; beyond them a request gets 429 with "
+                            "Retry-After (default: 64)")
     serve.add_argument("--prompt-cache-bytes", type=_size, default="1GiB", metavar="SIZE", help="memory for the "
                        "prefix cache across requests, least recently used dropped first; 0 turns it off "
                        "(default: 1GiB)")
@@ -233,11 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("-m", "--model", metavar="PATH", help="a checkpoint directory or hub id instead of a preset")
     bench.add_argument("--bits", type=_bits_list, default=["4"], metavar="LIST",
                        help="weight formats for presets, comma-separated from bf16,8,4 (default: 4)")
-    bench.add_argument("--layers", type=int, metavar="N", help="keep only the first N layers of a preset "
+    bench.add_argument("--layers", type=number(int, low=1),
+                       metavar="N", help="keep only the first N layers of a preset "
                        "(a layer stack of the real shape, for big models on small machines)")
     bench.add_argument("--prompt-tokens", type=_int_list, default=[128], metavar="LIST",
                        help="prompt lengths, comma-separated (default: 128)")
-    bench.add_argument("--gen-tokens", type=int, default=64, metavar="N", help="tokens to generate per case "
+    bench.add_argument("--gen-tokens", type=number(int, low=MIN_GEN_TOKENS),
+                       default=64, metavar="N", help="tokens to generate per case "
                        "(default: 64; use a few with --context, each token reads the whole context)")
     bench.add_argument("--context", type=_int_list, metavar="LIST", help="long-context mode: for each length "
                        "(comma-separated, e.g. 8192,32768) fill every layer's cache directly with the same random "
@@ -248,26 +274,31 @@ def build_parser() -> argparse.ArgumentParser:
                        "(window --max-kv-size), kv8, kv4 (8/4-bit quantized, group 64), rotating-kv8, rotating-kv4 "
                        "(mlx-lm has no quantized rotating cache: n/a) (default: plain,rotating,kv8,kv4,"
                        "rotating-kv4)")
-    bench.add_argument("--max-kv-size", type=int, default=4096, metavar="N", help="window of the rotating "
+    bench.add_argument("--max-kv-size", type=number(int, low=commands.KEEP + 1),
+                       default=4096, metavar="N", help="window of the rotating "
                        "caches, in tokens, 4 of them pinned (default: 4096)")
     bench.add_argument("--rotating-run", action="store_true", help="generate 4 x --max-kv-size tokens through "
                        "the rotating cache after a prompt that fills the window (first preset and --bits only, "
                        "qwen-mlx only) and report memory at each quarter: it must stay flat")
     bench.add_argument("--plot", metavar="FILE.svg", help="with --context: write decode tok/s against context "
                        "length as an SVG, one line per engine and cache kind")
-    bench.add_argument("--repeats", type=int, default=3, metavar="N", help="timed runs per case; the median is "
+    bench.add_argument("--repeats", type=number(int, low=1),
+                       default=3, metavar="N", help="timed runs per case; the median is "
                        "reported (default: 3)")
-    bench.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed runs first (default: 1)")
+    bench.add_argument("--warmup", type=number(int, low=0),
+                       default=1, metavar="N", help="untimed runs first (default: 1)")
     bench.add_argument("--no-mlx-lm", action="store_true", help="skip the mlx-lm side (no ratios)")
-    bench.add_argument("--bandwidth", type=float, metavar="GB/S", help="memory bandwidth for the roofline "
+    bench.add_argument("--bandwidth", type=number(float, above=0),
+                       metavar="GB/S", help="memory bandwidth for the roofline "
                        "(default: from a table of Apple and NVIDIA chips, else measured with a copy benchmark)")
     bench.add_argument("--draft", metavar="DRAFT", help="speculative decoding against plain decoding: 'oracle' (a "
                        "draft that always proposes the model's own greedy token: what the machinery gives at full "
                        "acceptance) or a preset name (a random draft model, side by side with mlx-lm's speculative "
                        "decoding on the same weights)")
-    bench.add_argument("--draft-tokens", type=int, default=4, metavar="N", help="tokens drafted per step with "
-                       "--draft (default: 4)")
-    bench.add_argument("--seed", type=int, default=0, help="random weights and prompt seed (default: 0)")
+    bench.add_argument("--draft-tokens", type=number(int, low=1), default=4, metavar="N",
+                       help="tokens drafted per step with --draft (default: 4)")
+    bench.add_argument("--seed", type=number(int, low=0, high=2**63 - 1),
+                       default=0, help="random weights and prompt seed (default: 0)")
     bench.add_argument("--force", action="store_true", help="run a model even when its weights and KV cache "
                        "exceed the GPU's recommended working set (Apple silicon)")
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON (schema qwen-mlx-bench/1, "
@@ -279,13 +310,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Exit status: 0 done, 2 bad input (a file, config or flag: one line on stderr), 1 an
     internal error (one line; --debug shows the traceback), 130 interrupted."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:  # during start-up: the parser imports the bench presets
+        return 130
     try:
         args.run(args)
-    except UserError as e:
+    except UserError as e:  # its message names files, tensors and tokens from a checkpoint: printable
         if args.debug:
             traceback.print_exc()
-        print(f"qwen-mlx: error: {one_line(e)}", file=sys.stderr)
+        print(f"qwen-mlx: error: {printable(one_line(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -293,13 +327,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         where = f"{e.filename}: " if e.filename else ""
-        print(f"qwen-mlx: error: {where}{e.strerror or one_line(e)}", file=sys.stderr)
+        print(f"qwen-mlx: error: {printable(where + (e.strerror or one_line(e)))}", file=sys.stderr)
         return 1
     except Exception as e:
         if args.debug:
             traceback.print_exc()
             return 1
-        what = ": ".join(filter(None, [type(e).__name__, one_line(e)]))
+        what = printable(": ".join(filter(None, [type(e).__name__, one_line(e)])))
         print(f"qwen-mlx: error: internal error: {what} (run with --debug for the traceback)", file=sys.stderr)
         return 1
     return 0

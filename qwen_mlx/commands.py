@@ -7,6 +7,9 @@ import argparse
 import sys
 
 from qwen_mlx.errors import UserError
+from qwen_mlx.terminal import printable
+
+KEEP = 4  # tokens the rotating KV cache pins (cache.kv.make_cache's default): a window must be larger
 
 
 def info(args: argparse.Namespace) -> None:
@@ -102,17 +105,27 @@ def generate(args: argparse.Namespace) -> None:
             return
         prompt = prompt or _read_prompt(args)
         sampling = llm.sampling(args.think, **_sampling_overrides(args))
+        if args.max_kv_size is not None:
+            n = len(llm.prompt_tokens(prompt, think=args.think, system=args.system))
+            if n > args.max_kv_size:
+                print(f"qwen-mlx: note: the prompt is {n} tokens; the KV window (--max-kv-size) keeps its first "
+                      f"{KEEP} and the latest {args.max_kv_size - KEEP}, and so does every step after",
+                      file=sys.stderr)
         show_thinking = not args.hide_think
         color = sys.stderr.isatty()
+        # The model's text reaches a terminal with its control characters made visible; a file or pipe gets it as is.
+        answer_text = printable if sys.stdout.isatty() else str
+        thinking_text = printable if color else str
         done = None
         for event in llm.stream(prompt, think=args.think, system=args.system, max_tokens=args.max_tokens,
                                 sampling=sampling, max_kv_size=args.max_kv_size, kv_bits=args.kv_bits,
                                 kv_group_size=args.kv_group_size):
             if event.kind == "answer":
-                sys.stdout.write(event.text)
+                sys.stdout.write(answer_text(event.text))
                 sys.stdout.flush()
             elif event.kind == "thinking" and show_thinking:
-                sys.stderr.write(f"\x1b[2m{event.text}\x1b[0m" if color else event.text)
+                text = thinking_text(event.text)
+                sys.stderr.write(f"\x1b[2m{text}\x1b[0m" if color else text)
                 sys.stderr.flush()
             elif event.kind == "done":
                 done = event
@@ -151,6 +164,10 @@ def chat(args: argparse.Namespace) -> None:
             ended.set()
             if history is not None:
                 history.close()
+        if app.failure is not None:
+            raise app.failure
+        if app.return_code:
+            raise SystemExit(app.return_code)
 
 
 def _share_the_terminal(app, engine, llm):

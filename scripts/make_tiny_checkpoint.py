@@ -135,12 +135,22 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tokenizer-dir", type=Path,
                     help="copy tokenizer files from here (default: write Qwen3's tokenizer, see make_tokenizer.py)")
+    ap.add_argument("--opens-thinking", action="store_true",
+                    help="write a chat_template.jinja whose generation prompt opens the think block, as thinking-only "
+                         "checkpoints (e.g. Qwen3-4B-Thinking-2507) do: a random model then always 'thinks'")
     args = ap.parse_args()
     write_tiny_checkpoint(args.out_dir, args.variant, args.dtype, seed=args.seed, tokenizer_dir=args.tokenizer_dir)
     if args.tokenizer_dir is None:  # a checkpoint that `qwen-mlx generate` and `chat` can run as it is
         from make_tokenizer import write_qwen_tokenizer
 
         write_qwen_tokenizer(args.out_dir)
+    if args.opens_thinking:
+        from make_tokenizer import CHAT_TEMPLATE
+
+        prompt = "{{- '<|im_start|>assistant\\n' }}"
+        assert CHAT_TEMPLATE.count(prompt) == 1
+        (args.out_dir / "chat_template.jinja").write_text(
+            CHAT_TEMPLATE.replace(prompt, "{{- '<|im_start|>assistant\\n<think>\\n' }}"))
     print(args.out_dir)
 
 

@@ -12,7 +12,9 @@ ROOT = Path(__file__).resolve().parent.parent
 MAX_LINES = 450
 
 LAYERS = {
-    "qwen_mlx.errors": 0, "qwen_mlx.files": 0, "qwen_mlx.quant_formats": 0,
+    "qwen_mlx.errors": 0, "qwen_mlx.files": 0, "qwen_mlx.quant_formats": 0, "qwen_mlx.flags": 0,
+    "qwen_mlx.terminal": 0,
+    "qwen_mlx.untrusted": 0.5,  # reads a checkpoint's files, failing with errors.UserError
     "qwen_mlx.kernels": 1,
     "qwen_mlx.models": 2,
     "qwen_mlx.cache": 3,

@@ -4,10 +4,13 @@ import gc
 import resource
 
 import mlx.core as mx
+import pytest
 
 import qwen_mlx
 from qwen_mlx.cache.kv import make_cache
 from qwen_mlx.weights.loader import load_model
+
+pytestmark = pytest.mark.slow  # minutes of repetition: CI runs them (-m "slow or not slow"), a plain pytest does not
 
 
 def rss_kib() -> int:

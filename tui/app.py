@@ -13,12 +13,15 @@ from textual.widgets import Collapsible, Footer, Markdown, Static
 
 from qwen_mlx.api import Event
 from qwen_mlx.engine.chat import reply_content, split_reply_content
+from qwen_mlx.errors import UserError, one_line
+from qwen_mlx.terminal import printable
 
-from .conversation import save_conversation
+from .conversation import read_conversation, save_conversation
 from .engine import Engine
 from .history import History
 from .widgets import PromptInput, Turn, format_bytes, format_speculation, format_summary
 
+SHOWN_TURNS = 50  # of a resumed or loaded conversation, in the transcript
 HELP = ("Enter sends · ctrl+j newline · ↑↓ recall · Esc stops · ctrl+t shows/hides thinking · ctrl+q quits · "
         "/think /no_think · /system TEXT · /new · /save FILE · /load FILE · /copy · /help (tab completes)")
 
@@ -63,6 +66,7 @@ class ChatApp(App):
         self.live = None  # GenerationStats of the reply being generated
         self.last = None  # (stats, finish_reason) of the last finished reply
         self._streams = {}
+        self.failure: Exception | None = None  # the unhandled error that ended the app, if one did
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="transcript"):
@@ -70,7 +74,7 @@ class ChatApp(App):
         yield PromptInput(id="prompt", show_line_numbers=False)
         with Horizontal(id="status-bar"):
             yield Static("", id="status", markup=False)
-            yield Static(f"{self.engine.name} · {self.engine.details}", id="model", markup=False)
+            yield Static(printable(f"{self.engine.name} · {self.engine.details}"), id="model", markup=False)
         yield Footer()
 
     async def on_mount(self) -> None:
@@ -89,6 +93,20 @@ class ChatApp(App):
         self.query_one(PromptInput).focus()
         self.set_interval(0.25, self.refresh_status)
         self.refresh_status()
+
+    def _handle_exception(self, error: Exception) -> None:
+        # An error that ends the app is kept for the command to report in one line (cli._chat re-raises it).
+        self.failure = self.failure or error
+        super()._handle_exception(error)
+
+    def _fatal_error(self) -> None:
+        # Textual's own prints a traceback with local variables (message contents, paths) and rings the bell.
+        self._close_messages_no_wait()
+
+    def notify(self, message: str, **options) -> None:
+        """A notice, shown as plain text with control characters made visible (paths, errors and file contents
+        come from outside)."""
+        super().notify(printable(message) if isinstance(message, str) else message, **{**options, "markup": False})
 
     # --- input ---------------------------------------------------------------------------------------------
     async def on_prompt_input_submitted(self, message: PromptInput.Submitted) -> None:
@@ -124,10 +142,10 @@ class ChatApp(App):
         elif name == "/save":
             self.save(arg)
         elif name == "/load":
-            messages = self.read_conversation(arg)
-            if messages is not None:
-                await self.start_over(messages)
-                self.notify(f"Loaded {len(messages)} messages from {arg}.")
+            if not arg:
+                self.notify("Usage: /load FILE", severity="error")
+            else:
+                self.load(arg)
         elif name == "/copy":
             answers = [t.answer_text for t in self.query(Turn) if t.answer_text]
             if answers:
@@ -142,6 +160,7 @@ class ChatApp(App):
         """A new conversation, empty or loaded from a file."""
         self.engine.restore(messages)
         await self.query(Turn).remove()
+        await self.query(".earlier").remove()
         await self.show_earlier(messages)
         if self.history is not None:
             self.conversation = self.history.new_conversation(self.engine.name)
@@ -162,23 +181,24 @@ class ChatApp(App):
             return
         self.notify(f"Saved to {target}.")
 
-    def read_conversation(self, path: str) -> list[dict] | None:
-        import json
+    @work(thread=True, exclusive=True, group="load")
+    def load(self, path: str) -> None:
+        """Read, check and show a saved conversation, off the UI thread."""
         from pathlib import Path
 
         try:
-            messages = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            self.notify(f"Could not read {path}: {getattr(e, 'strerror', None) or e}.", severity="error")
-            return None
-        valid = isinstance(messages, list) and all(
-            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
-            and isinstance(m.get("content"), str) for m in messages)
-        if not valid:
-            self.notify(f"{path} is not a saved conversation (a JSON list of role/content messages).",
-                        severity="error")
-            return None
-        return messages
+            messages = read_conversation(Path(path).expanduser())
+        except UserError as e:
+            self.call_from_thread(self.notify, one_line(e), severity="error")
+            return
+        self.call_from_thread(self.loaded, messages, path)
+
+    async def loaded(self, messages: list[dict], path: str) -> None:
+        if self.generating:
+            self.notify("Stop the answer first (Esc).", severity="warning")
+            return
+        await self.start_over(messages)
+        self.notify(f"Loaded {len(messages)} messages from {path}.")
 
     def copy(self, text: str) -> None:
         import shutil
@@ -209,7 +229,7 @@ class ChatApp(App):
             self.post_message(Failed(turn, f"{type(e).__name__}: {e}"))
 
     async def on_failed(self, message: Failed) -> None:
-        message.turn.query_one(".summary", Static).update(f"error: {message.error}")
+        message.turn.query_one(".summary", Static).update(f"error: {printable(message.error)}")
         self.notify(message.error, severity="error")
         self.generating = False
         self.live = None
@@ -224,13 +244,13 @@ class ChatApp(App):
             block = turn.query_one(Collapsible)
             block.display = True
             turn.thinking_text += event.text
-            await self.stream_to(turn, turn.query_one(".thinking-text", Markdown), event.text)
+            await self.stream_to(turn, turn.query_one(".thinking-text", Markdown), printable(event.text))
         else:
             if not turn.answer_text and turn.thinking_text and self.auto_collapse:
                 turn.query_one(Collapsible).collapsed = True
                 turn.query_one(Collapsible).title = "Thought"
             turn.answer_text += event.text
-            await self.stream_to(turn, turn.query_one(".answer", Markdown), event.text)
+            await self.stream_to(turn, turn.query_one(".answer", Markdown), printable(event.text))
 
     async def stream_to(self, turn: Turn, markdown: Markdown, text: str) -> None:
         stream = self._streams.get(markdown)
@@ -244,9 +264,9 @@ class ChatApp(App):
             if stream is not None:
                 await stream.stop()
         # one full render at the end: the streamed tail parse is an approximation while text arrives
-        await turn.query_one(".answer", Markdown).update(turn.answer_text)
+        await turn.query_one(".answer", Markdown).update(printable(turn.answer_text))
         if turn.thinking_text:
-            await turn.query_one(".thinking-text", Markdown).update(turn.thinking_text)
+            await turn.query_one(".thinking-text", Markdown).update(printable(turn.thinking_text))
             if not turn.answer_text:
                 turn.query_one(Collapsible).title = ("Thinking (stopped)" if event.finish_reason == "cancelled"
                                                      else "Thinking (cut off at max tokens)")
@@ -259,22 +279,22 @@ class ChatApp(App):
         self.refresh_status()
 
     async def show_earlier(self, messages: list[dict]) -> None:
-        """Mount the turns of a resumed conversation, finished, in one batch."""
+        """Mount the turns of a resumed or loaded conversation, finished, in one batch: the last SHOWN_TURNS of
+        them (the model reads them all)."""
         transcript = self.query_one("#transcript")
-        with self.batch_update():
-            for message in messages:
-                if message["role"] == "user":
-                    turn = Turn(message["content"], self.show_thinking)
-                    await transcript.mount(turn)
-                elif message["role"] == "assistant" and self.query(Turn):
-                    thinking, answer = split_reply_content(message["content"])
-                    turn = self.query(Turn).last()
-                    turn.thinking_text, turn.answer_text = thinking, answer
-                    if thinking:
-                        block = turn.query_one(Collapsible)
-                        block.display, block.collapsed, block.title = True, True, "Thought"
-                        await turn.query_one(".thinking-text", Markdown).update(thinking)
-                    await turn.query_one(".answer", Markdown).update(answer)
+        users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        if len(users) > SHOWN_TURNS:
+            first = users[-SHOWN_TURNS]
+            await transcript.mount(Static(f"({first} earlier messages not shown)", classes="earlier summary",
+                                          markup=False))
+            messages = messages[first:]
+        turns: list[Turn] = []
+        for message in messages:
+            if message["role"] == "user":
+                turns.append(Turn(message["content"], self.show_thinking))
+            elif message["role"] == "assistant" and turns:
+                turns[-1].thinking_text, turns[-1].answer_text = split_reply_content(message["content"])
+        await transcript.mount_all(turns)
 
     # --- status bar ------------------------------------------------------------------------------------------
     def refresh_status(self) -> None:

@@ -2,7 +2,8 @@
 
 Each message is committed on its own: the user's before generation starts, the reply when it ends (a stopped reply
 too). A process killed mid-write leaves the database as it was before that transaction. A file that is not a
-database, or fails SQLite's quick check, is moved aside (kept for the user, never deleted) and a new one started.
+database, or fails SQLite's quick check, is moved aside (kept for the user, never deleted) and a new one started; a
+database another program made (other tables or columns) is refused untouched.
 """
 
 from __future__ import annotations
@@ -24,6 +25,13 @@ CREATE TABLE IF NOT EXISTS messages (
     role TEXT NOT NULL, content TEXT NOT NULL, created REAL NOT NULL
 );
 """
+
+
+APPLICATION_ID = 0x51774D58  # "QwMX" in SQLite's application_id header field: this file is a qwen-mlx history
+COLUMNS = {"conversations": ["id", "model", "created"],
+           "messages": ["id", "conversation", "role", "content", "created"]}
+ROLES = ("system", "user", "assistant")
+MAX_RESUMED = 1000  # messages of a resumed conversation
 
 
 def default_path() -> Path:
@@ -67,9 +75,14 @@ class History:
             "(SELECT 1 FROM messages m WHERE m.conversation = c.id) ORDER BY c.id DESC LIMIT 1", (model,)).fetchone()
         if row is None:
             return None
-        messages = [{"role": r, "content": c} for r, c in self.db.execute(
-            "SELECT role, content FROM messages WHERE conversation = ? ORDER BY id", (row[0],))]
-        return row[0], messages
+        rows = self.db.execute("SELECT role, content FROM messages WHERE conversation = ? ORDER BY id DESC LIMIT ?",
+                               (row[0], MAX_RESUMED)).fetchall()[::-1]  # the most recent ones
+        for role, content in rows:
+            if role not in ROLES or not isinstance(content, str):
+                raise HistoryError(f"{self.path}: conversation {row[0]} holds a message that is not text "
+                                   f"({type(content).__name__} for role {str(role)[:20]!r}); start without "
+                                   "--continue, or pass another --history FILE")
+        return row[0], [{"role": role, "content": content} for role, content in rows]
 
     def close(self) -> None:
         self.db.close()
@@ -92,10 +105,27 @@ def _open(path: Path) -> sqlite3.Connection | None:
     if problems != ["ok"]:
         db.close()
         return None
+    try:
+        _check_ours(db, path)
+    except HistoryError:
+        db.close()
+        raise
+    db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
     db.executescript(SCHEMA)
     return db
+
+
+def _check_ours(db: sqlite3.Connection, path: Path) -> None:
+    """Refuse, before anything is written to it, a database another program made: it must be empty, or hold
+    exactly our tables and columns (marked with our application_id, or from before the mark)."""
+    owner = db.execute("PRAGMA application_id").fetchone()[0]
+    tables = {name: [column[1] for column in db.execute(f"PRAGMA table_info('{name}')")]
+              for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if owner not in (0, APPLICATION_ID) or (tables and tables != COLUMNS):
+        raise HistoryError(f"{path}: not a qwen-mlx chat history (another program's database, or other tables and "
+                           "columns); pass another --history FILE or --no-history")
 
 
 def _move_aside(path: Path) -> Path:

@@ -8,6 +8,7 @@ from textual.message import Message
 from textual.widgets import Collapsible, Markdown, Static, TextArea
 
 from qwen_mlx.engine.generate import GenerationStats
+from qwen_mlx.terminal import printable
 
 
 class Turn(Vertical):
@@ -20,14 +21,17 @@ class Turn(Vertical):
         self.thinking_text, self.answer_text = "", ""
 
     def compose(self) -> ComposeResult:
-        yield Static(self.user_text, classes="user", markup=False)
-        with Collapsible(title="Thinking…", collapsed=not self.show_thinking, classes="thinking"):
-            yield Markdown(classes="thinking-text")
-        yield Markdown(classes="answer")
+        # A finished turn (resumed or loaded) is built with its texts; a live one gets them streamed in.
+        yield Static(printable(self.user_text), classes="user", markup=False)
+        with Collapsible(title="Thought" if self.thinking_text else "Thinking…",
+                         collapsed=bool(self.thinking_text) or not self.show_thinking, classes="thinking"):
+            yield Markdown(printable(self.thinking_text), classes="thinking-text")
+        yield Markdown(printable(self.answer_text), classes="answer")
         yield Static("", classes="summary", markup=False)
 
     def on_mount(self) -> None:
-        self.query_one(Collapsible).display = False  # shown once thinking arrives; empty blocks stay hidden
+        # shown once thinking arrives; empty blocks stay hidden
+        self.query_one(Collapsible).display = bool(self.thinking_text)
 
 
 def format_bytes(n: int) -> str:

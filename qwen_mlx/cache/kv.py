@@ -361,8 +361,8 @@ class RotatingKVCache(_StoredCache):
 
 def _check_window(max_size: int, keep: int, slack: int) -> None:
     if max_size < 1 or keep < 0 or keep >= max_size:
-        raise CacheError(f"the KV window (--max-kv-size, {max_size}) must be larger than the number of "
-                         f"pinned tokens (--keep, {keep}), which cannot be negative")
+        raise CacheError(f"the KV window (--max-kv-size, {max_size}) must be larger than the {keep} tokens it pins "
+                         "(and the pinned count cannot be negative)")
     if slack < 0:
         raise CacheError(f"the rotating cache's slack must not be negative: got {slack}")
 

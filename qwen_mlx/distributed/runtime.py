@@ -209,7 +209,7 @@ def run_ranks(model: str, mode: str, *, verbose: bool = False, timeout: float = 
             serve(runner, watchdog)
             yield None
             return
-        llm = DistributedLLM(runner, Tokenizer.from_dir(path), path, watchdog)
+        llm = DistributedLLM(runner, Tokenizer.from_dir(path, load_config(path).vocab_size), path, watchdog)
         try:
             yield llm
         finally:

@@ -6,7 +6,7 @@ import threading
 from collections.abc import Iterator
 
 from qwen_mlx.engine.sampling import SamplingParams
-from qwen_mlx.engine.stream import Event, Generator, stream_reply
+from qwen_mlx.engine.stream import Event, Generator, check_context, stream_reply
 
 
 def reply_content(thinking: str, answer: str) -> str:
@@ -55,6 +55,7 @@ class ChatSession:
         think = self.think if think is None else think
         self.messages.append({"role": "user", "content": text})
         prompt = self.llm.prompt_tokens(self.messages, think=think)
+        check_context(prompt, self.llm.config, self.cache)
         keep = self._reuse(prompt)
         new = prompt[keep:]
         self.last_prefill = len(new)

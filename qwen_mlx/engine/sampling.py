@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlx.core as mx
 
 from qwen_mlx.engine.generate import Sampler
+from qwen_mlx.errors import UserError
+from qwen_mlx.untrusted import read_json
 
 # Qwen3's recommended settings (model card): thinking turns, and non-thinking turns.
 QWEN3_THINKING = dict(temperature=0.6, top_p=0.95, top_k=20, min_p=0.0)
 QWEN3_NON_THINKING = dict(temperature=0.7, top_p=0.8, top_k=20, min_p=0.0)
+
+
+# generation_config.json's sampling values a checkpoint may state: (lowest, highest, whether the lowest is refused)
+RANGES = {"temperature": (0, 100, False), "top_p": (0, 1, True), "top_k": (0, 2**31, False), "min_p": (0, 1, False),
+          "repetition_penalty": (0, 100, True)}
+
+
+class SamplingError(UserError):
+    """A checkpoint's generation_config.json states a sampling value out of range."""
 
 
 @dataclass(frozen=True)
@@ -31,15 +42,17 @@ class SamplingParams:
         non-thinking settings for non-thinking turns (the checkpoint file states only one set)."""
         base = dict(QWEN3_THINKING if thinking else QWEN3_NON_THINKING)
         file = Path(path) / "generation_config.json"
-        if thinking and file.is_file():
-            try:
-                config = json.loads(file.read_text(encoding="utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                config = {}
+        if thinking and file.exists():
+            config = read_json(file, Path(path))
             if isinstance(config, dict) and config.get("do_sample", True):
-                for key in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
-                    if isinstance(config.get(key), (int, float)) and not isinstance(config.get(key), bool):
-                        base[key] = config[key]
+                for key, (low, high, open_low) in RANGES.items():
+                    value = config.get(key)
+                    if isinstance(value, (int, float)) and not isinstance(value, bool):
+                        within = (low < value if open_low else low <= value) and value <= high
+                        if not (math.isfinite(value) and within):
+                            raise SamplingError(f"{file}: {key} must be {'>' if open_low else '>='} {low:g} and "
+                                                f"<= {high:g}, got {value!r}")
+                        base[key] = int(value) if key == "top_k" else value
         return replace(cls(**base), **overrides)
 
 

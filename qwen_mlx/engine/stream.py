@@ -11,10 +11,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from qwen_mlx.cache.kv import RotatingKVCache
 from qwen_mlx.engine.generate import GenerationStats
 from qwen_mlx.engine.sampling import SamplingParams
 from qwen_mlx.engine.thinking import ThinkingSplitter, prompt_opens_thinking
 from qwen_mlx.engine.tokenizer import Tokenizer
+from qwen_mlx.errors import UserError
+from qwen_mlx.models.config import ModelConfig
 
 
 class Generator(Protocol):
@@ -30,6 +33,20 @@ class Generator(Protocol):
 
 
 FinishReason = Literal["stop", "length", "cancelled"]
+
+
+class ContextError(UserError):
+    """A prompt does not fit the model's context."""
+
+
+def check_context(prompt: list[int], config: ModelConfig, cache: list) -> None:
+    """Refuse, before any of it is run, a prompt longer than the model's context, unless the cache is a rotating
+    window (which keeps what fits)."""
+    context = config.max_position_embeddings
+    if len(prompt) > context and not isinstance(cache[0], RotatingKVCache):
+        raise ContextError(f"the prompt is {len(prompt)} tokens, longer than the model's context of {context} "
+                           "(max_position_embeddings): shorten it, or pass --max-kv-size N to keep a sliding window "
+                           "of the latest N tokens")
 
 
 @dataclass

@@ -14,12 +14,12 @@ from datetime import datetime
 from pathlib import Path
 
 from qwen_mlx.errors import UserError
+from qwen_mlx.untrusted import read_json, read_text
 
 MAX_TEMPLATE_SECONDS = 2.0
+MAX_TEMPLATE_BYTES = 1_000_000  # chat_template.jinja; Qwen3's is 4 kB
 MAX_TEMPLATE_CHARS = 4_000_000  # rendered prompt, and any string or list the template builds
 MAX_ARGUMENT = 1_000_000  # largest integer a template may pass to a method (str.center(10**9) and the like)
-# Messages whose text comes from people or tools, not from the model: their text is never a control token.
-UNTRUSTED_ROLES = ("user", "system", "tool")
 
 
 class TokenizerError(UserError):
@@ -42,24 +42,30 @@ class Tokenizer:
         self._plain = None  # the backend without added tokens, built when first needed
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> Tokenizer:
+    def from_dir(cls, path: str | Path, vocab_size: int | None = None) -> Tokenizer:
+        """The checkpoint's tokenizer; with `vocab_size` (the model's embedding rows), refused when any id it can
+        produce (vocabulary or added token) lies outside the embedding."""
         from tokenizers import Tokenizer as Backend
 
         path = Path(path)
         file = path / "tokenizer.json"
-        if not file.is_file():
+        if not file.exists():
             raise TokenizerError(f"{file}: file not found (the checkpoint has no tokenizer.json)")
         try:
-            backend = Backend.from_file(str(file))
+            backend = Backend.from_str(read_text(file, path))
+        except UserError:
+            raise
         except Exception as e:  # the Rust parser's message says what is wrong
             raise TokenizerError(f"{file}: not a valid tokenizer ({' '.join(str(e).split())})") from None
-        config = _read_json(path / "tokenizer_config.json")
+        if vocab_size is not None:
+            _check_ids(backend, vocab_size, file)
+        config = _read_json(path / "tokenizer_config.json", path)
         template = config.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")
-        if (path / "chat_template.jinja").is_file():
-            template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+        if (path / "chat_template.jinja").exists():
+            template = read_text(path / "chat_template.jinja", path, MAX_TEMPLATE_BYTES)
         if template is not None and not isinstance(template, str):
             raise TokenizerError(f"{path / 'tokenizer_config.json'}: chat_template must be a string")
         return cls(backend, template, _eos_ids(path, backend), str(path))
@@ -75,16 +81,18 @@ class Tokenizer:
                     tools: list[dict] | None = None) -> list[int]:
         """The token ids of the rendered chat template, where control tokens come from the template alone.
 
-        Text of user, system and tool messages that spells an added token (`<|im_start|>`, `<|im_end|>`,
-        `<think>`, ...) is encoded as its plain characters, so a pasted prompt cannot open a turn of its own or a
-        think block. Each such spelling is swapped for a private-use character while the template renders, and
-        put back after the template's own tokens have been found; the text between two of those is encoded as the
-        tokenizer encodes any text between added tokens. Messages without such text encode exactly as `encode`
-        of the rendered template (as transformers does)."""
+        Text of every message (user, system, tool, and assistant: a loaded or resumed conversation, or a model
+        that wrote the spelling out) that spells an added token (`<|im_start|>`, `<|im_end|>`, `<think>`, ...) is
+        encoded as its plain characters, so it cannot open a turn of its own or a think block. The one exception
+        is an assistant message's leading think block (`<think>...</think>` as engine.chat.reply_content writes
+        it), whose two delimiters the template itself parses. Each such spelling is swapped for a private-use
+        character while the template renders, and put back after the template's own tokens have been found; the
+        text between two of those is encoded as the tokenizer encodes any text between added tokens. Messages
+        without such text encode exactly as `encode` of the rendered template (as transformers does)."""
         marks = self._marks(messages)
         if not marks:
             return self.encode(self.apply_chat_template(messages, enable_thinking=enable_thinking, tools=tools))
-        hidden = [{**m, "content": _swap(m["content"], marks)} if _untrusted_text(m) else m for m in messages]
+        hidden = [_hidden(m, marks) for m in messages]
         text = self.apply_chat_template(hidden, enable_thinking=enable_thinking, tools=tools)
         back = {mark: token for token, mark in marks.items()}
         added = self._backend.get_added_tokens_decoder()
@@ -99,12 +107,12 @@ class Tokenizer:
 
     def _marks(self, messages: list[dict]) -> dict[str, str]:
         """Added-token spelling -> a private-use character for those that untrusted messages contain."""
-        texts = [m["content"] for m in messages if _untrusted_text(m)]
+        texts = [text for m in messages for text in _free_text(m)]
         found = sorted({t.content for t in self._backend.get_added_tokens_decoder().values()
                         if any(t.content in text for text in texts)}, key=len, reverse=True)
         if not found:
             return {}
-        joined = "".join(str(m.get("content")) for m in messages)
+        joined = "".join(texts)
         base = next(b for b in range(0x100000, 0x10FFFE - len(found), len(found))  # not already in the text
                     if not any(chr(b + i) in joined for i in range(len(found))))
         return {token: chr(base + i) for i, token in enumerate(found)}
@@ -177,8 +185,30 @@ class StreamingDetokenizer:
         return text
 
 
-def _untrusted_text(message: dict) -> bool:
-    return message.get("role") in UNTRUSTED_ROLES and isinstance(message.get("content"), str)
+def _free_text(message: dict) -> list[str]:
+    """The message's text in which an added token's spelling is plain text: all of it, except the delimiters of
+    an assistant message's leading think block."""
+    content = message.get("content")
+    reasoning = message.get("reasoning_content")
+    texts = [reasoning] if isinstance(reasoning, str) else []
+    if not isinstance(content, str):
+        return texts
+    if message.get("role") == "assistant" and content.startswith("<think>") and "</think>" in content:
+        return [*texts, *content[len("<think>"):].split("</think>", 1)]
+    return [*texts, content]
+
+
+def _hidden(message: dict, marks: dict[str, str]) -> dict:
+    """The message with the spellings in its free text swapped for their marks."""
+    out = dict(message)
+    if isinstance(message.get("reasoning_content"), str):
+        out["reasoning_content"] = _swap(message["reasoning_content"], marks)
+    content = message.get("content")
+    if isinstance(content, str):
+        parts = _free_text({**message, "reasoning_content": None})
+        hidden = [_swap(part, marks) for part in parts]
+        out["content"] = f"<think>{hidden[0]}</think>{hidden[1]}" if len(parts) == 2 else hidden[0]
+    return out
 
 
 def _swap(text: str, table: dict[str, str]) -> str:
@@ -187,22 +217,29 @@ def _swap(text: str, table: dict[str, str]) -> str:
     return text
 
 
-def _read_json(file: Path) -> dict:
-    if not file.is_file():
+def _read_json(file: Path, root: Path) -> dict:
+    if not file.exists() and not file.is_symlink():
         return {}
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"{file}: not valid JSON ({e})") from None
+    data = read_json(file, root)
     if not isinstance(data, dict):
         raise TokenizerError(f"{file}: expected a JSON object")
     return data
 
 
+def _check_ids(backend, vocab_size: int, file: Path) -> None:
+    """Every id the tokenizer can produce indexes the model's embedding (an id past it would be read out of
+    bounds)."""
+    vocab = backend.get_vocab(with_added_tokens=True)
+    token, top = max(vocab.items(), key=lambda item: item[1], default=("", -1))
+    if top >= vocab_size:
+        raise TokenizerError(f"{file}: token {token!r} has id {top}, outside the model's vocabulary of {vocab_size} "
+                             "(config.json vocab_size)")
+
+
 def _eos_ids(path: Path, backend) -> tuple[int, ...]:
     """generation_config.json's eos_token_id, else config.json's, else Qwen's <|im_end|> and <|endoftext|>."""
     for name in ("generation_config.json", "config.json"):
-        eos = _read_json(path / name).get("eos_token_id")
+        eos = _read_json(path / name, path).get("eos_token_id")
         ids = [eos] if isinstance(eos, int) else eos
         if isinstance(ids, list) and ids and all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
             return tuple(ids)
@@ -221,24 +258,55 @@ def _compile(source: str):
         raise TemplateError(f"chat template: syntax error on line {e.lineno}: {e.message}") from None
 
 
+# Filters a chat template may use: those of the Qwen and other Hugging Face templates. The rest (batch, slice,
+# wordwrap, urlize, pprint, format, ...) are gone: each can build far more than its arguments suggest.
+FILTERS = ("abs", "attr", "capitalize", "count", "d", "default", "dictsort", "e", "escape", "first", "float",
+           "groupby", "int", "items", "last", "length", "list", "lower", "map", "max", "min", "reject", "rejectattr",
+           "reverse", "round", "safe", "select", "selectattr", "sort", "string", "striptags", "title", "trim",
+           "truncate", "unique", "upper", "wordcount")
+MAX_JSON_INDENT = 16  # tojson(indent=...), as a count or a string
+
+
 def _environment():
+    from jinja2 import filters
+    from jinja2.compiler import CodeGenerator
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+    class BudgetedCodeGenerator(CodeGenerator):
+        def visit_Concat(self, node, frame):  # `a ~ b`: through the environment, so its size is checked
+            self.write("environment.concat_checked((")
+            for arg in node.nodes:
+                self.visit(arg, frame)
+                self.write(", ")
+            self.write("))")
+
     class BudgetedSandbox(ImmutableSandboxedEnvironment):
-        intercepted_binops = frozenset(["*", "**"])
+        code_generator_class = BudgetedCodeGenerator
+        intercepted_binops = frozenset(["*", "**", "+", "%"])
 
         def call_binop(self, context, operator, left, right):
             if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
                 raise TemplateError("chat template: exponent too large")
-            if operator == "*" and _built_size(left, right) > MAX_TEMPLATE_CHARS:
-                raise TemplateError("chat template: a string or list it builds is too large")
+            if operator == "%" and isinstance(left, str):
+                raise TemplateError("chat template: printf-style % formatting is not allowed")
+            if operator in ("*", "+"):
+                _check_size(_built_size(operator, left, right), f"'{operator}'")
             return super().call_binop(context, operator, left, right)
+
+        def concat_checked(self, values):
+            values = [str(v) for v in values]
+            _check_size(sum(map(len, values)), "'~'")
+            return "".join(values)
 
         def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's signature)
             for value in (*args, *kwargs.values()):
                 if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_ARGUMENT:
                     raise TemplateError("chat template: an argument is too large")
+            if getattr(__obj, "__name__", None) == "join" and isinstance(getattr(__obj, "__self__", None), str) \
+                    and args:
+                args = (list(args[0]), *args[1:])  # a generator, consumed once: by the estimate and the call alike
+            _check_size(_method_size(__obj, args, kwargs), f"str.{getattr(__obj, '__name__', '?')}")
             return super().call(__context, __obj, *args, **kwargs)
 
         def is_safe_attribute(self, obj, attr, value):
@@ -248,24 +316,84 @@ def _environment():
                 return False
             return super().is_safe_attribute(obj, attr, value)
 
+    @filters.pass_eval_context
+    def replace(eval_ctx, s, old, new, count=None):
+        _check_size(_replaced_size(str(s), str(old), str(new), count), "replace")
+        return filters.do_replace(eval_ctx, s, old, new, count)
+
+    @filters.pass_eval_context
+    def join(eval_ctx, value, d="", attribute=None):
+        items = list(value)
+        texts = items if attribute is None else []  # attributes of existing objects: already bounded
+        _check_size(sum(len(str(x)) for x in texts) + len(items) * len(str(d)), "join")
+        return filters.do_join(eval_ctx, items, d, attribute)
+
+    def center(value, width=80):
+        _check_size(width, "center")
+        return filters.do_center(value, width)
+
+    def indent(s, width=4, first=False, blank=False):
+        pad = len(width) if isinstance(width, str) else width
+        _check_size(len(str(s)) + (str(s).count("\n") + 2) * pad, "indent")
+        return filters.do_indent(s, width, first, blank)
+
     env = BudgetedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.filters.pop("format", None)  # printf-style padding has the same problem as str.format
+    env.filters = {name: env.filters[name] for name in FILTERS}
+    env.filters.update(tojson=_tojson, replace=replace, join=join, center=center, indent=indent)
+    del env.globals["lipsum"]  # generates up to gigabytes of text in one call
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(str(fmt)[:64])
     return env
 
 
-def _built_size(left, right) -> int:
-    if isinstance(left, (str, list, tuple)) and isinstance(right, int):
+def _check_size(size, what: str) -> None:
+    if isinstance(size, (int, float)) and size > MAX_TEMPLATE_CHARS:
+        raise TemplateError(f"chat template: {what} would build more than {MAX_TEMPLATE_CHARS} characters")
+
+
+def _built_size(operator: str, left, right) -> int:
+    """Length of `left * right` or `left + right` for strings and lists (0 for numbers)."""
+    sized = (str, list, tuple)
+    if operator == "+":
+        return len(left) + len(right) if isinstance(left, sized) and isinstance(right, sized) else 0
+    if isinstance(left, sized) and isinstance(right, int):
         return len(left) * right
-    if isinstance(right, (str, list, tuple)) and isinstance(left, int):
+    if isinstance(right, sized) and isinstance(left, int):
         return len(right) * left
+    return 0
+
+
+def _replaced_size(s: str, old: str, new: str, count) -> int:
+    n = len(s) + 1 if not old else s.count(old)
+    if isinstance(count, int) and count >= 0:
+        n = min(n, count)
+    return len(s) + n * len(new)
+
+
+def _method_size(method, args: tuple, kwargs: dict) -> int:
+    """Length of what a str method returns, for those that can return far more than they are given."""
+    s = getattr(method, "__self__", None)
+    if not isinstance(s, str) or not args and not kwargs:
+        return 0
+    name, first = method.__name__, args[0] if args else next(iter(kwargs.values()))
+    if name in ("center", "ljust", "rjust", "zfill"):
+        return first
+    if name == "expandtabs" and isinstance(first, int):
+        return len(s) + s.count("\t") * first
+    if name == "replace" and len(args) >= 2:
+        return _replaced_size(s, str(args[0]), str(args[1]), args[2] if len(args) > 2 else -1)
+    if name == "join" and isinstance(first, list):
+        return sum(len(str(x)) for x in first) + len(first) * len(s)
     return 0
 
 
 def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
     # transformers' tojson: plain json.dumps, no HTML escaping (Jinja's own escapes <, >, &, ').
+    sizes = [len(indent) if isinstance(indent, str) else indent if isinstance(indent, int) else 0,
+             *(len(str(p)) for p in separators or ())]
+    if any(size > MAX_JSON_INDENT for size in sizes):
+        raise TemplateError(f"chat template: tojson indent and separators are limited to {MAX_JSON_INDENT} "
+                            "characters")
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 

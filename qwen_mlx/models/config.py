@@ -5,12 +5,13 @@ Field names are the ``config.json`` keys verbatim, so a reader can hold the two 
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from qwen_mlx.errors import UserError
 from qwen_mlx.quant_formats import quant_format_problem
+from qwen_mlx.untrusted import UntrustedFileError, read_json
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "qwen3_moe")
 
@@ -75,14 +76,13 @@ class ModelConfig:
         return _parse(raw, source)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> ModelConfig:
+    def from_file(cls, path: str | Path, root: Path | None = None) -> ModelConfig:
+        """Parse config.json of the checkpoint directory `root` (default: the file's directory)."""
         path = Path(path)
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: file not found") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+            raw = read_json(path, path.parent if root is None else root)
+        except UntrustedFileError as e:
+            raise ConfigError(str(e)) from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a JSON object at the top level")
         return _parse(raw, str(path))
@@ -133,9 +133,6 @@ def _parse(raw: dict, source: str) -> ModelConfig:
     hidden = need("hidden_size", int)
     heads = need("num_attention_heads", int)
     kv_heads = opt("num_key_value_heads", int, heads)
-    for key, value in (("hidden_size", hidden), ("num_attention_heads", heads), ("num_key_value_heads", kv_heads)):
-        if value <= 0:
-            raise ConfigError(f"{source}: {key} must be positive, got {value}")
     if heads % kv_heads:
         raise ConfigError(
             f"{source}: num_attention_heads ({heads}) is not divisible by num_key_value_heads ({kv_heads})"
@@ -178,8 +175,6 @@ def _parse(raw: dict, source: str) -> ModelConfig:
         mlp_only_layers=tuple(_typed(i, int, "mlp_only_layers", source) for i in raw.get("mlp_only_layers") or ()),
         quantization=_parse_quantization(raw, source),
     )
-    if cfg.num_hidden_layers <= 0 or cfg.vocab_size <= 0:
-        raise ConfigError(f"{source}: num_hidden_layers and vocab_size must be positive")
     if num_experts:
         if not 0 < cfg.num_experts_per_tok <= num_experts:
             raise ConfigError(
@@ -188,8 +183,6 @@ def _parse(raw: dict, source: str) -> ModelConfig:
             )
         if cfg.moe_intermediate_size <= 0:
             raise ConfigError(f"{source}: moe_intermediate_size is required for a qwen3_moe model")
-        if cfg.decoder_sparse_step <= 0:
-            raise ConfigError(f"{source}: decoder_sparse_step must be positive")
     if any(not cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)) and cfg.intermediate_size <= 0:
         raise ConfigError(f"{source}: intermediate_size is required for the dense MLP layers")
     return cfg
@@ -211,8 +204,6 @@ def _parse_rope(raw: dict, source: str) -> tuple[float, RopeScaling | None]:
     if rope_type != "yarn":
         raise ConfigError(f"{source}: rope type {rope_type!r} is not supported (only default and yarn)")
     factor = _typed(scaling.get("factor"), float, "rope_scaling.factor", source)
-    if factor < 1.0:
-        raise ConfigError(f"{source}: rope_scaling.factor must be at least 1, got {factor}")
     original = scaling.get("original_max_position_embeddings", raw.get("max_position_embeddings"))
     attention_factor = scaling.get("attention_factor")
     return theta, RopeScaling(
@@ -259,6 +250,20 @@ def _check_quant_settings(settings: dict, key: str, source: str) -> None:
         raise ConfigError(f"{source}: unsupported {key} bits={bits} group_size={group_size} ({problem})")
 
 
+# Sane ranges, checked before anything is built: (lowest, highest, whether the lowest itself is refused). Far
+# beyond any released model, far below what would exhaust memory in building one (json also reads NaN/Infinity).
+LIMITS = {
+    "hidden_size": (1, 2**17, False), "num_hidden_layers": (1, 1024, False),
+    "num_attention_heads": (1, 1024, False), "num_key_value_heads": (1, 1024, False), "head_dim": (0, 4096, False),
+    "intermediate_size": (0, 2**20, False), "moe_intermediate_size": (0, 2**20, False),
+    "vocab_size": (1, 2**22, False), "num_experts": (0, 4096, False), "num_local_experts": (0, 4096, False),
+    "num_experts_per_tok": (0, 4096, False), "decoder_sparse_step": (1, 1024, False),
+    "max_position_embeddings": (1, 2**24, False), "original_max_position_embeddings": (1, 2**24, False),
+    "rms_norm_eps": (0, 1, True), "rope_theta": (0, 1e15, True), "rope_scaling.factor": (1, 1024, False),
+    "beta_fast": (0, 1e4, True), "beta_slow": (0, 1e4, True), "attention_factor": (0, 100, True),
+}
+
+
 def _typed(value, kind: type, key: str, source: str):
     # bool is an int in Python; a config that says "num_hidden_layers": true is wrong, not 1.
     if kind is bool:
@@ -269,4 +274,10 @@ def _typed(value, kind: type, key: str, source: str):
         ok = isinstance(value, kind) and not isinstance(value, bool)
     if not ok:
         raise ConfigError(f"{source}: {key} must be {kind.__name__}, got {value!r}")
-    return kind(value)
+    value = kind(value)
+    if key in LIMITS:
+        low, high, open_low = LIMITS[key]
+        if not (math.isfinite(value) and (low < value if open_low else low <= value) and value <= high):
+            raise ConfigError(f"{source}: {key} must be {'>' if open_low else '>='} {low:g} and <= {high:g}, "
+                              f"got {value!r}")
+    return value

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from mlx.utils import tree_flatten
 from qwen_mlx.errors import one_line
 from qwen_mlx.models.config import ConfigError, ModelConfig
 from qwen_mlx.models.qwen3 import Model, checkpoint_names
+from qwen_mlx.untrusted import checked_file, read_json
 from qwen_mlx.weights.memory import MemoryPlan, check_fits, kv_cache_bytes
 from qwen_mlx.weights.names import LoadError, sanitize
 from qwen_mlx.weights.quant import quantize_model
@@ -78,6 +80,23 @@ def load_config(path: Path) -> ModelConfig:
         raise LoadError(str(e)) from None
 
 
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def check_config_against_index(cfg: ModelConfig, index: dict[str, TensorInfo], path: Path) -> None:
+    """The config's layer count and vocabulary agree with the tensors the files hold: checked before a model is
+    built, so a config.json claiming 100,000 layers is refused at once instead of built."""
+    held = sorted({int(m[1]) for m in map(_LAYER.match, index) if m})
+    if held != list(range(cfg.num_hidden_layers)):
+        what = f"layers {held[0]}..{held[-1]}" if held else "no layers"
+        raise LoadError(f"{path / 'config.json'}: num_hidden_layers is {cfg.num_hidden_layers} but the weight files "
+                        f"hold {what} ({len(held)} numbers)")
+    embed = index.get("model.embed_tokens.weight")
+    if embed is not None and embed.shape[0] != cfg.vocab_size:
+        raise LoadError(f"{path / 'config.json'}: vocab_size is {cfg.vocab_size} but the embedding "
+                        f"model.embed_tokens.weight has {embed.shape[0]} rows")
+
+
 class Part(Protocol):
     """A share of a checkpoint loaded instead of all of it (distributed.shard makes them: a pipeline stage, a rank's
     experts). Only the tensors it names are read."""
@@ -115,6 +134,7 @@ def load_model(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None, part:
     path = resolve(path_or_repo)
     cfg = load_config(path)
     index = read_index(path)
+    check_config_against_index(cfg, index, path)
     quantization = cfg.quantization
     model = part.build(cfg) if part is not None else Model(cfg)
     names = part.names(index, model) if part is not None else None  # checkpoint -> model name, when renamed
@@ -149,7 +169,7 @@ def read_index(path: Path) -> dict[str, TensorInfo]:
     """Every tensor of the checkpoint with its file, dtype, shape and offset, read from the headers only."""
     from safetensors import safe_open
 
-    files = _weight_files(path)
+    files = [checked_file(file, path) for file in _weight_files(path)]
     index: dict[str, TensorInfo] = {}
     for file in files:
         try:
@@ -192,9 +212,9 @@ def _weight_files(path: Path) -> list[Path]:
             raise LoadError(f"{path}: no *.safetensors weight files in this directory")
         return files
     try:
-        weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
+        weight_map = read_json(index_file, path)["weight_map"]
         names = sorted(set(weight_map.values()))
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (KeyError, TypeError, AttributeError):
         raise LoadError(f"{index_file}: not a valid safetensors index (expected a 'weight_map' object)") from None
     for name in names:
         if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):

@@ -5,7 +5,6 @@ the tokenizer files. Every tensor's name, dtype and shape is checked before anyt
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from qwen_mlx.errors import UserError
+from qwen_mlx.untrusted import read_bytes, read_json
 from qwen_mlx.weights.loader import SAFETENSORS_DTYPES, TensorInfo, load_config, read_index, resolve
 from qwen_mlx.weights.names import expert_piece, expert_stack, unused
 from qwen_mlx.weights.quant import layer_settings
@@ -63,7 +63,7 @@ def open_source(src: str | Path) -> Source:
 
 def _safetensors_source(name: str, path: Path) -> Source:
     cfg = load_config(path)
-    raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    raw = read_json(path / "config.json", path)
     for key in ("quantization", "quantization_config", "auto_map", "_name_or_path"):
         raw.pop(key, None)  # auto_map names code that is never run nor copied
     index = read_index(path)
@@ -143,6 +143,6 @@ def _default_dtype(name: object) -> mx.Dtype:
 
 
 def _copy_files(path: Path) -> dict[str, bytes]:
-    names = [n for n in TOKENIZER_FILES + ("generation_config.json",) if (path / n).is_file()]
-    names += sorted(f.name for f in path.glob("*.jinja") if f.is_file())
-    return {n: (path / n).read_bytes() for n in names}
+    names = [n for n in TOKENIZER_FILES + ("generation_config.json",) if (path / n).exists()]
+    names += sorted(f.name for f in path.glob("*.jinja"))
+    return {n: read_bytes(path / n, path) for n in names}  # regular files inside the checkpoint, bounded
