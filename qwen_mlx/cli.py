@@ -72,7 +72,7 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-model", metavar="PATH", help="speculative decoding: a smaller checkpoint with the "
                         "same tokenizer drafts tokens that the model checks several at a time (e.g. Qwen3-0.6B for "
                         "Qwen3-8B); the output is unchanged")
-    parser.add_argument("--draft-tokens", type=number(int, low=1), metavar="N",
+    parser.add_argument("--draft-tokens", type=number(int, low=1, high=8), metavar="N",
                         help="tokens drafted per step, 1..8 (default: adapts to how many are accepted, and stops "
                              "drafting when it does not pay)")
 
@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "draft that always proposes the model's own greedy token: what the machinery gives at full "
                        "acceptance) or a preset name (a random draft model, side by side with mlx-lm's speculative "
                        "decoding on the same weights)")
-    bench.add_argument("--draft-tokens", type=number(int, low=1), default=4, metavar="N",
+    bench.add_argument("--draft-tokens", type=number(int, low=1, high=8), default=4, metavar="N",
                        help="tokens drafted per step with --draft (default: 4)")
     bench.add_argument("--seed", type=number(int, low=0, high=2**63 - 1),
                        default=0, help="random weights and prompt seed (default: 0)")
