@@ -42,7 +42,7 @@ def info(args: argparse.Namespace) -> None:
     print(f"weights      {n_bytes / 2**20:.1f} MiB, "
           + (f"{quant['bits']}-bit group {quant['group_size']}" if quant else cfg.torch_dtype))
     print(f"device       {mx.default_device()}")
-    print(f"kernels      {kernels.backend()} (set {kernels.ENV}=reference|custom to choose)")
+    print(f"kernels      {kernels.BACKEND} (set {kernels.ENV}=reference|custom to choose)")
     if args.check:
         print("check        every tensor is finite")
     if args.distributed:

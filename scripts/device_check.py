@@ -36,14 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mlx.nn as nn  # noqa: E402
 
 from qwen_mlx.bench import run as bench
+from qwen_mlx.kernels import gated_delta as gated_delta_kernel  # noqa: E402
+from qwen_mlx.kernels import gather_qmv as gather_kernel  # noqa: E402
 from qwen_mlx.kernels import ops as kernels  # noqa: E402
+from qwen_mlx.kernels import qmatmul as qmatmul_kernel  # noqa: E402
 from qwen_mlx.models.config import ModelConfig  # noqa: E402
+from qwen_mlx.models.fused import FusedQuantizedLinear, FusedQuantizedSwitchLinear, fuse  # noqa: E402
 from qwen_mlx.models.rope import Rope, cos_sin, make_rope, rotate_reference  # noqa: E402
-from qwen_mlx.weights.quant import QuantizedLinear, QuantizedSwitchLinear  # noqa: E402
-
-qmatmul_kernel = sys.modules["qwen_mlx.kernels.qmatmul"]  # the module (kernels.qmatmul is the function)
-gather_kernel = sys.modules["qwen_mlx.kernels.gather_qmv"]
-gated_delta_kernel = sys.modules["qwen_mlx.kernels.gated_delta"]
 
 SHAPES = {  # name -> (N, K) of x @ W.T, W (N, K)
     "0.6b q": (2048, 1024), "0.6b kv": (1024, 1024), "0.6b o": (1024, 2048), "0.6b gate/up": (3072, 1024),
@@ -86,21 +85,40 @@ CROSSOVER_SHAPES = ("0.6b q", "4b q", "4b gate/up", "4b down")
 
 @contextmanager
 def kernels_choice(choice: str):
-    """QWEN_MLX_KERNELS=choice inside the block. With "custom" the dense kernels also take every M they are built for
-    (qmatmul.MAX_M), not only up to their dispatch limit (qmatmul.DISPATCH_MAX_M), so that the checks cover those
-    sizes and the crossover is timed."""
-    before, limits = os.environ.get(kernels.ENV), dict(qmatmul_kernel.DISPATCH_MAX_M)
+    """QWEN_MLX_KERNELS=choice inside the block, the backend a load would choose with it (kernels.use). With "custom"
+    the dense kernels also take every M they are built for (qmatmul.MAX_M), not only up to their dispatch limit
+    (qmatmul.DISPATCH_MAX_M), so that the checks cover those sizes and the crossover is timed."""
+    before, backend = os.environ.get(kernels.ENV), kernels.BACKEND
+    limits = dict(qmatmul_kernel.DISPATCH_MAX_M)
     os.environ[kernels.ENV] = choice
     if choice == "custom":
         qmatmul_kernel.DISPATCH_MAX_M.update(dict.fromkeys(limits, qmatmul_kernel.MAX_M))
     try:
+        kernels.use(kernels.choose_backend())
         yield
     finally:
         qmatmul_kernel.DISPATCH_MAX_M.update(limits)
+        kernels.use(backend)
         if before is None:
             os.environ.pop(kernels.ENV)
         else:
             os.environ[kernels.ENV] = before
+
+
+def reference_route(logits: mx.array, top_k: int, norm: bool) -> tuple[mx.array, mx.array]:
+    """The model page's router (models/qwen3.SparseMoE.route) in MLX's ops: float32 softmax, top-k, renormalized."""
+    probs = mx.softmax(logits.astype(mx.float32), axis=-1)
+    experts = mx.argpartition(-probs, kth=top_k - 1, axis=-1)[..., :top_k]
+    weights = mx.take_along_axis(probs, experts, axis=-1)
+    return experts, weights / weights.sum(axis=-1, keepdims=True) if norm else weights
+
+
+def reference_rope(q: mx.array, k: mx.array, rope: Rope, offset: int, norms) -> tuple[mx.array, mx.array]:
+    """The model page's QK-norm and RoPE (models/qwen3.Attention.norm_and_rotate) in MLX's ops."""
+    if norms is not None:
+        q, k = mx.fast.rms_norm(q, norms[0], norms[2]), mx.fast.rms_norm(k, norms[1], norms[2])
+    return tuple(mx.fast.rope(x.transpose(0, 2, 1, 3), x.shape[-1], traditional=False, base=None, scale=1.0,
+                              offset=offset, freqs=rope.wavelengths) for x in (q, k))
 
 
 def relative_errors(got: mx.array, expected: mx.array) -> mx.array:
@@ -214,12 +232,13 @@ def gather_case(x, w, scales, biases, experts, group: int, bits: int, dtype_name
     return judged(ours, theirs, truth, dtype_name)
 
 
-def quantized_layer(n: int, k: int, group: int, bits: int, dtype: mx.Dtype, seed: int) -> tuple[QuantizedLinear,
-                                                                                                 mx.array]:
-    """A random (n, k) layer as the model holds it, and its dequantized float32 weight."""
+def quantized_layer(n: int, k: int, group: int, bits: int, dtype: mx.Dtype, seed: int) -> tuple[
+        FusedQuantizedLinear, mx.array]:
+    """A random (n, k) layer as a fused model holds it (its product is kernels.qmatmul), and its dequantized
+    float32 weight."""
     w = (mx.random.normal((n, k), key=mx.random.key(seed)) * 0.02).astype(dtype)
     q = mx.quantize(w, group, bits)
-    layer = QuantizedLinear(k, n, bias=False, group_size=group, bits=bits)
+    layer = FusedQuantizedLinear(k, n, bias=False, group_size=group, bits=bits)
     layer.weight, layer.scales, layer.biases = q
     return layer, mx.dequantize(*q, group, bits).astype(mx.float32)
 
@@ -360,10 +379,10 @@ def check_gated_delta(dtypes, shapes: dict, steps: int, log) -> list[dict]:
 
 
 def expert_layers(e: int, n: int, k: int, group: int, bits: int, dtype: mx.Dtype, seed: int):
-    """A random joined gate/up stack (E, n, k) and its down stack (E, k, n / 2), as the model holds them."""
+    """A random joined gate/up stack (E, n, k) and its down stack (E, k, n / 2), as a fused model holds them."""
     def stack(shape, key):
         w = (mx.random.normal(shape, key=mx.random.key(key)) * 0.02).astype(dtype)
-        return QuantizedSwitchLinear(*mx.quantize(w, group, bits), group, bits, "affine")
+        return FusedQuantizedSwitchLinear(*mx.quantize(w, group, bits), group, bits, "affine")
     return stack((e, n, k), seed), stack((e, k, n // 2), seed + 1)
 
 
@@ -422,14 +441,10 @@ def check_rope(dtypes, log) -> list[dict]:
 
 def rope_case(rope: Rope, q, k, offset: int, norms, dtype_name: str, model: str, freq_name: str) -> dict:
     with kernels_choice("custom"):
-        ours = kernels.rope(q, k, rope.inv_freq, rope.wavelengths, offset=offset, norms=norms,
-                            scale=rope.attention_factor)
-    with kernels_choice("reference"):
-        reference = kernels.rope(q, k, rope.inv_freq, rope.wavelengths, offset=offset, norms=norms,
-                                 scale=rope.attention_factor)
+        ours = kernels.rope(q, k, rope.inv_freq, offset=offset, norms=norms)
+    reference = reference_rope(q, k, rope, offset, norms)
     length = q.shape[1]
     cos, sin = cos_sin(rope, offset, length)
-    cos, sin = cos * rope.attention_factor, sin * rope.attention_factor
     vs_reference = vs_fp32 = 0.0
     for got, ref, x, weight in ((ours[0], reference[0], q, norms and norms[0]),
                                 (ours[1], reference[1], k, norms and norms[1])):
@@ -456,6 +471,7 @@ def check_model(preset: str, log) -> dict:
     outputs = {}
     for choice in ("custom", "reference"):
         with kernels_choice(choice):
+            fuse(model, kernels.BACKEND)
             cache = make_cache(cfg)
             logits = [model(tokens[:, :8], cache)[:, -1]]
             for i in range(8, 12):
@@ -663,14 +679,13 @@ def bench_fused(log, dense: tuple = FUSED_MODELS["4b"], experts: tuple = EXPERT_
         ("our gather_qmv x 2 + ops", experts_with("custom")), ("MLX: gather_qmm x 2 + ops", experts_with("reference"))],
         stacks))
 
-    def router(choice):
-        def run(_, logits):
-            with kernels_choice(choice):
-                return kernels.route(logits, TOP_K, True)
-        return run
+    def router(_, logits):
+        with kernels_choice("custom"):
+            return kernels.route(logits, TOP_K, True)
 
     logits = [(mx.random.normal((1, 1, e), key=mx.random.key(i)).astype(mx.bfloat16),) for i in range(8)]
-    cases.append(("30b-a3b router, one launch", router("custom"), [("MLX: softmax + top-k ops", router("reference"))],
+    cases.append(("30b-a3b router, one launch", router, [("MLX: softmax + top-k ops",
+                                                          lambda _, logits: reference_route(logits, TOP_K, True))],
                   logits))
     for name, fused, others, operands in cases:
         inputs = x_moe if "experts" in name else x
@@ -698,14 +713,12 @@ def bench_rope(log) -> list[dict]:
                     for i in range(40)]
         mx.eval([o[:2] for o in operands])
 
-        def run(choice):
-            def call(_, q, k, norms):
-                with kernels_choice(choice):
-                    return kernels.rope(q, k, rope.inv_freq, rope.wavelengths, offset=1000, norms=norms)
-            return call
+        def ours(_, q, k, norms):
+            with kernels_choice("custom"):
+                return kernels.rope(q, k, rope.inv_freq, offset=1000, norms=norms)
 
-        t_ours = time_per_call(run("custom"), operands, None)
-        t_ref = time_per_call(run("reference"), operands, None)
+        t_ours = time_per_call(ours, operands, None)
+        t_ref = time_per_call(lambda _, q, k, norms: reference_rope(q, k, rope, 1000, norms), operands, None)
         rows.append(dict(case=f"decode token, 32 q + 8 k heads{', with QK-norm' if norm else ''}",
                          ours_us=t_ours * 1e6, reference_us=t_ref * 1e6, speedup=t_ref / t_ours))
         log(f"rope {rows[-1]['case']:<45} ours {t_ours * 1e6:6.1f} us  reference ops {t_ref * 1e6:6.1f} us  "
@@ -787,7 +800,7 @@ def main(argv: list[str] | None = None) -> int:
     log = print
 
     with kernels_choice("custom"):
-        backend = kernels.backend()  # "custom" fails loudly without a GPU
+        backend = kernels.BACKEND  # "custom" fails loudly without a GPU
     gpu, peak = hbm_gbs(args.hbm_gbs)
     log(f"MLX {mx.__version__}, kernels backend {backend}, {gpu}, HBM {peak:.0f} GB/s")
     if args.quick:

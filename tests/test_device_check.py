@@ -9,11 +9,13 @@ import pytest
 
 from qwen_mlx.bench.run import preset_config
 from qwen_mlx.kernels import ops as kernels
-from qwen_mlx.models.rope import make_rope
+from qwen_mlx.models.rope import Rope, make_rope
 
 
 @pytest.fixture
 def reference_only(monkeypatch):
+    """The reference path standing in for the kernels: MLX's ops where the op has them, and the model page's math
+    for the router and RoPE (whose ops are the kernel alone)."""
     original = device_check.kernels_choice
 
     @contextmanager
@@ -22,6 +24,9 @@ def reference_only(monkeypatch):
             yield
 
     monkeypatch.setattr(device_check, "kernels_choice", choice)
+    monkeypatch.setattr(kernels, "route", device_check.reference_route)
+    monkeypatch.setattr(kernels, "rope", lambda q, k, inv_freq, *, offset, norms=None: device_check.reference_rope(
+        q, k, Rope(inv_freq, 1.0, 1.0 / inv_freq), offset, norms))
 
 
 def test_qmatmul_check_passes_the_reference_and_catches_a_wrong_result(reference_only, monkeypatch):
@@ -231,6 +236,6 @@ def test_custom_choice_lifts_the_dispatch_limit_for_the_checks_only(monkeypatch)
     limits = dict(device_check.qmatmul_kernel.DISPATCH_MAX_M)
     with device_check.kernels_choice("custom"):
         assert device_check.qmatmul_kernel.dispatched(mx.zeros((8, 64)), "cuda")
-        assert kernels.backend() == "cuda"
+        assert kernels.BACKEND == "cuda"
     assert device_check.qmatmul_kernel.DISPATCH_MAX_M == limits
     assert not device_check.qmatmul_kernel.dispatched(mx.zeros((2, 64)), "cuda")

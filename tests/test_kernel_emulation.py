@@ -11,25 +11,24 @@ tol = 1e-5 (float32), 4e-3 (float16), 2e-2 (bfloat16): the output's rounding, pl
 
 from __future__ import annotations
 
-import sys
-
 import kernel_emulator
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 
-from qwen_mlx.kernels import dialect
+from qwen_mlx.kernels import dialect, projections
+from qwen_mlx.kernels import gather_qmv as gather_kernel
 from qwen_mlx.kernels import ops as kernels
-from qwen_mlx.models.rope import Rope, cos_sin, rotate_reference
+from qwen_mlx.kernels import qmatmul as qmatmul_kernel
+from qwen_mlx.kernels import rope as rope_kernel
+from qwen_mlx.kernels import router as router_kernel
+from qwen_mlx.models.config import ModelConfig
+from qwen_mlx.models.fused import fuse
+from qwen_mlx.models.qwen3 import Attention, SparseMoE
+from qwen_mlx.models.rope import cos_sin, make_rope, rotate_reference
 from qwen_mlx.weights.loader import load_model
 from qwen_mlx.weights.quant import quantize_model
-
-qmatmul_kernel = sys.modules["qwen_mlx.kernels.qmatmul"]
-projections = sys.modules["qwen_mlx.kernels.projections"]
-gather_kernel = sys.modules["qwen_mlx.kernels.gather_qmv"]
-rope_kernel = sys.modules["qwen_mlx.kernels.rope"]
-router_kernel = sys.modules["qwen_mlx.kernels.router"]
 
 pytestmark = pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed (it builds the "
                                 "kernels' text for the CPU emulator)")
@@ -178,22 +177,32 @@ def test_gather_kernels_equal_gather_qmm_on_skewed_routing(bits, group_size, dty
         assert_close(ours, theirs, truth, what)
 
 
-def test_rope_equals_the_reference_path_and_the_definition(build):
-    head_dim = 128
-    inv_freq = 1.0 / 1e6 ** (mx.arange(0, head_dim, 2, dtype=mx.float32) / head_dim)
-    rope = Rope(inv_freq, 1.0, 1.0 / inv_freq)
+def tiny_config(**overrides) -> ModelConfig:
+    """A one-layer config with 4 query heads and 2 KV heads of 128 (the RoPE cases' shapes)."""
+    return ModelConfig.from_dict({**dict(model_type="qwen3", hidden_size=512, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=128,
+                                         intermediate_size=64, vocab_size=100, rope_theta=1e6), **overrides}, "test")
+
+
+def test_rope_equals_the_model_page_and_the_definition(build):
+    """The kernel against the page's Attention.norm_and_rotate (Qwen3 with its QK-norm weights, Qwen2 without)
+    and, without the norm, against cos/sin written out."""
+    rope = make_rope(tiny_config())
     calls, expected = [], []
     for dtype in rope_kernel.DTYPES:
-        q = mx.random.normal((1, 3, 4, head_dim), key=mx.random.key(1)).astype(dtype)
-        k = mx.random.normal((1, 3, 2, head_dim), key=mx.random.key(2)).astype(dtype)
-        weights = (mx.random.uniform(0.5, 1.5, (head_dim,)).astype(dtype),
-                   mx.random.uniform(0.5, 1.5, (head_dim,)).astype(dtype), 1e-6)
-        for norms, offset, scale in ((None, 0, 1.0), (None, 4093, 1.2), (weights, 7, 1.0)):
-            calls.append((rope_kernel.KERNEL, rope_kernel.launch(q, k, inv_freq, offset, norms, scale)))
+        q = mx.random.normal((1, 3, 4, 128), key=mx.random.key(1)).astype(dtype)
+        k = mx.random.normal((1, 3, 2, 128), key=mx.random.key(2)).astype(dtype)
+        weights = (mx.random.uniform(0.5, 1.5, (128,)).astype(dtype),
+                   mx.random.uniform(0.5, 1.5, (128,)).astype(dtype), 1e-6)
+        for norms, offset in ((None, 0), (None, 4093), (weights, 7)):
+            calls.append((rope_kernel.KERNEL, rope_kernel.launch(q, k, rope.inv_freq, offset, norms)))
+            page = Attention(tiny_config(model_type="qwen3" if norms else "qwen2"), rope)
+            if norms:
+                page.q_norm.weight, page.k_norm.weight = norms[:2]
             cos, sin = cos_sin(rope, offset, 3)
-            definition = None if norms else [scale * rotate_reference(a.astype(mx.float32).transpose(0, 2, 1, 3),
-                                                                      cos, sin) for a in (q, k)]
-            expected.append((kernels.rope(q, k, rope.inv_freq, rope.wavelengths, offset=offset, norms=norms, scale=scale), definition,
+            definition = None if norms else [rotate_reference(a.astype(mx.float32).transpose(0, 2, 1, 3), cos, sin)
+                                             for a in (q, k)]
+            expected.append((page.norm_and_rotate(q, k, offset), definition,
                              f"{dtype} offset {offset} norm {norms is not None}"))
     for ours, (reference, definition, what) in zip(emulated(calls, build), expected):
         for i, (got, want) in enumerate(zip(ours, reference)):
@@ -211,7 +220,9 @@ def test_router_equals_softmax_top_k(build):
         for experts, top_k, norm in ((128, 8, True), (40, 2, False), (512, 16, True), (128, 8, False)):
             logits = (mx.random.normal((5, experts), key=mx.random.key(experts)) * 3).astype(dtype)
             calls.append((router_kernel.KERNEL, router_kernel.launch(logits, top_k, norm)))
-            expected.append(kernels.route(logits, top_k, norm))  # the reference path
+            page = SparseMoE(tiny_config(model_type="qwen3_moe", num_experts=experts, num_experts_per_tok=top_k,
+                                         moe_intermediate_size=32, norm_topk_prob=norm))
+            expected.append(page.route(logits))  # the model page's router
     for (got_experts, got_weights), (experts, weights) in zip(emulated(calls, build), expected):
         order, got_order = np.argsort(np.array(experts), -1), np.argsort(np.array(got_experts), -1)
         assert (np.take_along_axis(np.array(got_experts), got_order, -1)
@@ -252,14 +263,15 @@ def test_kernels_read_x_at_any_element_offset():
 
 @pytest.fixture
 def emulated_gpu(monkeypatch):
-    """kernels' GPU path with the emulator as the GPU; records the names of the kernels launched."""
+    """kernels' GPU path with the emulator as the GPU (for a model fused for "cuda"); records the names of the
+    kernels launched."""
     launched = []
 
     def run(kernel, backend, launch):
         launched.append(kernel.name)
         return emulated([(kernel, launch)])[0]
 
-    monkeypatch.setattr(kernels, "backend", lambda: "cuda")
+    monkeypatch.setattr(kernels, "BACKEND", kernels.BACKEND)  # fuse sets it: restored after the test
     monkeypatch.setattr(dialect, "run", run)
     monkeypatch.setitem(qmatmul_kernel.DISPATCH_MAX_M, "cuda", qmatmul_kernel.MAX_M)  # the prompt's M too
     return launched
@@ -292,16 +304,17 @@ MODELS = {"qwen3": dict(head_dim=64), "qwen2": dict(hidden_size=128, num_attenti
 
 
 @pytest.mark.parametrize("variant,bits", [("qwen3", 4), ("qwen2", 8), ("qwen3_moe", 4), ("qwen3_moe", 8)])
-def test_greedy_tokens_with_emulated_kernels_equal_the_reference_path(tiny_checkpoint, emulated_gpu, monkeypatch,
+def test_greedy_tokens_with_emulated_kernels_equal_the_reference_path(tiny_checkpoint, emulated_gpu,
                                                                       variant, bits):
     model, cfg = quantized_layers(tiny_checkpoint(variant, **MODELS[variant]), bits)
     prompt = [9707, 11, 1879, 0, 358, 1079]  # 6 tokens: the prompt's products fit the kernels too (M <= 8)
+    fuse(model, "cuda")
     ours, ours_logits = greedy(model, cfg, prompt, 24)
     expected = {"qwen_qmatmul_parts3", "qwen_rope", "qwen_qmatmul"}
     expected |= {"qwen_router", "qwen_gather_qmv_swiglu", "qwen_gather_qmv_sum"} if cfg.num_experts else set()
     expected |= {"qwen_qmatmul_swiglu"} if variant != "qwen3_moe" or cfg.mlp_only_layers else set()
     assert set(emulated_gpu) == expected
-    monkeypatch.setattr(kernels, "backend", lambda: "reference")
+    fuse(model, "reference")  # the model page
     reference, reference_logits = greedy(model, cfg, prompt, 24)
     assert ours == reference and len(set(ours)) > 3
     assert error(ours_logits, reference_logits) <= 1e-4

@@ -8,7 +8,6 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -18,19 +17,21 @@ import pytest
 from kernel_sources import cuda_source, metal_source
 
 from qwen_mlx.errors import UserError
-from qwen_mlx.kernels import dialect
+from qwen_mlx.kernels import dialect, projections
+from qwen_mlx.kernels import gated_delta as gated_delta_kernel
+from qwen_mlx.kernels import gather_qmv as gather_kernel
 from qwen_mlx.kernels import ops as kernels
+from qwen_mlx.kernels import qmatmul as qmatmul_kernel
+from qwen_mlx.kernels import rope as rope_kernel
+from qwen_mlx.kernels import router as router_kernel
 from qwen_mlx.kernels.dialect import Kernel
-from qwen_mlx.models.qwen3 import SwitchMLP
-from qwen_mlx.models.rope import Rope, cos_sin, rotate_reference
-from qwen_mlx.weights.quant import QuantizedEmbedding, QuantizedLinear, quantize_model
+from qwen_mlx.kernels.quantized import QuantizedLinear
+from qwen_mlx.models.config import ModelConfig
+from qwen_mlx.models.fused import FusedQuantizedEmbedding, FusedQuantizedLinear, fuse
+from qwen_mlx.models.qwen3 import Attention, Block, SparseMoE, SwitchMLP
+from qwen_mlx.models.rope import Rope, cos_sin, make_rope, rotate_reference
+from qwen_mlx.weights.quant import quantize_model
 
-qmatmul_kernel = sys.modules["qwen_mlx.kernels.qmatmul"]
-gather_kernel = sys.modules["qwen_mlx.kernels.gather_qmv"]
-projections = sys.modules["qwen_mlx.kernels.projections"]
-router_kernel = sys.modules["qwen_mlx.kernels.router"]
-gated_delta_kernel = sys.modules["qwen_mlx.kernels.gated_delta"]
-rope_kernel = sys.modules["qwen_mlx.kernels.rope"]
 STUBS = Path(__file__).parent / "kernel_stubs"
 
 
@@ -50,27 +51,33 @@ def qwen_rope(head_dim: int = 128) -> Rope:
     return Rope(inv_freq, 1.0, 1.0 / inv_freq)
 
 
+def tiny_config(**overrides) -> ModelConfig:
+    return ModelConfig.from_dict({**dict(model_type="qwen3", hidden_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                                         intermediate_size=256, vocab_size=100, rope_theta=1e6), **overrides}, "test")
+
+
 # Backend choice
 
 
 def test_backend_is_reference_on_cpu_and_follows_the_override(monkeypatch):
     monkeypatch.delenv(kernels.ENV, raising=False)
-    assert kernels.backend() == "reference"
+    assert kernels.choose_backend() == "reference"
     monkeypatch.setattr(kernels, "gpu_backend", lambda: "cuda")
-    assert kernels.backend() == "cuda"
+    assert kernels.choose_backend() == "cuda"
     monkeypatch.setenv(kernels.ENV, "custom")
-    assert kernels.backend() == "cuda"
+    assert kernels.choose_backend() == "cuda"
     monkeypatch.setenv(kernels.ENV, "reference")
-    assert kernels.backend() == "reference"
+    assert kernels.choose_backend() == "reference"
 
 
 def test_backend_override_errors_name_the_variable(monkeypatch):
     monkeypatch.setenv(kernels.ENV, "fast")
     with pytest.raises(UserError, match="QWEN_MLX_KERNELS='fast'"):
-        kernels.backend()
+        kernels.choose_backend()
     monkeypatch.setenv(kernels.ENV, "custom")
     with pytest.raises(UserError, match="QWEN_MLX_KERNELS=custom needs a Metal or CUDA GPU"):
-        kernels.backend()
+        kernels.choose_backend()
 
 
 # The reference path equals MLX's built-ins
@@ -98,35 +105,36 @@ def test_reference_gather_qmm_is_gather_qmm(bits, group_size):
             assert got.shape == (1, 2, 2, 1, 48) and mx.array_equal(got, expected)
 
 
-def test_quantized_layers_match_mlx_layers():
+def test_fused_quantized_layers_on_the_reference_backend_match_mlx_layers():
     linear = nn.Linear(128, 40, bias=True)
-    ours, theirs = QuantizedLinear.from_linear(linear, 64, 4), nn.QuantizedLinear.from_linear(linear, 64, 4)
+    ours, theirs = FusedQuantizedLinear.from_linear(linear, 64, 4), nn.QuantizedLinear.from_linear(linear, 64, 4)
     theirs.bias = ours.bias = linear.bias
     x = mx.random.normal((2, 5, 128), key=mx.random.key(2))
     assert mx.array_equal(ours(x), theirs(x))
     embedding = nn.Embedding(40, 128)
-    ours, theirs = QuantizedEmbedding.from_embedding(embedding, 64, 8), nn.QuantizedEmbedding.from_embedding(
+    ours, theirs = FusedQuantizedEmbedding.from_embedding(embedding, 64, 8), nn.QuantizedEmbedding.from_embedding(
         embedding, 64, 8)
     assert mx.array_equal(ours.as_linear(x), theirs.as_linear(x))
 
 
-@pytest.mark.parametrize("with_norm", [False, True])
-def test_reference_rope_is_norm_then_fast_rope(with_norm):
-    rope = qwen_rope()
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+def test_model_qk_norm_and_rope_is_rms_norm_per_head_then_rotation(model_type):
+    """The page's Attention.norm_and_rotate against the definition: each head of q and k divided by its RMS and
+    times its weight (Qwen3 only), then rotated by position * inv_freq, heads first."""
+    cfg = tiny_config(model_type=model_type, head_dim=128, hidden_size=512)
+    attention = Attention(cfg, make_rope(cfg))
+    if "q_norm" in attention:
+        attention.q_norm.weight = mx.random.uniform(0.5, 1.5, (128,), key=mx.random.key(1))
+        attention.k_norm.weight = mx.random.uniform(0.5, 1.5, (128,), key=mx.random.key(2))
     q = mx.random.normal((2, 5, 4, 128), key=mx.random.key(3))
     k = mx.random.normal((2, 5, 2, 128), key=mx.random.key(4))
-    q_norm, k_norm = nn.RMSNorm(128, eps=1e-6), nn.RMSNorm(128, eps=1e-6)
-    q_norm.weight, k_norm.weight = mx.random.uniform(0.5, 1.5, (128,)), mx.random.uniform(0.5, 1.5, (128,))
-    norms = (q_norm.weight, k_norm.weight, 1e-6) if with_norm else None
-    got_q, got_k = kernels.rope(q, k, rope.inv_freq, rope.wavelengths, offset=7, norms=norms)
-    if with_norm:
-        q, k = q_norm(q), k_norm(k)
-    cos, sin = cos_sin(rope, 7, 5)
-    for got, x in ((got_q, q), (got_k, k)):
+    got_q, got_k = attention.norm_and_rotate(q, k, 7)
+    cos, sin = cos_sin(make_rope(cfg), 7, 5)
+    for got, x, norm in ((got_q, q, attention.get("q_norm")), (got_k, k, attention.get("k_norm"))):
+        if norm is not None:
+            x = x * mx.rsqrt((x * x).mean(-1, keepdims=True) + cfg.rms_norm_eps) * norm.weight
         assert got.shape == (x.shape[0], x.shape[2], x.shape[1], 128)
         assert mx.abs(got - rotate_reference(x.transpose(0, 2, 1, 3), cos, sin)).max().item() < 1e-4
-    scaled_q, _ = kernels.rope(q, k, rope.inv_freq, rope.wavelengths, offset=7, scale=1.5)  # YaRN's attention factor applied here
-    assert mx.allclose(scaled_q, 1.5 * rotate_reference(q.transpose(0, 2, 1, 3), cos, sin), atol=1e-4)
 
 
 # Dispatch: what a GPU backend hands to the kernel, and what it leaves to MLX
@@ -135,7 +143,7 @@ def test_reference_rope_is_norm_then_fast_rope(with_norm):
 def kernel_calls(monkeypatch, backend: str) -> list[tuple[Kernel, str, dialect.Launch]]:
     """The kernel launches a GPU `backend` would make, recorded; each returns zeros of its outputs' shapes."""
     calls = []
-    monkeypatch.setattr(kernels, "backend", lambda: backend)
+    monkeypatch.setattr(kernels, "BACKEND", backend)
     monkeypatch.setattr(dialect, "run", lambda kernel, backend, launch: calls.append((kernel, backend, launch))
                         or [mx.zeros(s, d) for s, d in zip(launch.output_shapes, launch.output_dtypes)])
     return calls
@@ -201,8 +209,9 @@ def test_quantized_experts_take_two_fused_launches_at_decode(monkeypatch, tokens
     layer = nn.Module()
     layer.switch_mlp = SwitchMLP(128, 64, 8)  # under its checkpoint name, as in a model
     quantize_model(layer, {"group_size": 32, "bits": 4})
-    mlp = layer.switch_mlp
     calls = kernel_calls(monkeypatch, "metal")
+    fuse(layer, "metal")
+    mlp = layer.switch_mlp
     experts = mx.array(np.random.default_rng(0).integers(0, 8, (1, tokens, 2)), mx.uint32)
     assert mlp(mx.zeros((1, tokens, 128)), experts, mx.ones((1, tokens, 2))).shape == (1, tokens, 128)
     if tokens > 1:  # 96 pairs: a prefill, mx.gather_qmm's sorted matmul
@@ -216,16 +225,11 @@ def test_quantized_experts_take_two_fused_launches_at_decode(monkeypatch, tokens
 
 
 def test_quantized_attention_and_mlp_take_one_launch_each_for_qkv_and_gate_up(monkeypatch):
-    from qwen_mlx.models.config import ModelConfig
-    from qwen_mlx.models.qwen3 import Block
-    from qwen_mlx.models.rope import make_rope
-
-    cfg = ModelConfig.from_dict(dict(model_type="qwen3", hidden_size=128, num_hidden_layers=1,
-                                     num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                                     intermediate_size=256, vocab_size=100, rope_theta=1e6), "test")
+    cfg = tiny_config()
     calls = kernel_calls(monkeypatch, "cuda")
     block = Block(cfg, make_rope(cfg), 0)
     quantize_model(block, {"group_size": 64, "bits": 4})
+    fuse(block, "cuda")
     block(mx.zeros((1, 1, 128)), None)
     assert [kernel.name for kernel, _, _ in calls] == ["qwen_qmatmul_parts3", "qwen_rope", "qwen_qmatmul",
                                                        "qwen_qmatmul_swiglu", "qwen_qmatmul"]  # o, then down
@@ -235,10 +239,13 @@ def test_quantized_attention_and_mlp_take_one_launch_each_for_qkv_and_gate_up(mo
     calls.clear()
     mixed = Block(cfg, make_rope(cfg), 0)
     quantize_model(mixed, {"group_size": 64, "bits": 4, "self_attn.v_proj": {"group_size": 64, "bits": 8}})
+    fuse(mixed, "cuda")
     mixed(mx.zeros((1, 1, 128)), None)
     assert [kernel.name for kernel, _, _ in calls][:3] == ["qwen_qmatmul"] * 3
     calls.clear()
-    Block(cfg, make_rope(cfg), 0)(mx.zeros((1, 1, 128)), None)
+    float_block = Block(cfg, make_rope(cfg), 0)
+    fuse(float_block, "cuda")
+    float_block(mx.zeros((1, 1, 128)), None)
     assert [kernel.name for kernel, _, _ in calls] == ["qwen_rope"]
 
     # Two tokens: past the dispatch limit (1 until measured), every product is MLX's
@@ -268,23 +275,32 @@ def test_reference_fused_ops_equal_their_definitions():
     assert mx.array_equal(kernels.swiglu(x, gate, up), nn.silu(gate(x)) * up(x))
 
 
+def moe_layer(num_experts: int, top_k: int, norm: bool) -> SparseMoE:
+    return SparseMoE(tiny_config(model_type="qwen3_moe", num_experts=num_experts, num_experts_per_tok=top_k,
+                                 moe_intermediate_size=32, norm_topk_prob=norm))
+
+
 def test_gpu_backend_routes_in_one_launch(monkeypatch):
     calls = kernel_calls(monkeypatch, "cuda")
-    experts, weights = kernels.route(mx.zeros((1, 5, 128), mx.bfloat16), 8, True)
+    moe = moe_layer(128, 8, True)
+    fuse(moe, "cuda")
+    experts, weights = moe.route(mx.zeros((1, 5, 128), mx.bfloat16))
     assert (experts.shape, experts.dtype, weights.shape, weights.dtype) == ((1, 5, 8), mx.uint32, (1, 5, 8),
                                                                             mx.float32)
     ((kernel, _, launch),) = calls
     assert kernel == router_kernel.KERNEL and launch.grid == (5 * 32, 1, 1)
     assert dict(launch.template) == {"T": mx.bfloat16, "E": 128, "TOP_K": 8, "NORM": True}
-    kernels.route(mx.zeros((1, 1, 1024)), 8, True)  # more experts than a warp holds: the reference ops
-    kernels.route(mx.zeros((1, 1, 64)), 32, True)  # top-k past the kernel's registers
+    for moe in (moe_layer(1024, 8, True), moe_layer(64, 32, True)):  # more experts than a warp holds; top-k past
+        fuse(moe, "cuda")  # the kernel's registers: the page's own ops
+        experts, _ = moe.route(mx.zeros((1, 1, moe.gate.weight.shape[0])))
+        assert experts.shape == (1, 1, moe.top_k)
     assert len(calls) == 1
 
 
-def test_reference_route_is_softmax_top_k():
+def test_model_route_is_softmax_top_k():
     logits = mx.random.normal((2, 3, 16), key=mx.random.key(0))
     for norm in (True, False):
-        experts, weights = kernels.route(logits, 4, norm)
+        experts, weights = moe_layer(16, 4, norm).route(logits)
         probs = np.array(mx.softmax(logits, axis=-1))
         top = np.sort(np.argsort(-probs, axis=-1)[..., :4], axis=-1)
         assert (np.sort(np.array(experts), axis=-1) == top).all()
@@ -296,12 +312,24 @@ def test_reference_route_is_softmax_top_k():
 def test_gpu_backend_launches_one_rope_for_q_and_k(monkeypatch):
     calls = kernel_calls(monkeypatch, "metal")
     q, k = mx.zeros((1, 3, 32, 128), mx.float16), mx.zeros((1, 3, 8, 128), mx.float16)
-    out_q, out_k = kernels.rope(q, k, qwen_rope().inv_freq, qwen_rope().wavelengths, offset=11, norms=(mx.ones(128), mx.ones(128), 1e-6))
+    out_q, out_k = kernels.rope(q, k, qwen_rope().inv_freq, offset=11, norms=(mx.ones(128), mx.ones(128), 1e-6))
     assert out_q.shape == (1, 32, 3, 128) and out_k.shape == (1, 8, 3, 128)
     ((kernel, _, launch),) = calls
     assert kernel == rope_kernel.KERNEL
     assert dict(launch.template) == {"T": mx.float16, "D": 128, "NORM": True, "WARPS": 4}
     assert launch.inputs[-1].tolist() == [11] and launch.grid == (3 * 40 // 4 * 128, 1, 1)
+
+
+def test_gpu_backend_leaves_a_batched_decode_steps_offsets_to_the_page(monkeypatch):
+    """One position per sequence (the server's batched decode step): the page's mx.fast.rope, not the kernel."""
+    calls = kernel_calls(monkeypatch, "cuda")
+    block = Block(tiny_config(), make_rope(tiny_config()), 0)
+    fuse(block, "cuda")
+    q, k = mx.zeros((2, 1, 4, 64)), mx.zeros((2, 1, 2, 64))
+    out_q, out_k = block.self_attn.norm_and_rotate(q, k, mx.array([3, 7]))
+    assert (out_q.shape, out_k.shape) == ((2, 4, 1, 64), (2, 2, 1, 64)) and calls == []
+    block.self_attn.norm_and_rotate(q, k, 5)
+    assert [kernel.name for kernel, _, _ in calls] == ["qwen_rope"]
 
 
 # The packed layout the kernel decodes: value i of a row at bits [bits * i, bits * (i + 1)) of its words
@@ -338,7 +366,7 @@ def rope_launches():
     for dtype in rope_kernel.DTYPES:
         for norms in (None, (mx.ones(128), mx.ones(128), 1e-6)):
             q, k = mx.zeros((1, 2, 16, 128), dtype), mx.zeros((1, 2, 8, 128), dtype)
-            yield rope_kernel.launch(q, k, qwen_rope().inv_freq, 5, norms, 1.0)
+            yield rope_kernel.launch(q, k, qwen_rope().inv_freq, 5, norms)
 
 
 def gather_qmv_launches():

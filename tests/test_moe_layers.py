@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+from qwen_mlx.kernels.quantized import QuantizedSwitchLinear
 from qwen_mlx.models.qwen3 import SwitchMLP, checkpoint_weights
-from qwen_mlx.weights.quant import QuantizedSwitchLinear, quantize_model
+from qwen_mlx.weights.quant import quantize_model
 
 DIM, HIDDEN, EXPERTS, TOP_K = 128, 64, 8, 2
 

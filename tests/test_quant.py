@@ -7,9 +7,10 @@ import pytest
 from helpers import greedy_ours, prompt_ids
 from mlx.utils import tree_flatten
 
+from qwen_mlx.kernels.quantized import QuantizedSwitchLinear
 from qwen_mlx.models.qwen3 import checkpoint_weights
 from qwen_mlx.weights.loader import load_model
-from qwen_mlx.weights.quant import QuantizedSwitchLinear, layer_settings, quantize_model
+from qwen_mlx.weights.quant import layer_settings, quantize_model
 
 
 def mlx_lm_quantized_twin(path, params: dict, group_size: int, bits: int):

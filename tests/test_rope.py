@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from make_tiny_checkpoint import VARIANTS
 
-from qwen_mlx.kernels import ops as kernels
 from qwen_mlx.models.config import ModelConfig
+from qwen_mlx.models.qwen3 import Attention
 from qwen_mlx.models.rope import cos_sin, make_rope, rotate_reference
 
 
@@ -34,17 +34,16 @@ def test_yarn_equals_transformers(scaling):
     assert scaling.get("attention_factor", 0.1 * math.log(scaling["factor"]) + 1) == pytest.approx(attention_factor)
 
 
-def test_fast_rope_equals_split_half_definition():
+def test_model_rope_equals_split_half_definition():
+    """The model page's RoPE (Attention.rotate, mx.fast.rope with YaRN's wavelengths) against cos/sin written out."""
     cfg = yarn_config(factor=4.0, original_max_position_embeddings=64)
     rope = make_rope(cfg)
-    x = mx.random.normal((2, 3, 7, cfg.head_dim), key=mx.random.key(0))
+    attention = Attention(cfg, rope)
+    x = mx.random.normal((2, 3, 7, cfg.head_dim), key=mx.random.key(0))  # (B, heads, L, head_dim)
     for offset in (0, 5, 300):
         cos, sin = cos_sin(rope, offset, 7)
-        expected = rotate_reference(x, cos, sin)
-        got, _ = kernels.rope(x.transpose(0, 2, 1, 3), x.transpose(0, 2, 1, 3), rope.inv_freq, rope.wavelengths, offset=offset)
-        assert mx.abs(got - expected).max().item() < 1e-4
+        assert mx.abs(attention.rotate(x, offset) - rotate_reference(x, cos, sin)).max().item() < 1e-4
     # the rotation is the split-half (NeoX) one, not the interleaved one
     interleaved = mx.fast.rope(x, cfg.head_dim, traditional=True, base=None, scale=1.0, offset=5,
                                freqs=rope.wavelengths)
-    split_half, _ = kernels.rope(x.transpose(0, 2, 1, 3), x.transpose(0, 2, 1, 3), rope.inv_freq, rope.wavelengths, offset=5)
-    assert mx.abs(interleaved - split_half).max().item() > 0.1
+    assert mx.abs(interleaved - attention.rotate(x, 5)).max().item() > 0.1

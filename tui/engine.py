@@ -48,7 +48,7 @@ class ModelEngine:
         quant = self.llm.config.quantization
         weights = f"{quant['bits']}-bit g{quant['group_size']}" if quant else SHORT_DTYPES.get(
             self.llm.config.torch_dtype, self.llm.config.torch_dtype)
-        self.details = f"{weights} · kernels: {kernels.backend()}"
+        self.details = f"{weights} · kernels: {kernels.BACKEND}"
         self.capacity = max_kv_size or self.llm.config.max_position_embeddings
         self.max_kv_size, self.max_tokens = max_kv_size, max_tokens
         self.sampling_overrides = sampling_overrides or {}

@@ -24,7 +24,9 @@ from qwen_mlx.cache.kv import make_cache
 from qwen_mlx.engine.generate import GenerationStats, generate_tokens
 from qwen_mlx.errors import UserError
 from qwen_mlx.files import write_atomically
+from qwen_mlx.kernels.ops import choose_backend
 from qwen_mlx.models.config import ModelConfig
+from qwen_mlx.models.fused import fuse
 from qwen_mlx.models.qwen3 import Model, checkpoint_weights
 from qwen_mlx.weights.memory import MemoryPlan, check_fits, kv_cache_bytes
 from qwen_mlx.weights.quant import quantize_model
@@ -108,6 +110,7 @@ def random_model(cfg: ModelConfig, bits: str, memory: MemoryPlan | None = None) 
     model.set_dtype(mx.bfloat16)
     if bits != "bf16":
         quantize_model(model, {"group_size": 64, "bits": int(bits)})
+    fuse(model, choose_backend())
     if memory is not None:  # the arrays are still lazy: their sizes are known, nothing is allocated yet
         weights = sum(p.nbytes for _, p in tree_flatten(model.parameters()))
         check_fits(f"preset {cfg.model_type} {bits}", weights, kv_cache_bytes(cfg, memory, 2), memory.force)

@@ -94,27 +94,26 @@ class HeldExperts:
         return quantization
 
 
-class ExpertShard(SparseMoE):
-    """A SparseMoE holding only this rank's experts (loaded alone: load_model(part=HeldExperts(...))): the router
-    runs on every rank, each rank applies the selected experts it holds (weighted; the others weigh zero) and one
-    all_sum adds the ranks' parts."""
+class ExpertShard(nn.Module):
+    """The experts of an MoE layer that this rank holds (loaded alone: load_model(part=HeldExperts(...))), in the
+    layer's place for its SwitchMLP: the layer's router runs on every rank, each rank applies the selected experts it
+    holds (weighted; the others weigh zero) and one all_sum adds the ranks' parts."""
 
-    def __init__(self, moe: SparseMoE, experts: range, group: mx.distributed.Group):
-        nn.Module.__init__(self)
-        held = moe.switch_mlp.down_proj.weight.shape[0]
-        if held != len(experts):
+    def __init__(self, held: SwitchMLP, experts: range, group: mx.distributed.Group):
+        super().__init__()
+        count = held.down_proj.weight.shape[0]
+        if count != len(experts):
             raise ValueError(f"an ExpertShard of experts {experts.start}..{experts.stop - 1} needs a layer holding "
-                             f"those {len(experts)} experts, not {held}: load it with HeldExperts")
-        self.top_k, self.norm_topk_prob = moe.top_k, moe.norm_topk_prob
-        self.gate, self.switch_mlp = moe.gate, moe.switch_mlp
+                             f"those {len(experts)} experts, not {count}: load it with HeldExperts")
+        self.held = held
         self._first, self._count, self._group = experts.start, len(experts), group
 
-    def __call__(self, x: mx.array) -> mx.array:
-        experts, weights = self.route(x)  # (B, L, k) each, the same on every rank
+    def __call__(self, x: mx.array, experts: mx.array, weights: mx.array) -> mx.array:
+        """As SwitchMLP's: x (B, L, dim), the router's experts (ids of all ranks' experts) and weights (B, L, k)."""
         local = experts - self._first
         mine = (local >= 0) & (local < self._count)
         # Pairs routed elsewhere run through local expert 0 and weigh zero (a gather needs a valid index).
-        y = self.switch_mlp(x, mx.where(mine, local, 0).astype(experts.dtype), mx.where(mine, weights, 0.0))
+        y = self.held(x, mx.where(mine, local, 0).astype(experts.dtype), mx.where(mine, weights, 0.0))
         return mx.distributed.all_sum(y, group=self._group)  # (B, L, dim)
 
 
@@ -124,7 +123,7 @@ def shard_experts(model: Model, group: mx.distributed.Group) -> None:
     mine = rank_experts(model.config, group)
     for layer in model.layers:
         if isinstance(layer.mlp, SparseMoE):
-            layer.mlp = ExpertShard(layer.mlp, mine, group)
+            layer.mlp.switch_mlp = ExpertShard(layer.mlp.switch_mlp, mine, group)
 
 
 def rank_experts(cfg: ModelConfig, group: mx.distributed.Group) -> range | None:

@@ -6,7 +6,7 @@ entry of the routing `experts` (flattened); its x row is p // SHARE (SHARE = k w
 experts, as for the experts' gate/up; 1 when each pair has its own row, as for down).
 
 Each pair is a one-row qmatmul on the matrix its expert index selects: the same warp layout and inner loop
-(qmatmul.ROWS_ACC, with M = 1), with the weight, scale and bias base pointers moved to that expert. Threadgroups
+(qmatmul.rows_acc, with M = 1), with the weight, scale and bias base pointers moved to that expert. Threadgroups
 run over (pair, block of ROWS * WARPS rows), flattened into one grid axis, pair-major.
 
 Two fused forms serve the MoE block's decode step, so that it takes two launches (and no elementwise ops):
@@ -54,7 +54,9 @@ const GLOBAL T* scale_rows = scales + expert * n_rows * row_groups;
 const GLOBAL T* bias_rows = biases + expert * n_rows * row_groups;
 const GLOBAL T* x_rows = x + size_t(pair / SHARE) * K;
 GLOBAL T* y_rows = y + size_t(pair) * n_rows;
-""" + qmatmul.ROWS_ACC + qmatmul.ROWS_STORE
+""" + qmatmul.rows_acc(w="w_rows", scales="scale_rows", biases="bias_rows", x="x_rows", k="K", first_row="first_row",
+                       n_rows="n_rows", row_words="row_words", row_groups="row_groups") \
+      + qmatmul.rows_store(y="y_rows", first_row="first_row", n_rows="n_rows")
 
 KERNEL = Kernel("qwen_gather_qmv", ("x", "w", "scales", "biases", "experts"), ("y",), BODY)
 
@@ -70,9 +72,11 @@ const GLOBAL T* gate_scales = scales + expert * 2 * n_rows * row_groups;
 const GLOBAL T* gate_biases = biases + expert * 2 * n_rows * row_groups;
 const GLOBAL T* x_rows = x + size_t(pair / SHARE) * K;
 GLOBAL T* y_rows = y + size_t(pair) * n_rows;
-""" + qmatmul.swiglu_rows(("gate_w", "gate_scales", "gate_biases"),
-                          ("gate_w + size_t(n_rows) * row_words", "gate_scales + size_t(n_rows) * row_groups",
-                           "gate_biases + size_t(n_rows) * row_groups"))
+""" + qmatmul.swiglu_rows(gate=("gate_w", "gate_scales", "gate_biases"),
+                          up=("gate_w + size_t(n_rows) * row_words", "gate_scales + size_t(n_rows) * row_groups",
+                              "gate_biases + size_t(n_rows) * row_groups"),
+                          x="x_rows", y="y_rows", k="K", first_row="first_row", n_rows="n_rows", row_words="row_words",
+                          row_groups="row_groups")
 
 SWIGLU_KERNEL = Kernel("qwen_gather_qmv_swiglu", ("x", "w", "scales", "biases", "experts"), ("y",), SWIGLU_BODY)
 
@@ -93,7 +97,8 @@ for (int j = 0; j < TOP; j++) {
   const GLOBAL T* scale_rows = scales + expert * n_rows * row_groups;
   const GLOBAL T* bias_rows = biases + expert * n_rows * row_groups;
   const GLOBAL T* x_rows = x + size_t(pair) * K;
-""" + qmatmul.ROWS_ACC + """
+""" + qmatmul.rows_acc(w="w_rows", scales="scale_rows", biases="bias_rows", x="x_rows", k="K", first_row="first_row",
+                       n_rows="n_rows", row_words="row_words", row_groups="row_groups") + """
   const float weight = weights[pair];
   UNROLL for (int r = 0; r < ROWS; r++) {
     total[r] += weight * acc[0][r];

@@ -7,7 +7,7 @@ At decode MLX spends ≈ 5–6 µs per op on a GPU whatever its size, so two ker
 - SWIGLU: silu(x @ G.T) * (x @ U.T) for the MLP's gate and up (same shape and quantization): each warp computes the
   same rows of both matrices and applies the activation on the float sums; one output, (M, N).
 
-The inner loop is qmatmul's (qmatmul.ROWS_ACC), so the layout, bits, group sizes, dtypes and M ≤ 8 are qmatmul's.
+The inner loop is qmatmul's (qmatmul.rows_acc), so the layout, bits, group sizes, dtypes and M ≤ 8 are qmatmul's.
 """
 
 from __future__ import annotations
@@ -55,7 +55,9 @@ const GLOBAL T* scale_rows = {_pick([f"scales{i}" for i in range(parts)])};
 const GLOBAL T* bias_rows = {_pick([f"biases{i}" for i in range(parts)])};
 const GLOBAL T* x_rows = x;
 GLOBAL T* y_rows = {_pick([f"y{i}" for i in range(parts)])};
-""" + qmatmul.ROWS_ACC + qmatmul.ROWS_STORE
+""" + qmatmul.rows_acc(w="w_rows", scales="scale_rows", biases="bias_rows", x="x_rows", k="K", first_row="first_row",
+                       n_rows="n_rows", row_words="row_words", row_groups="row_groups") \
+      + qmatmul.rows_store(y="y_rows", first_row="first_row", n_rows="n_rows")
     return Kernel(f"qwen_qmatmul_parts{parts}", inputs, tuple(f"y{i}" for i in range(parts)), body)
 
 
@@ -72,7 +74,9 @@ if (first_row >= n_rows) {
 }
 const GLOBAL T* x_rows = x;
 GLOBAL T* y_rows = y;
-""" + qmatmul.swiglu_rows(("gate_w", "gate_scales", "gate_biases"), ("up_w", "up_scales", "up_biases"))
+""" + qmatmul.swiglu_rows(gate=("gate_w", "gate_scales", "gate_biases"), up=("up_w", "up_scales", "up_biases"),
+                          x="x_rows", y="y_rows", k="K", first_row="first_row", n_rows="n_rows", row_words="row_words",
+                          row_groups="row_groups")
 
 SWIGLU_KERNEL = Kernel("qwen_qmatmul_swiglu", ("x", "gate_w", "gate_scales", "gate_biases", "up_w", "up_scales",
                                                "up_biases"), ("y",), SWIGLU_BODY)

@@ -15,6 +15,8 @@ and 2^23 is subtracted.
 
 from __future__ import annotations
 
+from string import Template
+
 import mlx.core as mx
 
 from qwen_mlx.kernels.dialect import Kernel, Launch, in_device_memory
@@ -31,12 +33,9 @@ BITS, GROUP_SIZES = QUANT_FORMATS["affine"]  # the kernel reads every affine for
 DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
 # The product of ROWS rows of one quantized matrix with M rows of x, shared by every kernel of this package that
-# reads quantized weights. ROWS_ACC leaves each lane's partial sums in acc[M][ROWS]; ROWS_STORE adds them over the
-# warp and stores them. In scope:
-#   w_rows (n_rows, row_words) uint32, scale_rows and bias_rows (n_rows, row_groups) T: the matrix;
-#   x_rows (M, K) T; y_rows (M, n_rows) T: where row m's outputs go (ROWS_STORE);
-#   first_row: the warp's first row (< n_rows); template BITS, GROUP, ROWS and a compile-time M.
-ROWS_ACC = """
+# reads quantized weights: `rows_acc` is the loop leaving each lane's partial sums in acc[M][ROWS], `rows_store` adds
+# them over the warp and stores them. Each takes the names (or expressions) the kernel gives what they read.
+_ROWS_ACC = Template("""
 constexpr int WORDS = BITS == 2 ? 2 : (BITS == 3 || BITS == 6) ? 3 : BITS == 5 ? 5 : 4;  // words per lane per step
 constexpr int VALS = WORDS * 32 / BITS;  // values per lane per step: 32 or 16, inside one group
 constexpr uint32_t MASK = (1u << BITS) - 1u;
@@ -48,15 +47,15 @@ UNROLL for (int m = 0; m < M; m++) {
   }
 }
 
-for (int step = int(LANE); step < K / VALS; step += 32) {
+for (int step = int(LANE); step < ${k} / VALS; step += 32) {
   uint32_t words[ROWS][WORDS];
   float scale[ROWS];
   float bias[ROWS];
   UNROLL for (int r = 0; r < ROWS; r++) {
     // Rows past the end read the last row again; their sums are never stored. The vector loads of w are aligned:
-    // w is an MLX buffer or a view of whole rows of one, and a row is a multiple of WORDS words (K % VALS == 0).
-    const int row = min(first_row + r, n_rows - 1);
-    const GLOBAL uint32_t* src = w_rows + size_t(row) * row_words + step * WORDS;
+    // w is an MLX buffer or a view of whole rows of one, and a row is a multiple of WORDS words (${k} % VALS == 0).
+    const int row = min(${first_row} + r, ${n_rows} - 1);
+    const GLOBAL uint32_t* src = ${w} + size_t(row) * ${row_words} + step * WORDS;
     if (WORDS == 4) {
       const uint4 v = *(const GLOBAL uint4*)(src);
       words[r][0] = v.x;
@@ -72,15 +71,15 @@ for (int step = int(LANE); step < K / VALS; step += 32) {
         words[r][i] = src[i];
       }
     }
-    const size_t g = size_t(row) * row_groups + step * VALS / GROUP;
-    scale[r] = static_cast<float>(scale_rows[g]);
-    bias[r] = static_cast<float>(bias_rows[g]);
+    const size_t g = size_t(row) * ${row_groups} + step * VALS / GROUP;
+    scale[r] = static_cast<float>(${scales}[g]);
+    bias[r] = static_cast<float>(${biases}[g]);
   }
 
   UNROLL for (int m = 0; m < M; m++) {
     // x value by value, as MLX's qmv reads it: MLX passes a row-contiguous slice of x as it is, at any element
     // offset, where a vector load (which needs an address aligned to its size) would fault or read other bytes.
-    const GLOBAL T* xsrc = x_rows + size_t(m) * K + step * VALS;
+    const GLOBAL T* xsrc = ${x} + size_t(m) * ${k} + step * VALS;
     float xs[VALS];
     UNROLL for (int i = 0; i < VALS; i++) {
       xs[i] = static_cast<float>(xsrc[i]);
@@ -105,18 +104,35 @@ for (int step = int(LANE); step < K / VALS; step += 32) {
     }
   }
 }
-"""
+""")
 
-ROWS_STORE = """
+_ROWS_STORE = Template("""
 UNROLL for (int m = 0; m < M; m++) {
   UNROLL for (int r = 0; r < ROWS; r++) {
     const float total = WARP_SUM(acc[m][r]);
-    if (int(LANE) == (m * ROWS + r) % 32 && first_row + r < n_rows) {
-      y_rows[size_t(m) * n_rows + first_row + r] = static_cast<T>(total);
+    if (int(LANE) == (m * ROWS + r) % 32 && ${first_row} + r < ${n_rows}) {
+      ${y}[size_t(m) * ${n_rows} + ${first_row} + r] = static_cast<T>(total);
     }
   }
 }
-"""
+""")
+
+
+def rows_acc(*, w: str, scales: str, biases: str, x: str, k: str, first_row: str, n_rows: str, row_words: str,
+             row_groups: str) -> str:
+    """Body text declaring acc[M][ROWS] and leaving in it each lane's partial sums of x @ W.T for rows first_row ..
+    first_row + ROWS - 1 of W (rows past n_rows read the last row again; their sums are never stored). Arguments:
+    w (n_rows, row_words) uint32, scales and biases (n_rows, row_groups) T: row 0 of the matrix; x (M, k) T;
+    first_row < n_rows. Template values used: T, BITS, GROUP, ROWS and a compile-time M."""
+    return _ROWS_ACC.substitute(w=w, scales=scales, biases=biases, x=x, k=k, first_row=first_row, n_rows=n_rows,
+                                row_words=row_words, row_groups=row_groups)
+
+
+def rows_store(*, y: str, first_row: str, n_rows: str) -> str:
+    """Body text adding rows_acc's acc[m][r] over the warp and storing it at y (M, n_rows) T, row m, column
+    first_row + r (columns past n_rows are not stored)."""
+    return _ROWS_STORE.substitute(y=y, first_row=first_row, n_rows=n_rows)
+
 
 BODY = """
 // x (M, K) T, w (N, K * BITS / 32) uint32, scales and biases (N, K / GROUP) T -> y (M, N) T.
@@ -134,7 +150,9 @@ const GLOBAL T* scale_rows = scales;
 const GLOBAL T* bias_rows = biases;
 const GLOBAL T* x_rows = x;
 GLOBAL T* y_rows = y;
-""" + ROWS_ACC + ROWS_STORE
+""" + rows_acc(w="w_rows", scales="scale_rows", biases="bias_rows", x="x_rows", k="K", first_row="first_row",
+               n_rows="n_rows", row_words="row_words", row_groups="row_groups") \
+  + rows_store(y="y_rows", first_row="first_row", n_rows="n_rows")
 
 KERNEL = Kernel("qwen_qmatmul", ("x", "w", "scales", "biases"), ("y",), BODY)
 
@@ -177,29 +195,33 @@ def launch(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_s
     )
 
 
-SWIGLU_STORE = """
+_SWIGLU_STORE = Template("""
 UNROLL for (int m = 0; m < M; m++) {
   UNROLL for (int r = 0; r < ROWS; r++) {
     const float gate = WARP_SUM(gate_acc[m][r]);
     const float up = WARP_SUM(acc[m][r]);
-    if (int(LANE) == (m * ROWS + r) % 32 && first_row + r < n_rows) {
-      y_rows[size_t(m) * n_rows + first_row + r] = static_cast<T>(gate / (1.0f + EXP(-gate)) * up);
+    if (int(LANE) == (m * ROWS + r) % 32 && ${first_row} + r < ${n_rows}) {
+      ${y}[size_t(m) * ${n_rows} + ${first_row} + r] = static_cast<T>(gate / (1.0f + EXP(-gate)) * up);
     }
   }
 }
-"""
+""")
 
 
-def swiglu_rows(gate: tuple[str, str, str], up: tuple[str, str, str]) -> str:
-    """Body text storing silu(x_rows @ G.T) * (x_rows @ U.T) for the warp's rows into y_rows: ROWS_ACC over the
-    gate matrix, then over the up matrix, each given as the expressions of its (weights, scales, biases) row-0
-    pointers; the activation is applied to the float sums, before anything is rounded to T."""
+def swiglu_rows(*, gate: tuple[str, str, str], up: tuple[str, str, str], x: str, y: str, k: str, first_row: str,
+                n_rows: str, row_words: str, row_groups: str) -> str:
+    """Body text storing silu(x @ G.T) * (x @ U.T) for the warp's rows into y: rows_acc over the gate matrix, then
+    over the up matrix, each given as the expressions of its (weights, scales, biases) row-0 pointers; the other
+    arguments as rows_acc's and rows_store's. The activation is applied to the float sums, before anything is
+    rounded to T."""
     def over(matrix: tuple[str, str, str], then: str) -> str:
         w, s, b = matrix
         return ("{\n"
                 f"const GLOBAL uint32_t* w_rows = {w};\n"
                 f"const GLOBAL T* scale_rows = {s};\n"
-                f"const GLOBAL T* bias_rows = {b};\n" + ROWS_ACC + then + "}\n")
+                f"const GLOBAL T* bias_rows = {b};\n"
+                + rows_acc(w="w_rows", scales="scale_rows", biases="bias_rows", x=x, k=k, first_row=first_row,
+                           n_rows=n_rows, row_words=row_words, row_groups=row_groups) + then + "}\n")
 
     keep = """
 UNROLL for (int m = 0; m < M; m++) {
@@ -208,4 +230,5 @@ UNROLL for (int m = 0; m < M; m++) {
   }
 }
 """
-    return "float gate_acc[M][ROWS];\n" + over(gate, keep) + over(up, SWIGLU_STORE)
+    store = _SWIGLU_STORE.substitute(y=y, first_row=first_row, n_rows=n_rows)
+    return "float gate_acc[M][ROWS];\n" + over(gate, keep) + over(up, store)

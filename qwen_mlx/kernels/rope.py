@@ -2,9 +2,9 @@
 
 q (B, L, Hq, D) and k (B, L, Hk, D), as the projections leave them, become (B, Hq, L, D) and (B, Hk, L, D):
 each head vector is (optionally) RMS-normalized with its weight, then its two halves (x1, x2) = (x[:D/2], x[D/2:])
-are rotated by angle (offset + l) * inv_freq[i] (NeoX layout), cos and sin multiplied by `scale` (YaRN's
-attention factor, when it is applied here rather than in the softmax scale). One warp per head vector: lane j
-holds pairs j, j + 32, ..., so the RMS is one warp reduction. The normalized value is rounded to T as
+are rotated by angle (offset + l) * inv_freq[i] (NeoX layout); YaRN's attention factor is not applied here (the
+model folds it into the softmax scale). One warp per head vector: lane j holds pairs j, j + 32, ..., so the RMS is
+one warp reduction. The normalized value is rounded to T as
 `nn.RMSNorm` rounds it (T(x * rms) first, then times the weight in T), so the fused kernel equals norm-then-rope.
 """
 
@@ -19,7 +19,7 @@ DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
 BODY = """
 // q (B, L, HQ, D), k (B, L, HK, D) T; inv_freq (D / 2) float; q_weight, k_weight (D) T (unread without NORM);
-// params float [eps, scale]; offset int [1] -> q_out (B, HQ, L, D), k_out (B, HK, L, D) T.
+// params float [eps]; offset int [1] -> q_out (B, HQ, L, D), k_out (B, HK, L, D) T.
 // Template: T, D, NORM (bool), WARPS (warps per threadgroup).
 constexpr int HALF = D / 2;
 constexpr int PAIRS = HALF / 32;  // pairs (i, i + D / 2) per lane
@@ -68,8 +68,8 @@ const float position = float(offset[0] + l);
 UNROLL for (int j = 0; j < PAIRS; j++) {
   const int i = int(LANE) + 32 * j;
   const float angle = position * inv_freq[i];
-  const float c = COS(angle) * params[1];
-  const float s = SIN(angle) * params[1];
+  const float c = COS(angle);
+  const float s = SIN(angle);
   dst[i] = static_cast<T>(x1[j] * c - x2[j] * s);
   dst[i + HALF] = static_cast<T>(x2[j] * c + x1[j] * s);
 }
@@ -86,7 +86,7 @@ def supports(q: mx.array, k: mx.array) -> bool:
 
 
 def launch(q: mx.array, k: mx.array, inv_freq: mx.array, offset: int | mx.array,
-           norms: tuple[mx.array, mx.array, float] | None, scale: float) -> Launch:
+           norms: tuple[mx.array, mx.array, float] | None) -> Launch:
     """The call rotating q (B, L, Hq, D) and k (B, L, Hk, D); see `supports`."""
     B, L, hq, d = q.shape
     hk = k.shape[2]
@@ -96,7 +96,7 @@ def launch(q: mx.array, k: mx.array, inv_freq: mx.array, offset: int | mx.array,
     groups = -(-vectors // WARPS)
     return Launch(
         inputs=[q, k, inv_freq.astype(mx.float32), q_weight.astype(q.dtype), k_weight.astype(q.dtype),
-                mx.array([eps, scale], mx.float32), offset],
+                mx.array([eps], mx.float32), offset],
         template=[("T", q.dtype), ("D", d), ("NORM", norms is not None), ("WARPS", WARPS)],
         grid=(groups * WARPS * 32, 1, 1),
         threadgroup=(WARPS * 32, 1, 1),

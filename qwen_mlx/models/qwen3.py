@@ -2,8 +2,8 @@
 
 Module paths equal the Hugging Face weight names (model.layers.0.self_attn.q_proj ...), with one exception: the
 experts' gate and up projections, which checkpoints hold apart, are one stack here (`checkpoint_names` maps it).
-No loading, quantization or backend choice here: quantized layers are swapped in from outside (quant.py) and the
-fused ops live in kernels/.
+Plain MLX ops only, no loading, quantization or backend choice: quantized layers are swapped in from outside
+(weights/quant.py), and on a GPU the fused kernels override the methods marked below (models/fused.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from typing import Protocol
 import mlx.core as mx
 import mlx.nn as nn
 
-from qwen_mlx.kernels import ops as kernels
 from qwen_mlx.models.config import ModelConfig
 from qwen_mlx.models.rope import Rope, make_rope, softmax_scale
 
@@ -48,15 +47,11 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, cache: Cache | None) -> mx.array:
         B, L, _ = x.shape
-        q, k, v = kernels.linears(x, self.q_proj, self.k_proj, self.v_proj)  # one launch where it can be
+        q, k, v = self.project(x)  # (B, L, heads * head_dim), (B, L, kv_heads * head_dim) twice
         q = q.reshape(B, L, self.n_heads, self.head_dim)
         k = k.reshape(B, L, self.n_kv_heads, self.head_dim)
-        v = v.reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        # Qwen3 RMS-normalizes each head of q and k, then rotates; one fused op, which also puts heads first.
-        norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if "q_norm" in self else None
-        offset = cache.offset if cache is not None else 0
-        rope = self._rope
-        q, k = kernels.rope(q, k, rope.inv_freq, rope.wavelengths, offset=offset, norms=norms)  # (B, heads, L, hd)
+        v = v.reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, kv_heads, L, head_dim)
+        q, k = self.norm_and_rotate(q, k, cache.offset if cache is not None else 0)  # (B, heads, L, head_dim)
         # GQA: the fused attention maps each group of n_rep query heads to its KV head; nothing is repeated.
         if cache is None:
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask="causal")
@@ -64,6 +59,24 @@ class Attention(nn.Module):
             out = cache.attend(q, k, v, self.scale)  # rotated keys are what is cached
         # out: (B, heads, L, head_dim)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """q, k, v = x W_q^T, x W_k^T, x W_v^T (+ bias in Qwen2). Fused: one launch for the three."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def norm_and_rotate(self, q: mx.array, k: mx.array, offset: int | mx.array) -> tuple[mx.array, mx.array]:
+        """q (B, L, heads, head_dim), k (B, L, kv_heads, head_dim) -> heads first, (B, heads, L, head_dim):
+        Qwen3's QK-norm (RMSNorm over each head of q and of k, before RoPE), then RoPE at positions offset,
+        offset + 1, ... (offset (B,): one per sequence, a batched decode step). Fused: one launch for both."""
+        if "q_norm" in self:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return self.rotate(q.transpose(0, 2, 1, 3), offset), self.rotate(k.transpose(0, 2, 1, 3), offset)
+
+    def rotate(self, x: mx.array, offset: int | mx.array) -> mx.array:
+        """RoPE, NeoX layout: the pair (x[i], x[i + head_dim / 2]) of position p turns by the angle p * inv_freq[i]
+        (mx.fast.rope's `freqs` are the wavelengths 1 / inv_freq). x: (B, heads, L, head_dim)."""
+        return mx.fast.rope(x, self.head_dim, traditional=False, base=None, scale=1.0, offset=offset,
+                            freqs=self._rope.wavelengths)
 
 
 class MLP(nn.Module):
@@ -74,7 +87,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(kernels.swiglu(x, self.gate_proj, self.up_proj))  # silu(gate(x)) * up(x)
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))  # fused: gate, up and silu in one launch
 
 
 class SwitchLinear(nn.Module):
@@ -87,7 +100,7 @@ class SwitchLinear(nn.Module):
 
     def __call__(self, x: mx.array, experts: mx.array, sorted_experts: bool = False) -> mx.array:
         # x: (..., 1 or k, 1, in), experts: (..., k) -> (..., k, 1, out)
-        return kernels.gather_mm(x, self.weight, experts, sorted_experts)
+        return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=experts, sorted_indices=sorted_experts)
 
 
 class SparseMoE(nn.Module):
@@ -100,14 +113,20 @@ class SparseMoE(nn.Module):
         self.gate = nn.Linear(dim, n, bias=False)
         self.switch_mlp = SwitchMLP(dim, hidden, n)
 
-    def route(self, x: mx.array) -> tuple[mx.array, mx.array]:
-        """x (B, L, dim) -> the top-k experts of each token (B, L, k) and their weights (B, L, k) float32:
-        softmax over the experts in float32, top-k, renormalized when norm_topk_prob (one fused op)."""
-        return kernels.route(self.gate(x), self.top_k, self.norm_topk_prob)
-
     def __call__(self, x: mx.array) -> mx.array:
-        experts, weights = self.route(x)
+        experts, weights = self.route(self.gate(x))  # router logits (B, L, E) -> (B, L, k) each
         return self.switch_mlp(x, experts, weights)
+
+    def route(self, logits: mx.array) -> tuple[mx.array, mx.array]:
+        """Router logits (B, L, E) -> the top-k experts of each token (B, L, k) and their weights (B, L, k) float32:
+        the softmax over all experts in float32, its k largest, renormalized to sum to 1 when norm_topk_prob.
+        Fused: one launch."""
+        probs = mx.softmax(logits.astype(mx.float32), axis=-1)  # (B, L, E)
+        experts = mx.argpartition(-probs, kth=self.top_k - 1, axis=-1)[..., :self.top_k]  # unordered top-k
+        weights = mx.take_along_axis(probs, experts, axis=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(axis=-1, keepdims=True)
+        return experts, weights
 
 
 class SwitchMLP(nn.Module):
@@ -125,7 +144,7 @@ class SwitchMLP(nn.Module):
         if experts.size < 64:  # decode: each token reads only its k experts
             x = mx.expand_dims(x, (-2, -3))  # (B, L, 1, 1, dim)
             h = self.activation(x, experts, False)  # (B, L, k, 1, hidden)
-            return kernels.expert_sum(h, self.down_proj, experts, weights)
+            return self.weighted_sum(h, experts, weights)
         # Prefill: sort the (token, expert) pairs by expert so that each expert's weights are read once.
         flat = experts.flatten()
         order = mx.argsort(flat)
@@ -137,11 +156,18 @@ class SwitchMLP(nn.Module):
         return (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
 
     def activation(self, x: mx.array, experts: mx.array, sorted_experts: bool) -> mx.array:
-        """silu(gate) * up of the routed experts: x (..., 1, dim) -> (..., 1, hidden)."""
+        """silu(gate) * up of the routed experts: x (..., 1, dim) -> (..., 1, hidden). Fused: one launch."""
         if "gate_up_proj" in self:
-            return kernels.expert_swiglu(x, self.gate_up_proj, experts, sorted_experts)
+            gate, up = mx.split(self.gate_up_proj(x, experts, sorted_experts), 2, axis=-1)
+            return nn.silu(gate) * up
         # Held apart: a checkpoint quantized gate and up of this layer differently (see quant.quantize_model).
         return nn.silu(self.gate_proj(x, experts, sorted_experts)) * self.up_proj(x, experts, sorted_experts)
+
+    def weighted_sum(self, h: mx.array, experts: mx.array, weights: mx.array) -> mx.array:
+        """Each token's experts' down projections, weighted and added: h (..., k, 1, hidden), experts and weights
+        (..., k) -> (..., dim). Fused: one launch."""
+        y = self.down_proj(h, experts).squeeze(-2)  # (..., k, dim)
+        return (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
 
     def unfuse(self) -> None:
         """Hold gate and up as two stacks (E, hidden, dim) under their checkpoint names, keeping their values."""

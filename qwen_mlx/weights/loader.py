@@ -22,7 +22,9 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from qwen_mlx.errors import one_line
+from qwen_mlx.kernels.ops import choose_backend
 from qwen_mlx.models.config import ConfigError, ModelConfig
+from qwen_mlx.models.fused import fuse
 from qwen_mlx.models.qwen3 import Model, checkpoint_names
 from qwen_mlx.untrusted import checked_file, read_json
 from qwen_mlx.weights.memory import MemoryPlan, check_fits, kv_cache_bytes
@@ -128,6 +130,9 @@ def load_model(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None, part:
     place but not yet read (tensor and expert parallel swap modules there, slicing what they split; a model holding
     some experts needs its router's expert ids mapped to them, as distributed.shard.ExpertShard does).
 
+    The kernels backend is chosen here, once (kernels.ops.choose_backend: the device and QWEN_MLX_KERNELS), and the
+    model comes back in its layer forms (models.fused.fuse: the fused kernels on a GPU, the plain page otherwise).
+
     `memory`: refuse (memory.MemoryCheckError), before any weight is read, a model whose weights plus the KV cache
     of the plan exceed the GPU's recommended working set (Apple silicon; unless the plan says force).
     """
@@ -158,6 +163,7 @@ def load_model(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None, part:
     del weights
     if prepare is not None:
         prepare(model)
+    fuse(model, choose_backend())  # the kernels backend, decided here once for every op of every token
     # One tensor at a time: a stacked MoE projection then exists once plus its experts' pieces, never more.
     for _, p in tree_flatten(model.parameters()):
         mx.eval(p)

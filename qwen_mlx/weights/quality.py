@@ -7,7 +7,9 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from qwen_mlx.kernels.ops import choose_backend
 from qwen_mlx.models.config import ModelConfig
+from qwen_mlx.models.fused import fuse
 from qwen_mlx.models.qwen3 import Model
 from qwen_mlx.weights.convert import ConvertResult
 from qwen_mlx.weights.loader import load_model
@@ -26,6 +28,7 @@ def quality_report(src: str | Path, result: ConvertResult, *, text_file: str | P
     params = {name for name, _ in tree_flatten(reference.parameters())}
     weights = sanitize({name: t.load() for name, t in source.tensors.items()}, reference.config, params)
     reference.load_weights(list(weights.items()))
+    fuse(reference, choose_backend())  # as a load gives it (on a CPU: the float32 expert product)
     converted, _ = load_model(result.path)
     if text_file is not None:
         from qwen_mlx.engine.tokenizer import Tokenizer

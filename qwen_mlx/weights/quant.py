@@ -1,4 +1,5 @@
-"""Quantized layers swapped into a Model from outside (the model itself knows nothing of quantization).
+"""Quantization of a Model from outside (the model itself knows nothing of it): the layers of kernels/quantized.py
+swapped in by quantize_model, the settings, recipes and quality measures.
 
 The layout is mlx-lm's: `<layer>.weight` packed uint32, `<layer>.scales`, `<layer>.biases`, and config.json's
 "quantization" section {"group_size", "bits", "mode"} with per-layer overrides keyed by the layer path
@@ -16,52 +17,9 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from qwen_mlx.errors import UserError
-from qwen_mlx.kernels import ops as kernels
+from qwen_mlx.kernels.quantized import QuantizedEmbedding, QuantizedLinear, QuantizedSwitchLinear
 from qwen_mlx.models.qwen3 import SwitchLinear, SwitchMLP, checkpoint_names
 from qwen_mlx.quant_formats import QUANT_FORMATS, quant_format_problem
-
-
-class QuantizedLinear(nn.QuantizedLinear):
-    """nn.QuantizedLinear (same parameters, same checkpoint names) whose product goes through kernels.qmatmul."""
-
-    custom_kernels = True  # kernels may fuse its product with others' (kernels.linears, kernels.swiglu)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        y = kernels.qmatmul(x, self["weight"], self["scales"], self.get("biases"), self.group_size, self.bits,
-                            self.mode)
-        return y + self["bias"] if "bias" in self else y
-
-
-class QuantizedEmbedding(nn.QuantizedEmbedding):
-    """nn.QuantizedEmbedding whose use as the (tied) LM head goes through kernels.qmatmul."""
-
-    def as_linear(self, x: mx.array) -> mx.array:
-        return kernels.qmatmul(x, self["weight"], self["scales"], self.get("biases"), self.group_size, self.bits,
-                               self.mode)
-
-
-class QuantizedSwitchLinear(nn.Module):
-    """SwitchLinear with quantized expert weights: (E, out, in * bits / 32) uint32 plus per-group scales/biases."""
-
-    custom_kernels = True  # kernels may fuse its product (kernels.expert_swiglu, kernels.expert_sum)
-
-    def __init__(self, weight: mx.array, scales: mx.array, biases: mx.array | None, group_size: int, bits: int,
-                 mode: str):
-        super().__init__()
-        self.weight, self.scales = weight, scales
-        if biases is not None:
-            self.biases = biases
-        self.group_size, self.bits, self.mode = group_size, bits, mode
-
-    @classmethod
-    def from_switch(cls, layer: SwitchLinear, group_size: int, bits: int, mode: str) -> QuantizedSwitchLinear:
-        weight, scales, *biases = mx.quantize(layer.weight, group_size, bits, mode=mode)
-        return cls(weight, scales, biases[0] if biases else None, group_size, bits, mode)
-
-    def __call__(self, x: mx.array, experts: mx.array, sorted_experts: bool = False) -> mx.array:
-        # x: (..., 1 or k, 1, in), experts: (..., k) -> (..., k, 1, out)
-        return kernels.gather_qmm(x, self.weight, self.scales, self.get("biases"), experts, self.group_size,
-                                  self.bits, sorted_experts, self.mode)
 
 
 def layer_settings(quantization: dict, path: str) -> tuple[int, int, str] | None:
@@ -104,7 +62,7 @@ def quantize_model(model: nn.Module, quantization: dict, present: set[str] | Non
             continue
         group_size, bits, mode = found
         if isinstance(module, SwitchLinear):
-            swaps.append((path, QuantizedSwitchLinear.from_switch(module, group_size, bits, mode)))
+            swaps.append((path, QuantizedSwitchLinear.from_weight(module.weight, group_size, bits, mode)))
         elif isinstance(module, nn.Embedding):
             swaps.append((path, QuantizedEmbedding.from_embedding(module, group_size, bits, mode=mode)))
         else:
