@@ -23,12 +23,13 @@ from mlx.utils import tree_flatten
 
 from qwen_mlx.errors import one_line
 from qwen_mlx.kernels.ops import choose_backend
+from qwen_mlx.models.build import build_model
 from qwen_mlx.models.config import ConfigError, ModelConfig
 from qwen_mlx.models.fused import fuse
 from qwen_mlx.models.qwen3 import Model, checkpoint_names
 from qwen_mlx.untrusted import checked_file, read_json
 from qwen_mlx.weights.memory import MemoryPlan, check_fits, kv_cache_bytes
-from qwen_mlx.weights.names import LoadError, sanitize
+from qwen_mlx.weights.names import LoadError, hybrid_hf_layout, is_vision_tower, model_name, sanitize
 from qwen_mlx.weights.quant import quantize_model
 
 # What a model needs from the hub: weights, configs, tokenizer and template. Never code.
@@ -139,12 +140,16 @@ def load_model(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None, part:
     path = resolve(path_or_repo)
     cfg = load_config(path)
     index = read_index(path)
+    hf_layout = hybrid_hf_layout(index)
+    renamed = model_names(index)  # checkpoint name -> model name, of the tensors the model may read
+    index = {renamed[k]: v for k, v in index.items() if k in renamed}
     check_config_against_index(cfg, index, path)
-    quantization = cfg.quantization
-    model = part.build(cfg) if part is not None else Model(cfg)
-    names = part.names(index, model) if part is not None else None  # checkpoint -> model name, when renamed
+    quantization = cfg.quantization and {model_name(k) or k: v for k, v in cfg.quantization.items()}
+    model = part.build(cfg) if part is not None else build_model(cfg)
+    names = part.names(index, model) if part is not None else None  # model name -> part's name, when renamed
     if names is not None:
         index = {names[k]: v for k, v in index.items() if k in names}
+        renamed = {k: names[v] for k, v in renamed.items() if v in names}
     if part is not None and quantization:
         quantization = part.quantization(quantization)
     experts = part.experts if part is not None else None
@@ -155,7 +160,7 @@ def load_model(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None, part:
         weight_bytes, element_bytes = _weight_bytes(index, dtype)
         check_fits(str(path), weight_bytes, kv_cache_bytes(cfg, memory, element_bytes), memory.force)
     expected = {name: tuple(p.shape) for name, p in tree_flatten(model.parameters())}
-    weights = _load_weights(index, cfg, set(expected), names, experts)
+    weights = _load_weights(index, cfg, set(expected), renamed, experts, hf_layout)
     check_weights(expected, index, weights, cfg)
     if dtype is not None:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
@@ -169,6 +174,17 @@ def load_model(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None, part:
         mx.eval(p)
     model.eval()
     return model, path
+
+
+def model_names(index: dict[str, TensorInfo]) -> dict[str, str]:
+    """Checkpoint tensor name -> model name, for every tensor of `index` that the text model may read."""
+    names = {k: model_name(k) for k in index}
+    return {k: v for k, v in names.items() if v is not None}
+
+
+def has_vision_tower(index: dict[str, TensorInfo]) -> bool:
+    """Whether the checkpoint holds an image-text model's vision tower (which qwen-mlx does not run)."""
+    return any(is_vision_tower(name) for name in index)
 
 
 def read_index(path: Path) -> dict[str, TensorInfo]:
@@ -249,16 +265,16 @@ def _weight_bytes(index: dict[str, TensorInfo], dtype: mx.Dtype | None) -> tuple
     return total, element.size
 
 
-def _load_weights(index: dict[str, TensorInfo], cfg: ModelConfig, params: set[str],
-                  names: dict[str, str] | None = None, experts: range | None = None) -> dict[str, mx.array]:
+def _load_weights(index: dict[str, TensorInfo], cfg: ModelConfig, params: set[str], names: dict[str, str],
+                  experts: range | None = None, hf_layout: bool = False) -> dict[str, mx.array]:
     weights: dict[str, mx.array | ExpertRows] = {}
     for file in sorted({info.file for info in index.values()}):
         loaded = mx.load(str(file))  # lazy: read when evaluated, so the tensors left out here are never read
-        weights.update(loaded if names is None else {names[k]: v for k, v in loaded.items() if k in names})
+        weights.update({names[k]: v for k, v in loaded.items() if k in names})
         del loaded  # sanitize frees each expert piece once stacked: no other reference may keep it alive
     if experts is not None:  # mx.load would read a whole stack of experts to slice some: read those alone
         weights.update({name: ExpertRows(index[name]) for name in weights if ".switch_mlp." in name})
-    return sanitize(weights, cfg, params, experts)
+    return sanitize(weights, cfg, params, experts, hf_layout)
 
 
 @dataclass(frozen=True)
