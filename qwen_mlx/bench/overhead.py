@@ -28,7 +28,7 @@ from mlx.utils import tree_flatten
 
 from qwen_mlx.bench.run import device_bandwidth, document, models, time_mlx_lm, time_ours
 from qwen_mlx.cache.kv import make_cache
-from qwen_mlx.engine.generate import greedy, logits_last, prefill
+from qwen_mlx.engine.generate import decode_forward, greedy, prefill
 from qwen_mlx.models.qwen3 import Model
 from qwen_mlx.weights.memory import MemoryPlan
 
@@ -71,9 +71,10 @@ def our_step(model: Model, prompt: list[int]) -> tuple[Step, mx.array]:
     tokens = mx.array(prompt, dtype=mx.uint32)
     prefill(model, tokens[:-1], cache)
     history = list(prompt)
+    forward = decode_forward(model, cache)
 
     def step(token: mx.array) -> tuple[mx.array, list[mx.array]]:
-        return greedy(logits_last(model, token, cache), history), [a for c in cache for a in c.state]
+        return greedy(forward(token), history), [b for c in cache for b in c.buffers]
 
     return step, tokens[-1:]
 

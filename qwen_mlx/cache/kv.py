@@ -110,6 +110,34 @@ class _StoredCache:
             new._store.arrays = [a[...] for a in self._store.arrays]
         return new
 
+    # A compiled decode step (engine/step.py) runs one token through every layer as one traced function. The host
+    # decides where the token goes (plan_step), the traced function writes and attends through a StepView over
+    # the whole storage (buffers), and the host takes the new storage back (finish_step).
+
+    def plan_step(self) -> tuple[tuple, list[int]] | None:
+        """Make room for one more token; return (the settings a trace depends on, the buffer size last;
+        [position, slot, lo, used]: the token's position and slot, the oldest ring position and the slots
+        written once it is), or None when there is no storage yet (an empty cache: that step runs eagerly)."""
+        if self._store.arrays is None:
+            return None
+        self._store.reserve(self.offset + 1, self._store.arrays)
+        return (self.kind, self._store.bits, self._store.group_size, self._store.size), \
+            [self.offset, self.offset, 0, self.offset + 1]
+
+    @property
+    def buffers(self) -> list[mx.array]:
+        """The whole preallocated storage, unused slots included (what a step writes into)."""
+        return self._store.arrays or []
+
+    def step_mask(self, size: int, where: mx.array) -> mx.array:
+        """The first `size` slots' visibility to one decode token, (1, size) bool: those up to its own position."""
+        return (mx.arange(size) <= where[0])[None]
+
+    def finish_step(self, buffers: list[mx.array]) -> None:
+        """Take the storage a compiled step wrote the token into."""
+        self._store.arrays = buffers
+        self.offset += 1
+
 
 class KVCache(_StoredCache):
     """Keys and values of every token seen, float, preallocated in steps of 256 tokens and returned as views."""
@@ -328,13 +356,43 @@ class RotatingKVCache(_StoredCache):
 
     def _slot_positions(self) -> mx.array:
         """The absolute position held in each of the first `_used` slots, -1 where a slot holds nothing valid."""
-        s = mx.arange(self._used)
-        keep, ring, offset = self.keep, self._ring, self.offset
+        return self._positions(mx.arange(self._used), self.offset, self._lo, self._used)
+
+    def _positions(self, s: mx.array, offset: int | mx.array, lo: int | mx.array,
+                   used: int | mx.array) -> mx.array:
+        """The absolute position held in each slot of s (S,), -1 where it holds nothing valid, for a cache holding
+        `offset` tokens with oldest ring position `lo` and `used` slots written (ints, or scalar arrays in a trace)."""
+        keep, ring = self.keep, self._ring
         pinned = mx.where(s < offset, s, -1)
         newest_slot = keep + (offset - 1 - keep) % ring  # slot of the newest ring token (if any)
         p = offset - 1 - (newest_slot - s + ring) % ring  # newest position < offset that maps to slot s
-        ring_pos = mx.where(p >= max(self._lo, keep), p, -1)
+        ring_pos = mx.where((p >= mx.maximum(lo, keep)) & (s < used), p, -1)
         return mx.where(s < keep, pinned, ring_pos)
+
+    def _slot(self, position: int) -> int:
+        keep = self.keep
+        return position if position < keep else keep + (position - keep) % self._ring
+
+    def plan_step(self) -> tuple[tuple, list[int]] | None:
+        if self._store.arrays is None:
+            return None
+        start, slot = self.offset, self._slot(self.offset)
+        self._store.reserve(slot + 1, self._store.arrays, limit=self.capacity)
+        settings = (self.kind, self.bits, self.group_size, self.max_size, self.keep, self.slack, self._store.size)
+        # lo and used as they are once the token is written (what its mask must see)
+        return settings, [start, slot, max(self._lo, start + 1 - self._ring, self.keep), max(self._used, slot + 1)]
+
+    def step_mask(self, size: int, where: mx.array) -> mx.array:
+        """The window of the token at position where[0] (the class docstring's) over the first `size` slots as
+        they are once it is written, (1, size) bool."""
+        t, j = where[0], self._positions(mx.arange(size), where[0] + 1, where[2], where[3])
+        return ((j >= 0) & (j <= t) & ((j < self.keep) | (j > t - (self.max_size - self.keep))))[None]
+
+    def finish_step(self, buffers: list[mx.array]) -> None:
+        self._used = max(self._used, self._slot(self.offset) + 1)
+        self._store.arrays = buffers
+        self.offset += 1
+        self._lo = max(self._lo, self.offset - self._ring, self.keep)
 
     def _write(self, parts: list[mx.array], start: int) -> None:
         """Store the tokens at positions start .. start + L - 1: pinned ones in their slots, the others in the
@@ -357,6 +415,25 @@ class RotatingKVCache(_StoredCache):
         self._used = max(self._used, need)
         self.offset = end
         self._lo = max(self._lo, end - ring, keep)
+
+
+class StepView:
+    """A layer's cache as a compiled decode step sees it: the position is a scalar array (one trace serves every
+    position) and the storage is the whole preallocated buffer (its shape repeats until it grows by STEP), so the
+    token is written at an array slot, and attention reads a fixed prefix of the slots (mask.shape[-1] of them, a
+    trace's constant) and masks those outside the token's window instead of slicing them."""
+
+    def __init__(self, kind: _StoredCache, buffers: list[mx.array], where: mx.array, mask: mx.array):
+        self.offset = where[0]  # the token's position: RoPE takes an array
+        self._store, self.buffers, self._slot, self._mask = kind._store, buffers, where[1:2], mask
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+        """Write k, v (B, n_kv, 1, head_dim) at the planned slot; attend q (B, heads, 1, head_dim) over the window."""
+        parts = self._store.encode(k, v)
+        self.buffers = [mx.slice_update(b, p, self._slot, axes=(2,)) for b, p in zip(self.buffers, parts)]
+        n = self._mask.shape[-1]
+        read = self.buffers if n == self.buffers[0].shape[2] else [b[..., :n, :] for b in self.buffers]
+        return self._store.attend(q, read, scale, self._mask)
 
 
 def _check_window(max_size: int, keep: int, slack: int) -> None:
