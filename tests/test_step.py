@@ -16,9 +16,9 @@ import pytest
 from helpers import prompt_ids
 
 from qwen_mlx.cache.kv import KVCache, RotatingKVCache, make_cache
+from qwen_mlx.engine import step
 from qwen_mlx.engine.generate import decode_forward, generate_tokens, prefill
 from qwen_mlx.engine.sampling import SamplingParams, make_sampler
-from qwen_mlx.engine import step
 from qwen_mlx.engine.step import compiled_forward
 from qwen_mlx.weights.loader import load_model
 
