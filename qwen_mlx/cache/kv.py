@@ -21,7 +21,7 @@ from typing import ClassVar
 
 import mlx.core as mx
 
-from qwen_mlx.cache.store import GROUP_SIZES, CacheError, Store, check_quantization
+from qwen_mlx.cache.store import GROUP_SIZES, CacheError, Store, check_quantization, needed_slots
 from qwen_mlx.models.config import ModelConfig
 
 MAX_POSITION = 2**30  # offsets beyond this are not a real cache (and would overflow int32 positions)
@@ -110,14 +110,10 @@ class _StoredCache:
             new._store.arrays = [a[...] for a in self._store.arrays]
         return new
 
-    # A compiled decode step (engine/step.py) runs one token through every layer as one traced function. The host
-    # decides where the token goes (plan_step), the traced function writes and attends through a StepView over
-    # the whole storage (buffers), and the host takes the new storage back (finish_step).
-
     def plan_step(self) -> tuple[tuple, list[int]] | None:
-        """Make room for one more token; return (the settings a trace depends on, the buffer size last;
-        [position, slot, lo, used]: the token's position and slot, the oldest ring position and the slots
-        written once it is), or None when there is no storage yet (an empty cache: that step runs eagerly)."""
+        """For a compiled decode step (engine/step.py): make room for one more token; return (what a trace depends
+        on, buffer size last; [position, slot, lo, used] once the token is written), or None when there is no
+        storage yet (that step runs eagerly)."""
         if self._store.arrays is None:
             return None
         self._store.reserve(self.offset + 1, self._store.arrays)
@@ -295,7 +291,7 @@ class RotatingKVCache(_StoredCache):
         capacity = max_size + slack
         if capacity > MAX_POSITION or not keep <= lo <= max(offset, keep) or lo < offset - (capacity - keep):
             raise CacheError(f"a rotating cache's held range {lo}..{offset} does not fit its window")
-        return _kv_layout(cfg, bits, group_size, (_needed_slots(offset, lo, keep, capacity - keep), capacity))
+        return _kv_layout(cfg, bits, group_size, (needed_slots(offset, lo, keep, capacity - keep), capacity))
 
     @classmethod
     def from_state(cls, state: list[mx.array], meta_state: Mapping) -> RotatingKVCache:
@@ -358,8 +354,7 @@ class RotatingKVCache(_StoredCache):
         """The absolute position held in each of the first `_used` slots, -1 where a slot holds nothing valid."""
         return self._positions(mx.arange(self._used), self.offset, self._lo, self._used)
 
-    def _positions(self, s: mx.array, offset: int | mx.array, lo: int | mx.array,
-                   used: int | mx.array) -> mx.array:
+    def _positions(self, s: mx.array, offset: int | mx.array, lo: int | mx.array, used: int | mx.array) -> mx.array:
         """The absolute position held in each slot of s (S,), -1 where it holds nothing valid, for a cache holding
         `offset` tokens with oldest ring position `lo` and `used` slots written (ints, or scalar arrays in a trace)."""
         keep, ring = self.keep, self._ring
@@ -370,8 +365,7 @@ class RotatingKVCache(_StoredCache):
         return mx.where(s < keep, pinned, ring_pos)
 
     def _slot(self, position: int) -> int:
-        keep = self.keep
-        return position if position < keep else keep + (position - keep) % self._ring
+        return position if position < self.keep else self.keep + (position - self.keep) % self._ring
 
     def plan_step(self) -> tuple[tuple, list[int]] | None:
         if self._store.arrays is None:
@@ -379,7 +373,6 @@ class RotatingKVCache(_StoredCache):
         start, slot = self.offset, self._slot(self.offset)
         self._store.reserve(slot + 1, self._store.arrays, limit=self.capacity)
         settings = (self.kind, self.bits, self.group_size, self.max_size, self.keep, self.slack, self._store.size)
-        # lo and used as they are once the token is written (what its mask must see)
         return settings, [start, slot, max(self._lo, start + 1 - self._ring, self.keep), max(self._used, slot + 1)]
 
     def step_mask(self, size: int, where: mx.array) -> mx.array:
@@ -417,43 +410,12 @@ class RotatingKVCache(_StoredCache):
         self._lo = max(self._lo, end - ring, keep)
 
 
-class StepView:
-    """A layer's cache as a compiled decode step sees it: the position is a scalar array (one trace serves every
-    position) and the storage is the whole preallocated buffer (its shape repeats until it grows by STEP), so the
-    token is written at an array slot, and attention reads a fixed prefix of the slots (mask.shape[-1] of them, a
-    trace's constant) and masks those outside the token's window instead of slicing them."""
-
-    def __init__(self, kind: _StoredCache, buffers: list[mx.array], where: mx.array, mask: mx.array):
-        self.offset = where[0]  # the token's position: RoPE takes an array
-        self._store, self.buffers, self._slot, self._mask = kind._store, buffers, where[1:2], mask
-
-    def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
-        """Write k, v (B, n_kv, 1, head_dim) at the planned slot; attend q (B, heads, 1, head_dim) over the window."""
-        parts = self._store.encode(k, v)
-        self.buffers = [mx.slice_update(b, p, self._slot, axes=(2,)) for b, p in zip(self.buffers, parts)]
-        n = self._mask.shape[-1]
-        read = self.buffers if n == self.buffers[0].shape[2] else [b[..., :n, :] for b in self.buffers]
-        return self._store.attend(q, read, scale, self._mask)
-
-
 def _check_window(max_size: int, keep: int, slack: int) -> None:
     if max_size < 1 or keep < 0 or keep >= max_size:
         raise CacheError(f"the KV window (--max-kv-size, {max_size}) must be larger than the {keep} tokens it pins "
                          "(and the pinned count cannot be negative)")
     if slack < 0:
         raise CacheError(f"the rotating cache's slack must not be negative: got {slack}")
-
-
-def _needed_slots(offset: int, lo: int, keep: int, ring: int) -> int:
-    """How many leading slots of a rotating cache hold its valid tokens: the pinned ones, and the ring ones
-    at positions [max(lo, keep), offset)."""
-    n = min(offset, keep)
-    first = max(lo, keep)
-    if offset > first:
-        if offset - first >= ring or (first - keep) // ring != (offset - 1 - keep) // ring:
-            return keep + ring  # the held range wraps around the end of the ring
-        n = keep + (offset - 1 - keep) % ring + 1
-    return n
 
 
 def default_slack(max_size: int) -> int:

@@ -5,7 +5,7 @@ docs/bench.md, `bench --overhead`); a compiled step traces the model once and th
 its elementwise chains fused. A trace bakes in every Python value it sees, so what changes from token to token
 travels as arrays: the position, the slot the token is written to, and the rotating window's bounds (one int32
 vector, the same for every layer), and the caches' whole storage buffers, written at an array slot and masked
-rather than sliced (cache.kv.StepView). Attention reads the first `reach` slots, the slots written rounded up to a
+rather than sliced (cache.store.StepView). Attention reads the first `reach` slots, the slots written rounded up to a
 power of two (at least 64) within the buffer: on a CPU, attending over a mostly empty 256-slot buffer costs more than
 the compile saves. The buffers grow by 256 tokens at a time, so each (buffer size, reach) pair is traced once per
 model and kept with it (a model's traces hold its weights as constants: change them only before the first step).
@@ -24,7 +24,8 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
-from qwen_mlx.cache.kv import KVCache, LayerCache, QuantizedKVCache, RotatingKVCache, StepView
+from qwen_mlx.cache.kv import KVCache, LayerCache, QuantizedKVCache, RotatingKVCache
+from qwen_mlx.cache.store import StepView
 from qwen_mlx.models.qwen3 import Cache, Model
 
 # token (1,), [position, slot, lo, used] (4,) int32, every layer's storage -> (logits (1, vocab) float32, storage)
