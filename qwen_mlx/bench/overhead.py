@@ -70,11 +70,10 @@ def our_step(model: Model, prompt: list[int]) -> tuple[Step, mx.array]:
     cache = make_cache(model.config)
     tokens = mx.array(prompt, dtype=mx.uint32)
     prefill(model, tokens[:-1], cache)
-    history = list(prompt)
     forward = decode_forward(model, cache)
 
     def step(token: mx.array) -> tuple[mx.array, list[mx.array]]:
-        return greedy(forward(token), history), [b for c in cache for b in c.buffers]
+        return greedy(forward(token), tokens), [b for c in cache for b in c.buffers]
 
     return step, tokens[-1:]
 
