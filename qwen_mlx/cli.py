@@ -280,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rotating-run", action="store_true", help="generate 4 x --max-kv-size tokens through "
                        "the rotating cache after a prompt that fills the window (first preset and --bits only, "
                        "qwen-mlx only) and report memory at each quarter: it must stay flat")
+    bench.add_argument("--overhead", action="store_true", help="per-token overhead: decode time, graph nodes and "
+                       "graph-build time per token, side by side with mlx-lm (default presets: qwen3-deep-thin and "
+                       "qwen3-0.6b)")
     bench.add_argument("--plot", metavar="FILE.svg", help="with --context: write decode tok/s against context "
                        "length as an SVG, one line per engine and cache kind")
     bench.add_argument("--repeats", type=number(int, low=1),

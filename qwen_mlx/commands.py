@@ -215,7 +215,17 @@ def bench(args: argparse.Namespace) -> None:
     if args.draft is not None:
         return _bench_speculative(args, sources)
     with wired_limit():
-        if not args.context and not args.rotating_run:
+        if args.overhead:
+            from qwen_mlx.bench import overhead
+
+            if len(args.prompt_tokens) > 1:
+                raise UserError("--overhead takes one --prompt-tokens length")
+            docs.append(overhead.run_overhead(sources if args.model or args.preset else overhead.DEFAULT_SOURCES,
+                                              args.bits, args.prompt_tokens[0], args.gen_tokens, **timed))
+            if docs[-1]["overhead_ratios"]:
+                print()
+                print(overhead.format_overhead_ratios(docs[-1]))
+        if not args.context and not args.rotating_run and not args.overhead:
             docs.append(bench.run(sources, args.bits, args.prompt_tokens, args.gen_tokens, **timed))
             if docs[-1]["ratios"]:
                 print()

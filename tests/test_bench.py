@@ -11,12 +11,13 @@ from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
 
 from qwen_mlx.bench.context import filled_cache_mlx_lm, filled_cache_ours
+from qwen_mlx.bench.overhead import count_graph
 from qwen_mlx.bench.run import mlx_lm_twin, weight_bytes_per_token
 from qwen_mlx.engine.generate import generate_tokens
 from qwen_mlx.weights.loader import load_model
 
 DOC_KEYS = {"schema", "device", "bandwidth_gbs", "bandwidth_source", "mlx_version", "mlx_lm_version", "cases",
-            "ratios", "context_cases", "context_ratios", "rotating_run"}
+            "ratios", "context_cases", "context_ratios", "rotating_run", "overhead_cases", "overhead_ratios"}
 CASE_KEYS = {"model", "bits", "layers", "engine", "prompt_tokens", "gen_tokens", "prefill_tps", "decode_tps",
              "ttft_s", "peak_memory_bytes", "weight_bytes", "kv_cache_bytes", "weight_bytes_per_token",
              "roofline_fraction", "decode_peak_memory_bytes", "memory_limit_bytes", "memory_ok"}
@@ -27,6 +28,10 @@ CONTEXT_KEYS = {"model", "bits", "layers", "engine", "cache", "max_kv_size", "kv
 ROTATING_KEYS = {"model", "bits", "layers", "max_kv_size", "keep", "prompt_tokens", "gen_tokens", "decode_tps",
                  "samples", "flat"}
 SAMPLE_KEYS = {"generated_tokens", "active_memory_bytes", "peak_memory_bytes", "kv_cache_bytes"}
+OVERHEAD_KEYS = {"model", "bits", "layers", "engine", "prompt_tokens", "gen_tokens", "decode_ms_per_token",
+                 "build_ms_per_token", "graph_nodes", "graph_ops"}
+OVERHEAD_RATIO_KEYS = {"model", "bits", "decode_time_ratio", "build_time_ratio", "graph_nodes_ratio",
+                       "graph_ops_ratio"}
 
 
 def bench_cli(*args: str) -> subprocess.CompletedProcess:
@@ -116,6 +121,43 @@ def test_rotating_run_reports_flat_memory(tiny_checkpoint, tmp_path):
     assert "memory flat" in run.stdout
 
 
+def test_overhead_cli_prints_and_writes_each_figure(tiny_checkpoint, tmp_path):
+    out = tmp_path / "bench.json"
+    run = bench_cli("--overhead", "--model", str(tiny_checkpoint("qwen3")), "--prompt-tokens", "5", "--gen-tokens",
+                    "3", "--repeats", "1", "--warmup", "0", "--bandwidth", "100", "--json", str(out))
+    assert run.returncode == 0, run.stderr
+    result = json.loads(out.read_text())
+    assert set(result) == DOC_KEYS and result["cases"] == [] and result["context_cases"] == []
+    cases = result["overhead_cases"]
+    assert [c["engine"] for c in cases] == ["qwen-mlx", "mlx-lm"]
+    for case in cases:
+        assert set(case) == OVERHEAD_KEYS and (case["prompt_tokens"], case["gen_tokens"]) == (5, 3)
+        assert case["decode_ms_per_token"] > 0 and case["build_ms_per_token"] > 0
+        assert case["graph_nodes"] > case["graph_ops"] > 10 * case["layers"]  # a transformer step, weights as leaves
+    [ratio] = result["overhead_ratios"]
+    assert set(ratio) == OVERHEAD_RATIO_KEYS
+    ours, theirs = cases
+    assert ratio["graph_ops_ratio"] == ours["graph_ops"] / theirs["graph_ops"]
+    for header in ("decode ms/tok", "build ms/tok", "graph nodes", "graph ops", "decode time ours/mlx-lm",
+                   "build time ours/mlx-lm", "nodes ours/mlx-lm"):
+        assert header in run.stdout
+    run = bench_cli("--overhead", "--prompt-tokens", "4,8")
+    assert run.returncode == 2 and "--overhead takes one --prompt-tokens length" in run.stderr
+
+
+def test_graph_count_of_a_known_graph():
+    x, y, m = mx.array([1.0, 2.0]), mx.array([3.0, 4.0]), mx.ones((4, 64))
+    mx.eval(x, y, m)
+    z = x + y
+    w = mx.exp(z) * z
+    assert count_graph(w) == (5, 3)  # x, y, z, exp(z), w; add, exp, multiply (z reached twice, counted once)
+    assert count_graph(w, z) == (5, 3)
+    assert count_graph(x) == (1, 0)  # evaluated: a leaf
+    q, scales, biases = mx.quantize(m, group_size=64, bits=4)
+    assert count_graph(q, scales, biases) == (4, 1)  # one primitive, three outputs
+    assert count_graph(scales) == (4, 1)  # a sibling output brings the primitive's others
+
+
 def test_bad_flags_get_argparse_errors():
     run = bench_cli("--bits", "3")
     assert run.returncode == 2 and "bits must be bf16, 8 or 4" in run.stderr
@@ -131,6 +173,6 @@ def test_docs_list_every_json_key():
 
     doc = (Path(__file__).parents[1] / "docs" / "bench.md").read_text()
     schema = doc[doc.index("## JSON schema"):]
-    keys = DOC_KEYS | CASE_KEYS | CONTEXT_KEYS | ROTATING_KEYS | SAMPLE_KEYS
+    keys = DOC_KEYS | CASE_KEYS | CONTEXT_KEYS | ROTATING_KEYS | SAMPLE_KEYS | OVERHEAD_KEYS | OVERHEAD_RATIO_KEYS
     missing = [key for key in keys if f'"{key}"' not in schema]
     assert not missing, f"docs/bench.md does not document {missing}"

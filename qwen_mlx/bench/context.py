@@ -274,7 +274,7 @@ def merge(*docs: dict) -> dict:
     """One JSON document from several modes' documents (the non-empty parts of each)."""
     out = dict(docs[0])
     for doc in docs[1:]:
-        for key in ("cases", "ratios", "context_cases", "context_ratios"):
+        for key in ("cases", "ratios", "context_cases", "context_ratios", "overhead_cases", "overhead_ratios"):
             out[key] = out[key] + doc[key]
         out["rotating_run"] = out["rotating_run"] or doc["rotating_run"]
         out["mlx_lm_version"] = out["mlx_lm_version"] or doc["mlx_lm_version"]

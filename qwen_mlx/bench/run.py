@@ -42,6 +42,10 @@ PRESETS: dict[str, dict] = {  # dimensions of the real checkpoints' config.json
                      num_key_value_heads=8, intermediate_size=9728, tie_word_embeddings=True),
     "qwen3-8b": dict(_QWEN3, hidden_size=4096, num_hidden_layers=36, num_attention_heads=32,
                      num_key_value_heads=8, intermediate_size=12288, tie_word_embeddings=False),
+    # Qwen3-0.6B's depth at width 64 with a small vocabulary: the weights are nearly free, so a decode step's time
+    # is the per-token overhead (graph building, dispatch) that `bench --overhead` measures.
+    "qwen3-deep-thin": dict(_QWEN3, vocab_size=4096, hidden_size=64, num_hidden_layers=28, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=64, intermediate_size=192, tie_word_embeddings=True),
     "qwen3-30b-a3b": dict(_QWEN3, model_type="qwen3_moe", hidden_size=2048, num_hidden_layers=48,
                           num_attention_heads=32, num_key_value_heads=4, intermediate_size=6144,
                           moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
@@ -279,7 +283,8 @@ def document(device: str, gbs: float, source: str, with_mlx_lm: bool, **parts) -
     """The JSON document: header keys, then every part (empty when a mode did not run)."""
     doc = {"schema": "qwen-mlx-bench/1", "device": device, "bandwidth_gbs": gbs, "bandwidth_source": source,
            "mlx_version": mx.__version__, "mlx_lm_version": _mlx_lm_version() if with_mlx_lm else None,
-           "cases": [], "ratios": [], "context_cases": [], "context_ratios": [], "rotating_run": None}
+           "cases": [], "ratios": [], "context_cases": [], "context_ratios": [], "rotating_run": None,
+           "overhead_cases": [], "overhead_ratios": []}
     doc.update(parts)
     return doc
 

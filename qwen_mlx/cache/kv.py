@@ -22,7 +22,7 @@ from typing import ClassVar
 import mlx.core as mx
 
 from qwen_mlx.cache.recurrent import RecurrentCache
-from qwen_mlx.cache.store import GROUP_SIZES, CacheError, Store, check_quantization
+from qwen_mlx.cache.store import GROUP_SIZES, CacheError, Store, check_quantization, needed_slots
 from qwen_mlx.models.config import ModelConfig
 
 MAX_POSITION = 2**30  # offsets beyond this are not a real cache (and would overflow int32 positions)
@@ -110,6 +110,30 @@ class _StoredCache:
         if self._store.arrays is not None:
             new._store.arrays = [a[...] for a in self._store.arrays]
         return new
+
+    def plan_step(self) -> tuple[tuple, list[int]] | None:
+        """For a compiled decode step (engine/step.py): make room for one more token; return (what a trace depends
+        on, buffer size last; [position, slot, lo, used] once the token is written), or None when there is no
+        storage yet (that step runs eagerly)."""
+        if self._store.arrays is None:
+            return None
+        self._store.reserve(self.offset + 1, self._store.arrays)
+        return (self.kind, self._store.bits, self._store.group_size, self._store.size), \
+            [self.offset, self.offset, 0, self.offset + 1]
+
+    @property
+    def buffers(self) -> list[mx.array]:
+        """The whole preallocated storage, unused slots included (what a step writes into)."""
+        return self._store.arrays or []
+
+    def step_mask(self, size: int, where: mx.array) -> mx.array:
+        """The first `size` slots' visibility to one decode token, (1, size) bool: those up to its own position."""
+        return (mx.arange(size) <= where[0])[None]
+
+    def finish_step(self, buffers: list[mx.array]) -> None:
+        """Take the storage a compiled step wrote the token into."""
+        self._store.arrays = buffers
+        self.offset += 1
 
 
 class KVCache(_StoredCache):
@@ -268,7 +292,7 @@ class RotatingKVCache(_StoredCache):
         capacity = max_size + slack
         if capacity > MAX_POSITION or not keep <= lo <= max(offset, keep) or lo < offset - (capacity - keep):
             raise CacheError(f"a rotating cache's held range {lo}..{offset} does not fit its window")
-        return _kv_layout(cfg, bits, group_size, (_needed_slots(offset, lo, keep, capacity - keep), capacity))
+        return _kv_layout(cfg, bits, group_size, (needed_slots(offset, lo, keep, capacity - keep), capacity))
 
     @classmethod
     def from_state(cls, state: list[mx.array], meta_state: Mapping) -> RotatingKVCache:
@@ -329,13 +353,40 @@ class RotatingKVCache(_StoredCache):
 
     def _slot_positions(self) -> mx.array:
         """The absolute position held in each of the first `_used` slots, -1 where a slot holds nothing valid."""
-        s = mx.arange(self._used)
-        keep, ring, offset = self.keep, self._ring, self.offset
+        return self._positions(mx.arange(self._used), self.offset, self._lo, self._used)
+
+    def _positions(self, s: mx.array, offset: int | mx.array, lo: int | mx.array, used: int | mx.array) -> mx.array:
+        """The absolute position held in each slot of s (S,), -1 where it holds nothing valid, for a cache holding
+        `offset` tokens with oldest ring position `lo` and `used` slots written (ints, or scalar arrays in a trace)."""
+        keep, ring = self.keep, self._ring
         pinned = mx.where(s < offset, s, -1)
         newest_slot = keep + (offset - 1 - keep) % ring  # slot of the newest ring token (if any)
         p = offset - 1 - (newest_slot - s + ring) % ring  # newest position < offset that maps to slot s
-        ring_pos = mx.where(p >= max(self._lo, keep), p, -1)
+        ring_pos = mx.where((p >= mx.maximum(lo, keep)) & (s < used), p, -1)
         return mx.where(s < keep, pinned, ring_pos)
+
+    def _slot(self, position: int) -> int:
+        return position if position < self.keep else self.keep + (position - self.keep) % self._ring
+
+    def plan_step(self) -> tuple[tuple, list[int]] | None:
+        if self._store.arrays is None:
+            return None
+        start, slot = self.offset, self._slot(self.offset)
+        self._store.reserve(slot + 1, self._store.arrays, limit=self.capacity)
+        settings = (self.kind, self.bits, self.group_size, self.max_size, self.keep, self.slack, self._store.size)
+        return settings, [start, slot, max(self._lo, start + 1 - self._ring, self.keep), max(self._used, slot + 1)]
+
+    def step_mask(self, size: int, where: mx.array) -> mx.array:
+        """The window of the token at position where[0] (the class docstring's) over the first `size` slots as
+        they are once it is written, (1, size) bool."""
+        t, j = where[0], self._positions(mx.arange(size), where[0] + 1, where[2], where[3])
+        return ((j >= 0) & (j <= t) & ((j < self.keep) | (j > t - (self.max_size - self.keep))))[None]
+
+    def finish_step(self, buffers: list[mx.array]) -> None:
+        self._used = max(self._used, self._slot(self.offset) + 1)
+        self._store.arrays = buffers
+        self.offset += 1
+        self._lo = max(self._lo, self.offset - self._ring, self.keep)
 
     def _write(self, parts: list[mx.array], start: int) -> None:
         """Store the tokens at positions start .. start + L - 1: pinned ones in their slots, the others in the
@@ -368,18 +419,6 @@ def _check_window(max_size: int, keep: int, slack: int) -> None:
         raise CacheError(f"the rotating cache's slack must not be negative: got {slack}")
 
 
-def _needed_slots(offset: int, lo: int, keep: int, ring: int) -> int:
-    """How many leading slots of a rotating cache hold its valid tokens: the pinned ones, and the ring ones
-    at positions [max(lo, keep), offset)."""
-    n = min(offset, keep)
-    first = max(lo, keep)
-    if offset > first:
-        if offset - first >= ring or (first - keep) // ring != (offset - 1 - keep) // ring:
-            return keep + ring  # the held range wraps around the end of the ring
-        n = keep + (offset - 1 - keep) % ring + 1
-    return n
-
-
 def default_slack(max_size: int) -> int:
     """Extra ring slots kept beyond the window, for exact trims after wrapping: max_size / 8, at most 256."""
     return min(256, max_size // 8)
@@ -400,9 +439,8 @@ def make_cache(cfg: ModelConfig, *, max_size: int | None = None, keep: int = 4, 
         check_quantization(bits, group_size)
         if cfg.head_dim % group_size:
             fits = [g for g in GROUP_SIZES if cfg.head_dim % g == 0]
-            hint = f"; use {fits[-1]}" if fits else ""
             raise CacheError(f"KV group size {group_size} (--kv-group-size) does not divide the model's head_dim "
-                             f"{cfg.head_dim}{hint}")
+                             f"{cfg.head_dim}" + (f"; use {fits[-1]}" if fits else ""))
 
     def kv_cache() -> LayerCache:
         if max_size is not None:

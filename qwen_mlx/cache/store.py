@@ -102,3 +102,34 @@ def check_quantization(bits: int | None, group_size: int) -> None:
     if group_size not in GROUP_SIZES:
         raise CacheError(f"KV group size (--kv-group-size) must be one of "
                          f"{', '.join(map(str, GROUP_SIZES))}: got {group_size}")
+
+
+def needed_slots(offset: int, lo: int, keep: int, ring: int) -> int:
+    """How many leading slots of a rotating cache hold its valid tokens: the pinned ones, and the ring ones
+    at positions [max(lo, keep), offset)."""
+    n = min(offset, keep)
+    first = max(lo, keep)
+    if offset > first:
+        if offset - first >= ring or (first - keep) // ring != (offset - 1 - keep) // ring:
+            return keep + ring  # the held range wraps around the end of the ring
+        n = keep + (offset - 1 - keep) % ring + 1
+    return n
+
+
+class StepView:
+    """A layer's cache as a compiled decode step sees it: the position is a scalar array (one trace serves every
+    position) and the storage is the whole preallocated buffer (its shape repeats until it grows by STEP), so the
+    token is written at an array slot, and attention reads a fixed prefix of the slots (mask.shape[-1] of them, a
+    trace's constant) and masks those outside the token's window instead of slicing them."""
+
+    def __init__(self, kind, buffers: list[mx.array], where: mx.array, mask: mx.array):
+        self.offset = where[0]  # the token's position: RoPE takes an array
+        self._store, self.buffers, self._slot, self._mask = kind._store, buffers, where[1:2], mask
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+        """Write k, v (B, n_kv, 1, head_dim) at the planned slot; attend q (B, heads, 1, head_dim) over the window."""
+        parts = self._store.encode(k, v)
+        self.buffers = [mx.slice_update(b, p, self._slot, axes=(2,)) for b, p in zip(self.buffers, parts)]
+        n = self._mask.shape[-1]
+        read = self.buffers if n == self.buffers[0].shape[2] else [b[..., :n, :] for b in self.buffers]
+        return self._store.attend(q, read, scale, self._mask)

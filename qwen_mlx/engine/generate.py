@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from qwen_mlx.cache.recurrent import snapshot_positions
+from qwen_mlx.engine.step import compiled_forward
 from qwen_mlx.models.qwen3 import Cache, Model
 
 # logits (1, vocab) float32, tokens so far (prompt + generated, (T,) uint32, possibly not yet evaluated) -> the
@@ -96,6 +97,19 @@ def logits_last(model: Model, tokens: mx.array, cache: list[Cache]) -> mx.array:
     return model.head(h[:, -1:, :])[:, -1, :].astype(mx.float32)
 
 
+def decode_forward(model: Model, cache: list[Cache], *, compiled: bool = True) -> Forward:
+    """The decode step's forward: a token (1,) -> its float32 logits (1, vocab), the token run into `cache`. With
+    `compiled`, through the compiled step (engine/step.py) wherever it applies; otherwise, and where it does not,
+    through the model op by op (logits_last), the reference it is tested against."""
+    fast = compiled_forward(model, cache) if compiled else None
+
+    def forward(token: mx.array) -> mx.array:
+        logits = fast(token) if fast is not None else None
+        return logits if logits is not None else logits_last(model, token, cache)
+
+    return forward
+
+
 def prefill(model: Model, tokens: mx.array, cache: list[Cache], *, chunk: int = 512,
             stop: threading.Event | None = None) -> bool:
     """Run tokens (L,) into the cache in chunks of `chunk` tokens (bounded activation memory for long prompts).
@@ -120,13 +134,13 @@ def fill(model: Model, tokens: mx.array, cache: list[Cache]) -> list[mx.array]:
 
 def generate_tokens(model: Model, prompt: list[int], cache: list[Cache], *, sampler: Sampler = greedy,
                     max_tokens: int = 256, prefill_chunk: int = 512, stats: GenerationStats | None = None,
-                    stop: threading.Event | None = None) -> Iterator[int]:
+                    stop: threading.Event | None = None, compiled: bool = True) -> Iterator[int]:
     """Yield up to max_tokens new token ids after `prompt`, which is appended to `cache` (possibly already
     holding earlier tokens: then pass only the tokens it does not hold). The common case of `decode`: one process,
-    the whole model."""
+    the whole model, each decode step compiled where it can be (`compiled`; see decode_forward)."""
     held = cache[0].offset  # a prefill chunk ends where a recurrent cache wants a snapshot (cache.recurrent)
     cuts = [p - held for p in snapshot_positions(cache)]
-    return decode(lambda tokens: logits_last(model, tokens, cache), lambda tokens: fill(model, tokens, cache),
+    return decode(decode_forward(model, cache, compiled=compiled), lambda tokens: fill(model, tokens, cache),
                   prompt, sampler=sampler, max_tokens=max_tokens, prefill_chunk=prefill_chunk, stats=stats, stop=stop,
                   cuts=cuts)
 
