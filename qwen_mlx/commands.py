@@ -14,7 +14,7 @@ def info(args: argparse.Namespace) -> None:
     from mlx.utils import tree_flatten
 
     from qwen_mlx.kernels import ops as kernels
-    from qwen_mlx.weights.loader import check_finite, load_model
+    from qwen_mlx.weights.loader import check_finite, has_vision_tower, load_model, read_index
 
     model, path = load_model(args.model)
     if args.check:
@@ -25,9 +25,18 @@ def info(args: argparse.Namespace) -> None:
     print(f"checkpoint   {path}")
     print(f"model        {cfg.model_type}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
           f"{cfg.num_attention_heads} heads / {cfg.num_key_value_heads} KV heads of {cfg.head_dim}")
+    if cfg.layer_types:
+        linear = sum(cfg.is_linear_layer(i) for i in range(cfg.num_hidden_layers))
+        print(f"layers       {linear} linear attention (Gated DeltaNet, {cfg.linear_num_key_heads} key / "
+              f"{cfg.linear_num_value_heads} value heads of {cfg.linear_key_head_dim} / {cfg.linear_value_head_dim}),"
+              f" {cfg.num_hidden_layers - linear} full attention (RoPE on {cfg.rotary_dim} of {cfg.head_dim} dims)")
+    if has_vision_tower(read_index(path)):
+        print("vision       vision tower present, not used")
     if cfg.num_experts:
         print(f"experts      {cfg.num_experts} experts, {cfg.num_experts_per_tok} active, "
-              f"intermediate {cfg.moe_intermediate_size}")
+              f"intermediate {cfg.moe_intermediate_size}"
+              + (f", shared expert {cfg.shared_expert_intermediate_size}" if cfg.shared_expert_intermediate_size
+                 else ""))
     else:
         print(f"mlp          intermediate {cfg.intermediate_size}")
     rope = f"theta {cfg.rope_theta:g}"

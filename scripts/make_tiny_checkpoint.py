@@ -3,6 +3,10 @@
 Real vocabulary (151,936 ids, so every token id is real), tiny hidden sizes. Used by the tests and benchmarks:
 
     python scripts/make_tiny_checkpoint.py OUT_DIR --variant qwen3 --dtype bfloat16 [--tokenizer-dir DIR]
+
+The hybrid variants (HYBRID_VARIANTS: qwen3_5, qwen3_5_moe, qwen3_next) are written by transformers itself, with
+their weights redrawn at a trained model's spread; they vary what the released models fix (layer order, head
+counts and dims, partial rotary, expert layout, rope spelling, tied head, dense layers among MoE ones).
 """
 
 from __future__ import annotations
@@ -127,16 +131,151 @@ def write_tiny_checkpoint(out_dir: Path, variant: str, dtype: str = "float32", *
     return out_dir
 
 
+HYBRID_VOCAB = 151680  # the tokenizer's 151,669 ids fit; not Qwen3's 151,936 nor Qwen3.5's 248,320
+_LINEAR = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=24,
+               linear_conv_kernel_dim=4)
+_HYBRID = dict(vocab_size=HYBRID_VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-6, max_position_embeddings=4096, **_LINEAR)
+_ROPE = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "mrope_section": [4, 2, 2]}
+
+# name -> (transformers class, text config, top-level keys, checkpoint form). Forms: "rope_top_level" moves
+# rope_parameters' theta and partial_rotary_factor to the top level (the older spelling); "stacked" writes each
+# MoE layer's experts as two stacks (mlp.experts.gate_up_proj (E, 2I, H), mlp.experts.down_proj (E, H, I)), as
+# the hub's Qwen3.5-MoE files do. mlx-lm assumes full_attention_interval's pattern: the *_default variants keep it.
+HYBRID_VARIANTS: dict[str, tuple[str, dict, dict, tuple[str, ...]]] = {
+    # image-text layout, layers in a non-default order, tied head, rope_parameters spelling
+    "qwen3_5": ("Qwen3_5ForConditionalGeneration",
+                dict(_HYBRID, intermediate_size=96, rope_parameters=_ROPE,
+                     layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention"]),
+                dict(tie_word_embeddings=True), ()),
+    "qwen3_5_default": ("Qwen3_5ForConditionalGeneration",
+                        dict(_HYBRID, intermediate_size=96, rope_parameters=_ROPE, full_attention_interval=4),
+                        dict(tie_word_embeddings=False), ()),
+    # text-only class, experts one by one, rope spelled at the top level, untied
+    "qwen3_5_moe": ("Qwen3_5MoeForCausalLM",
+                    dict(_HYBRID, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                         shared_expert_intermediate_size=48, rope_parameters=_ROPE,
+                         layer_types=["full_attention", "linear_attention", "full_attention", "linear_attention"]),
+                    {}, ("rope_top_level",)),
+    # the hub's layout: image-text, stacked experts
+    "qwen3_5_moe_default": ("Qwen3_5MoeForConditionalGeneration",
+                            dict(_HYBRID, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                                 shared_expert_intermediate_size=48, rope_parameters=_ROPE,
+                                 full_attention_interval=4),
+                            dict(tie_word_embeddings=False), ("stacked",)),
+    # interleaved projections, a dense layer among the MoE ones (mlp_only_layers), untied
+    "qwen3_next": ("Qwen3NextForCausalLM",
+                   dict(_HYBRID, intermediate_size=80, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                        shared_expert_intermediate_size=48, norm_topk_prob=True, decoder_sparse_step=1,
+                        mlp_only_layers=[1], rope_parameters={k: v for k, v in _ROPE.items() if k != "mrope_section"},
+                        full_attention_interval=4),
+                   {}, ("rope_top_level",)),
+}
+
+
+def write_hybrid_checkpoint(out_dir: Path, variant: str, *, seed: int = 0, tokenizer_dir: Path | None = None) -> Path:
+    """A tiny hybrid checkpoint written by transformers' own class (float32), weights redrawn with `seed`."""
+    import torch
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    cls_name, text, top, forms = HYBRID_VARIANTS[variant]
+    cls = getattr(transformers, cls_name)
+    config_cls = cls.config_class
+    if cls_name.endswith("ForConditionalGeneration"):  # image-text: a nested text config and a vision tower
+        config = config_cls(text_config=dict(text, tie_word_embeddings=top.get("tie_word_embeddings", False)),
+                            vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                                               out_hidden_size=text["hidden_size"]), **top)
+    else:
+        config = config_cls(**text, **top)
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    _redraw(model, tied=config.get_text_config().tie_word_embeddings, seed=seed)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    if "stacked" in forms:
+        _stack_experts(out_dir / "model.safetensors", load_file, save_file)
+    if "rope_top_level" in forms:
+        raw = json.loads((out_dir / "config.json").read_text())
+        body = raw.get("text_config", raw)
+        rope = body.pop("rope_parameters")
+        body.update(rope_theta=rope["rope_theta"], partial_rotary_factor=rope["partial_rotary_factor"])
+        (out_dir / "config.json").write_text(json.dumps(raw, indent=2))
+    (out_dir / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
+    if tokenizer_dir is not None:
+        for f in Path(tokenizer_dir).iterdir():
+            if f.is_file():
+                shutil.copy(f, out_dir / f.name)
+    return out_dir
+
+
+def _redraw(model, *, tied: bool, seed: int) -> None:
+    """Weights at a trained model's spread, so that logits are spread out and greedy decoding has no near-ties:
+    linear layers N(0, 1/fan_in) (output projections and the head x2), zero-centred norms N(0, 0.2) (the tied
+    head's final norm zero-mean, or it scores the input token highest), decay rates and conv taps of real size."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def normal(shape, std):
+        return torch.randn(shape, generator=gen) * std
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "visual" in name:
+                continue
+            if name.endswith("A_log"):
+                p.copy_(torch.log(torch.rand(p.shape, generator=gen) * 15 + 1) - 3)  # decays exp(-A softplus)
+            elif name.endswith("dt_bias"):
+                p.copy_(normal(p.shape, 1.0))
+            elif name.endswith("conv1d.weight"):
+                p.copy_(normal(p.shape, 0.5))
+            elif name.endswith("linear_attn.norm.weight"):
+                p.copy_(1.0 + normal(p.shape, 0.2))  # the gated norm is a plain scale
+            elif p.ndim == 1:  # zero-centred norms: x * (1 + w)
+                final = name.endswith("model.norm.weight") or name.endswith("language_model.norm.weight")
+                p.copy_(normal(p.shape, 0.5) - 1.0 if tied and final else normal(p.shape, 0.2))
+            elif "embed_tokens" in name:
+                p.copy_(normal(p.shape, 1.0))
+            else:
+                gain = 2.0 if "lm_head" in name else 1.0
+                p.copy_(normal(p.shape, gain * p.shape[-1] ** -0.5))
+
+
+def _stack_experts(file: Path, load_file, save_file) -> None:
+    """Rewrite per-expert tensors (experts.{e}.gate_proj/up_proj/down_proj.weight) as the hub's two stacks."""
+    import re
+
+    import torch
+
+    tensors = load_file(str(file))
+    pattern = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+    pieces: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
+    for name in list(tensors):
+        m = pattern.match(name)
+        if m:
+            pieces.setdefault(m[1], {}).setdefault(m[3], {})[int(m[2])] = tensors.pop(name)
+    for prefix, projs in pieces.items():
+        stack = {k: torch.stack([v[e] for e in sorted(v)]) for k, v in projs.items()}
+        tensors[f"{prefix}.gate_up_proj"] = torch.cat([stack["gate_proj"], stack["up_proj"]], dim=1).contiguous()
+        tensors[f"{prefix}.down_proj"] = stack["down_proj"].contiguous()
+    save_file(tensors, str(file), metadata={"format": "pt"})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir", type=Path)
-    ap.add_argument("--variant", choices=sorted(VARIANTS), default="qwen3")
+    ap.add_argument("--variant", choices=sorted([*VARIANTS, *HYBRID_VARIANTS]), default="qwen3")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tokenizer-dir", type=Path,
                     help="copy tokenizer files from here (default: write Qwen3's tokenizer, see make_tokenizer.py)")
     args = ap.parse_args()
-    write_tiny_checkpoint(args.out_dir, args.variant, args.dtype, seed=args.seed, tokenizer_dir=args.tokenizer_dir)
+    if args.variant in HYBRID_VARIANTS:
+        write_hybrid_checkpoint(args.out_dir, args.variant, seed=args.seed, tokenizer_dir=args.tokenizer_dir)
+    else:
+        write_tiny_checkpoint(args.out_dir, args.variant, args.dtype, seed=args.seed,
+                              tokenizer_dir=args.tokenizer_dir)
     if args.tokenizer_dir is None:  # a checkpoint that `qwen-mlx generate` and `chat` can run as it is
         from make_tokenizer import write_qwen_tokenizer
 

@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-from make_tiny_checkpoint import write_tiny_checkpoint  # noqa: E402
+from make_tiny_checkpoint import write_hybrid_checkpoint, write_tiny_checkpoint  # noqa: E402
 from make_tokenizer import write_qwen_tokenizer  # noqa: E402
 
 
@@ -40,5 +40,20 @@ def tiny_checkpoint(tmp_path_factory, tokenizer_dir):
             built[key] = write_tiny_checkpoint(tmp_path_factory.mktemp(name), variant, dtype, overrides=overrides,
                                                tokenizer_dir=tokenizer_dir)
         return built[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def hybrid_checkpoint(tmp_path_factory, tokenizer_dir):
+    """hybrid_checkpoint(variant) -> Path: a tiny hybrid checkpoint written by transformers (make_tiny_checkpoint's
+    HYBRID_VARIANTS) with the Qwen tokenizer, each built once per session."""
+    built: dict[str, Path] = {}
+
+    def get(variant: str) -> Path:
+        if variant not in built:
+            built[variant] = write_hybrid_checkpoint(tmp_path_factory.mktemp(variant), variant,
+                                                     tokenizer_dir=tokenizer_dir)
+        return built[variant]
 
     return get

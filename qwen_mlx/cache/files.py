@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import mlx.core as mx
 
 from qwen_mlx.cache.kv import KVCache, LayerCache, QuantizedKVCache, RotatingKVCache
+from qwen_mlx.cache.recurrent import RecurrentCache
 from qwen_mlx.cache.store import CacheError
 from qwen_mlx.errors import UserError
 from qwen_mlx.files import replacing
@@ -70,6 +71,8 @@ def save_cache(path: str | Path, caches: Sequence[LayerCache], *, model: Model, 
     arrays: dict[str, mx.array] = {}
     layers = []
     for i, cache in enumerate(caches):
+        if isinstance(cache, RecurrentCache):
+            raise CacheError(f"{path}: prompt-cache files do not hold a hybrid model's linear-attention layers yet")
         if type(cache) not in KINDS.values():
             raise TypeError(f"cannot save a {type(cache).__name__}")
         names = type(cache).state_layout(cache.meta_state, cfg).arrays

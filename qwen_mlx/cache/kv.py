@@ -20,6 +20,7 @@ from typing import ClassVar
 
 import mlx.core as mx
 
+from qwen_mlx.cache.recurrent import RecurrentCache
 from qwen_mlx.cache.store import GROUP_SIZES, CacheError, Store, check_quantization
 from qwen_mlx.models.config import ModelConfig
 
@@ -374,14 +375,15 @@ def default_slack(max_size: int) -> int:
     return min(256, max_size // 8)
 
 
-LayerCache = KVCache | QuantizedKVCache | RotatingKVCache
+LayerCache = KVCache | QuantizedKVCache | RotatingKVCache | RecurrentCache
 
 
 def make_cache(cfg: ModelConfig, *, max_size: int | None = None, keep: int = 4, slack: int | None = None,
                bits: int | None = None, group_size: int | None = None) -> list[LayerCache]:
     """One cache per layer: RotatingKVCache when max_size is given (quantized when bits is given too),
     else QuantizedKVCache when bits is given, else KVCache. group_size defaults to 64, or to 32 for a head_dim
-    that 64 does not divide."""
+    that 64 does not divide. A hybrid model's linear-attention layers get a RecurrentCache (fixed size by nature:
+    the window and the KV quantization apply to the attention layers)."""
     if group_size is None:
         group_size = 64 if cfg.head_dim % 64 == 0 else 32
     if bits is not None:
@@ -391,9 +393,10 @@ def make_cache(cfg: ModelConfig, *, max_size: int | None = None, keep: int = 4, 
             hint = f"; use {fits[-1]}" if fits else ""
             raise CacheError(f"KV group size {group_size} (--kv-group-size) does not divide the model's head_dim "
                              f"{cfg.head_dim}{hint}")
-    n = cfg.num_hidden_layers
-    if max_size is not None:
-        return [RotatingKVCache(max_size, keep, slack=slack, bits=bits, group_size=group_size) for _ in range(n)]
-    if bits is not None:
-        return [QuantizedKVCache(bits, group_size) for _ in range(n)]
-    return [KVCache() for _ in range(n)]
+
+    def kv_cache() -> LayerCache:
+        if max_size is not None:
+            return RotatingKVCache(max_size, keep, slack=slack, bits=bits, group_size=group_size)
+        return QuantizedKVCache(bits, group_size) if bits is not None else KVCache()
+
+    return [RecurrentCache() if cfg.is_linear_layer(i) else kv_cache() for i in range(cfg.num_hidden_layers)]

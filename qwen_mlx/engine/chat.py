@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 
+from qwen_mlx.cache.recurrent import keep_snapshots, restore_point
 from qwen_mlx.engine.sampling import SamplingParams
 from qwen_mlx.engine.stream import Event, Generator, stream_reply
 
@@ -31,7 +32,9 @@ class ChatSession:
     Each turn renders the whole history with the chat template, keeps the longest common token prefix of that and
     what the cache holds, trims the rest, and prefills only the difference. (Qwen3's template drops earlier turns'
     reasoning, so the previous answer is re-read without its think block: that is the template's choice, and the
-    cache follows it exactly.)
+    cache follows it exactly.) A hybrid model's recurrent layers cannot forget tokens, so each turn keeps a
+    snapshot of their state where its generation prompt begins (where the next rendering may part from this
+    one) and the next turn goes back to the latest snapshot within the common prefix.
     """
 
     def __init__(self, llm: Generator, *, system: str | None = None, think: bool = True, max_kv_size: int | None = None,
@@ -56,6 +59,7 @@ class ChatSession:
         self.messages.append({"role": "user", "content": text})
         prompt = self.llm.prompt_tokens(self.messages, think=think)
         keep = self._reuse(prompt)
+        keep_snapshots(self.cache, self._parting_points(prompt, think))
         new = prompt[keep:]
         self.last_prefill = len(new)
         sampling = self.sampling or self.llm.sampling(think)
@@ -68,15 +72,20 @@ class ChatSession:
         self.messages.append({"role": "assistant", "content": reply_content("".join(thinking), "".join(answer))})
         self._cached = (prompt + generated)[: self.cache[0].offset]
 
+    def _parting_points(self, prompt: list[int], think: bool) -> list[int]:
+        """Where the next turn's rendering may part from `prompt`: where the generation prompt begins, and where
+        this turn's reply, once it is history followed by another question, is rendered differently from the
+        generation prompt (after `<|im_start|>assistant\n` for a template that drops the reasoning)."""
+        tok = self.llm.tokenizer
+        history = tok.encode_chat(self.messages, enable_thinking=think, add_generation_prompt=False)
+        later = [*self.messages, {"role": "assistant", "content": ""}, {"role": "user", "content": ""}]
+        as_history = tok.encode_chat(later, enable_thinking=think, add_generation_prompt=False)
+        return [_common_prefix(history, prompt), _common_prefix(as_history, prompt)]
+
     def _reuse(self, prompt: list[int]) -> int:
-        """Trim the cache to the longest prefix it shares with `prompt` (leaving at least one token to run);
-        returns that prefix's length."""
-        common = 0
-        for a, b in zip(self._cached, prompt):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(prompt) - 1)
+        """Trim the cache to the longest prefix it shares with `prompt` that it can go back to (leaving at least
+        one token to run; a recurrent layer, to its latest snapshot within that prefix); returns its length."""
+        common = restore_point(self.cache, min(_common_prefix(self._cached, prompt), len(prompt) - 1))
         held = self.cache[0].offset
         if held - common > 0 and any(c.trim(held - common) != held - common for c in self.cache):
             self.cache, common = self._new_cache(), 0  # this cache cannot forget that far back: start over
@@ -86,3 +95,12 @@ class ChatSession:
         """Forget the conversation (the system prompt stays)."""
         self.messages = [m for m in self.messages if m["role"] == "system"]
         self.cache, self._cached = self._new_cache(), []
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -72,7 +72,7 @@ class Tokenizer:
         return self._backend.decode(ids, skip_special_tokens=False)
 
     def encode_chat(self, messages: list[dict], *, enable_thinking: bool = True,
-                    tools: list[dict] | None = None) -> list[int]:
+                    tools: list[dict] | None = None, add_generation_prompt: bool = True) -> list[int]:
         """The token ids of the rendered chat template, where control tokens come from the template alone.
 
         Text of user, system and tool messages that spells an added token (`<|im_start|>`, `<|im_end|>`,
@@ -82,10 +82,11 @@ class Tokenizer:
         tokenizer encodes any text between added tokens. Messages without such text encode exactly as `encode`
         of the rendered template (as transformers does)."""
         marks = self._marks(messages)
+        options = dict(enable_thinking=enable_thinking, tools=tools, add_generation_prompt=add_generation_prompt)
         if not marks:
-            return self.encode(self.apply_chat_template(messages, enable_thinking=enable_thinking, tools=tools))
+            return self.encode(self.apply_chat_template(messages, **options))
         hidden = [{**m, "content": _swap(m["content"], marks)} if _untrusted_text(m) else m for m in messages]
-        text = self.apply_chat_template(hidden, enable_thinking=enable_thinking, tools=tools)
+        text = self.apply_chat_template(hidden, **options)
         back = {mark: token for token, mark in marks.items()}
         added = self._backend.get_added_tokens_decoder()
         encoding = self._backend.encode(text, add_special_tokens=False)

@@ -18,7 +18,7 @@ from qwen_mlx.models.config import ModelConfig, RopeScaling
 
 @dataclass(frozen=True)
 class Rope:
-    inv_freq: mx.array  # (head_dim // 2,) float32, radians per position
+    inv_freq: mx.array  # (rotary_dim // 2,) float32, radians per position
     attention_factor: float  # multiplies cos and sin (1.0 without YaRN)
     wavelengths: mx.array  # 1 / inv_freq: the `freqs` argument of `mx.fast.rope` (angle = position / freqs)
 
@@ -32,7 +32,7 @@ def _rope(inv_freq: mx.array, attention_factor: float) -> Rope:
 
 
 def make_rope(cfg: ModelConfig) -> Rope:
-    dim = cfg.head_dim
+    dim = cfg.rotary_dim  # the hybrid models turn only the first partial_rotary_factor of each head
     inv_freq = 1.0 / cfg.rope_theta ** (mx.arange(0, dim, 2, dtype=mx.float32) / dim)
     if cfg.rope_scaling is None:
         return _rope(inv_freq, 1.0)

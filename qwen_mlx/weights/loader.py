@@ -21,10 +21,11 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from qwen_mlx.errors import one_line
+from qwen_mlx.models.build import build_model
 from qwen_mlx.models.config import ConfigError, ModelConfig
 from qwen_mlx.models.qwen3 import Model, SparseMoE, SwitchMLP, checkpoint_names
 from qwen_mlx.weights.memory import MemoryPlan, check_fits, kv_cache_bytes
-from qwen_mlx.weights.names import LoadError, sanitize
+from qwen_mlx.weights.names import LoadError, hybrid_hf_layout, is_vision_tower, model_name, sanitize
 from qwen_mlx.weights.quant import quantize_model
 
 # What a model needs from the hub: weights, configs, tokenizer and template. Never code.
@@ -99,14 +100,17 @@ def load_model(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None, layer
     path = resolve(path_or_repo)
     cfg = load_config(path)
     index = read_index(path)
-    quantization = cfg.quantization
-    names = None  # checkpoint name -> model name, when only some tensors are read
+    hf_layout = hybrid_hf_layout(index)
+    names = model_names(index)  # checkpoint name -> model name, of the tensors the model may read
+    index = {names[k]: v for k, v in index.items() if k in names}
+    quantization = cfg.quantization and {model_name(k) or k: v for k, v in cfg.quantization.items()}
     if layers is None:
-        model = Model(cfg)
+        model = build_model(cfg)
     else:
         model = stage_model(cfg, layers)
-        names = _stage_names(index, model, layers)
-        index = {names[k]: v for k, v in index.items() if k in names}
+        stage = _stage_names(index, model, layers)
+        names = {k: stage[v] for k, v in names.items() if v in stage}
+        index = {stage[k]: v for k, v in index.items() if k in stage}
         quantization = quantization and _shift_layers(quantization, layers)
     if experts is not None:
         hold_experts(model, experts)
@@ -117,7 +121,7 @@ def load_model(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None, layer
         weight_bytes, element_bytes = _weight_bytes(index, dtype)
         check_fits(str(path), weight_bytes, kv_cache_bytes(cfg, memory, element_bytes), memory.force)
     expected = {name: tuple(p.shape) for name, p in tree_flatten(model.parameters())}
-    weights = _load_weights(index, cfg, set(expected), names, experts)
+    weights = _load_weights(index, cfg, set(expected), names, experts, hf_layout)
     check_weights(expected, index, weights, cfg)
     if dtype is not None:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
@@ -130,6 +134,17 @@ def load_model(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None, layer
         mx.eval(p)
     model.eval()
     return model, path
+
+
+def model_names(index: dict[str, TensorInfo]) -> dict[str, str]:
+    """Checkpoint tensor name -> model name, for every tensor of `index` that the text model may read."""
+    names = {k: model_name(k) for k in index}
+    return {k: v for k, v in names.items() if v is not None}
+
+
+def has_vision_tower(index: dict[str, TensorInfo]) -> bool:
+    """Whether the checkpoint holds an image-text model's vision tower (which qwen-mlx does not run)."""
+    return any(is_vision_tower(name) for name in index)
 
 
 def read_index(path: Path) -> dict[str, TensorInfo]:
@@ -210,16 +225,16 @@ def _weight_bytes(index: dict[str, TensorInfo], dtype: mx.Dtype | None) -> tuple
     return total, element.size
 
 
-def _load_weights(index: dict[str, TensorInfo], cfg: ModelConfig, params: set[str],
-                  names: dict[str, str] | None = None, experts: range | None = None) -> dict[str, mx.array]:
+def _load_weights(index: dict[str, TensorInfo], cfg: ModelConfig, params: set[str], names: dict[str, str],
+                  experts: range | None = None, hf_layout: bool = False) -> dict[str, mx.array]:
     weights: dict[str, mx.array | ExpertRows] = {}
     for file in sorted({info.file for info in index.values()}):
         loaded = mx.load(str(file))  # lazy: read when evaluated, so the tensors left out here are never read
-        weights.update(loaded if names is None else {names[k]: v for k, v in loaded.items() if k in names})
+        weights.update({names[k]: v for k, v in loaded.items() if k in names})
         del loaded  # sanitize frees each expert piece once stacked: no other reference may keep it alive
     if experts is not None:  # mx.load would read a whole stack of experts to slice some: read those alone
         weights.update({name: ExpertRows(index[name]) for name in weights if ".switch_mlp." in name})
-    return sanitize(weights, cfg, params, experts)
+    return sanitize(weights, cfg, params, experts, hf_layout)
 
 
 @dataclass(frozen=True)
@@ -262,7 +277,7 @@ def stage_model(cfg: ModelConfig, layers: range) -> Model:
     if not (0 <= layers.start < layers.stop <= cfg.num_hidden_layers and layers.step == 1):
         raise LoadError(f"layers {layers.start}..{layers.stop - 1} are not a stage of this "
                         f"{cfg.num_hidden_layers}-layer model")
-    model = Model(cfg, layers)
+    model = build_model(cfg, layers)
     first, last = layers.start == 0, layers.stop == cfg.num_hidden_layers
     if not first and not (last and cfg.tie_word_embeddings):
         del model.model["embed_tokens"]

@@ -4,7 +4,12 @@ A Hugging Face or mlx-lm checkpoint names its tensors by the model's module path
   - MoE experts: Hugging Face holds each expert apart (`...mlp.experts.{e}.{proj}.{kind}`), mlx-lm and the model
     hold one stack (E, out, in) per projection (`...mlp.switch_mlp.{proj}.{kind}`): expert_stack / expert_piece;
   - the model joins the experts' gate and up stacks into one gate_up_proj (models.qwen3.checkpoint_names);
-  - tensors no model uses: the rotary inv_freq buffer, the lm_head of a tied embedding (unused).
+  - tensors no model uses: the rotary inv_freq buffer, the lm_head of a tied embedding (unused);
+  - the hybrid models (models/qwen3_5.py): Qwen3.5's image-text files hold the language model under
+    `model.language_model.` (Hugging Face) or `language_model.model.` (mlx-lm), and a vision tower and an MTP head
+    that the text model does not run (model_name: None, never read); the hub's stacked experts
+    (`mlp.experts.gate_up_proj` (E, 2I, H), `mlp.experts.down_proj` (E, H, I)); and two values in Hugging Face's
+    files, the zero-centred norms' w (the model holds 1 + w) and conv1d's (C, 1, width) layout (hybrid_values).
 llama.cpp's GGUF names (`blk.{i}.attn_q.weight`, ...) map onto the Hugging Face ones: gguf_name.
 sanitize applies all of it to a checkpoint's tensors, stacking experts without a second copy.
 """
@@ -19,7 +24,7 @@ from typing import Protocol
 import mlx.core as mx
 
 from qwen_mlx.errors import UserError
-from qwen_mlx.models.config import ModelConfig
+from qwen_mlx.models.config import HYBRID_MODEL_TYPES, ModelConfig
 from qwen_mlx.models.qwen3 import checkpoint_names
 
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp)\.experts\.(\d+)\."
@@ -39,6 +44,18 @@ _GGUF_LAYER = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 GGUF_UNUSED = ("rope_freqs.weight",)  # llama.cpp's precomputed rope factors; we compute our own
 
 
+# Checkpoint prefixes -> the model's (Qwen3.5's image-text files, Hugging Face's and mlx-lm's spellings).
+_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+             ("language_model.lm_head.", "lm_head."))
+_VISION = ("model.visual.", "visual.", "vision_tower.")
+# Not part of the text model: the vision tower, and the multi-token-prediction head (it stays in the checkpoint's
+# index, for speculative decoding; the model never loads it).
+_NOT_TEXT = (*_VISION, "mtp.", "model.mtp.")
+_STACKED_EXPERTS = re.compile(r"\.mlp\.experts\.(gate_up_proj|down_proj)$")
+# The zero-centred RMSNorms of the hybrid models (x * (1 + w)); the gated norm of linear attention is not one.
+_ZERO_CENTRED = re.compile(r"(\.input_layernorm|\.post_attention_layernorm|^model\.norm|\.q_norm|\.k_norm)\.weight$")
+
+
 class LoadError(UserError):
     """A checkpoint cannot be found or loaded; the message is one sentence naming the file or tensor."""
 
@@ -55,6 +72,38 @@ class Experts(Protocol):
 def unused(name: str, cfg: ModelConfig) -> bool:
     """A checkpoint tensor that no model uses (it is skipped, not an error)."""
     return name.endswith("rotary_emb.inv_freq") or (cfg.tie_word_embeddings and name.startswith("lm_head."))
+
+
+def model_name(name: str) -> str | None:
+    """The model's name of a checkpoint tensor (or layer path); None for one the text model does not use."""
+    if name.startswith(_NOT_TEXT):
+        return None
+    for old, new in _PREFIXES:
+        if name.startswith(old):
+            name = new + name[len(old):]
+            break
+    return _STACKED_EXPERTS.sub(r".mlp.switch_mlp.\1.weight", name)
+
+
+def is_vision_tower(name: str) -> bool:
+    return name.startswith(_VISION)
+
+
+def hybrid_hf_layout(tensors: dict) -> bool:
+    """Whether a hybrid checkpoint's tensors (anything with a shape, by name) are in Hugging Face's layout:
+    conv1d.weight (C, 1, width) there, (C, width, 1) in mlx-lm's (the config refuses width 1, so the two never
+    look alike). The whole checkpoint decides, so a pipeline stage without linear layers converts its norms too."""
+    return any(name.endswith(".conv1d.weight") and tensors[name].shape[-1] != 1 for name in tensors)
+
+
+def hybrid_values(weights: dict[str, mx.array]) -> None:
+    """A hybrid model's Hugging Face tensors in the model's layout, in place: conv1d.weight (C, 1, width) becomes
+    (C, width, 1) and each zero-centred norm's w becomes 1 + w (mlx-lm's files hold both already)."""
+    for name in [n for n in weights if n.endswith(".conv1d.weight")]:
+        weights[name] = weights[name].moveaxis(2, 1)
+    for name in [n for n in weights if _ZERO_CENTRED.search(n)]:
+        w = weights[name]
+        weights[name] = (w.astype(mx.float32) + 1.0).astype(w.dtype)
 
 
 def expert_stack(name: str) -> tuple[str, int] | None:
@@ -80,10 +129,11 @@ def gguf_name(name: str) -> str | None:
 
 
 def sanitize(weights: dict[str, mx.array | Experts], cfg: ModelConfig, params: set[str],
-             experts: range | None = None) -> dict[str, mx.array]:
+             experts: range | None = None, hf_layout: bool | None = None) -> dict[str, mx.array]:
     """Checkpoint names -> the model's `params`: drop what a model does not use, stack per-expert MoE tensors
     (E, out, in), and join the experts' gate and up stacks into the model's gate_up_proj where it holds one.
-    With `experts`, the stacks hold only those experts (stacked from 0) and only they are read.
+    With `experts`, the stacks hold only those experts (stacked from 0) and only they are read. A hybrid model's
+    Hugging Face values are converted (`hf_layout`; None: judged from the conv weights among `weights`).
 
     Consumes `weights` (emptied), so that each expert piece is freed as soon as it has been copied."""
     out: dict[str, mx.array] = {}
@@ -98,6 +148,8 @@ def sanitize(weights: dict[str, mx.array | Experts], cfg: ModelConfig, params: s
             per_expert.setdefault(stacked, {})[e] = value
             continue
         out[name] = value
+    if cfg.model_type in HYBRID_MODEL_TYPES and (hf_layout if hf_layout is not None else hybrid_hf_layout(out)):
+        hybrid_values(out)
     stacks = {name: _Stack.of_experts(name, pieces, cfg.num_experts, experts) for name, pieces in per_expert.items()}
     for name in [n for n in out if ".switch_mlp." in n]:
         stacks[name] = _Stack.whole(name, out.pop(name), cfg.num_experts, experts)

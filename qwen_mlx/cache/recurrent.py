@@ -1,0 +1,131 @@
+"""The cache of a linear-attention (Gated DeltaNet) layer: fixed size, whatever the number of tokens seen.
+
+It holds the conv's last width - 1 inputs (B, width - 1, conv_dim) and the delta rule's state (B, Hv, Dk, Dv)
+float32, and sits in the same per-layer list as the full-attention layers' KV caches (cache.kv.make_cache). Its
+`offset` counts the tokens seen, like theirs.
+
+A state cannot forget its last tokens, so going back needs a copy taken earlier: a snapshot, kept at chosen
+positions (at most `max_snapshots`, the oldest dropped first). `trim(n)` goes back exactly n tokens when a
+snapshot is held at offset - n (or n = offset: the empty state), and otherwise refuses (returns 0). A chat turn
+asks for a snapshot where its generation prompt begins (`keep_snapshots`), so that the next turn, whose template
+may drop this turn's reasoning, restores the state where the two renderings part and prefills only the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import mlx.core as mx
+
+MAX_SNAPSHOTS = 4
+
+
+class RecurrentCache:
+    def __init__(self, max_snapshots: int = MAX_SNAPSHOTS):
+        self.offset = 0
+        self.conv_tail: mx.array | None = None  # (B, width - 1, conv_dim)
+        self.recurrent_state: mx.array | None = None  # (B, Hv, Dk, Dv) float32
+        self.max_snapshots = max_snapshots
+        self._snapshots: dict[int, tuple[mx.array, mx.array]] = {}  # position -> (conv_tail, state), oldest first
+        self._wanted: set[int] = set()  # positions not reached yet at which to take a snapshot
+
+    def advance(self, conv_tail: mx.array, recurrent_state: mx.array, n: int) -> None:
+        """The layer ran n more tokens; these are its conv tail and state now."""
+        self.conv_tail, self.recurrent_state = conv_tail, recurrent_state
+        self.offset += n
+        if self.offset in self._wanted:
+            self._wanted.discard(self.offset)
+            self.snapshot()
+
+    def snapshot(self) -> None:
+        """Keep the present conv tail and state, for a later trim back to this position."""
+        if self.recurrent_state is None:
+            return  # position 0: the empty state needs no copy
+        self._snapshots.pop(self.offset, None)
+        self._snapshots[self.offset] = (self.conv_tail, self.recurrent_state)  # arrays are immutable: no copy
+        while len(self._snapshots) > self.max_snapshots:
+            del self._snapshots[next(iter(self._snapshots))]
+
+    def want_snapshot(self, position: int) -> None:
+        """Take a snapshot when the cache reaches `position` (now, if it is there)."""
+        if position == self.offset:
+            self.snapshot()
+        elif position > self.offset:
+            self._wanted.add(position)
+
+    @property
+    def wanted(self) -> set[int]:
+        """Positions ahead at which a snapshot is to be taken (a prefill must stop at each)."""
+        return set(self._wanted)
+
+    @property
+    def restore_points(self) -> list[int]:
+        """The positions this cache can go back (or stay) to: 0, the snapshots and the present offset."""
+        return sorted({0, self.offset, *(p for p in self._snapshots if p <= self.offset)})
+
+    def trim(self, n: int) -> int:
+        """Go back n tokens if a snapshot allows it exactly; returns n, or 0 (nothing changed) when it does not:
+        the state then cannot forget those tokens, so re-run the text from an earlier restore point."""
+        n = max(0, min(n, self.offset))
+        target = self.offset - n
+        if n == 0 or target not in self.restore_points:
+            return 0
+        if target == 0:
+            self.conv_tail = self.recurrent_state = None
+        else:
+            self.conv_tail, self.recurrent_state = self._snapshots[target]
+        self._snapshots = {p: s for p, s in self._snapshots.items() if p <= target}
+        self._wanted = {p for p in self._wanted if p > target}
+        self.offset = target
+        return n
+
+    @property
+    def state(self) -> list[mx.array]:
+        """The arrays that hold what the cache has seen (what to evaluate after a prefill chunk)."""
+        return [a for a in (self.conv_tail, self.recurrent_state) if a is not None]
+
+    @property
+    def meta_state(self) -> dict:
+        return {"kind": "recurrent", "offset": self.offset}
+
+    @classmethod
+    def from_state(cls, state: Sequence[mx.array], meta_state: dict) -> RecurrentCache:
+        """A cache holding `state` ([conv_tail, recurrent_state], or [] when empty) after meta_state["offset"]
+        tokens (the inverse of `state` and `meta_state`)."""
+        cache = cls()
+        if state:
+            cache.conv_tail, cache.recurrent_state = state
+        cache.offset = meta_state["offset"]
+        return cache
+
+    @property
+    def nbytes(self) -> int:
+        held = [*self.state, *(a for pair in self._snapshots.values() for a in pair)]
+        return sum(a.nbytes for a in held)
+
+
+def keep_snapshots(caches: Iterable, positions: Iterable[int]) -> None:
+    """Ask every recurrent cache of the list for a snapshot at each position (KV caches need none)."""
+    positions = list(positions)
+    for cache in caches:
+        if isinstance(cache, RecurrentCache):
+            for p in positions:
+                cache.want_snapshot(p)
+
+
+def snapshot_positions(caches: Iterable) -> set[int]:
+    """The positions ahead at which the list's recurrent caches want a snapshot."""
+    return {p for cache in caches if isinstance(cache, RecurrentCache) for p in cache.wanted}
+
+
+def restore_point(caches: Sequence, position: int) -> int:
+    """The latest position <= `position` to which every recurrent cache of the list can be trimmed (KV caches
+    can go back anywhere they still hold; their own limits are theirs to report when trimmed)."""
+    points = None
+    for cache in caches:
+        if isinstance(cache, RecurrentCache):
+            mine = set(cache.restore_points)
+            points = mine if points is None else points & mine
+    if points is None:
+        return position
+    return max(p for p in points if p <= position)
