@@ -19,8 +19,10 @@ from qwen_mlx.cache.kv import make_cache
 from qwen_mlx.engine.chat import ChatSession
 from qwen_mlx.engine.generate import GenerationStats, generate_tokens
 from qwen_mlx.engine.sampling import SamplingParams, make_sampler
+from qwen_mlx.engine.speculative import MAX_DRAFT, DraftLength, DraftModel, speculative_tokens
 from qwen_mlx.engine.stream import Event, Reply, collect, stream_reply
 from qwen_mlx.engine.tokenizer import Tokenizer
+from qwen_mlx.errors import UserError
 from qwen_mlx.models.qwen3 import Cache, Model
 from qwen_mlx.weights.loader import load_model
 from qwen_mlx.weights.memory import MemoryPlan
@@ -33,6 +35,25 @@ class LLM:
 
     def __init__(self, model: Model, tokenizer: Tokenizer, path: Path):
         self.model, self.tokenizer, self.path = model, tokenizer, path
+        self.draft: DraftModel | None = None  # see speculate()
+        self.draft_length = DraftLength()
+
+    def speculate(self, draft: LLM | None, *, tokens: int | None = None) -> None:
+        """Decode speculatively from now on: `draft` (a smaller model with the same vocabulary) proposes tokens
+        and this model checks them, several per forward pass; the output is exactly what plain decoding gives
+        (token for token when greedy, the same distribution when sampling). `tokens` fixes how many are drafted
+        per step (1..8); by default that adapts to the measured acceptance, down to none when drafting does not
+        pay. None turns speculation off."""
+        if tokens is not None and not 1 <= tokens <= MAX_DRAFT:
+            raise UserError(f"--draft-tokens must be between 1 and {MAX_DRAFT}: got {tokens}")
+        if draft is None:
+            self.draft = None
+            return
+        if not self.tokenizer.same_vocabulary(draft.tokenizer):
+            raise UserError(f"the draft model {draft.path} has another vocabulary than {self.path}: a draft must "
+                            "use the same tokenizer (e.g. Qwen3-0.6B for Qwen3-8B)")
+        self.draft = DraftModel(draft.model, draft.new_cache())
+        self.draft_length = DraftLength(fixed=tokens)
 
     @property
     def config(self):
@@ -66,9 +87,14 @@ class LLM:
         return make_cache(self.config, **options)
 
     def generate_tokens(self, new_tokens: list[int], cache: list[Cache], sampling: SamplingParams, *,
-                        max_tokens: int, stats: GenerationStats, stop: threading.Event | None) -> Iterator[int]:
-        """The token ids after `new_tokens` (see generate.generate_tokens); the one step a distributed model
-        (distributed.DistributedLLM) does differently."""
+                        max_tokens: int, stats: GenerationStats, stop: threading.Event | None,
+                        context: list[int] = ()) -> Iterator[int]:
+        """The token ids after `new_tokens`, `cache` holding `context` (see generate.generate_tokens, or
+        speculative.speculative_tokens with a draft); the one step a distributed model (distributed.DistributedLLM)
+        does differently."""
+        if self.draft is not None:
+            return speculative_tokens(self.model, self.draft, new_tokens, cache, sampling, context=list(context),
+                                      max_tokens=max_tokens, length=self.draft_length, stats=stats, stop=stop)
         return generate_tokens(self.model, new_tokens, cache, sampler=make_sampler(sampling), max_tokens=max_tokens,
                                stats=stats, stop=stop)
 
@@ -83,9 +109,16 @@ class LLM:
                            kv_group_size=kv_group_size, sampling=sampling)
 
 
-def load(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None, memory: MemoryPlan | None = None) -> LLM:
+def load(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None, memory: MemoryPlan | None = None,
+         draft: str | Path | None = None, draft_tokens: int | None = None) -> LLM:
     """Load a checkpoint directory or hub id (downloaded once into the Hugging Face cache). With `memory` (the KV
     cache a run will need), a model that would not fit the GPU's recommended working set is refused before any
-    weight is read (see memory.py)."""
+    weight is read (see weights/memory.py). With `draft`, a smaller checkpoint of the same vocabulary drafts for
+    it (see LLM.speculate)."""
+    if draft_tokens is not None and not 1 <= draft_tokens <= MAX_DRAFT:
+        raise UserError(f"--draft-tokens must be between 1 and {MAX_DRAFT}: got {draft_tokens}")
     model, path = load_model(path_or_repo, dtype=dtype, memory=memory)
-    return LLM(model, Tokenizer.from_dir(path), path)
+    llm = LLM(model, Tokenizer.from_dir(path), path)
+    if draft is not None:
+        llm.speculate(load(draft, dtype=dtype), tokens=draft_tokens)
+    return llm

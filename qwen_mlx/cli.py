@@ -57,6 +57,11 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--distributed", choices=["pipeline", "tensor", "expert", "auto"], metavar="MODE",
                         help="split the model over the processes (Macs) mlx.launch starts: pipeline, tensor, expert "
                              "or auto (see README, Several Macs); rank 0 answers, the others serve it")
+    parser.add_argument("--draft-model", metavar="PATH", help="speculative decoding: a smaller checkpoint with the "
+                        "same tokenizer drafts tokens that the model checks several at a time (e.g. Qwen3-0.6B for "
+                        "Qwen3-8B); the output is unchanged")
+    parser.add_argument("--draft-tokens", type=int, metavar="N", help="tokens drafted per step, 1..8 (default: "
+                        "adapts to how many are accepted, and stops drafting when it does not pay)")
 
 
 def _int_list(text: str) -> list[int]:
@@ -231,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-mlx-lm", action="store_true", help="skip the mlx-lm side (no ratios)")
     bench.add_argument("--bandwidth", type=float, metavar="GB/S", help="memory bandwidth for the roofline "
                        "(default: from a table of Apple and NVIDIA chips, else measured with a copy benchmark)")
+    bench.add_argument("--draft", metavar="DRAFT", help="speculative decoding against plain decoding: 'oracle' (a "
+                       "draft that always proposes the model's own greedy token: what the machinery gives at full "
+                       "acceptance) or a preset name (a random draft model, side by side with mlx-lm's speculative "
+                       "decoding on the same weights)")
+    bench.add_argument("--draft-tokens", type=int, default=4, metavar="N", help="tokens drafted per step with "
+                       "--draft (default: 4)")
     bench.add_argument("--seed", type=int, default=0, help="random weights and prompt seed (default: 0)")
     bench.add_argument("--force", action="store_true", help="run a model even when its weights and KV cache "
                        "exceed the GPU's recommended working set (Apple silicon)")

@@ -52,7 +52,7 @@ def info(args: argparse.Namespace) -> None:
     if args.check:
         print("check        every tensor is finite")
     if args.distributed:
-        from qwen_mlx.distributed.runtime import memory_plan
+        from qwen_mlx.distributed.plan import memory_plan
 
         plan = memory_plan(path, args.distributed)
         print(f"over {args.distributed} ranks (weights per rank; KV cache per rank per 1k tokens of context):")
@@ -91,7 +91,9 @@ def _open_model(args: argparse.Namespace, context: int):
 
         plan = MemoryPlan(context=context, max_kv_size=args.max_kv_size, kv_bits=args.kv_bits,
                           kv_group_size=args.kv_group_size, force=args.force)
-        return nullcontext(load(args.model, memory=plan))
+        return nullcontext(load(args.model, memory=plan, draft=args.draft_model, draft_tokens=args.draft_tokens))
+    if args.draft_model is not None:
+        raise UserError("--draft-model does not run with --distributed yet")
     from qwen_mlx.distributed.runtime import run_ranks
 
     return run_ranks(args.model, args.distributed, verbose=getattr(args, "verbose", False))
@@ -129,7 +131,9 @@ def generate(args: argparse.Namespace) -> None:
         s = done.stats
         print(f"prompt {s.prompt_tokens} tokens at {s.prompt_tps:.1f} tok/s, first token after "
               f"{s.time_to_first_token:.2f} s; {s.generated_tokens} tokens at {s.decode_tps:.1f} tok/s; "
-              f"peak memory {s.peak_memory / 2**30:.2f} GiB; finished: {done.finish_reason}", file=sys.stderr)
+              f"peak memory {s.peak_memory / 2**30:.2f} GiB; finished: {done.finish_reason}"
+              + (f"; speculative: {s.acceptance:.0%} of {s.drafted} drafted tokens accepted, "
+                 f"{s.tokens_per_forward:.2f} tokens per forward" if s.drafted else ""), file=sys.stderr)
 
 
 def chat(args: argparse.Namespace) -> None:
@@ -168,13 +172,13 @@ def _share_the_terminal(app, engine, llm):
 
     ended = threading.Event()
     if isinstance(llm, DistributedLLM):
-        engine.details += f" · {llm.runner.mode} over {llm.runner.size} ranks"
+        engine.details += f" · {llm.description}"
 
         def end_app() -> None:
             app.call_from_thread(app.exit, None, 1)
             ended.wait(2)
 
-        llm.watchdog.on_exit = end_app
+        llm.on_exit(end_app)
     return ended
 
 
@@ -191,6 +195,8 @@ def bench(args: argparse.Namespace) -> None:
     common = dict(layers=args.layers, bandwidth=args.bandwidth, seed=args.seed, force=args.force)
     timed = dict(common, repeats=args.repeats, warmup=args.warmup, with_mlx_lm=not args.no_mlx_lm)
     docs = []
+    if args.draft is not None:
+        return _bench_speculative(args, sources)
     with wired_limit():
         if not args.context and not args.rotating_run:
             docs.append(bench.run(sources, args.bits, args.prompt_tokens, args.gen_tokens, **timed))
@@ -214,6 +220,35 @@ def bench(args: argparse.Namespace) -> None:
 
         write_context_svg(result, Path(args.plot))
         print(f"wrote {args.plot}")
+
+
+def _bench_speculative(args: argparse.Namespace, sources: list[str]) -> None:
+    import json
+    from pathlib import Path
+
+    from qwen_mlx.bench import speculative
+    from qwen_mlx.bench.run import PRESETS
+    from qwen_mlx.files import write_atomically
+
+    if args.draft != "oracle" and args.draft not in PRESETS:
+        raise UserError(f"--draft must be 'oracle' or a preset ({', '.join(PRESETS)}): got {args.draft!r}")
+    if not 1 <= args.draft_tokens <= 8:
+        raise UserError(f"--draft-tokens must be between 1 and 8: got {args.draft_tokens}")
+    if args.model:
+        raise UserError("--draft runs on presets (random weights); give --preset instead of --model")
+    results = []
+    for preset in sources:
+        for bits in args.bits:
+            print(f"{preset}, {bits}-bit, draft {args.draft}, k = {args.draft_tokens}:")
+            result = speculative.run(preset, args.layers, bits, args.draft, args.draft_tokens,
+                                     prompt_tokens=args.prompt_tokens[0], gen_tokens=args.gen_tokens,
+                                     repeats=args.repeats, with_mlx_lm=not args.no_mlx_lm, seed=args.seed)
+            print(speculative.format_result(result))
+            results.append(result)
+    if args.json:
+        write_atomically(Path(args.json), json.dumps({"schema": "qwen-mlx-bench-speculative/1",
+                                                      "cases": results}, indent=1).encode())
+        print(f"\nwrote {args.json}")
 
 
 def convert(args: argparse.Namespace) -> None:

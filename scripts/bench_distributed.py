@@ -47,7 +47,7 @@ def free_port(n: int) -> int:
 def run(path: Path, mode: str, ranks: int, tokens: int, prompt: str) -> dict:
     launcher = Path(sys.executable).parent / "mlx.launch"
     cmd = [str(launcher), "--backend", "ring", "-n", str(ranks), "--starting-port", str(free_port(ranks)),
-           "--python", sys.executable, "--", "-m", "qwen_mlx.distributed.runtime", "generate", "--model", str(path),
+           "--python", sys.executable, "--", "-m", "qwen_mlx.distributed", "generate", "--model", str(path),
            "--mode", mode, "--prompt-ids", prompt, "--max-tokens", str(tokens)]
     if ranks == 1:
         cmd = [sys.executable, *cmd[cmd.index("-m"):]]

@@ -77,15 +77,26 @@ GATHER_TARGET_SPEEDUP, GATHER_TARGET_US = 5.0, 9.7  # issue 12: 8 experts of 768
 GATHER_TARGET_SHAPE = "30b-a3b gate (768x2048)"
 GATHER_BENCH_SHAPES = {GATHER_TARGET_SHAPE: (128, 768, 2048), **EXPERT_SHAPES}
 GATHER_BENCH_CASES = [(name, 1) for name in GATHER_BENCH_SHAPES] + [("30b-a3b gate/up", 4), ("30b-a3b down", 4)]
+# --quick's qmatmul checks beyond its grid: (bits, groups, dtypes, M) products.
+QUICK_QMATMUL_EXTRA = [((2, 3, 5, 6), (64,), ("bfloat16",), (1,)), ((4,), (32, 128), ("float16",), (1,))]
+# Shapes timed at every M the kernel is built for, at 4 and 8 bits: where our qmatmul stops beating
+# mx.quantized_matmul (on sm_90 MLX takes M >= 2 to a tensor-core qmm), the dispatch limit qmatmul.DISPATCH_MAX_M.
+CROSSOVER_SHAPES = ("0.6b q", "4b q", "4b gate/up", "4b down")
 
 
 @contextmanager
 def kernels_choice(choice: str):
-    before = os.environ.get(kernels.ENV)
+    """QWEN_MLX_KERNELS=choice inside the block. With "custom" the dense kernels also take every M they are built for
+    (qmatmul.MAX_M), not only up to their dispatch limit (qmatmul.DISPATCH_MAX_M), so that the checks cover those
+    sizes and the crossover is timed."""
+    before, limits = os.environ.get(kernels.ENV), dict(qmatmul_kernel.DISPATCH_MAX_M)
     os.environ[kernels.ENV] = choice
+    if choice == "custom":
+        qmatmul_kernel.DISPATCH_MAX_M.update(dict.fromkeys(limits, qmatmul_kernel.MAX_M))
     try:
         yield
     finally:
+        qmatmul_kernel.DISPATCH_MAX_M.update(limits)
         if before is None:
             os.environ.pop(kernels.ENV)
         else:
@@ -214,8 +225,9 @@ def quantized_layer(n: int, k: int, group: int, bits: int, dtype: mx.Dtype, seed
 
 
 def check_fused(bits_list, groups, dtypes, ms, models: dict, expert_shapes: dict, log) -> list[dict]:
-    """kernels.linears (Q, K, V in one launch), kernels.swiglu (gate, up, SwiGLU), and the experts' decode pair
-    kernels.expert_swiglu / kernels.expert_sum, custom vs MLX's ops and vs float32, on the models' shapes."""
+    """kernels.linears (Q, K, V in one launch, and its two-part form), kernels.swiglu (gate, up, SwiGLU), and the
+    experts' decode pair kernels.expert_swiglu / kernels.expert_sum, custom vs MLX's ops and vs float32, on the
+    models' shapes."""
     rows = []
     for model, (nq, nkv, inter, hidden) in models.items():
         for dtype_name in dtypes:
@@ -229,16 +241,22 @@ def check_fused(bits_list, groups, dtypes, ms, models: dict, expert_shapes: dict
                         x = mx.random.normal((m, hidden), key=mx.random.key(m)).astype(dtype)
                         with kernels_choice("custom"):
                             outs = kernels.linears(x, *(layer for layer, _ in qkv))
+                            pair = kernels.linears(x, qkv[0][0], qkv[1][0])  # the two-part form
                             act = kernels.swiglu(x, *(layer for layer, _ in mlp)) if mlp else None
+                        with kernels_choice("reference"):  # MLX's ops: on a GPU the layers would call ours
+                            theirs = [layer(x) for layer, _ in qkv]
+                            act_mlx = nn.silu(mlp[0][0](x)) * mlp[1][0](x) if mlp else None
                         case = dict(model=model, bits=bits, group=group, dtype=dtype_name, m=m)
-                        for name, ours, (layer, dense) in zip("qkv", outs, qkv):
-                            rows.append(dict(case, op=f"linears {name}", **judged(
-                                ours, layer(x), x.astype(mx.float32) @ dense.T, dtype_name)))
+                        for op, ours, mlx_out, (_, dense) in zip(
+                                ["linears q", "linears k", "linears v", "linears pair q", "linears pair k"],
+                                outs + pair, theirs + theirs[:2], qkv + qkv[:2]):
+                            rows.append(dict(case, op=op, **judged(ours, mlx_out, x.astype(mx.float32) @ dense.T,
+                                                                   dtype_name)))
                         if mlp:
-                            (gate, g32), (up, u32) = mlp
+                            (_, g32), (_, u32) = mlp
                             x32 = x.astype(mx.float32)
                             rows.append(dict(case, op="swiglu", **judged(
-                                act, nn.silu(gate(x)) * up(x), nn.silu(x32 @ g32.T) * (x32 @ u32.T), dtype_name)))
+                                act, act_mlx, nn.silu(x32 @ g32.T) * (x32 @ u32.T), dtype_name)))
                     del qkv, mlp
                     mx.clear_cache()
     for name, (e, n, k) in expert_shapes.items():  # (E, 2 * intermediate, hidden): the joined gate/up stack
@@ -354,9 +372,10 @@ def expert_cases(x, gate_up, down, experts, weights, group: int, bits: int, case
     with kernels_choice("custom"):
         h = kernels.expert_swiglu(x, gate_up, experts, False)  # (T, k, 1, I)
         y = kernels.expert_sum(h, down, experts, weights)  # (T, H)
-    g, u = mx.split(gate_up(x, experts), 2, axis=-1)
-    h_mlx = nn.silu(g) * u
-    y_mlx = (down(h, experts).squeeze(-2) * weights[..., None].astype(h.dtype)).sum(axis=-2)
+    with kernels_choice("reference"):  # MLX's ops: on a GPU the layers would call ours
+        g, u = mx.split(gate_up(x, experts), 2, axis=-1)
+        h_mlx = nn.silu(g) * u
+        y_mlx = (down(h, experts).squeeze(-2) * weights[..., None].astype(h.dtype)).sum(axis=-2)
     flat = experts.reshape(-1)
     dense = lambda layer: mx.dequantize(layer.weight[flat], layer.scales[flat], layer.biases[flat], group,
                                         bits).astype(mx.float32)  # (P, N, K)
@@ -476,40 +495,60 @@ def time_per_call(fn, operands: list[tuple], x: mx.array, calls: int = 240, roun
 
 
 def bench_qmatmul(shapes, peak: float, log) -> list[dict]:
+    """4 and 8 bits, group 64, bf16: every shape at M = 1, the CROSSOVER_SHAPES at every M up to qmatmul.MAX_M;
+    calls cycling through copies of the matrix (far more bytes than the 50 MB L2 holds), ours vs MLX's."""
     rows = []
-    cases = [(name, bits, 1) for bits in (4, 8) for name in shapes]
-    cases += [(name, 4, 8) for name in ("4b q", "4b gate/up", "4b down")]
-    for name, bits, m in cases:
-        n, k = SHAPES[name]
-        one = mx.random.normal((n, k), key=mx.random.key(1)).astype(mx.bfloat16) * 0.02
-        sample = mx.quantize(one, 64, bits)
-        nbytes = sum(a.nbytes for a in sample)
-        copies = max(2, min(256, math.ceil(1.5e9 / nbytes)))  # far more bytes than the 50 MB L2 cache holds
-        operands = [sample] + [mx.quantize(one + i * 1e-3, 64, bits) for i in range(1, copies)]
-        mx.eval(operands)
-        x = mx.random.normal((m, k), key=mx.random.key(2)).astype(mx.bfloat16)
+    for bits in (4, 8):
+        for name, (n, k) in shapes.items():
+            one = mx.random.normal((n, k), key=mx.random.key(1)).astype(mx.bfloat16) * 0.02
+            sample = mx.quantize(one, 64, bits)
+            nbytes = sum(a.nbytes for a in sample)
+            copies = max(2, min(256, math.ceil(1.5e9 / nbytes)))
+            operands = [sample] + [mx.quantize(one + i * 1e-3, 64, bits) for i in range(1, copies)]
+            mx.eval(operands)
+            del one
 
-        def ours(x, w, s, b):
-            with kernels_choice("custom"):
-                return kernels.qmatmul(x, w, s, b, 64, bits)
+            def ours(x, w, s, b):
+                with kernels_choice("custom"):
+                    return kernels.qmatmul(x, w, s, b, 64, bits)
 
-        def builtin(x, w, s, b):
-            return mx.quantized_matmul(x, w, s, b, transpose=True, group_size=64, bits=bits)
+            def builtin(x, w, s, b):
+                return mx.quantized_matmul(x, w, s, b, transpose=True, group_size=64, bits=bits)
 
-        moved = nbytes + x.nbytes + m * n * 2
-        t_ours, t_mlx = time_per_call(ours, operands, x), time_per_call(builtin, operands, x)
-        row = dict(shape=name, n=n, k=k, bits=bits, m=m, ours_us=t_ours * 1e6, mlx_us=t_mlx * 1e6,
-                   speedup=t_mlx / t_ours, ours_gbs=moved / t_ours / 1e9, mlx_gbs=moved / t_mlx / 1e9,
-                   ours_hbm_fraction=moved / t_ours / 1e9 / peak, limit_us=moved / (peak * 1e9) * 1e6,
-                   target_speedup=TARGET_SPEEDUP[bits] if m == 1 else None)
-        row["target_met"] = row["target_speedup"] is None or row["speedup"] >= row["target_speedup"]
-        rows.append(row)
-        log(f"{name:<18} {bits}-bit M={m}  ours {row['ours_us']:8.1f} us {row['ours_gbs']:7.0f} GB/s "
-            f"({100 * row['ours_hbm_fraction']:4.1f}% HBM)  MLX {row['mlx_us']:8.1f} us {row['mlx_gbs']:7.0f} GB/s  "
-            f"x{row['speedup']:.2f}" + ("" if row["target_met"] else f"  TARGET x{row['target_speedup']} MISSED"))
-        del operands
-        mx.clear_cache()
+            for m in range(1, qmatmul_kernel.MAX_M + 1) if name in CROSSOVER_SHAPES else (1,):
+                x = mx.random.normal((m, k), key=mx.random.key(2)).astype(mx.bfloat16)
+                moved = nbytes + x.nbytes + m * n * 2
+                t_ours, t_mlx = time_per_call(ours, operands, x), time_per_call(builtin, operands, x)
+                row = dict(shape=name, n=n, k=k, bits=bits, m=m, ours_us=t_ours * 1e6, mlx_us=t_mlx * 1e6,
+                           speedup=t_mlx / t_ours, ours_gbs=moved / t_ours / 1e9, mlx_gbs=moved / t_mlx / 1e9,
+                           ours_hbm_fraction=moved / t_ours / 1e9 / peak, limit_us=moved / (peak * 1e9) * 1e6,
+                           target_speedup=TARGET_SPEEDUP[bits] if m == 1 else None)
+                row["target_met"] = row["target_speedup"] is None or row["speedup"] >= row["target_speedup"]
+                rows.append(row)
+                log(f"{name:<18} {bits}-bit M={m}  ours {row['ours_us']:8.1f} us {row['ours_gbs']:7.0f} GB/s "
+                    f"({100 * row['ours_hbm_fraction']:4.1f}% HBM)  MLX {row['mlx_us']:8.1f} us "
+                    f"{row['mlx_gbs']:7.0f} GB/s  x{row['speedup']:.2f}"
+                    + ("" if row["target_met"] else f"  TARGET x{row['target_speedup']} MISSED"))
+            del operands
+            mx.clear_cache()
     return rows
+
+
+def crossover(rows: list[dict], backend: str) -> dict:
+    """From bench_qmatmul's rows: the largest M such that at every M up to it our qmatmul is at least as fast as
+    mx.quantized_matmul on every CROSSOVER_SHAPES shape at both widths (0: not even at M = 1). That is the value of
+    qmatmul.DISPATCH_MAX_M[backend] for this GPU."""
+    slowest = {}
+    for row in rows:
+        if row["shape"] in CROSSOVER_SHAPES:
+            slowest[row["m"]] = min(slowest.get(row["m"], math.inf), row["speedup"])
+    max_m = 0
+    for m in range(1, qmatmul_kernel.MAX_M + 1):
+        if slowest.get(m, 0.0) < 1.0:
+            break
+        max_m = m
+    return dict(backend=backend, max_m=max_m, slowest_speedup_by_m=slowest, shapes=list(CROSSOVER_SHAPES),
+                dispatch_max_m_now=qmatmul_kernel.DISPATCH_MAX_M.get(backend))  # None off a GPU
 
 
 def bench_gather_qmv(shapes: dict, cases: list[tuple[str, int]], peak: float, log) -> list[dict]:
@@ -733,7 +772,10 @@ def save(result: dict, path: Path | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="write all results here")
-    parser.add_argument("--quick", action="store_true", help="a small grid (4/8 bits, group 64, M 1 and 8)")
+    parser.add_argument("--quick", action="store_true",
+                        help="the grid that fits one device call: 4/8 bits, group 64, bf16/fp32, M 1 and 8, and "
+                             "qmatmul once at each other width, group size and fp16 (about 80 kernel builds; the "
+                             "full grid asks for about 530)")
     parser.add_argument("--parts", default="correctness,bench,e2e",
                         help="which parts to run, comma-separated (default: all three)")
     parser.add_argument("--hbm-gbs", type=float, help="peak memory bandwidth (default: from the GPU's name)")
@@ -753,13 +795,16 @@ def main(argv: list[str] | None = None) -> int:
     else:
         bits, groups, dtypes, ms = qmatmul_kernel.BITS, qmatmul_kernel.GROUP_SIZES, tuple(DTYPES), (1, 2, 4, 8)
     gather_bits = tuple(b for b in bits if b in (4, 8))
-    result = {"schema": "qwen-mlx-device-check/4", "mlx_version": mx.__version__, "backend": backend, "gpu": gpu,
+    result = {"schema": "qwen-mlx-device-check/5", "mlx_version": mx.__version__, "backend": backend, "gpu": gpu,
               "hbm_gbs": peak}
     parts = set(args.parts.split(","))
     failures = 0
     start = time.perf_counter()
     if "correctness" in parts:
         result["qmatmul"] = check_qmatmul(bits, groups, dtypes, ms, SHAPES, log)
+        if args.quick:  # each other width, group size and dtype once (the 3/5/6-bit words straddle)
+            for grid in QUICK_QMATMUL_EXTRA:
+                result["qmatmul"] += check_qmatmul(*grid, SHAPES, log)
         result["gather_qmv"] = check_gather_qmv(gather_bits, groups, dtypes, ms, EXPERT_SHAPES, log)
         result["rope"] = check_rope(dtypes, log)
         result["router"] = check_router(dtypes, (1, 8, 512), log)
@@ -773,6 +818,10 @@ def main(argv: list[str] | None = None) -> int:
         save(result, args.json)  # what is done is kept should a later part run out of time
     if "bench" in parts:
         result["qmatmul_bench"] = bench_qmatmul(SHAPES, peak, log)
+        result["qmatmul_crossover"] = crossover(result["qmatmul_bench"], backend)
+        log(f"qmatmul crossover on {backend}: ours at least as fast up to M = "
+            f"{result['qmatmul_crossover']['max_m']} (set qmatmul.DISPATCH_MAX_M[{backend!r}] to it; now "
+            f"{result['qmatmul_crossover']['dispatch_max_m_now']})")
         result["gather_qmv_bench"] = bench_gather_qmv(GATHER_BENCH_SHAPES, GATHER_BENCH_CASES, peak, log)
         result["rope_bench"] = bench_rope(log)
         result["fused_bench"] = bench_fused(log)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 import shutil
 import subprocess
 import tempfile
@@ -33,7 +34,6 @@ EMULATOR_PRELUDE = """\
 #define WARP_SUM(v) emu_warp_sum(v)
 #define WARP_MAX(v) emu_warp_max(v)
 #define GLOBAL
-#define LOCAL
 #define AS_FLOAT(u) emu_as_float(u)
 #define RSQRT(x) (1.0f / std::sqrt(x))
 #define COS(x) std::cos(x)
@@ -44,6 +44,7 @@ EMULATOR_PRELUDE = """\
 
 HEADER = """\
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -52,8 +53,33 @@ HEADER = """\
 #include <vector>
 using std::max;
 using std::min;
-struct uint4 { uint32_t x, y, z, w; };
-struct uint2 { uint32_t x, y; };
+// A GPU's 16- and 8-byte vector loads need an address aligned to their size (CUDA faults, Metal reads other
+// bytes); x86 does not care, so each load of these types checks it and a misaligned one is recorded.
+static std::atomic<int> emu_misaligned{0};
+inline void emu_check_aligned(const void* p, uintptr_t size) {
+  if (reinterpret_cast<uintptr_t>(p) % size != 0) emu_misaligned = 1;
+}
+struct uint4 {
+  uint32_t x, y, z, w;
+  uint4() = default;
+  uint4(const uint4& o) { *this = o; }
+  uint4& operator=(const uint4& o) {
+    emu_check_aligned(&o, 16);
+    std::memcpy(this, &o, 16);
+    return *this;
+  }
+};
+struct uint2 {
+  uint32_t x, y;
+  uint2() = default;
+  uint2(const uint2& o) { *this = o; }
+  uint2& operator=(const uint2& o) {
+    emu_check_aligned(&o, 8);
+    std::memcpy(this, &o, 8);
+    return *this;
+  }
+};
+extern "C" int emu_misaligned_loads() { return emu_misaligned.exchange(0); }
 struct bf16 {
   uint16_t bits;
   bf16() = default;
@@ -75,13 +101,18 @@ struct Warp {
 };
 static thread_local int emu_group, emu_thread;
 static thread_local Warp* emu_warp;
-inline float emu_warp_sum(float v) {
+inline float emu_warp_sum(float v) {  // in CUDA's butterfly order (dialect.CUDA_HEADER's shuffles)
   emu_warp->values[emu_thread % 32] = v;
   emu_warp->meet.arrive_and_wait();
-  float sum = 0.0f;
-  for (int i = 0; i < 32; i++) sum += emu_warp->values[i];
+  float level[32];
+  for (int i = 0; i < 32; i++) level[i] = emu_warp->values[i];
   emu_warp->meet.arrive_and_wait();
-  return sum;
+  for (int step = 16; step > 0; step /= 2) {
+    float next[32];
+    for (int i = 0; i < 32; i++) next[i] = level[i] + level[i ^ step];
+    for (int i = 0; i < 32; i++) level[i] = next[i];
+  }
+  return level[emu_thread % 32];
 }
 inline float emu_warp_max(float v) {
   emu_warp->values[emu_thread % 32] = v;
@@ -152,7 +183,16 @@ extern "C" void {name}(void** inputs, int** shapes, void** outputs, int groups) 
 """
 
 
-UNDEF = "".join(f"#undef {line.split()[1]}\n" for line in EMULATOR_PRELUDE.splitlines())
+UNDEF = "".join(f"#undef {line.split()[1].split('(')[0]}\n" for line in EMULATOR_PRELUDE.splitlines())
+
+
+# How the text is compiled: "O0" keeps every load and store where the text puts it; "O2" treats it as a GPU compiler
+# may: type-based alias analysis (a type-punned read may see stale bytes) and a * b + c contracted to one FMA.
+BUILDS = {"O0": ["-O0", "-fno-strict-aliasing"],
+          "O2": ["-O2", "-fstrict-aliasing", "-ffp-contract=fast", "-march=native"]}
+# MLX leaves a kernel's outputs uninitialised: they start as NaN (floats) or all ones (integers) here, so an output
+# element the kernel never writes shows.
+FILL = {mx.float32: np.nan, mx.float16: np.nan, mx.bfloat16: 0x7FC0, mx.uint32: 0xFFFFFFFF, mx.int32: -1}
 
 
 def _as_numpy(a: mx.array) -> np.ndarray:
@@ -160,36 +200,55 @@ def _as_numpy(a: mx.array) -> np.ndarray:
     return np.ascontiguousarray(np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a))
 
 
-def run(calls: list[tuple[Kernel, Launch]]) -> list[list[mx.array]]:
-    """Each (kernel, launch) run on the CPU, all built as one translation unit (once; kept under the temp
-    directory, keyed by the text): the outputs of each call."""
+def _misplaced(a: np.ndarray) -> np.ndarray:
+    """A copy of `a` one element past a 16-byte boundary: a row-contiguous slice at an odd offset, which MLX hands
+    to a kernel as it is."""
+    raw = np.zeros(a.nbytes + 32, np.uint8)
+    start = -raw.ctypes.data % 16 + a.itemsize
+    placed = raw[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    placed[...] = a
+    return placed
+
+
+def _library(source: str, build: str) -> ctypes.CDLL:
+    """The source built once (kept under the temp directory, keyed by the text and the build)."""
+    directory = Path(tempfile.gettempdir()) / "qwen_mlx_emulator"
+    directory.mkdir(exist_ok=True)
+    (directory / "emulator_undef.h").write_text(UNDEF)
+    digest = hashlib.sha256((build + source).encode()).hexdigest()[:16]
+    library = directory / f"kernels_{build}_{digest}.so"
+    if not library.exists():
+        cpp, partial = directory / f"kernels_{build}_{digest}.cpp", directory / f"{library.name}.{os.getpid()}"
+        cpp.write_text(source)
+        result = subprocess.run(["g++", "-std=c++20", *BUILDS[build], "-shared", "-fPIC", "-pthread", "-o",
+                                 str(partial), str(cpp)], capture_output=True, text=True)
+        if result.returncode:
+            raise RuntimeError(result.stderr[-4000:])
+        partial.rename(library)
+    return ctypes.CDLL(str(library))
+
+
+def run(calls: list[tuple[Kernel, Launch]], build: str = "O2", misaligned: tuple[str, ...] = ()) -> list[list[mx.array]]:
+    """Each (kernel, launch) run on the CPU, all built as one translation unit: the outputs of each call. The inputs
+    named in `misaligned` are placed one element past a 16-byte boundary; a 16- or 8-byte vector load from an
+    address not aligned to its size raises."""
     for _, launch in calls:
         assert launch.grid[0] % launch.threadgroup[0] == 0 and launch.threadgroup[0] % 32 == 0
         assert launch.grid[1:] == (1, 1) and launch.threadgroup[1:] == (1, 1)
     # The grid is an argument, not part of the text, so that one build serves every size of a call.
-    source = HEADER + "".join(_function(k, l, f"call{i}") for i, (k, l) in enumerate(calls))
-    build = Path(tempfile.gettempdir()) / "qwen_mlx_emulator"
-    build.mkdir(exist_ok=True)
-    (build / "emulator_undef.h").write_text(UNDEF)
-    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
-    library = build / f"kernels_{digest}.so"
-    if not library.exists():
-        (build / f"kernels_{digest}.cpp").write_text(source)
-        result = subprocess.run(["g++", "-std=c++20", "-O0", "-fno-strict-aliasing", "-shared", "-fPIC", "-pthread",
-                                 "-o", str(library) + ".tmp", str(build / f"kernels_{digest}.cpp")],
-                                capture_output=True, text=True)
-        if result.returncode:
-            raise RuntimeError(result.stderr[-4000:])
-        Path(str(library) + ".tmp").rename(library)
-    lib = ctypes.CDLL(str(library))
+    lib = _library(HEADER + "".join(_function(k, l, f"call{i}") for i, (k, l) in enumerate(calls)), build)
     results = []
-    for i, (_kernel, launch) in enumerate(calls):
-        inputs = [_as_numpy(a) for a in launch.inputs]
+    for i, (kernel, launch) in enumerate(calls):
+        inputs = [_misplaced(_as_numpy(a)) if name in misaligned else _as_numpy(a)
+                  for name, a in zip(kernel.inputs, launch.inputs)]
         shapes = [np.array(a.shape or (1,), np.int32) for a in launch.inputs]
-        outputs = [np.zeros(s, NUMPY_TYPES[d]) for s, d in zip(launch.output_shapes, launch.output_dtypes)]
+        outputs = [np.full(s, FILL[d], NUMPY_TYPES[d]) for s, d in zip(launch.output_shapes, launch.output_dtypes)]
         pointers = lambda arrays: (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
         groups = launch.grid[0] // launch.threadgroup[0]
         getattr(lib, f"call{i}")(pointers(inputs), pointers(shapes), pointers(outputs), ctypes.c_int(groups))
+        if lib.emu_misaligned_loads():
+            raise RuntimeError(f"{kernel.name}: a vector load from a misaligned address (inputs placed off their "
+                               f"alignment: {', '.join(misaligned)}); a GPU faults or reads other bytes there")
         results.append([mx.array(o).view(mx.bfloat16) if d == mx.bfloat16 else mx.array(o)
                         for o, d in zip(outputs, launch.output_dtypes)])
     return results

@@ -85,7 +85,8 @@ def test_fused_check_passes_the_reference_and_catches_a_wrong_result(reference_o
     args = ((4,), (64,), ("float32", "bfloat16"), (1, 2), models, {"tiny experts": (8, 2 * 64, 128)}, lambda *_: None)
     rows = device_check.check_fused(*args)
     ops = [r["op"] for r in rows]
-    assert ops.count("linears q") == 8 and ops.count("swiglu") == 4 and ops.count("expert_sum") == 12
+    assert ops.count("linears q") == 8 and ops.count("linears pair k") == 8 and ops.count("swiglu") == 4
+    assert ops.count("expert_sum") == 12
     assert all(r["ok"] for r in rows)
     for name in ("linears", "swiglu", "expert_swiglu", "expert_sum"):
         right = getattr(kernels, name)
@@ -167,7 +168,69 @@ def test_main_runs_every_part_and_writes_the_json(reference_only, monkeypatch, t
     assert device_check.main(["--quick", "--json", str(out), "--prompt", "8", "--gen", "2"]) == 0
     result = json.loads(out.read_text())
     for key in ("qmatmul", "gather_qmv", "rope", "router", "gated_delta", "fused", "model", "qmatmul_bench",
-                "gather_qmv_bench", "rope_bench", "fused_bench", "gated_delta_bench", "end_to_end", "moe_end_to_end"):
+                "qmatmul_crossover", "gather_qmv_bench", "rope_bench", "fused_bench", "gated_delta_bench",
+                "end_to_end", "moe_end_to_end"):
         assert result[key], key
     assert [r["shape"] for r in result["gated_delta"]] == ["tiny", "tiny", "odd", "odd"]  # --quick: bf16, fp32
-    assert result["failures"] == 0 and result["schema"] == "qwen-mlx-device-check/4"
+    assert result["failures"] == 0 and result["schema"] == "qwen-mlx-device-check/5"
+    assert result["qmatmul_crossover"]["max_m"] == 8  # equal times: ours is as fast at every M
+    qmatmul = result["qmatmul"]  # --quick still reaches every width, group size and dtype once
+    assert {r["bits"] for r in qmatmul} == set(device_check.qmatmul_kernel.BITS)
+    assert {r["group"] for r in qmatmul} == {32, 64, 128} and {r["dtype"] for r in qmatmul} == set(device_check.DTYPES)
+    assert {r["m"] for r in result["qmatmul_bench"] if r["shape"] == "4b q"} == set(range(1, 9))
+
+
+def test_no_baseline_reaches_our_kernels(monkeypatch):
+    """On a GPU (forced here, with a stub runner recording each launch) every check and benchmark computes its
+    baseline with MLX's own ops: each launch of our kernels happens inside kernels_choice("custom"), where the
+    check computes ours. A baseline left outside it (say `layer(x)`) would launch our kernel with the variable
+    unset, and the check would compare our kernels with themselves."""
+    import os
+
+    from qwen_mlx.kernels import dialect
+
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    monkeypatch.setattr(kernels, "gpu_backend", lambda: "cuda")
+    launches = []
+    monkeypatch.setattr(dialect, "run", lambda kernel, backend, launch: launches.append(
+        (kernel.name, os.environ.get(kernels.ENV))) or [mx.zeros(s, d) for s, d in zip(launch.output_shapes,
+                                                                                         launch.output_dtypes)])
+    monkeypatch.setattr(device_check, "time_per_call", lambda fn, operands, x: mx.eval(fn(x, *operands[0])) or 1e-6)
+    quiet = lambda *_: None
+    device_check.check_qmatmul((4,), (64,), ("bfloat16",), (1, 2), {"tiny": (16, 256)}, quiet)
+    device_check.check_gather_qmv((4,), (64,), ("bfloat16",), (1,), TINY_EXPERTS, quiet)
+    device_check.check_fused((4,), (64,), ("bfloat16",), (1, 2), {"tiny": (64, 32, 96, 128)},
+                             {"tiny experts": (8, 2 * 64, 128)}, quiet)
+    device_check.check_router(("bfloat16",), (1,), quiet)
+    device_check.check_gated_delta(("bfloat16",), TINY_GATED_DELTA, 2, quiet)
+    rope = make_rope(preset_config("qwen3-0.6b", 1))
+    device_check.rope_case(rope, mx.zeros((1, 3, 4, 128)), mx.zeros((1, 3, 2, 128)), 5, None, "float32", "tiny",
+                           "default")
+    device_check.bench_gather_qmv(TINY_EXPERTS, [("tiny gate/up", 1)], 1000.0, quiet)
+    device_check.bench_fused(quiet, dense=(64, 32, 96, 128), experts=(8, 128, 128), copies=4)
+    names = {name for name, _ in launches}
+    assert {"qwen_qmatmul", "qwen_gather_qmv", "qwen_qmatmul_parts3", "qwen_qmatmul_swiglu", "qwen_gather_qmv_swiglu",
+            "qwen_gather_qmv_sum", "qwen_router", "qwen_rope", "qwen_gated_delta"} <= names
+    assert [(name, choice) for name, choice in launches if choice != "custom"] == []
+
+
+def test_crossover_is_the_last_m_of_an_unbroken_run_of_wins():
+    """M = 1, 2 win on every shape and width, M = 3 loses on one, M = 4 wins again: the dispatch limit is 2."""
+    speedups = {1: (2.0, 1.5), 2: (1.2, 1.0), 3: (1.4, 0.9), 4: (1.1, 1.1)}  # per M: two (shape, width) cases
+    rows = [dict(shape=shape, m=m, speedup=speedup) for m, pair in speedups.items()
+            for shape, speedup in zip(device_check.CROSSOVER_SHAPES, pair)]
+    rows.append(dict(shape="lm head", m=1, speedup=0.5))  # not a crossover shape: not counted
+    result = device_check.crossover(rows, "cuda")
+    assert result["max_m"] == 2 and result["slowest_speedup_by_m"] == {1: 1.5, 2: 1.0, 3: 0.9, 4: 1.1}
+    assert device_check.crossover([dict(shape="4b q", m=1, speedup=0.8)], "cuda")["max_m"] == 0
+
+
+def test_custom_choice_lifts_the_dispatch_limit_for_the_checks_only(monkeypatch):
+    """Inside kernels_choice("custom") the checks reach every M the kernel is built for; after it, the limit is back."""
+    monkeypatch.setattr(kernels, "gpu_backend", lambda: "cuda")
+    limits = dict(device_check.qmatmul_kernel.DISPATCH_MAX_M)
+    with device_check.kernels_choice("custom"):
+        assert device_check.qmatmul_kernel.dispatched(mx.zeros((8, 64)), "cuda")
+        assert kernels.backend() == "cuda"
+    assert device_check.qmatmul_kernel.DISPATCH_MAX_M == limits
+    assert not device_check.qmatmul_kernel.dispatched(mx.zeros((2, 64)), "cuda")

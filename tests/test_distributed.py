@@ -25,7 +25,8 @@ from helpers import greedy_ours, prompt_ids
 from mlx.utils import tree_flatten
 
 from qwen_mlx.cache.kv import make_cache
-from qwen_mlx.distributed.runtime import DistributedError, check_tensor_split, expert_range, memory_plan, plan_stages
+from qwen_mlx.distributed.plan import DistributedError, check_tensor_split, expert_range, memory_plan, plan_stages
+from qwen_mlx.distributed.shard import HeldExperts, Stage
 from qwen_mlx.models.qwen3 import checkpoint_weights
 from qwen_mlx.weights.loader import load_config, load_model
 from qwen_mlx.weights.names import LoadError
@@ -77,9 +78,9 @@ def run_launcher(n: int, *command: str, timeout: float = 60) -> tuple[str, str, 
 
 def launch(n: int, path: Path, mode: str, *extra: str, max_tokens: int = N_TOKENS,
            timeout: float = 60) -> tuple[dict | None, str, float]:
-    """Run `python -m qwen_mlx.distributed.runtime generate` on n local ring ranks; returns rank 0's JSON line (or None),
+    """Run `python -m qwen_mlx.distributed generate` on n local ring ranks; returns rank 0's JSON line (or None),
     all output, and the seconds it took."""
-    out, err, elapsed = run_launcher(n, "-m", "qwen_mlx.distributed.runtime", "generate", "--model", str(path), "--mode",
+    out, err, elapsed = run_launcher(n, "-m", "qwen_mlx.distributed", "generate", "--model", str(path), "--mode",
                                      mode, "--prompt-ids", ",".join(map(str, PROMPT)), "--max-tokens",
                                      str(max_tokens), "--timeout", "20", *extra, timeout=timeout)
     out += err
@@ -288,7 +289,7 @@ def test_a_stage_reads_only_its_own_tensors(tiny_checkpoint):
     full, _ = load_model(path)
     mx.reset_peak_memory()
     base = mx.get_active_memory()
-    last, _ = load_model(path, layers=range(2, 3))
+    last, _ = load_model(path, part=Stage(range(2, 3)))
     names = {k for k, _ in tree_flatten(last.parameters())}
     assert names == {k.replace("layers.2.", "layers.0.") for k, _ in tree_flatten(full.parameters())
                      if k.startswith(("model.layers.2.", "model.norm.", "lm_head."))}
@@ -300,7 +301,7 @@ def test_a_stage_reads_only_its_own_tensors(tiny_checkpoint):
 
 @pytest.mark.parametrize("layout", ["hugging_face", "mlx_lm_quantized"])
 def test_a_rank_reads_only_its_own_experts(tiny_checkpoint, tmp_path, layout):
-    """load_model(experts=range) reads only those experts of each MoE layer, from per-expert tensors (Hugging
+    """load_model(part=HeldExperts(range)) reads only those experts of each MoE layer, from per-expert tensors (Hugging
     Face's layout) or from slices of stacked ones (mlx-lm's, here quantized with bfloat16 scales). A small
     vocabulary and wider experts, so that the experts are most of the model and reading all would break the bound."""
     experts_first = dict(vocab_size=256, moe_intermediate_size=128)
@@ -311,7 +312,7 @@ def test_a_rank_reads_only_its_own_experts(tiny_checkpoint, tmp_path, layout):
     experts = expert_range(full.config.num_experts, 1, 3)  # 3, 4, 5 of 8
     mx.reset_peak_memory()
     base = mx.get_active_memory()
-    mine, _ = load_model(path, experts=experts)
+    mine, _ = load_model(path, part=HeldExperts(experts))
     loaded = sum(p.nbytes for _, p in tree_flatten(mine.parameters()))
     assert mx.get_peak_memory() - base <= 1.1 * loaded
     whole = dict(tree_flatten(full.parameters()))
@@ -327,14 +328,14 @@ def test_a_rank_reads_only_its_own_experts(tiny_checkpoint, tmp_path, layout):
 
 def test_an_expert_range_outside_the_model_is_refused(tiny_checkpoint, tmp_path):
     with pytest.raises(LoadError, match="experts 6..8 are not a range of this model's 8 experts"):
-        load_model(tiny_checkpoint("qwen3_moe"), experts=range(6, 9))
+        load_model(tiny_checkpoint("qwen3_moe"), part=HeldExperts(range(6, 9)))
     with pytest.raises(LoadError, match="experts 0..0 are not a range of this model's 0 experts"):
-        load_model(tiny_checkpoint("qwen3"), experts=range(0, 1))
+        load_model(tiny_checkpoint("qwen3"), part=HeldExperts(range(0, 1)))
     path = write_quantized(tiny_checkpoint("qwen3_moe"), tmp_path / "q", 32, 8)
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "num_experts": 4}))
     with pytest.raises(LoadError, match=r"switch_mlp\.\w+_proj\.\w+ has shape \(8, .*8 experts, the config needs 4"):
-        load_model(path, experts=range(0, 2))
+        load_model(path, part=HeldExperts(range(0, 2)))
 
 
 def test_distributed_without_a_launcher_runs_in_one_process_with_a_note(tiny_checkpoint):

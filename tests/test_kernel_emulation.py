@@ -56,16 +56,23 @@ def matrix(n: int, k: int, group_size: int, bits: int, dtype, seed: int):
     return q, mx.dequantize(*q, group_size, bits).astype(mx.float32)
 
 
-def emulated(calls):
-    """The outputs of each (kernel, launch), run by the emulator as one build."""
-    return kernel_emulator.run(calls)
+@pytest.fixture(params=list(kernel_emulator.BUILDS))
+def build(request) -> str:
+    """Each kernel test runs on both builds of the emulator: as written (-O0) and as a GPU compiler may take it
+    (-O2: strict aliasing, FMA contraction)."""
+    return request.param
+
+
+def emulated(calls, build: str = "O2"):
+    """The outputs of each (kernel, launch), run by the emulator as one translation unit."""
+    return kernel_emulator.run(calls, build)
 
 
 CASES = [(bits, 64, mx.float32) for bits in qmatmul_kernel.BITS]  # every width
 CASES += [(4, 32, mx.bfloat16), (4, 128, mx.float16), (8, 32, mx.float16), (8, 128, mx.bfloat16)]
 
 
-def test_qmatmul_equals_quantized_matmul():
+def test_qmatmul_equals_quantized_matmul(build):
     calls, expected = [], []
     for i, (bits, group_size, dtype) in enumerate(CASES):
         (w, scales, biases), dense = matrix(40, 384, group_size, bits, dtype, seed=i)  # 40 rows: a partial block
@@ -75,12 +82,12 @@ def test_qmatmul_equals_quantized_matmul():
             expected.append((mx.quantized_matmul(x, w, scales, biases, group_size=group_size, bits=bits),
                              (x.astype(mx.float32) @ dense.T).astype(dtype), f"bits {bits} group {group_size} "
                              f"{dtype} M {m}"))
-    for (ours,), (theirs, truth, what) in zip(emulated(calls), expected):
+    for (ours,), (theirs, truth, what) in zip(emulated(calls, build), expected):
         assert_close(ours, theirs, truth, what)
 
 
 @pytest.mark.parametrize("rows", [(64, 32, 32), (40, 24), (128, 16, 16)], ids=["qkv", "two-parts", "gqa-4-to-1"])
-def test_parts_equal_separate_products(rows):
+def test_parts_equal_separate_products(rows, build):
     """Q, K and V (or any 2-3 matrices of one input) in one launch: each output equals its own product, including
     parts whose rows end inside a threadgroup's block."""
     calls, expected = [], []
@@ -94,13 +101,13 @@ def test_parts_equal_separate_products(rows):
                           projections.launch_parts(x, matrices, group_size, bits)))
             expected.append([(mx.quantized_matmul(x, *q, group_size=group_size, bits=bits),
                               (x.astype(mx.float32) @ dense.T).astype(dtype)) for q, dense in parts])
-    for outputs, parts in zip(emulated(calls), expected):
+    for outputs, parts in zip(emulated(calls, build), expected):
         assert len(outputs) == len(parts)
         for j, (ours, (theirs, truth)) in enumerate(zip(outputs, parts)):
             assert_close(ours, theirs, truth, f"part {j}")
 
 
-def test_swiglu_equals_silu_gate_times_up():
+def test_swiglu_equals_silu_gate_times_up(build):
     calls, expected = [], []
     for i, (bits, group_size, dtype) in enumerate([(4, 64, mx.float32), (8, 128, mx.bfloat16), (6, 32, mx.float16)]):
         (gate, gate_dense), (up, up_dense) = (matrix(72, 256, group_size, bits, dtype, seed=2 * i + j)
@@ -112,7 +119,7 @@ def test_swiglu_equals_silu_gate_times_up():
                 x, *up, group_size=group_size, bits=bits)
             x32 = x.astype(mx.float32)
             expected.append((theirs, (nn.silu(x32 @ gate_dense.T) * (x32 @ up_dense.T)).astype(dtype)))
-    for (ours,), (theirs, truth) in zip(emulated(calls), expected):
+    for (ours,), (theirs, truth) in zip(emulated(calls, build), expected):
         assert_close(ours, theirs, truth, "swiglu")
 
 
@@ -135,7 +142,7 @@ def gathered_truth(x: mx.array, dense: mx.array, experts: mx.array) -> mx.array:
 
 
 @pytest.mark.parametrize("bits,group_size,dtype", [(4, 64, mx.float32), (8, 32, mx.bfloat16), (3, 128, mx.float16)])
-def test_gather_kernels_equal_gather_qmm_on_skewed_routing(bits, group_size, dtype):
+def test_gather_kernels_equal_gather_qmm_on_skewed_routing(bits, group_size, dtype, build):
     """gather_qmv (x shared by a token's experts, or a row per pair), its SwiGLU form on the joined gate/up stack
     and its weighted-sum form for down, on random, one-expert, repeated and first/last routings."""
     (gate_up, gate_up_dense), (down, down_dense) = (experts_stack(2 * 24, 256, group_size, bits, dtype, seed=1),
@@ -167,11 +174,11 @@ def test_gather_kernels_equal_gather_qmm_on_skewed_routing(bits, group_size, dty
         expected.append(((down_mlx.squeeze(-2) * weights[..., None].astype(dtype)).sum(-2),
                          (down_truth.squeeze(-2) * weights[..., None]).sum(-2).astype(dtype),
                          f"gather weighted sum, {name}"))
-    for (ours,), (theirs, truth, what) in zip(emulated(calls), expected):
+    for (ours,), (theirs, truth, what) in zip(emulated(calls, build), expected):
         assert_close(ours, theirs, truth, what)
 
 
-def test_rope_equals_the_reference_path_and_the_definition():
+def test_rope_equals_the_reference_path_and_the_definition(build):
     head_dim = 128
     inv_freq = 1.0 / 1e6 ** (mx.arange(0, head_dim, 2, dtype=mx.float32) / head_dim)
     rope = Rope(inv_freq, 1.0, 1.0 / inv_freq)
@@ -188,7 +195,7 @@ def test_rope_equals_the_reference_path_and_the_definition():
                                                                       cos, sin) for a in (q, k)]
             expected.append((kernels.rope(q, k, rope.inv_freq, rope.wavelengths, offset=offset, norms=norms, scale=scale), definition,
                              f"{dtype} offset {offset} norm {norms is not None}"))
-    for ours, (reference, definition, what) in zip(emulated(calls), expected):
+    for ours, (reference, definition, what) in zip(emulated(calls, build), expected):
         for i, (got, want) in enumerate(zip(ours, reference)):
             tol = TOLERANCE[got.dtype] + 4e-7 * 4096  # the float32 angle's rounding grows with the position
             assert got.shape == want.shape and error(got, want) <= tol, what
@@ -196,7 +203,7 @@ def test_rope_equals_the_reference_path_and_the_definition():
                 assert error(got, definition[i]) <= tol, what
 
 
-def test_router_equals_softmax_top_k():
+def test_router_equals_softmax_top_k(build):
     """The chosen experts (as sets: the kernel orders them by probability, argpartition does not) and their
     weights, for 128 experts (Qwen3-MoE), 40 (a partial last lane slot) and 512, with and without renormalization."""
     calls, expected = [], []
@@ -205,13 +212,39 @@ def test_router_equals_softmax_top_k():
             logits = (mx.random.normal((5, experts), key=mx.random.key(experts)) * 3).astype(dtype)
             calls.append((router_kernel.KERNEL, router_kernel.launch(logits, top_k, norm)))
             expected.append(kernels.route(logits, top_k, norm))  # the reference path
-    for (got_experts, got_weights), (experts, weights) in zip(emulated(calls), expected):
+    for (got_experts, got_weights), (experts, weights) in zip(emulated(calls, build), expected):
         order, got_order = np.argsort(np.array(experts), -1), np.argsort(np.array(got_experts), -1)
         assert (np.take_along_axis(np.array(got_experts), got_order, -1)
                 == np.take_along_axis(np.array(experts), order, -1)).all()
         np.testing.assert_allclose(np.take_along_axis(np.array(got_weights), got_order, -1),
                                    np.take_along_axis(np.array(weights), order, -1), rtol=2e-6, atol=1e-7)
         assert (np.diff(np.array(got_weights), axis=-1) <= 0).all()  # by descending probability
+
+
+def test_kernels_read_x_at_any_element_offset():
+    """x as a row-contiguous slice one element past a 16-byte boundary, which MLX hands a kernel as it is (it
+    copies only inputs that are not row-contiguous): every kernel on qmatmul's loop reads it without a vector load
+    that needs alignment, and computes the same."""
+    calls, expected = [], []
+    for bits, dtype in ((4, mx.bfloat16), (8, mx.float32)):
+        (w, scales, biases), dense = matrix(24, 256, 64, bits, dtype, seed=bits)
+        up, _ = matrix(24, 256, 64, bits, dtype, seed=bits + 1)
+        for m in (1, 3):
+            x = mx.random.normal((m, 256), key=mx.random.key(m)).astype(dtype)
+            truth = (x.astype(mx.float32) @ dense.T).astype(dtype)
+            mlx = mx.quantized_matmul(x, w, scales, biases, group_size=64, bits=bits)
+            calls.append((qmatmul_kernel.KERNEL, qmatmul_kernel.launch(x, w, scales, biases, 64, bits)))
+            expected.append((mlx, truth))
+            calls.append((projections.parts_kernel(2), projections.launch_parts(x, [(w, scales, biases), up], 64,
+                                                                                bits)))
+            expected.append((mlx, truth))
+        (stack, stack_dense), experts = experts_stack(24, 256, 64, bits, dtype, seed=bits), mx.array([[[1, 6]]])
+        x = mx.random.normal((1, 1, 1, 1, 256), key=mx.random.key(5)).astype(dtype)
+        calls.append((gather_kernel.KERNEL, gather_kernel.launch(x, *stack, experts, 64, bits)))
+        expected.append((mx.gather_qmm(x, *stack, rhs_indices=experts, group_size=64, bits=bits),
+                         gathered_truth(x, stack_dense, experts).astype(dtype)))
+    for outputs, (theirs, truth) in zip(kernel_emulator.run(calls, misaligned=("x",)), expected):
+        assert_close(outputs[0], theirs, truth, "x off its alignment")
 
 
 # Whole models: every decode product through the emulated kernels
@@ -228,6 +261,7 @@ def emulated_gpu(monkeypatch):
 
     monkeypatch.setattr(kernels, "backend", lambda: "cuda")
     monkeypatch.setattr(dialect, "run", run)
+    monkeypatch.setitem(qmatmul_kernel.DISPATCH_MAX_M, "cuda", qmatmul_kernel.MAX_M)  # the prompt's M too
     return launched
 
 
@@ -300,3 +334,39 @@ def test_emulator_catches_a_broken_kernel():
     outputs = emulated(calls)
     for i in range(0, len(outputs), 2):
         assert error(outputs[i + 1][0], outputs[i][0]) > 0.1
+
+
+def test_emulator_outputs_start_uninitialised():
+    """MLX does not clear a kernel's outputs: an element the kernel never writes is NaN here, not a lucky zero."""
+    evens = dialect.Kernel("evens", ("x",), ("y",), "if (LANE % 2 == 0) { y[LANE] = x[LANE]; }")
+    launch = dialect.Launch([mx.ones(32)], [], (32, 1, 1), (32, 1, 1), [(32,)], [mx.float32])
+    (y,), = emulated([(evens, launch)])
+    assert mx.all(y[::2] == 1).item() and mx.all(mx.isnan(y[1::2])).item()
+
+
+def test_emulator_warp_sum_adds_in_cuda_butterfly_order():
+    """Lane i adds lane i ^ 16's value, then i ^ 8's, ... (the CUDA header's shuffles); with values whose float32
+    sum depends on the order, every lane gets that order's sum, not the sequential one."""
+    values = np.array([2.0 ** 24, 1.0, -(2.0 ** 24), 1.0] * 8, np.float32)
+    level = values.copy()
+    for step in (16, 8, 4, 2, 1):
+        level = (level + level[np.arange(32) ^ step]).astype(np.float32)
+    sequential = np.float32(0)
+    for v in values:
+        sequential = np.float32(sequential + v)
+    assert level[0] != sequential  # the case tells the orders apart
+    warp_sum = dialect.Kernel("warp_sum", ("x",), ("y",), "y[LANE] = WARP_SUM(x[LANE]);")
+    launch = dialect.Launch([mx.array(values)], [], (32, 1, 1), (32, 1, 1), [(32,)], [mx.float32])
+    (y,), = emulated([(warp_sum, launch)])
+    assert np.array_equal(np.array(y), level)
+
+
+def test_emulator_builds_with_and_without_fma_contraction():
+    """a * a - b with a = 1 + 2^-12 and b = a * a rounded to float: 0 as written (-O0), the product's rounding
+    error 2^-24 when contracted into one FMA (-O2, as GPU compilers do by default)."""
+    fma = dialect.Kernel("fma", ("x",), ("y",), "y[LANE] = x[0] * x[0] - x[1];")
+    a = np.float32(1 + 2.0 ** -12)
+    launch = dialect.Launch([mx.array(np.array([a, a * a], np.float32))], [], (32, 1, 1), (32, 1, 1), [(32,)],
+                            [mx.float32])
+    assert {build: emulated([(fma, launch)], build)[0][0][0].item() for build in ("O0", "O2")} == {
+        "O0": 0.0, "O2": 2.0 ** -24}

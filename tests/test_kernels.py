@@ -141,9 +141,16 @@ def kernel_calls(monkeypatch, backend: str) -> list[tuple[Kernel, str, dialect.L
     return calls
 
 
-def test_gpu_backend_launches_the_kernel_for_small_m_only(monkeypatch):
+def test_gpu_backend_launches_the_kernel_up_to_the_dispatch_limit(monkeypatch):
+    """The kernel is built for M <= 8; dispatch takes M up to the backend's measured crossover (1 until measured)."""
     calls = kernel_calls(monkeypatch, "cuda")
     _, w, scales, biases = quantized(100, 512, 64, 4)
+    assert qmatmul_kernel.DISPATCH_MAX_M == {"metal": 1, "cuda": 1}
+    kernels.qmatmul(mx.zeros((1, 1, 512), mx.bfloat16), w, scales, biases, 64, 4)
+    assert [dict(launch.template)["M"] for _, _, launch in calls] == [1]
+    kernels.qmatmul(mx.zeros((2, 512), mx.bfloat16), w, scales, biases, 64, 4)  # past the limit: MLX's op
+    assert len(calls) == 1
+    monkeypatch.setitem(qmatmul_kernel.DISPATCH_MAX_M, "cuda", 8)  # as set from device_check's crossover
     x = mx.zeros((2, 4, 512), mx.bfloat16)
     assert kernels.qmatmul(x, w, scales, biases, 64, 4).shape == (2, 4, 100)
     kernel, backend, launch = calls[-1]
@@ -232,6 +239,11 @@ def test_quantized_attention_and_mlp_take_one_launch_each_for_qkv_and_gate_up(mo
     assert [kernel.name for kernel, _, _ in calls][:3] == ["qwen_qmatmul"] * 3
     calls.clear()
     Block(cfg, make_rope(cfg), 0)(mx.zeros((1, 1, 128)), None)
+    assert [kernel.name for kernel, _, _ in calls] == ["qwen_rope"]
+
+    # Two tokens: past the dispatch limit (1 until measured), every product is MLX's
+    calls.clear()
+    block(mx.zeros((1, 2, 128)), None)
     assert [kernel.name for kernel, _, _ in calls] == ["qwen_rope"]
 
 
@@ -483,6 +495,49 @@ def test_clang_check_catches_a_broken_kernel():
 def test_clang_check_catches_a_broken_variant_of_the_kernel(name):
     kernel, launches = LAUNCHES[name]
     assert clang_errors(without_const_x(kernel), next(launches()))
+
+
+# Metal passes an input of fewer than 8 elements in the constant address space (MLX's max_constant_array_size in
+# mlx/backend/common/metal_kernel.cpp): a body that casts it to a device pointer does not compile there.
+
+
+def test_router_metal_build_takes_few_experts_at_one_token():
+    """A router with 7 or fewer experts at one token has its logits in constant memory."""
+    for experts in (2, 4, 7):
+        launch = router_kernel.launch(mx.zeros((1, experts), mx.bfloat16), 2, True)
+        assert clang_errors(router_kernel.KERNEL, launch) == [], experts
+
+
+def test_clang_check_catches_a_constant_input_cast_to_device():
+    """A 4-word matrix (one row of 32 values at 4 bits) given to qmatmul's body: the check sees Metal's error."""
+    _, w, scales, biases = quantized(1, 32, 32, 4)
+    launch = qmatmul_kernel.launch(mx.zeros((1, 32)), w, scales, biases, 32, 4)
+    assert any("with an lvalue of type 'constant " in e for e in clang_errors(qmatmul_kernel.KERNEL, launch))
+
+
+def test_quantized_kernels_leave_tiny_matrices_to_mlx(monkeypatch):
+    """qmatmul, gather_qmv and the fused projections cast their matrices to device pointers: a matrix whose weights,
+    scales or biases have fewer than 8 elements goes to MLX's op; the smallest one taken builds for Metal."""
+    calls = kernel_calls(monkeypatch, "metal")
+    x = mx.zeros((1, 32))
+    for n in (1, 7):  # scales and biases (n, 1): fewer than 8
+        _, w, scales, biases = quantized(n, 32, 32, 4)
+        kernels.qmatmul(x, w, scales, biases, 32, 4)
+        layers = [QuantizedLinear.from_linear(nn.Linear(32, n, bias=False), 32, 4) for _ in range(3)]
+        kernels.linears(x, *layers)
+        kernels.swiglu(x, *layers[:2])
+    for e, n in ((1, 4), (7, 1)):
+        w, scales, biases = quantized_experts(e, n, 32, 32, 4)
+        kernels.gather_qmm(mx.zeros((1, 1, 1, 1, 32)), w, scales, biases, mx.zeros((1, 1, 2), mx.int32), 32, 4,
+                           False)
+    assert calls == []
+    _, w, scales, biases = quantized(8, 32, 32, 4)  # scales and biases (8, 1): the smallest taken
+    kernels.qmatmul(x, w, scales, biases, 32, 4)
+    w, scales, biases = quantized_experts(2, 4, 32, 32, 4)
+    kernels.gather_qmm(mx.zeros((1, 1, 1, 1, 32)), w, scales, biases, mx.zeros((1, 1, 2), mx.int32), 32, 4, False)
+    assert [kernel for kernel, _, _ in calls] == [qmatmul_kernel.KERNEL, gather_kernel.KERNEL]
+    for kernel, _, launch in calls:
+        assert clang_errors(kernel, launch) == [], kernel.name
 
 
 def test_info_shows_the_kernels_backend(tiny_checkpoint, capsys, monkeypatch):

@@ -59,9 +59,17 @@ def test_bf16_logits_close_to_transformers(tiny_checkpoint, variant):
 
 @pytest.mark.parametrize("variant,overrides", [(v, {}) for v in VARIANTS] + [("qwen3_moe", {"norm_topk_prob": False})])
 def test_greedy_tokens_equal_transformers_and_mlx_lm(tiny_checkpoint, variant, overrides):
+    """The plain loop (helpers.greedy_ours) and the engine's loop (chunked prefill, the overlap) give the tokens
+    of transformers and mlx-lm."""
+    from qwen_mlx.cache.kv import make_cache
+    from qwen_mlx.engine.generate import generate_tokens
+
     path = tiny_checkpoint(variant, **overrides)
     prompt = prompt_ids(12, seed=2)
-    ours = greedy_ours(load_model(path)[0], prompt, 32)
+    model = load_model(path)[0]
+    ours = greedy_ours(model, prompt, 32)
+    assert list(generate_tokens(model, prompt.tolist(), make_cache(model.config), max_tokens=32,
+                                prefill_chunk=5)) == ours
     assert greedy_transformers(hf_model(path), prompt, 32) == ours
     assert greedy_mlx_lm(path, prompt, 32) == ours
     assert len(set(ours)) > 3  # not a degenerate repeat of one token

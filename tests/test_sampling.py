@@ -10,6 +10,7 @@ from qwen_mlx.engine.sampling import SamplingParams, apply_repetition_penalty, f
 
 RNG = np.random.default_rng(0)
 LOGITS = RNG.normal(0, 2, (1, 50)).astype(np.float32)
+NO_HISTORY = mx.array([], mx.uint32)
 
 
 def numpy_keep(logits, top_k, top_p, min_p):
@@ -42,30 +43,31 @@ def test_masks_equal_numpy(top_k, top_p, min_p):
 
 def test_repetition_penalty_equals_numpy():
     history = [3, 3, 7, 10, 49]
-    got = np.array(apply_repetition_penalty(mx.array(LOGITS), history, 1.3))
     expected = LOGITS.copy()
     for t in set(history):
         expected[0, t] = expected[0, t] / 1.3 if expected[0, t] > 0 else expected[0, t] * 1.3
-    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    for recent in (history, mx.array(history)):  # a list, or the decode loop's lazy array
+        got = np.array(apply_repetition_penalty(mx.array(LOGITS), recent, 1.3))
+        np.testing.assert_allclose(got, expected, rtol=1e-6)
 
 
 def test_temperature_zero_is_argmax_and_seeded_runs_reproduce():
     logits = mx.array(LOGITS)
-    assert make_sampler(SamplingParams(temperature=0))(logits, []).item() == int(LOGITS.argmax())
+    assert make_sampler(SamplingParams(temperature=0))(logits, NO_HISTORY).item() == int(LOGITS.argmax())
     params = SamplingParams(temperature=1.0, top_k=20, top_p=0.95, seed=42)
     sampler = make_sampler(params)
-    first = [sampler(logits, []).item() for _ in range(30)]
+    first = [sampler(logits, NO_HISTORY).item() for _ in range(30)]
     again = make_sampler(params)
-    assert [again(logits, []).item() for _ in range(30)] == first
+    assert [again(logits, NO_HISTORY).item() for _ in range(30)] == first
     assert len(set(first)) > 3  # it samples, it does not just repeat the argmax
     other = make_sampler(SamplingParams(temperature=1.0, top_k=20, top_p=0.95, seed=43))
-    assert [other(logits, []).item() for _ in range(30)] != first
+    assert [other(logits, NO_HISTORY).item() for _ in range(30)] != first
 
 
 def test_sampled_tokens_stay_inside_the_mask():
     sampler = make_sampler(SamplingParams(temperature=1.5, top_k=4, seed=0))
     allowed = set(np.argsort(-LOGITS[0])[:4].tolist())
-    assert {sampler(mx.array(LOGITS), []).item() for _ in range(100)} <= allowed
+    assert {sampler(mx.array(LOGITS), NO_HISTORY).item() for _ in range(100)} <= allowed
 
 
 def test_defaults_follow_the_checkpoint_and_qwen3_recommendations(tmp_path):

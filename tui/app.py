@@ -17,7 +17,7 @@ from qwen_mlx.engine.chat import reply_content, split_reply_content
 from .conversation import save_conversation
 from .engine import Engine
 from .history import History
-from .widgets import PromptInput, Turn, format_bytes, format_summary
+from .widgets import PromptInput, Turn, format_bytes, format_speculation, format_summary
 
 HELP = ("Enter sends · ctrl+j newline · ↑↓ recall · Esc stops · ctrl+t shows/hides thinking · ctrl+q quits · "
         "/think /no_think · /system TEXT · /new · /save FILE · /load FILE · /copy · /help (tab completes)")
@@ -286,8 +286,12 @@ class ChatApp(App):
         if self.live is not None:
             parts.append(f"decoding {self.live.decode_tps:.1f} tok/s" if self.live.generated_tokens > 1
                          else "reading the prompt…")
+            if self.live.drafted:
+                parts.append(format_speculation(self.live))
         elif self.last is not None:
             stats, _ = self.last
             parts.append(f"{stats.decode_tps:.1f} tok/s · prompt {stats.prompt_tps:.0f} tok/s · "
                          f"ttft {stats.time_to_first_token:.2f}s · peak {format_bytes(stats.peak_memory)}")
+            if stats.drafted:
+                parts.append(format_speculation(stats))
         statuses.first(Static).update(" │ ".join(parts))

@@ -34,10 +34,17 @@ def format_bytes(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
+def format_speculation(stats: GenerationStats) -> str:
+    """Speculative decoding's figures: drafted tokens accepted, generated tokens per forward of the model."""
+    return f"accepted {stats.acceptance:.0%} · {stats.tokens_per_forward:.1f} tok/forward"
+
+
 def format_summary(stats: GenerationStats, finish_reason: str | None) -> str:
     parts = [f"{stats.generated_tokens} tokens", f"{stats.decode_tps:.1f} tok/s",
              f"prompt {stats.prompt_tokens} at {stats.prompt_tps:.0f} tok/s",
              f"first token {stats.time_to_first_token:.2f} s"]
+    if stats.drafted:
+        parts.append(format_speculation(stats))
     if finish_reason == "cancelled":
         parts.append("stopped")
     elif finish_reason == "length":

@@ -1,6 +1,9 @@
-"""Token generation: chunked prefill, then a decode loop that overlaps host and device work.
+"""Token generation: THE decode loop (chunked prefill, then decode with host and device work overlapped).
 
-This layer knows token ids only; text, chat and thinking live above it (see api.py / chat.py).
+The loop takes what differs between its users as functions: a forward (one process's model and cache, or one
+rank's part of a model split over several processes) and an optional lockstep hook (distributed ranks share the
+sampled token and the stop request after every step). This layer knows token ids only; text, chat and thinking
+live above it (see api.py / chat.py).
 """
 
 from __future__ import annotations
@@ -8,7 +11,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -16,12 +19,32 @@ import mlx.core as mx
 from qwen_mlx.cache.recurrent import snapshot_positions
 from qwen_mlx.models.qwen3 import Cache, Model
 
-# logits (1, vocab) float32, tokens so far (prompt + generated) -> next token (1,)
-Sampler = Callable[[mx.array, list[int]], mx.array]
+# logits (1, vocab) float32, tokens so far (prompt + generated, (T,) uint32, possibly not yet evaluated) -> the
+# next token (1,) uint32
+Sampler = Callable[[mx.array, mx.array], mx.array]
+# tokens (L,) -> float32 logits of the last position (1, vocab); runs the tokens into the forward's cache
+Forward = Callable[[mx.array], mx.array]
+# tokens (L,) -> the arrays whose evaluation runs them into the cache (a prompt's chunk: no logits needed)
+Fill = Callable[[mx.array], list[mx.array]]
 
 
-def greedy(logits: mx.array, history: list[int]) -> mx.array:
+def greedy(logits: mx.array, history: mx.array) -> mx.array:
     return mx.argmax(logits, axis=-1)
+
+
+@dataclass(frozen=True)
+class Lockstep:
+    """What processes that decode one sequence together add to the loop (distributed.runtime's ranks).
+
+    `share(token, stop)` runs after every step (token None after a prompt chunk): it takes this process's sampled
+    token (1,) and whether this process asks to stop, and returns [token, stop] (2,) uint32, the same on every
+    process: the sampling process's token and the first process's stop request. Every process builds the same
+    steps, so a stop takes effect where all of them read it; by then each has queued one more step (the overlap),
+    and `forget(n)` removes the tokens of the n steps run after the stop was asked for from this process's cache.
+    """
+
+    share: Callable[[mx.array | None, bool], mx.array]
+    forget: Callable[[int], None]
 
 
 @dataclass
@@ -34,11 +57,25 @@ class GenerationStats:
     generated_tokens: int = 0
     decode_seconds: float = 0.0  # from the first generated token to the latest
     peak_memory: int = 0  # bytes, mx.get_peak_memory() since the generation started
+    # Speculative decoding (engine/speculative.py): target forward passes, tokens drafted, drafted tokens accepted.
+    forwards: int = 0
+    drafted: int = 0
+    accepted: int = 0
     _start: float = field(default=0.0, repr=False)
 
     @property
     def prompt_tps(self) -> float:
         return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
+
+    @property
+    def acceptance(self) -> float:
+        """The share of drafted tokens the target accepted (0 without speculation)."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """Generated tokens per target forward pass (1 without speculation)."""
+        return self.generated_tokens / self.forwards if self.forwards else 1.0
 
     @property
     def decode_tps(self) -> float:
@@ -70,59 +107,115 @@ def prefill(model: Model, tokens: mx.array, cache: list[Cache], *, chunk: int = 
     for start, end in zip(bounds, bounds[1:]):
         if stop is not None and stop.is_set():
             return False
-        model.model(tokens[None, start:end], cache)
-        # Evaluate the caches, not the output: the last layer's MLP is not needed for a prompt's non-final tokens.
-        mx.eval([c.state for c in cache])
+        mx.eval(fill(model, tokens[start:end], cache))
     return True
+
+
+def fill(model: Model, tokens: mx.array, cache: list[Cache]) -> list[mx.array]:
+    """Run tokens (L,) into the cache; returns the caches' arrays to evaluate. Not the output: the last layer's MLP
+    and the head are not needed for a prompt's non-final tokens."""
+    model.model(tokens[None], cache)
+    return [c.state for c in cache]
 
 
 def generate_tokens(model: Model, prompt: list[int], cache: list[Cache], *, sampler: Sampler = greedy,
                     max_tokens: int = 256, prefill_chunk: int = 512, stats: GenerationStats | None = None,
                     stop: threading.Event | None = None) -> Iterator[int]:
     """Yield up to max_tokens new token ids after `prompt`, which is appended to `cache` (possibly already
-    holding earlier tokens: then pass only the tokens it does not hold).
+    holding earlier tokens: then pass only the tokens it does not hold). The common case of `decode`: one process,
+    the whole model."""
+    return decode(lambda tokens: logits_last(model, tokens, cache), lambda tokens: fill(model, tokens, cache),
+                  prompt, sampler=sampler, max_tokens=max_tokens, prefill_chunk=prefill_chunk, stats=stats, stop=stop)
 
-    The next step is queued on the device (`mx.async_eval`) before the current token is handed to the caller, so
-    the caller's work per token overlaps the model's. When the caller stops, the cache holds the prompt and the
-    yielded tokens except possibly the last one: `cache[0].offset` says exactly how many tokens it holds.
+
+def decode(forward: Forward, fill: Fill, prompt: list[int], *, sampler: Sampler = greedy, max_tokens: int = 256,
+           prefill_chunk: int = 512, stats: GenerationStats | None = None, stop: threading.Event | None = None,
+           lockstep: Lockstep | None = None, eos: Collection[int] = ()) -> Iterator[int]:
+    """Yield up to max_tokens new token ids after `prompt`: all but its last token go through `fill` in chunks of
+    `prefill_chunk`, then each step runs one token through `forward` and samples the next.
+
+    Overlap: step n + 1 is built from the lazy token n and queued on the device (`mx.async_eval`) before token n
+    is read, so building a step's graph overlaps the device's work on the previous one, and the caller's work on
+    token n overlaps step n + 1. When the caller stops (`stop` set, or the generator closed) the cache holds the
+    prompt and the yielded tokens except possibly the last one: `cache[0].offset` says exactly how many. After a
+    token in `eos` the loop ends by itself (processes in lockstep need that; a single caller may just stop).
     """
     if not prompt:
-        raise ValueError("generate_tokens needs at least one prompt token")
+        raise ValueError("decode needs at least one prompt token")
+    stats = stats if stats is not None else GenerationStats()
+    closing = threading.Event()  # the caller closed the generator: processes in lockstep still run to the stop
+    asked = lambda: closing.is_set() or (stop is not None and stop.is_set())
     with mx.stream(generation_stream()):
-        yield from _generate(model, prompt, cache, sampler, max_tokens, prefill_chunk,
-                             stats if stats is not None else GenerationStats(), stop)
+        steps = _steps(forward, fill, prompt, sampler, max_tokens, prefill_chunk, stats, asked, lockstep, set(eos))
+        first = None
+        for n, token in enumerate(steps):
+            now = time.perf_counter()
+            if first is None:
+                first = now
+                stats.prompt_tokens = len(prompt)
+                stats.time_to_first_token = stats.prompt_seconds = now - stats._start
+            stats.generated_tokens = n + 1
+            stats.decode_seconds = now - first
+            stats.peak_memory = mx.get_peak_memory()
+            try:
+                yield token
+            except GeneratorExit:
+                closing.set()
+                for _ in steps:  # alone: returns at once; in lockstep: the steps every process runs to the stop
+                    pass
+                raise
 
 
-def _generate(model: Model, prompt: list[int], cache: list[Cache], sampler: Sampler, max_tokens: int,
-              prefill_chunk: int, stats: GenerationStats, stop: threading.Event | None) -> Iterator[int]:
+def read(y: mx.array) -> list[int]:
+    """Wait for a step and read its output: [token] alone, [token, stop] in lockstep."""
+    return y.tolist()
+
+
+def _steps(forward: Forward, fill: Fill, prompt: list[int], sampler: Sampler, max_tokens: int, prefill_chunk: int,
+           stats: GenerationStats, asked: Callable[[], bool], lockstep: Lockstep | None,
+           eos: set[int]) -> Iterator[int]:
+    """The tokens to hand to the caller: each one read whose next step was built before this process asked to stop
+    (so the cache holds exactly the tokens handed over, plus the prompt). In lockstep the loop goes on, without
+    handing tokens over, until every process reads the stop."""
     stats._start = time.perf_counter()
     mx.reset_peak_memory()
-    history = list(prompt)
-    tokens = mx.array(prompt, dtype=mx.uint32)
-
-    if not prefill(model, tokens[:-1], cache, chunk=prefill_chunk, stop=stop):
-        return
-
-    def step(last: mx.array) -> mx.array:
-        return sampler(logits_last(model, last, cache), history)
-
-    y = step(tokens[-1:])
-    mx.async_eval(y)
-    first = None
-    for n in range(max_tokens):
-        if stop is not None and stop.is_set():
+    ids = mx.array(prompt, dtype=mx.uint32)  # (T,)
+    for start in range(0, ids.size - 1, prefill_chunk):
+        if lockstep is None and asked():
             return
-        token = y.item()  # waits for this step; the next one is already queued below
-        now = time.perf_counter()
-        if first is None:
-            first = now
-            stats.prompt_tokens = len(prompt)
-            stats.time_to_first_token = stats.prompt_seconds = now - stats._start
-        history.append(token)
+        mx.eval(fill(ids[start : min(start + prefill_chunk, ids.size - 1)]))
+        if lockstep is not None and read(lockstep.share(None, asked()))[1]:
+            return
+
+    history = ids
+
+    def step(token: mx.array, stopping: bool) -> mx.array:
+        """token (1,) -> the next token (1,), or [token, stop] (2,) in lockstep; lazy."""
+        y = sampler(forward(token), history)
+        return y if lockstep is None else lockstep.share(y, stopping)
+
+    y = step(ids[-1:], asked())
+    mx.async_eval(y)
+    for n in range(max_tokens):
+        stopping = asked()  # as of building step n + 1
+        if stopping and lockstep is None:
+            return
+        queued = None
         if n + 1 < max_tokens:
-            y = step(y)
-            mx.async_eval(y)
-        stats.generated_tokens = n + 1
-        stats.decode_seconds = now - first
-        stats.peak_memory = mx.get_peak_memory()
-        yield token
+            token = y[:1]  # (1,), lazy: step n + 1 is built before token n is known
+            history = mx.concatenate([history, token])
+            queued = step(token, stopping)
+            mx.async_eval(queued)
+        token_id, *stopped = read(y)
+        if stopped and stopped[0]:
+            if queued is not None:
+                mx.eval(queued)  # every process queued it: run it before leaving
+            lockstep.forget(1 if queued is None else 2)  # the tokens y and queued fed
+            return
+        if not stopping:
+            yield token_id
+        if token_id in eos:
+            if queued is not None:
+                mx.eval(queued)
+            return
+        y = queued

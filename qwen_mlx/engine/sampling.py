@@ -44,12 +44,12 @@ class SamplingParams:
 
 
 def make_sampler(params: SamplingParams) -> Sampler:
-    """A sampler(logits (1, vocab), history) -> token (1,), with its own random key if seeded."""
+    """A sampler(logits (1, vocab), history (T,)) -> token (1,), with its own random key if seeded."""
     key = mx.random.key(params.seed) if params.seed is not None else None
 
-    def sample(logits: mx.array, history: list[int]) -> mx.array:
+    def sample(logits: mx.array, history: mx.array) -> mx.array:
         nonlocal key
-        if params.repetition_penalty != 1.0 and history:
+        if params.repetition_penalty != 1.0 and history.size:
             logits = apply_repetition_penalty(logits, history[-params.repetition_context:],
                                               params.repetition_penalty)
         if params.temperature <= 0:
@@ -63,9 +63,23 @@ def make_sampler(params: SamplingParams) -> Sampler:
     return sample
 
 
-def apply_repetition_penalty(logits: mx.array, recent: list[int], penalty: float) -> mx.array:
-    """CTRL's penalty: a seen token's logit is divided by `penalty` if positive, multiplied if negative."""
-    ids = mx.array(sorted(set(recent)), dtype=mx.uint32)
+def probabilities(logits: mx.array, history: list[int], params: SamplingParams) -> mx.array:
+    """The distribution that make_sampler(params) draws from, logits (1, vocab) -> (1, vocab) float32: the
+    repetition penalty over `history`, then one-hot at the argmax when greedy, else the softmax of the filtered
+    logits at the temperature. Speculative decoding compares the target's and the draft's (engine/speculative)."""
+    logits = logits.astype(mx.float32)
+    if params.repetition_penalty != 1.0 and history:
+        logits = apply_repetition_penalty(logits, history[-params.repetition_context:], params.repetition_penalty)
+    if params.temperature <= 0:
+        return (mx.arange(logits.shape[-1]) == mx.argmax(logits, axis=-1, keepdims=True)).astype(mx.float32)
+    return mx.softmax(filter_logits(logits / params.temperature, params.top_k, params.top_p, params.min_p), axis=-1)
+
+
+def apply_repetition_penalty(logits: mx.array, recent: mx.array | list[int], penalty: float) -> mx.array:
+    """CTRL's penalty: a seen token's logit is divided by `penalty` if positive, multiplied if negative.
+    recent: token ids (T,), an array (possibly not yet evaluated) or a list; repeats allowed (a repeated id is
+    written twice with the same value)."""
+    ids = mx.array(recent, dtype=mx.uint32)
     seen = logits[:, ids]
     logits[:, ids] = mx.where(seen > 0, seen / penalty, seen * penalty)
     return logits

@@ -23,7 +23,8 @@ class Generator(Protocol):
     tokenizer: Tokenizer
 
     def generate_tokens(self, new_tokens: list[int], cache: list, sampling: SamplingParams, *, max_tokens: int,
-                        stats: GenerationStats, stop: threading.Event | None) -> Iterator[int]: ...
+                        stats: GenerationStats, stop: threading.Event | None,
+                        context: list[int] = ()) -> Iterator[int]: ...
 
     def new_cache(self, **options) -> list: ...
 
@@ -64,7 +65,9 @@ def stream_reply(llm: Generator, prompt: list[int], cache: list, new_tokens: lis
     channel = "thinking" if splitter.in_thinking else "answer"
     answer = ""
     reason: FinishReason = "length"
-    for token in llm.generate_tokens(new_tokens, cache, sampling, max_tokens=max_tokens, stats=stats, stop=stop):
+    context = prompt[: len(prompt) - len(new_tokens)]  # what the cache already holds
+    for token in llm.generate_tokens(new_tokens, cache, sampling, max_tokens=max_tokens, stats=stats, stop=stop,
+                                     context=context):
         generated.append(token)
         if token in eos:
             reason = "stop"

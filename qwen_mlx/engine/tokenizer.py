@@ -124,6 +124,10 @@ class Tokenizer:
     def token_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
 
+    def same_vocabulary(self, other: Tokenizer) -> bool:
+        """Whether the two map every token (added tokens included) to the same id."""
+        return self._backend.get_vocab(with_added_tokens=True) == other._backend.get_vocab(with_added_tokens=True)
+
     @property
     def vocab_size(self) -> int:
         return self._backend.get_vocab_size()

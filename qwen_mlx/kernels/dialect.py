@@ -1,13 +1,12 @@
 """One kernel source, two GPU languages: the macro vocabulary a kernel body is written in, and how it runs.
 
-A body uses only these words beside plain C++ (loops, `constexpr`, `static_cast`, `uint32_t`, `uint4`):
+A body uses only these words beside plain C++ (loops, `constexpr`, `static_cast`, `uint32_t`, `uint4`, `uint2`):
 
     GROUP_ID          index of this threadgroup (CUDA block) along x
     WARP, LANE        simdgroup (warp) index within the threadgroup, lane within the simdgroup (32 wide on both)
     WARP_SUM(v)       float sum over the 32 lanes, every lane gets it
     WARP_MAX(v)       float maximum over the 32 lanes, every lane gets it
     GLOBAL            address space of kernel buffers, for pointer casts: `(const GLOBAL uint4*)(w + i)`
-    LOCAL             address space of a thread's own arrays, for pointer casts
     AS_FLOAT(u)       the float whose bits are the uint32_t u
     RSQRT, COS, SIN, EXP   precise float math
     UNROLL            unroll the loop that follows completely (its bounds are compile-time constants)
@@ -37,7 +36,6 @@ METAL_PRELUDE = """\
 #define WARP_SUM(v) metal::simd_sum(v)
 #define WARP_MAX(v) metal::simd_max(v)
 #define GLOBAL device
-#define LOCAL thread
 #define AS_FLOAT(u) as_type<float>(u)
 #define RSQRT(x) metal::precise::rsqrt(x)
 #define COS(x) metal::precise::cos(x)
@@ -53,7 +51,6 @@ CUDA_PRELUDE = """\
 #define WARP_SUM(v) qwen_warp_sum(v)
 #define WARP_MAX(v) qwen_warp_max(v)
 #define GLOBAL
-#define LOCAL
 #define AS_FLOAT(u) __uint_as_float(u)
 #define RSQRT(x) rsqrtf(x)
 #define COS(x) cosf(x)
@@ -83,6 +80,14 @@ __device__ inline float qwen_warp_max(float v) {
 METAL_HEADER = ""
 
 BACKENDS = ("metal", "cuda")
+# Metal passes an input of fewer elements in the constant address space (MLX's max_constant_array_size,
+# mlx/backend/common/metal_kernel.cpp): a body may index such an input but not hold it in a GLOBAL pointer.
+CONSTANT_BELOW = 8
+
+
+def in_device_memory(*arrays: mx.array) -> bool:
+    """Whether every array reaches a Metal kernel in the device address space (see CONSTANT_BELOW)."""
+    return all(a.size >= CONSTANT_BELOW for a in arrays)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from qwen_mlx.kernels import qmatmul
-from qwen_mlx.kernels.dialect import Kernel, Launch
+from qwen_mlx.kernels.dialect import Kernel, Launch, in_device_memory
 
 MAX_PAIRS = 64  # 8 decode tokens x 8 experts; more pairs are a prefill: mx.gather_qmm's sorted matmul wins there
 INDEX_DTYPES = (mx.int32, mx.uint32)  # mx.argpartition leaves uint32
@@ -128,6 +128,8 @@ def supports(x: mx.array, w: mx.array, biases: mx.array | None, experts: mx.arra
     if mode != "affine" or biases is None or bits not in qmatmul.BITS or group_size not in qmatmul.GROUP_SIZES:
         return False
     if x.dtype not in qmatmul.DTYPES or experts.dtype not in INDEX_DTYPES or w.ndim != 3 or x.ndim < 2:
+        return False
+    if not in_device_memory(w, biases):  # held in GLOBAL pointers, as qmatmul's (experts is only indexed)
         return False
     if not 0 < experts.size <= MAX_PAIRS or x.shape[-2] != 1 or pairs_per_x_row(x, experts) is None:
         return False

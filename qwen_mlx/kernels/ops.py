@@ -58,7 +58,7 @@ def qmatmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None,
             mode: str = "affine") -> mx.array:
     """x (..., K) @ W.T -> (..., N) for W (N, K) quantized by mx.quantize (w packed uint32, scales, biases)."""
     used = backend()
-    if used != "reference" and _qmatmul.supports(x, w, biases, group_size, bits, mode):
+    if used != "reference" and _qmatmul.dispatched(x, used) and _qmatmul.supports(x, w, biases, group_size, bits, mode):
         return dialect.run(_qmatmul.KERNEL, used, _qmatmul.launch(x, w, scales, biases, group_size, bits))[0]
     return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode)
 
@@ -92,7 +92,7 @@ def linears(x: mx.array, *layers: nn.Module) -> list[mx.array]:
     """[layer(x) for layer in layers] for 2 or 3 linear layers of one input (Q, K and V); one launch on a GPU when
     they are our quantized layers with one quantization."""
     used, alike = backend(), _quantized_alike(layers)
-    if used != "reference" and alike:
+    if used != "reference" and alike and _qmatmul.dispatched(x, used):
         matrices = [_matrix(layer) for layer in layers]
         if _projections.supports(x, matrices, *alike):
             ys = dialect.run(_projections.parts_kernel(len(layers)), used,
@@ -105,7 +105,7 @@ def swiglu(x: mx.array, gate: nn.Module, up: nn.Module) -> mx.array:
     """silu(gate(x)) * up(x) (the MLP's activation); one launch on a GPU when gate and up are our quantized layers
     with one quantization and no bias."""
     used, alike = backend(), _quantized_alike((gate, up))
-    if used != "reference" and alike and "bias" not in gate and "bias" not in up:
+    if used != "reference" and alike and "bias" not in gate and "bias" not in up and _qmatmul.dispatched(x, used):
         matrices = [_matrix(gate), _matrix(up)]
         if gate["weight"].shape == up["weight"].shape and _projections.supports(x, matrices, *alike):
             return dialect.run(_projections.SWIGLU_KERNEL, used, _projections.launch_swiglu(x, *matrices, *alike))[0]

@@ -20,7 +20,6 @@ from qwen_mlx.kernels import qmatmul
 from qwen_mlx.kernels.dialect import Kernel, Launch
 
 MAX_PARTS = 3
-MIN_ELEMENTS = 8  # Metal passes smaller inputs in the constant address space: a part's pointer cannot then be chosen
 
 
 def _pick(values: list[str]) -> str:
@@ -82,10 +81,9 @@ Matrix = tuple[mx.array, mx.array, mx.array]  # (w, scales, biases) as mx.quanti
 
 
 def supports(x: mx.array, matrices: list[Matrix], group_size: int, bits: int) -> bool:
-    """Whether one launch covers x's products with all `matrices` (affine, one quantization, one K)."""
+    """Whether one launch covers x's products with all `matrices` (affine, one quantization, one K; each matrix one
+    that qmatmul takes, so none in Metal's constant address space: a part's pointer is chosen among them)."""
     if not 2 <= len(matrices) <= MAX_PARTS:
-        return False
-    if any(b is None or min(w.size, s.size, b.size) < MIN_ELEMENTS for w, s, b in matrices):
         return False
     if any(w.shape[1] != matrices[0][0].shape[1] for w, _, _ in matrices):
         return False

@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from qwen_mlx.kernels.dialect import Kernel, Launch
+from qwen_mlx.kernels.dialect import Kernel, Launch, in_device_memory
 from qwen_mlx.quant_formats import QUANT_FORMATS
 
-MAX_M = 8  # larger M is a matrix product: mx.quantized_matmul's tiled kernels win there
+MAX_M = 8  # the largest M the kernel is built and checked for; larger M is a matrix product (MLX's tiled kernels)
+# The largest M that dispatch hands this loop (qmatmul and the fused projections) on each GPU: the crossover with
+# mx.quantized_matmul that scripts/device_check.py measures ("qmatmul_crossover" in its JSON; docs/kernels.md).
+# Until measured, decode's M = 1 only: on sm_90 MLX runs M = 2..8 as a tensor-core qmm, likely faster.
+DISPATCH_MAX_M = {"metal": 1, "cuda": 1}
 ROWS = 4  # output rows per warp
 WARPS = 2  # warps per threadgroup
 BITS, GROUP_SIZES = QUANT_FORMATS["affine"]  # the kernel reads every affine format
@@ -36,7 +40,6 @@ ROWS_ACC = """
 constexpr int WORDS = BITS == 2 ? 2 : (BITS == 3 || BITS == 6) ? 3 : BITS == 5 ? 5 : 4;  // words per lane per step
 constexpr int VALS = WORDS * 32 / BITS;  // values per lane per step: 32 or 16, inside one group
 constexpr uint32_t MASK = (1u << BITS) - 1u;
-constexpr int X_VECS = VALS * int(sizeof(T)) / 16;  // 16-byte loads of x per step
 
 float acc[M][ROWS];
 UNROLL for (int m = 0; m < M; m++) {
@@ -50,7 +53,8 @@ for (int step = int(LANE); step < K / VALS; step += 32) {
   float scale[ROWS];
   float bias[ROWS];
   UNROLL for (int r = 0; r < ROWS; r++) {
-    // Rows past the end read the last row again; their sums are never stored.
+    // Rows past the end read the last row again; their sums are never stored. The vector loads of w are aligned:
+    // w is an MLX buffer or a view of whole rows of one, and a row is a multiple of WORDS words (K % VALS == 0).
     const int row = min(first_row + r, n_rows - 1);
     const GLOBAL uint32_t* src = w_rows + size_t(row) * row_words + step * WORDS;
     if (WORDS == 4) {
@@ -74,15 +78,12 @@ for (int step = int(LANE); step < K / VALS; step += 32) {
   }
 
   UNROLL for (int m = 0; m < M; m++) {
-    uint4 raw[X_VECS];
-    const GLOBAL uint4* xsrc = (const GLOBAL uint4*)(x_rows + size_t(m) * K + step * VALS);
-    UNROLL for (int i = 0; i < X_VECS; i++) {
-      raw[i] = xsrc[i];
-    }
-    const LOCAL T* xt = (const LOCAL T*)(raw);
+    // x value by value, as MLX's qmv reads it: MLX passes a row-contiguous slice of x as it is, at any element
+    // offset, where a vector load (which needs an address aligned to its size) would fault or read other bytes.
+    const GLOBAL T* xsrc = x_rows + size_t(m) * K + step * VALS;
     float xs[VALS];
     UNROLL for (int i = 0; i < VALS; i++) {
-      xs[i] = static_cast<float>(xt[i]);
+      xs[i] = static_cast<float>(xsrc[i]);
     }
     float xsum = 0.0f;
     UNROLL for (int i = 0; i < VALS; i++) {
@@ -144,11 +145,17 @@ def values_per_step(bits: int) -> int:
     return words * 32 // bits
 
 
+def dispatched(x: mx.array, backend: str) -> bool:
+    """Whether x's row count is one that dispatch hands the kernel on `backend` (DISPATCH_MAX_M)."""
+    return x.size <= DISPATCH_MAX_M[backend] * x.shape[-1]
+
+
 def supports(x: mx.array, w: mx.array, biases: mx.array | None, group_size: int, bits: int, mode: str) -> bool:
-    """Whether the kernel covers this product; anything else goes to mx.quantized_matmul."""
+    """Whether the kernel covers this product; anything else goes to mx.quantized_matmul. The body holds w, scales
+    and biases (the size of scales) in GLOBAL pointers: each needs 8 elements or more (dialect.CONSTANT_BELOW)."""
     if mode != "affine" or biases is None or bits not in BITS or group_size not in GROUP_SIZES:
         return False
-    if x.dtype not in DTYPES or w.ndim != 2 or x.size == 0:
+    if x.dtype not in DTYPES or w.ndim != 2 or x.size == 0 or not in_device_memory(w, biases):
         return False
     k = x.shape[-1]
     return x.size // k <= MAX_M and k == w.shape[1] * 32 // bits and k % values_per_step(bits) == 0

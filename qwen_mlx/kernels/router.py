@@ -23,13 +23,13 @@ BODY = """
 constexpr int PER_LANE = (E + 31) / 32;
 constexpr float NONE = -3.0e38f;  // below every probability and logit: a lane's slot past the last expert
 const int token = int(GROUP_ID);
-const GLOBAL T* row = logits + size_t(token) * E;
+// logits is indexed, never held in a GLOBAL pointer: with fewer than 8 elements Metal passes it as constant.
 
 float p[PER_LANE];
 float top = NONE;
 UNROLL for (int j = 0; j < PER_LANE; j++) {
   const int e = int(LANE) + 32 * j;
-  p[j] = e < E ? static_cast<float>(row[e]) : NONE;
+  p[j] = e < E ? static_cast<float>(logits[size_t(token) * E + e]) : NONE;
   top = p[j] > top ? p[j] : top;
 }
 top = WARP_MAX(top);

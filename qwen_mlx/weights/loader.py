@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -23,7 +23,7 @@ from mlx.utils import tree_flatten
 from qwen_mlx.errors import one_line
 from qwen_mlx.models.build import build_model
 from qwen_mlx.models.config import ConfigError, ModelConfig
-from qwen_mlx.models.qwen3 import Model, SparseMoE, SwitchMLP, checkpoint_names
+from qwen_mlx.models.qwen3 import Model, checkpoint_names
 from qwen_mlx.weights.memory import MemoryPlan, check_fits, kv_cache_bytes
 from qwen_mlx.weights.names import LoadError, hybrid_hf_layout, is_vision_tower, model_name, sanitize
 from qwen_mlx.weights.quant import quantize_model
@@ -79,20 +79,36 @@ def load_config(path: Path) -> ModelConfig:
         raise LoadError(str(e)) from None
 
 
-def load_model(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None, layers: range | None = None,
-               experts: range | None = None, prepare: Callable[[Model], None] | None = None,
+class Part(Protocol):
+    """A share of a checkpoint loaded instead of all of it (distributed.shard makes them: a pipeline stage, a rank's
+    experts). Only the tensors it names are read."""
+
+    experts: range | None  # the experts read from every expert stack, stacked from 0; None: all of them
+
+    def build(self, cfg: ModelConfig) -> Model:
+        """The modules the share holds, before quantization and weights."""
+        ...
+
+    def names(self, index: dict[str, TensorInfo], model: Model) -> dict[str, str] | None:
+        """Checkpoint name -> model name of every tensor held (None: all, under their own names)."""
+        ...
+
+    def quantization(self, quantization: dict) -> dict:
+        """The checkpoint's quantization settings with per-layer overrides renamed like the names."""
+        ...
+
+
+def load_model(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None, part: Part | None = None,
+               prepare: Callable[[Model], None] | None = None,
                memory: MemoryPlan | None = None) -> tuple[Model, Path]:
     """Build the model described by config.json and load its weights; returns the model and the checkpoint dir.
 
     Weights keep the checkpoint's dtype unless `dtype` is given (quantized weights keep theirs). They are read
     lazily and materialized once.
 
-    `layers` (a pipeline stage) builds and reads only those decoder layers, numbered from 0, plus the embedding if
-    the stage is first (or last with a tied head) and the final norm and head if it is last; no other tensor of
-    the checkpoint is read. `experts` (a rank's share of a mixture of experts) builds and reads only those experts
-    of every MoE layer, stacked from 0 (the router still scores all of them): `prepare` must then map the router's
-    expert ids to the held ones, as distributed.ExpertShard does. `prepare(model)` runs once the weights are in
-    place but not yet read (tensor and expert parallel swap modules there, slicing what they split).
+    `part` builds and reads only a share of the checkpoint (see Part); `prepare(model)` runs once the weights are in
+    place but not yet read (tensor and expert parallel swap modules there, slicing what they split; a model holding
+    some experts needs its router's expert ids mapped to them, as distributed.shard.ExpertShard does).
 
     `memory`: refuse (memory.MemoryCheckError), before any weight is read, a model whose weights plus the KV cache
     of the plan exceed the GPU's recommended working set (Apple silicon; unless the plan says force).
@@ -104,16 +120,14 @@ def load_model(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None, layer
     names = model_names(index)  # checkpoint name -> model name, of the tensors the model may read
     index = {names[k]: v for k, v in index.items() if k in names}
     quantization = cfg.quantization and {model_name(k) or k: v for k, v in cfg.quantization.items()}
-    if layers is None:
-        model = build_model(cfg)
-    else:
-        model = stage_model(cfg, layers)
-        stage = _stage_names(index, model, layers)
-        names = {k: stage[v] for k, v in names.items() if v in stage}
-        index = {stage[k]: v for k, v in index.items() if k in stage}
-        quantization = quantization and _shift_layers(quantization, layers)
-    if experts is not None:
-        hold_experts(model, experts)
+    model = part.build(cfg) if part is not None else build_model(cfg)
+    renamed = part.names(index, model) if part is not None else None  # model name -> the part's name
+    if renamed is not None:
+        names = {k: renamed[v] for k, v in names.items() if v in renamed}
+        index = {renamed[k]: v for k, v in index.items() if k in renamed}
+    if part is not None and quantization:
+        quantization = part.quantization(quantization)
+    experts = part.experts if part is not None else None
     if quantization:
         quantize_model(model, quantization, present=set(index))
     _check_dtypes(index)
@@ -255,63 +269,6 @@ class ExpertRows:
         size = self.dtype.size * math.prod(self.shape[1:])
         data = np.fromfile(self.info.file, np.uint8, count=size, offset=self.info.offset + e * size)
         return mx.array(data).view(self.dtype).reshape(self.shape[1:])
-
-
-def hold_experts(model: Model, experts: range) -> None:
-    """Each MoE layer of `model` holds only these experts, stacked from 0; its router still scores all of them."""
-    cfg = model.config
-    if not (cfg.num_experts and 0 <= experts.start < experts.stop <= cfg.num_experts and experts.step == 1):
-        raise LoadError(f"experts {experts.start}..{experts.stop - 1} are not a range of this model's "
-                        f"{cfg.num_experts} experts")
-    for layer in model.layers:
-        if isinstance(layer.mlp, SparseMoE):
-            layer.mlp.switch_mlp = SwitchMLP(cfg.hidden_size, cfg.moe_intermediate_size, len(experts))
-
-
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-
-
-def stage_model(cfg: ModelConfig, layers: range) -> Model:
-    """The part of the model one pipeline stage holds: its decoder layers (numbered from 0), the embedding if it
-    is first (or last with a tied head), the final norm and head if it is last."""
-    if not (0 <= layers.start < layers.stop <= cfg.num_hidden_layers and layers.step == 1):
-        raise LoadError(f"layers {layers.start}..{layers.stop - 1} are not a stage of this "
-                        f"{cfg.num_hidden_layers}-layer model")
-    model = build_model(cfg, layers)
-    first, last = layers.start == 0, layers.stop == cfg.num_hidden_layers
-    if not first and not (last and cfg.tie_word_embeddings):
-        del model.model["embed_tokens"]
-    if not last:
-        del model.model["norm"]
-        if "lm_head" in model:
-            del model["lm_head"]
-    return model
-
-
-def _stage_names(index: dict[str, TensorInfo], model: Model, layers: range) -> dict[str, str]:
-    """Checkpoint tensor name -> stage model name, for the tensors the stage holds."""
-    modules = {path for path, _ in model.named_modules()}
-    names = {}
-    for name in index:
-        m = _LAYER.match(name)
-        if m:
-            if int(m[1]) in layers:
-                names[name] = f"model.layers.{int(m[1]) - layers.start}.{m[2]}"
-        elif name.rsplit(".", 1)[0] in modules:
-            names[name] = name
-    return names
-
-
-def _shift_layers(quantization: dict, layers: range) -> dict:
-    """Per-layer quantization overrides renamed like the stage's layers."""
-    out = {}
-    for key, value in quantization.items():
-        m = _LAYER.match(key)
-        if not m:
-            out[key] = value
-        elif int(m[1]) in layers:
-            out[f"model.layers.{int(m[1]) - layers.start}.{m[2]}"] = value
-    return out
 
 
 def check_weights(expected: dict[str, tuple[int, ...]], index: dict[str, TensorInfo], weights: dict[str, mx.array],

@@ -1,0 +1,258 @@
+"""Speculative decoding: a draft proposes k tokens, the target checks them all in one forward pass.
+
+Decoding reads every weight once per token; verifying k drafted tokens reads them once for up to k + 1 tokens.
+Speculative sampling (Leviathan et al. 2023, Chen et al. 2023) keeps the output distributed exactly as the
+target's: drafted token x, drawn from the draft's distribution q, is accepted with probability min(1, p(x)/q(x));
+at the first rejection the token is drawn from normalize(max(0, p - q)) instead, and when all k are accepted one
+more comes from the target's distribution after them. p and q are the distributions the sampler would draw from
+(`sampling.probabilities`: repetition penalty, temperature, top-k, top-p, min-p applied to both alike); greedy is
+the one-hot case, where this reduces to "keep the drafted tokens while they equal the target's argmax".
+
+After a round every cache holds exactly the accepted tokens: the target's KV caches are trimmed by the rejected
+tokens, the draft's likewise. How many tokens to draft adapts to the measured acceptance and costs (DraftLength).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import mlx.core as mx
+import numpy as np
+
+from qwen_mlx.engine.generate import GenerationStats, generation_stream, prefill
+from qwen_mlx.engine.sampling import SamplingParams, probabilities
+from qwen_mlx.models.qwen3 import Cache, Model
+
+MAX_DRAFT = 8
+
+
+class Draft(Protocol):
+    """Where drafted tokens come from: a smaller model of the same vocabulary, the model's own MTP head, or (in
+    tests) an oracle."""
+
+    def sync(self, tokens: list[int]) -> None:
+        """Hold exactly `tokens` (the whole context before the last token, as the target's cache does), reusing
+        what it already holds of them (a chat's earlier turns)."""
+
+    def propose(self, seen: list[int], history: list[int], k: int, params: SamplingParams,
+                rng: np.random.Generator) -> tuple[list[int], np.ndarray | None]:
+        """k tokens to follow `seen` (the whole context and the accepted tokens), each drawn from the draft's
+        distribution q given the ones before (its repetition penalty over `history`, as the target's), and those
+        distributions (k, vocab) float64; None for q when each is one-hot at its token (greedy, an oracle)."""
+
+    def accepted(self, seen: list[int]) -> None:
+        """The round is over and `seen` is what was accepted: forget what it drafted beyond that."""
+
+
+def verify(drafted: list[int], p: np.ndarray, q: np.ndarray | None, rng: np.random.Generator) -> list[int]:
+    """Speculative sampling: the tokens to emit after a round, 1 to k + 1 of them.
+
+    drafted: k tokens; p: (k + 1, vocab) the target's distributions at each drafted position and after the last;
+    q: (k, vocab) the draft's distributions the drafted tokens were drawn from (None: each row one-hot at its
+    drafted token). The first len(result) - 1 drafted tokens are accepted, the last token is the correction or
+    the bonus token."""
+    out = []
+    for i, x in enumerate(drafted):
+        qx = 1.0 if q is None else q[i, x]
+        if rng.random() * qx < p[i, x]:  # accept with probability min(1, p(x) / q(x)); q(x) > 0 as x ~ q
+            out.append(x)
+            continue
+        residual = np.maximum(p[i] - (q[i] if q is not None else _one_hot(x, p.shape[1])), 0.0)
+        out.append(_draw(residual, rng))
+        return out
+    out.append(_draw(p[len(drafted)], rng))
+    return out
+
+
+def verify_greedy(drafted: list[int], target_argmax: list[int]) -> list[int]:
+    """verify() when p and q are one-hot (greedy): keep drafted tokens while they equal the target's argmax, then
+    the target's own token. target_argmax: k + 1 tokens."""
+    out = []
+    for x, t in zip(drafted, target_argmax):
+        if x != t:
+            break
+        out.append(x)
+    out.append(target_argmax[len(out)])
+    return out
+
+
+def _one_hot(x: int, n: int) -> np.ndarray:
+    v = np.zeros(n)
+    v[x] = 1.0
+    return v
+
+
+def _draw(weights: np.ndarray, rng: np.random.Generator) -> int:
+    """A token drawn with probability proportional to `weights` (float64, non-negative, not all zero)."""
+    cdf = np.cumsum(weights)
+    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(weights) - 1))
+
+
+@dataclass
+class DraftLength:
+    """How many tokens to draft next: fixed, or the k in 0..max_k with the best expected tokens per second,
+    (1 - a^(k+1)) / (1 - a) tokens per round for acceptance rate a, over the measured round time. k = 0 (plain
+    decoding) wins when drafting does not pay; it is probed again now and then."""
+
+    fixed: int | None = None
+    max_k: int = 6
+    acceptance: float = 0.6  # running estimate, per drafted token
+    seconds: dict[int, float] = field(default_factory=dict)  # running round time per k
+    rounds: int = 0
+
+    def next(self) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        self.rounds += 1
+        for k in (0, 1, 2, 4):  # measure a few lengths first
+            if k <= self.max_k and k not in self.seconds:
+                return k
+        if self.rounds % 16 == 0:  # re-probe a neighbour of the best so the estimate can move
+            best = self._best()
+            return min(self.max_k, best + 1) if best < self.max_k else max(0, best - 1)
+        return self._best()
+
+    def _best(self) -> int:
+        a = min(self.acceptance, 0.999)
+        return max(range(self.max_k + 1), key=lambda k: (1 - a ** (k + 1)) / (1 - a) / self._time(k))
+
+    def _time(self, k: int) -> float:
+        if k in self.seconds:
+            return self.seconds[k]
+        known = sorted(self.seconds)  # linear in k between (or beyond) the measured lengths
+        lo = max((j for j in known if j < k), default=known[0])
+        hi = min((j for j in known if j > k), default=known[-1])
+        if lo == hi:
+            lo, hi = known[0], known[-1]
+        if lo == hi:
+            return self.seconds[lo] * (1 + k) / (1 + lo)
+        slope = (self.seconds[hi] - self.seconds[lo]) / (hi - lo)
+        return max(1e-9, self.seconds[lo] + slope * (k - lo))
+
+    def update(self, k: int, accepted: int, seconds: float) -> None:
+        old = self.seconds.get(k)
+        self.seconds[k] = seconds if old is None else 0.7 * old + 0.3 * seconds
+        if k:
+            self.acceptance = 0.8 * self.acceptance + 0.2 * (accepted / k)
+
+
+def speculative_tokens(model: Model, draft: Draft, prompt: list[int], cache: list[Cache], params: SamplingParams, *,
+                       context: list[int] = (), max_tokens: int = 256, length: DraftLength | None = None,
+                       prefill_chunk: int = 512, stats: GenerationStats | None = None,
+                       stop: threading.Event | None = None) -> Iterator[int]:
+    """Yield up to max_tokens token ids after `prompt`, distributed exactly as generate_tokens' sampling would
+    give them (greedy: identical tokens). `cache` holds `context` (earlier turns) and not yet `prompt`.
+
+    Each round drafts k tokens, runs the target once over the last token and the k drafted ones, keeps the
+    accepted prefix and trims every cache back to it. When the caller stops, the cache holds the prompt and the
+    yielded tokens except possibly the last one (as generate_tokens)."""
+    if not prompt:
+        raise ValueError("speculative_tokens needs at least one prompt token")
+    with mx.stream(generation_stream()):
+        yield from _speculate(model, draft, prompt, cache, params, list(context), max_tokens,
+                              length or DraftLength(), prefill_chunk, stats if stats is not None else GenerationStats(),
+                              stop)
+
+
+def _speculate(model: Model, draft: Draft, prompt: list[int], cache: list[Cache], params: SamplingParams,
+               context: list[int], max_tokens: int, length: DraftLength, prefill_chunk: int, stats: GenerationStats,
+               stop: threading.Event | None) -> Iterator[int]:
+    stats._start = time.perf_counter()
+    mx.reset_peak_memory()
+    rng = np.random.default_rng(params.seed)
+    history = list(prompt)  # what the repetition penalty looks at, as in generate_tokens
+    seen = context + history  # the whole sequence, for the draft
+    if not prefill(model, mx.array(prompt[:-1], dtype=mx.uint32), cache, chunk=prefill_chunk, stop=stop):
+        return
+    draft.sync(seen[:-1])
+    greedy = params.temperature <= 0
+    produced, first = 0, None
+    while produced < max_tokens:
+        if stop is not None and stop.is_set():
+            return
+        started = time.perf_counter()
+        k = min(length.next(), max_tokens - produced - 1)
+        drafted, q = draft.propose(seen, history, k, params, rng) if k > 0 else ([], None)
+        logits = model(mx.array([history[-1], *drafted], dtype=mx.uint32)[None], cache)[0]  # (k + 1, vocab)
+        if greedy and params.repetition_penalty == 1.0:
+            out = verify_greedy(drafted, mx.argmax(logits, axis=-1).tolist())
+        else:
+            p = np.stack([np.asarray(probabilities(logits[i : i + 1], history + drafted[:i], params)[0],
+                                     dtype=np.float64) for i in range(k + 1)])
+            out = verify(drafted, p, q, rng)
+        rejected = k + 1 - len(out)  # the target ran k + 1 tokens; it keeps history[-1] and the accepted ones
+        if rejected and any(c.trim(rejected) != rejected for c in cache):
+            raise RuntimeError("a cache could not forget the rejected draft tokens (rotating cache slack too small)")
+        history.extend(out)
+        seen.extend(out)
+        draft.accepted(seen)
+        stats.forwards += 1
+        stats.drafted += k
+        stats.accepted += len(out) - 1
+        length.update(k, len(out) - 1, time.perf_counter() - started)
+        for token in out:
+            now = time.perf_counter()
+            if first is None:
+                first = now
+                stats.prompt_tokens = len(prompt)
+                stats.time_to_first_token = stats.prompt_seconds = now - stats._start
+            produced += 1
+            stats.generated_tokens = produced
+            stats.decode_seconds = now - first
+            stats.peak_memory = mx.get_peak_memory()
+            yield token
+            if produced >= max_tokens or (stop is not None and stop.is_set()):
+                return
+
+
+class DraftModel:
+    """A smaller model of the same vocabulary (Qwen3-0.6B for Qwen3-8B, Qwen3.5-0.8B for Qwen3.5-9B) with its
+    own cache, drafting autoregressively with the target's sampling settings."""
+
+    def __init__(self, model: Model, cache: list[Cache]):
+        self.model, self.cache = model, cache
+        self.held: list[int] = []  # the tokens its cache holds
+
+    def sync(self, tokens: list[int]) -> None:
+        self._forget_after(tokens)
+        if len(tokens) > len(self.held):
+            prefill(self.model, mx.array(tokens[len(self.held):], dtype=mx.uint32), self.cache)
+        self.held = list(tokens)
+
+    def propose(self, seen: list[int], history: list[int], k: int, params: SamplingParams,
+                rng: np.random.Generator) -> tuple[list[int], np.ndarray | None]:
+        pending = seen[len(self.held):]  # accepted tokens it has not run yet (at least the last one)
+        self.held = list(seen)
+        drafted, qs = [], []
+        for i in range(k):
+            logits = self.model(mx.array(pending, dtype=mx.uint32)[None], self.cache)[0, -1:]
+            if params.temperature <= 0 and params.repetition_penalty == 1.0:
+                token = int(mx.argmax(logits, axis=-1).item())
+            else:
+                q = np.asarray(probabilities(logits, history + drafted, params)[0], dtype=np.float64)
+                token = _draw(q, rng)
+                qs.append(q)
+            drafted.append(token)
+            pending = [token]
+            if i < k - 1:
+                self.held.append(token)
+        return drafted, (np.stack(qs) if qs else None)
+
+    def accepted(self, seen: list[int]) -> None:
+        self._forget_after(seen)
+
+    def _forget_after(self, tokens: list[int]) -> None:
+        """Trim the cache to the longest prefix it shares with `tokens` (start over if it cannot trim)."""
+        keep = 0
+        for a, b in zip(self.held, tokens):
+            if a != b:
+                break
+            keep += 1
+        extra = len(self.held) - keep
+        if extra and any(c.trim(extra) != extra for c in self.cache):
+            raise RuntimeError("the draft's cache could not forget its rejected tokens")
+        self.held = self.held[:keep]

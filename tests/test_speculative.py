@@ -1,0 +1,301 @@
+"""Speculative decoding: greedy output unchanged token for token, sampling exactly the target's distribution,
+every cache back to exactly the accepted tokens after a rejection."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_map
+
+from qwen_mlx.cache.kv import make_cache
+from qwen_mlx.engine import speculative
+from qwen_mlx.engine.generate import GenerationStats, generate_tokens
+from qwen_mlx.engine.sampling import SamplingParams, probabilities
+from qwen_mlx.engine.speculative import DraftLength, DraftModel, speculative_tokens, verify
+from qwen_mlx.models.config import ModelConfig
+from qwen_mlx.models.qwen3 import Model
+
+VOCAB = 384
+N_TOKENS = 64
+
+
+def tiny_model(seed: int, *, layers: int = 2, moe: bool = False, vocab: int = VOCAB, spread: float = 4) -> Model:
+    raw = dict(model_type="qwen3_moe" if moe else "qwen3", hidden_size=64, num_hidden_layers=layers,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=32, intermediate_size=128,
+               vocab_size=vocab, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=4096,
+               tie_word_embeddings=seed % 2 == 0, attention_bias=False)
+    if moe:
+        raw.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True)
+    mx.random.seed(seed)
+    model = Model(ModelConfig.from_dict(raw))
+    # Larger weights than the init's: logits spread enough that greedy runs vary (not one token repeated).
+    model.update(tree_map(lambda p: p * spread, model.parameters()))
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.fixture(scope="module")
+def targets():
+    return {"dense": tiny_model(1), "moe": tiny_model(3, moe=True)}
+
+
+PROMPT = [5, 17, 42, 99, 7, 250, 3]
+
+
+def plain_greedy(model: Model, n: int = N_TOKENS, cache=None) -> list[int]:
+    return list(generate_tokens(model, PROMPT, cache if cache is not None else make_cache(model.config),
+                                max_tokens=n))
+
+
+class Oracle:
+    """Test-only draft: proposes tokens from a script (the target's own greedy run), wrong where `wrong` says."""
+
+    def __init__(self, script: list[int], wrong=lambda position: False):
+        self.script, self.wrong = script, wrong
+
+    def sync(self, tokens):
+        self.start = len(tokens) + 1  # sequence length when the first generated token is next
+
+    def propose(self, seen, history, k, params, rng):
+        at = len(seen) - self.start  # index into the script of the next token
+        out = []
+        for j in range(at, at + k):
+            token = self.script[j] if j < len(self.script) else 0
+            out.append((token + 1) % VOCAB if self.wrong(j) else token)
+        return out, None
+
+    def accepted(self, history):
+        pass
+
+
+def run_speculative(model, draft, k, *, n=N_TOKENS, cache=None, params=SamplingParams()):
+    stats = GenerationStats()
+    cache = cache if cache is not None else make_cache(model.config)
+    out = list(speculative_tokens(model, draft, PROMPT, cache, params, max_tokens=n, length=DraftLength(fixed=k),
+                                  stats=stats))
+    return out, stats, cache
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 6])
+def test_greedy_with_speculation_equals_plain_greedy(targets, kind, k):
+    model = targets[kind]
+    expected = plain_greedy(model)
+    assert len(set(expected)) > 8  # a run that varies, so a wrong token cannot hide
+    all_right, stats, _ = run_speculative(model, Oracle(expected), k)
+    assert all_right == expected
+    assert stats.accepted == stats.drafted  # accepted at every position
+    all_wrong, stats, _ = run_speculative(model, Oracle(expected, lambda j: True), k)
+    assert all_wrong == expected
+    assert stats.accepted == 0 and stats.forwards == N_TOKENS  # rejected at every position
+    mixed, stats, _ = run_speculative(model, Oracle(expected, lambda j: j % 3 == 1), k)
+    assert mixed == expected
+    assert 0 < stats.accepted < stats.drafted
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_greedy_with_a_draft_model_equals_plain_greedy(targets, k):
+    model = targets["dense"]
+    expected = plain_greedy(model)
+    for draft_model in (tiny_model(5, layers=1), model):  # a stranger (mostly rejected), itself (all accepted)
+        draft = DraftModel(draft_model, make_cache(draft_model.config))
+        got, stats, _ = run_speculative(model, draft, k)
+        assert got == expected
+    assert stats.accepted == stats.drafted  # the model drafting for itself
+    assert stats.tokens_per_forward > 1
+
+
+def test_tokens_per_forward_is_k_plus_one_when_every_draft_is_right(targets):
+    model = targets["dense"]
+    expected = plain_greedy(model, 60)
+    _, stats, _ = run_speculative(model, Oracle(expected), 4, n=60)
+    assert stats.forwards == 12 and stats.tokens_per_forward == 5
+
+
+CACHE_KINDS = {
+    "plain": {},
+    "quantized": dict(bits=8, group_size=32),
+    "rotating": dict(max_size=48, keep=4),
+    "rotating-quantized": dict(max_size=48, keep=4, bits=8, group_size=32),
+}
+
+
+@pytest.mark.parametrize("kind", CACHE_KINDS)
+def test_after_a_rejection_the_cache_equals_one_that_never_saw_the_rejected_tokens(targets, kind):
+    """Run k + 1 tokens through one cache, trim the rejected ones; run only the kept ones through another (in
+    the same chunk shape, padded by different tokens that are trimmed too): the next logits are bit-identical, for
+    every cache kind, also after the rotating ring has wrapped."""
+    model = targets["dense"]
+    seq = PROMPT + plain_greedy(model, 70)  # 77 tokens: past the rotating window of 48
+    for cut in (56, 70):
+        for accepted in range(4):
+            rolled = make_cache(model.config, **CACHE_KINDS[kind])
+            clean = make_cache(model.config, **CACHE_KINDS[kind])
+            context = seq[:cut]
+            for cache in (rolled, clean):
+                model(mx.array(context[:-1])[None], cache)
+            kept = [context[-1], *seq[cut: cut + accepted]]
+            model(mx.array(kept + [1, 2, 3, 4][: 4 - accepted])[None], rolled)  # rejected: 1, 2, ...
+            model(mx.array(kept + [9, 8, 7, 6][: 4 - accepted])[None], clean)  # other tokens, never kept
+            for cache in (rolled, clean):
+                assert all(c.trim(4 - accepted) == 4 - accepted for c in cache)
+            nxt = mx.array([[seq[cut + accepted]]])
+            a, b = model(nxt, rolled), model(nxt, clean)
+            assert mx.array_equal(a, b), (kind, cut, accepted)
+
+
+def test_after_a_rejection_the_cache_matches_a_cache_fed_only_the_accepted_tokens(targets):
+    """Speculation end to end (a stranger drafting, mostly rejected), then one more token: the logits equal those
+    of a plain cache fed the prompt and the accepted tokens (1e-5: chunk shapes differ, so not bitwise)."""
+    model = targets["dense"]
+    draft_model = tiny_model(5, layers=1)
+    got, _, cache = run_speculative(model, DraftModel(draft_model, make_cache(draft_model.config)), 4, n=40)
+    held = cache[0].offset
+    fresh = make_cache(model.config)
+    model(mx.array((PROMPT + got)[:held])[None], fresh)
+    nxt = mx.array([[(PROMPT + got)[held]]])
+    assert np.abs(np.array(model(nxt, cache)) - np.array(model(nxt, fresh))).max() < 1e-5
+
+
+def chisquare_pvalue(observed: np.ndarray, expected: np.ndarray) -> float:
+    """Pearson's chi-square test: P(chi2 with len - 1 degrees of freedom >= the statistic)."""
+    import torch
+
+    statistic = float(((observed - expected) ** 2 / expected).sum())
+    df = len(observed) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
+                                         torch.tensor(statistic / 2, dtype=torch.float64)))
+
+
+SMALL = 12  # a vocabulary small enough that frequencies over 20,000 samples are sharp
+
+
+@pytest.fixture(scope="module")
+def small_distributions():
+    """p (the target's) and q (a different model's) next-token logits at the same context, vocabulary 12."""
+    target, draft = tiny_model(11, vocab=SMALL, spread=1.5), tiny_model(12, vocab=SMALL, spread=1.5)
+    context = mx.array([[1, 5, 3, 7]])
+    return target(context)[:, -1], draft(context)[:, -1]
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, top_p=0.8),
+                                    SamplingParams(temperature=1.0, top_k=5)], ids=["t1", "top_p", "top_k"])
+def test_speculative_samples_follow_the_target_distribution(small_distributions, params, monkeypatch):
+    """20,000 rounds of speculative sampling (the draft's token drawn from q, then verify): the emitted first
+    token's frequencies match p exactly (chi-square p > 0.001); the same test rejects a wrong acceptance rule."""
+    target_logits, draft_logits = small_distributions
+    p = np.asarray(probabilities(target_logits, [], params)[0], dtype=np.float64)
+    q = np.asarray(probabilities(draft_logits, [], params)[0], dtype=np.float64)
+    assert 0.2 < 0.5 * np.abs(p - q).sum()  # far enough apart that a wrong rule shows
+
+    def frequencies(rule) -> np.ndarray:
+        rng = np.random.default_rng(0)
+        counts = np.zeros(SMALL)
+        for _ in range(20_000):
+            x = speculative._draw(q, rng)
+            rows = np.stack([p, p])  # the row after the drafted token does not matter for the first token
+            counts[rule([x], rows, q[None], rng)[0]] += 1
+        return counts
+
+    def chi2_p(counts):
+        support = p > 0
+        assert counts[~support].sum() == 0  # nothing outside the target's support (top-p / top-k masks)
+        return chisquare_pvalue(counts[support], p[support] * counts.sum())
+
+    assert chi2_p(frequencies(verify)) > 0.001
+
+    def accept_whenever_the_target_likes_it_more(drafted, p_rows, q_rows, rng):  # a plausible, wrong rule
+        x = drafted[0]
+        if p_rows[0, x] >= q_rows[0, x]:
+            return [x]
+        return [speculative._draw(p_rows[0], rng)]
+
+    assert chi2_p(frequencies(accept_whenever_the_target_likes_it_more)) < 0.001
+
+
+def test_sampled_speculation_is_reproducible_and_stays_in_the_mask(targets):
+    model = targets["dense"]
+    draft_model = tiny_model(5, layers=1)
+    params = SamplingParams(temperature=0.8, top_k=5, seed=7, repetition_penalty=1.2)
+    runs = [run_speculative(model, DraftModel(draft_model, make_cache(draft_model.config)), 3, n=24,
+                            params=params)[0] for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_draft_length_turns_itself_off_when_drafting_does_not_pay():
+    length = DraftLength()
+    for _ in range(40):
+        k = length.next()
+        # drafting costs as much as the target and nothing is accepted
+        length.update(k, 0, 1.0 + k)
+    assert length.next() == 0 or length.rounds % 16 == 0
+    good = DraftLength()
+    for _ in range(40):
+        k = good.next()
+        good.update(k, k, 1.0 + 0.05 * k)  # cheap drafts, all accepted
+    assert good._best() == good.max_k
+
+
+def test_the_api_speculates_with_a_draft_and_refuses_another_vocabulary(tiny_checkpoint, tmp_path):
+    """qwen_mlx.load(..., draft=...) gives the same greedy reply as without; a draft whose tokenizer maps tokens to
+    other ids is refused with one line."""
+    import json
+    import shutil
+
+    import qwen_mlx
+    from qwen_mlx.errors import UserError
+
+    target = tiny_checkpoint("qwen3")
+    plain = qwen_mlx.load(target).generate("Count to five.", think=False, max_tokens=24,
+                                           sampling=SamplingParams())
+    llm = qwen_mlx.load(target, draft=tiny_checkpoint("qwen2"), draft_tokens=3)
+    fast = llm.generate("Count to five.", think=False, max_tokens=24, sampling=SamplingParams())
+    assert fast.text == plain.text and fast.stats.forwards < fast.stats.generated_tokens + 1
+    other = tmp_path / "other"
+    shutil.copytree(tiny_checkpoint("qwen2"), other)
+    spec = json.loads((other / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = list(vocab)[100], list(vocab)[101]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(UserError, match="another vocabulary"):
+        qwen_mlx.load(target, draft=other)
+
+
+def test_generate_with_a_draft_model_through_the_cli(tiny_checkpoint):
+    """`generate --draft-model` prints the same greedy answer as without it and says how speculation went;
+    a bad --draft-tokens is refused with one line and exit 2."""
+    import subprocess
+    import sys
+
+    base = [sys.executable, "-m", "qwen_mlx.cli", "generate", "-m", str(tiny_checkpoint("qwen3")), "-p", "hi",
+            "--no-think", "--temp", "0", "--max-tokens", "16"]
+    plain = subprocess.run(base, capture_output=True, text=True, timeout=300)
+    fast = subprocess.run([*base, "--draft-model", str(tiny_checkpoint("qwen3")), "--draft-tokens", "3", "-v"],
+                          capture_output=True, text=True, timeout=300)
+    assert plain.returncode == fast.returncode == 0, fast.stderr
+    assert fast.stdout == plain.stdout
+    assert "speculative: 100% of" in fast.stderr  # the model drafting for itself: every draft accepted
+    bad = subprocess.run([*base, "--draft-model", str(tiny_checkpoint("qwen3")), "--draft-tokens", "0"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--draft-tokens" in bad.stderr and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow  # the preset's 151,936-token head dominates: minutes on a busy 2-core CPU
+def test_bench_draft_oracle_runs_and_reports_k_plus_one_tokens_per_forward(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "spec.json"
+    run = subprocess.run([sys.executable, "-m", "qwen_mlx.cli", "bench", "--preset", "qwen3-0.6b", "--layers", "1",
+                          "--draft", "oracle", "--draft-tokens", "3", "--prompt-tokens", "8", "--gen-tokens", "9",
+                          "--repeats", "1", "--no-mlx-lm", "--json", str(out)], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr
+    case = json.loads(out.read_text())["cases"][0]
+    assert case["tokens_per_forward"] == 3.0 and case["acceptance"] == 1.0  # 9 tokens: 4 + 4 + 1 (the last round
+    # drafts none: max_tokens left no room), so 3 forwards
+    assert "speculative" in run.stdout and "tokens per target forward" in run.stdout
