@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from qwen_mlx.cache.recurrent import snapshot_positions
 from qwen_mlx.models.qwen3 import Cache, Model
 
 # logits (1, vocab) float32, tokens so far (prompt + generated, (T,) uint32, possibly not yet evaluated) -> the
@@ -99,15 +98,11 @@ def logits_last(model: Model, tokens: mx.array, cache: list[Cache]) -> mx.array:
 def prefill(model: Model, tokens: mx.array, cache: list[Cache], *, chunk: int = 512,
             stop: threading.Event | None = None) -> bool:
     """Run tokens (L,) into the cache in chunks of `chunk` tokens (bounded activation memory for long prompts).
-    A chunk also ends where a recurrent cache wants a snapshot (cache.recurrent). Returns False if `stop` was set
-    between chunks."""
-    held = cache[0].offset
-    cuts = {p - held for p in snapshot_positions(cache) if 0 < p - held < tokens.size}
-    bounds = sorted({*range(0, tokens.size, chunk), *cuts, tokens.size})
-    for start, end in zip(bounds, bounds[1:]):
+    Returns False if `stop` was set between chunks."""
+    for start in range(0, tokens.size, chunk):
         if stop is not None and stop.is_set():
             return False
-        mx.eval(fill(model, tokens[start:end], cache))
+        mx.eval(fill(model, tokens[start : start + chunk], cache))
     return True
 
 
