@@ -278,7 +278,8 @@ def test_user_errors_are_one_line(tiny_checkpoint, llama_checkpoint, tmp_path):
     cases = {
         "missing": (["/no/such/checkpoint"], "/no/such/checkpoint: no such checkpoint directory"),
         "bits": ([src, "--bits", "7"], "unsupported --bits 7 --group-size 64 for --mode affine"),
-        "not qwen": ([llama_checkpoint], "model_type 'llama' is not supported (qwen-mlx runs qwen2, qwen3, qwen3_moe)"),
+        "not qwen": ([llama_checkpoint], "model_type 'llama' is not supported (qwen-mlx runs qwen2, qwen3, qwen3_moe, "
+                                       "qwen3_5, qwen3_5_moe, qwen3_next)"),
         "bad gguf": ([bad_gguf], "bad.gguf: not a valid GGUF file (metadata count"),
         "exists": ([src], "already exists (choose another output, or pass --force to replace it)"),
     }
