@@ -4,6 +4,7 @@ their modules only when they run, so `--help` is instant."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 
@@ -190,6 +191,30 @@ def build_parser() -> argparse.ArgumentParser:
                          "default: random token ids")
     convert.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     convert.set_defaults(run=commands.convert)
+
+    serve = sub.add_parser(
+        "serve", help="the OpenAI and Anthropic APIs over HTTP, for editors, agents and chat front ends",
+        description="Serve the model on an OpenAI-compatible API (/v1/chat/completions, /v1/completions, "
+                    "/v1/models) and Anthropic's Messages API (/v1/messages), streaming by server-sent events. "
+                    "Concurrent requests decode together (continuous batching); a prompt prefix seen before "
+                    "(a shared system prompt) is not prefilled again.")
+    _add_model_argument(serve, DEFAULT_MODEL)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this "
+                       "machine only; another address warns unless --api-key is given)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.add_argument("--api-key", default=os.environ.get("QWEN_MLX_API_KEY"), metavar="KEY",
+                       help="require this key (Authorization: Bearer KEY, or x-api-key: KEY); default: the "
+                            "QWEN_MLX_API_KEY environment variable, else none")
+    serve.add_argument("--max-batch", type=int, default=8, metavar="N", help="requests decoded together "
+                       "(default: 8)")
+    serve.add_argument("--max-queue", type=int, default=64, metavar="N", help="requests waiting for a place in "
+                       "the batch; beyond them a request gets 429 with Retry-After (default: 64)")
+    serve.add_argument("--prompt-cache-bytes", type=_size, default="1GiB", metavar="SIZE", help="memory for the "
+                       "prefix cache across requests, least recently used dropped first; 0 turns it off "
+                       "(default: 1GiB)")
+    serve.add_argument("--max-body-bytes", type=_size, default="4MiB", metavar="SIZE", help="largest request "
+                       "body; larger ones get 413 (default: 4MiB)")
+    serve.set_defaults(run=commands.serve)
 
     from qwen_mlx.bench.run import PRESETS  # a plain dict; importing it is cheap
 

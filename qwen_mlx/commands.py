@@ -265,3 +265,22 @@ def convert(args: argparse.Namespace) -> None:
         from qwen_mlx.weights.quality import quality_report
 
         print(quality_report(args.src, result, text_file=args.report_text))
+
+
+def serve(args: argparse.Namespace) -> None:
+    from qwen_mlx.api import load
+    from qwen_mlx.serve.app import ServeOptions, bind_warning
+    from qwen_mlx.serve.app import serve as run_server
+
+    for flag, n in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue)):
+        if n < 1:
+            raise UserError(f"{flag} must be at least 1")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be between 0 and 65535: got {args.port}")
+    warning = bind_warning(args.host, args.api_key)
+    if warning:
+        print(f"qwen-mlx: warning: {warning}", file=sys.stderr)
+    options = ServeOptions(model_name=args.model, api_key=args.api_key, max_batch=args.max_batch,
+                           max_queue=args.max_queue, prompt_cache_bytes=args.prompt_cache_bytes,
+                           max_body_bytes=args.max_body_bytes, debug=args.debug)
+    run_server(load(args.model), options, host=args.host, port=args.port)

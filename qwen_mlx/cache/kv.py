@@ -14,6 +14,7 @@ Keys are cached after RoPE, so a cached key never moves: `offset` is the absolut
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
@@ -100,6 +101,15 @@ class _StoredCache:
     def _set_state(self, state: list[mx.array], offset: int) -> None:
         self._store.arrays = list(state) or None
         self.offset = offset
+
+    def copy(self):
+        """An independent cache holding the same tokens. Cheap: MLX arrays are values, so the copy's arrays share
+        memory with these until either cache writes (a write makes a new array, the other keeps the old one)."""
+        new = copy.copy(self)
+        new._store = copy.copy(self._store)
+        if self._store.arrays is not None:
+            new._store.arrays = [a[...] for a in self._store.arrays]
+        return new
 
 
 class KVCache(_StoredCache):

@@ -154,15 +154,16 @@ def route(logits: mx.array, top_k: int, norm_topk_prob: bool) -> tuple[mx.array,
     return experts, weights
 
 
-def rope(q: mx.array, k: mx.array, inv_freq: mx.array, wavelengths: mx.array, *, offset: int,
+def rope(q: mx.array, k: mx.array, inv_freq: mx.array, wavelengths: mx.array, *, offset: int | mx.array,
          norms: tuple[mx.array, mx.array, float] | None = None, scale: float = 1.0) -> tuple[mx.array, mx.array]:
     """RoPE (NeoX split-half) on q (B, L, Hq, D) and k (B, L, Hk, D) at positions offset .. offset + L - 1,
     after a per-head RMSNorm when `norms` = (q weight, k weight, eps) is given -> (B, Hq, L, D), (B, Hk, L, D).
 
     The angle of pair i is position * inv_freq[i]; wavelengths = 1 / inv_freq (mx.fast.rope's `freqs`). `scale`
-    multiplies cos and sin: YaRN's attention factor when it is applied here (the model folds it into the softmax)."""
+    multiplies cos and sin: YaRN's attention factor when it is applied here (the model folds it into the softmax).
+    `offset` may be a vector (B,), one position per sequence (a batched decode step, L = 1): mx.fast.rope's path."""
     used = backend()
-    if used != "reference" and _rope.supports(q, k):
+    if used != "reference" and _rope.supports(q, k) and (isinstance(offset, int) or offset.size == 1):
         return tuple(dialect.run(_rope.KERNEL, used, _rope.launch(q, k, inv_freq, offset, norms, scale)))
     if norms is not None:
         q_weight, k_weight, eps = norms

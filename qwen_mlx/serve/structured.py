@@ -1,0 +1,82 @@
+"""Structured output: `response_format` enforced while sampling, by a grammar that masks the logits every step.
+
+The grammar engine is llguidance (microsoft/llguidance, MIT): a Rust core with no Python dependencies that
+computes each step's mask on demand from a lexer over the tokenizer's byte strings, so a new schema costs nothing
+up front (a per-request schema is the common case); it is released often and is a grammar backend of llama.cpp,
+vLLM and SGLang. xgrammar (0.2.9) needs torch, transformers and triton at run time (its wheel's metadata): too
+much for a Mac server. outlines-core builds an index over the whole vocabulary for each schema before the first
+token can be sampled.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+# JSON as json.dumps writes it: whitespace only in the separators, so a model cannot pad the reply with whitespace
+# until max_tokens (which a grammar that allows any whitespace between tokens permits).
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+class SchemaError(ValueError):
+    """A response_format the grammar engine cannot compile; the message says why."""
+
+
+@functools.cache
+def _tokenizer(tokenizer_json: str, vocab_size: int, eos_ids: tuple[int, ...]):
+    import llguidance
+
+    return llguidance.LLTokenizer(Path(tokenizer_json).read_text(encoding="utf-8"), n_vocab=vocab_size,
+                                  eos_token=list(eos_ids))
+
+
+def grammar_for(response_format: dict) -> str | None:
+    """The llguidance grammar of an OpenAI response_format ({"type": "text" | "json_object" | "json_schema"});
+    None for plain text."""
+    import llguidance
+
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        schema = {"type": "object"}
+    elif kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise SchemaError("response_format.json_schema.schema must be a JSON schema object")
+    else:
+        raise SchemaError("response_format.type must be text, json_object or json_schema")
+    try:
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT)
+    except ValueError as e:
+        raise SchemaError(f"response_format: {e}") from None
+
+
+class Grammar:
+    """The Constraint (see scheduler.py) of one sequence: forbidden tokens at -inf, the grammar advanced by each
+    sampled token. When the grammar is complete only an end-of-sequence token is allowed."""
+
+    def __init__(self, grammar: str, tokenizer_json: str | Path, vocab_size: int, eos_ids: tuple[int, ...]):
+        import llguidance
+
+        self._matcher = llguidance.LLMatcher(_tokenizer(str(tokenizer_json), vocab_size, tuple(eos_ids)), grammar,
+                                             log_level=0)
+        if self._matcher.is_error():
+            raise SchemaError(f"response_format: {self._matcher.get_error()}")
+        self.vocab_size = vocab_size
+        self._bitmask = np.zeros((1, (vocab_size + 31) // 32), dtype=np.int32)
+
+    def mask(self, logits: mx.array) -> mx.array:
+        """logits (1, vocab) -> the same with every token the grammar forbids at -inf."""
+        from llguidance.numpy import fill_next_token_bitmask
+
+        fill_next_token_bitmask(self._matcher, self._bitmask)
+        allowed = np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")[: logits.shape[-1]]
+        return mx.where(mx.array(allowed.astype(np.bool_))[None], logits, -mx.inf)
+
+    def accept(self, token: int) -> None:
+        self._matcher.consume_token(token)
