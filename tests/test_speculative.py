@@ -9,10 +9,12 @@ import pytest
 from mlx.utils import tree_map
 
 from qwen_mlx.cache.kv import make_cache
+from qwen_mlx.cache.recurrent import RecurrentCache, forget_passing, keep_snapshots
 from qwen_mlx.engine import speculative
 from qwen_mlx.engine.generate import GenerationStats, generate_tokens
 from qwen_mlx.engine.sampling import SamplingParams, probabilities
 from qwen_mlx.engine.speculative import DraftLength, DraftModel, speculative_tokens, verify
+from qwen_mlx.models.build import build_model
 from qwen_mlx.models.config import ModelConfig
 from qwen_mlx.models.qwen3 import Model
 
@@ -35,9 +37,27 @@ def tiny_model(seed: int, *, layers: int = 2, moe: bool = False, vocab: int = VO
     return model
 
 
+def tiny_hybrid(seed: int, *, moe: bool = False, spread: float = 4) -> Model:
+    """A tiny Qwen3.5 (MoE) of the test vocabulary: linear, full, linear, linear attention."""
+    raw = dict(model_type="qwen3_5_moe" if moe else "qwen3_5", hidden_size=64, num_hidden_layers=4,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=32, intermediate_size=96, vocab_size=VOCAB,
+               rms_norm_eps=1e-6, rope_theta=10000.0, partial_rotary_factor=0.5, max_position_embeddings=4096,
+               tie_word_embeddings=seed % 2 == 0, linear_num_key_heads=2, linear_num_value_heads=4,
+               linear_key_head_dim=16, linear_value_head_dim=24, linear_conv_kernel_dim=4,
+               layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention"])
+    if moe:
+        raw.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48)
+    mx.random.seed(seed)
+    model = build_model(ModelConfig.from_dict(raw))
+    model.update(tree_map(lambda p: p * spread, model.parameters()))
+    mx.eval(model.parameters())
+    return model
+
+
 @pytest.fixture(scope="module")
 def targets():
-    return {"dense": tiny_model(1), "moe": tiny_model(3, moe=True)}
+    return {"dense": tiny_model(1), "moe": tiny_model(3, moe=True), "hybrid": tiny_hybrid(7),
+            "hybrid-moe": tiny_hybrid(8, moe=True)}
 
 
 PROMPT = [5, 17, 42, 99, 7, 250, 3]
@@ -77,7 +97,7 @@ def run_speculative(model, draft, k, *, n=N_TOKENS, cache=None, params=SamplingP
     return out, stats, cache
 
 
-@pytest.mark.parametrize("kind", ["dense", "moe"])
+@pytest.mark.parametrize("kind", ["dense", "moe", "hybrid", "hybrid-moe"])
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 6])
 def test_greedy_with_speculation_equals_plain_greedy(targets, kind, k):
     model = targets[kind]
@@ -104,6 +124,20 @@ def test_greedy_with_a_draft_model_equals_plain_greedy(targets, k):
         assert got == expected
     assert stats.accepted == stats.drafted  # the model drafting for itself
     assert stats.tokens_per_forward > 1
+
+
+@pytest.mark.parametrize("k", [1, 4, 6])
+def test_greedy_with_a_hybrid_draft_model_for_a_hybrid_target_equals_plain_greedy(targets, k):
+    """Both caches recurrent: the target's and the draft's states are restored from the round's snapshots."""
+    model = targets["hybrid"]
+    expected = plain_greedy(model)
+    for draft_model in (tiny_hybrid(9), model):  # a stranger (mostly rejected), itself (all accepted)
+        draft = DraftModel(draft_model, make_cache(draft_model.config))
+        got, stats, cache = run_speculative(model, draft, k)
+        assert got == expected
+    assert stats.accepted == stats.drafted and stats.tokens_per_forward > 1
+    held = cache[0].offset
+    assert all(c.restore_points == [0, held] for c in cache if isinstance(c, RecurrentCache))  # none left behind
 
 
 def test_tokens_per_forward_is_k_plus_one_when_every_draft_is_right(targets):
@@ -143,6 +177,42 @@ def test_after_a_rejection_the_cache_equals_one_that_never_saw_the_rejected_toke
             nxt = mx.array([[seq[cut + accepted]]])
             a, b = model(nxt, rolled), model(nxt, clean)
             assert mx.array_equal(a, b), (kind, cut, accepted)
+
+
+@pytest.mark.parametrize("kind", ["hybrid", "hybrid-moe"])
+def test_after_a_rejection_the_recurrent_state_equals_one_that_never_saw_the_rejected_tokens(targets, kind):
+    """As above for a hybrid model: a verify forward over 5 tokens with a passing snapshot at each position, the
+    rejected tokens trimmed (the state restored from the snapshot): the next logits are bit-identical to those of
+    a cache that ran other tokens there, and no snapshot outlives the round."""
+    model = targets[kind]
+    seq = PROMPT + plain_greedy(model, 40)
+    for cut in (9, 30):
+        for accepted in range(5):
+            rolled, clean = make_cache(model.config), make_cache(model.config)
+            context = seq[:cut]
+            for cache in (rolled, clean):
+                model(mx.array(context[:-1])[None], cache)
+                keep_snapshots(cache, range(cut, cut + 4), passing=True)
+            kept = [context[-1], *seq[cut: cut + accepted]]
+            model(mx.array(kept + [1, 2, 3, 4][: 4 - accepted])[None], rolled)
+            model(mx.array(kept + [9, 8, 7, 6][: 4 - accepted])[None], clean)
+            for cache in (rolled, clean):
+                if accepted < 4:
+                    assert all(c.trim(4 - accepted) == 4 - accepted for c in cache)
+                forget_passing(cache)
+            assert [c.restore_points for c in rolled if isinstance(c, RecurrentCache)][0] == [0, cut + accepted]
+            nxt = mx.array([[seq[cut + accepted]]])
+            a, b = model(nxt, rolled), model(nxt, clean)
+            assert mx.array_equal(a, b), (kind, cut, accepted)
+
+
+def test_a_recurrent_state_without_the_round_snapshots_cannot_be_rolled_back(targets):
+    """The test above can fail: without passing snapshots the recurrent caches refuse the trim."""
+    model = targets["hybrid"]
+    cache = make_cache(model.config)
+    model(mx.array(PROMPT)[None], cache)
+    model(mx.array([1, 2, 3])[None], cache)
+    assert [c.trim(2) for c in cache if isinstance(c, RecurrentCache)] == [0, 0, 0]
 
 
 def test_after_a_rejection_the_cache_matches_a_cache_fed_only_the_accepted_tokens(targets):

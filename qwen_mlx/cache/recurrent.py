@@ -9,6 +9,11 @@ positions (at most `max_snapshots`, the oldest dropped first). `trim(n)` goes ba
 snapshot is held at offset - n (or n = offset: the empty state), and otherwise refuses (returns 0). A chat turn
 asks for a snapshot where its generation prompt begins (`keep_snapshots`), so that the next turn, whose template
 may drop this turn's reasoning, restores the state where the two renderings part and prefills only the rest.
+The layer splits its input at every position wanted (`cuts`), so a snapshot lands exactly there.
+
+Speculative decoding asks for passing snapshots (`keep_snapshots(..., passing=True)`): one per position of a
+verify forward, so that any accepted prefix can be restored. They are held apart from the kept ones (they never
+evict a chat's) and live for one round: `forget_passing` drops them once the round's trim is done.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ class RecurrentCache:
         self.max_snapshots = max_snapshots
         self._snapshots: dict[int, tuple[mx.array, mx.array]] = {}  # position -> (conv_tail, state), oldest first
         self._wanted: set[int] = set()  # positions not reached yet at which to take a snapshot
+        self._passing: dict[int, tuple[mx.array, mx.array]] = {}  # a speculative round's snapshots, by position
+        self._passing_wanted: set[int] = set()
 
     def advance(self, conv_tail: mx.array, recurrent_state: mx.array, n: int) -> None:
         """The layer ran n more tokens; these are its conv tail and state now."""
@@ -36,6 +43,9 @@ class RecurrentCache:
         if self.offset in self._wanted:
             self._wanted.discard(self.offset)
             self.snapshot()
+        if self.offset in self._passing_wanted:
+            self._passing_wanted.discard(self.offset)
+            self._passing[self.offset] = (conv_tail, recurrent_state)
 
     def snapshot(self) -> None:
         """Keep the present conv tail and state, for a later trim back to this position."""
@@ -46,22 +56,28 @@ class RecurrentCache:
         while len(self._snapshots) > self.max_snapshots:
             del self._snapshots[next(iter(self._snapshots))]
 
-    def want_snapshot(self, position: int) -> None:
-        """Take a snapshot when the cache reaches `position` (now, if it is there)."""
-        if position == self.offset:
+    def want_snapshot(self, position: int, *, passing: bool = False) -> None:
+        """Take a snapshot when the cache reaches `position` (now, if it is there); a passing one lives until
+        `forget_passing`."""
+        if position == self.offset and not passing:
             self.snapshot()
         elif position > self.offset:
-            self._wanted.add(position)
+            (self._passing_wanted if passing else self._wanted).add(position)
 
-    @property
-    def wanted(self) -> set[int]:
-        """Positions ahead at which a snapshot is to be taken (a prefill must stop at each)."""
-        return set(self._wanted)
+    def forget_passing(self) -> None:
+        """Drop the passing snapshots (taken or still wanted): the speculative round they served is over."""
+        self._passing, self._passing_wanted = {}, set()
+
+    def cuts(self, n: int) -> list[int]:
+        """Where, among the next n tokens, the layer must stop for a snapshot: sorted counts of tokens in 1..n-1
+        (the end, n, is reached anyway)."""
+        return sorted({p - self.offset for p in self._wanted | self._passing_wanted if 0 < p - self.offset < n})
 
     @property
     def restore_points(self) -> list[int]:
         """The positions this cache can go back (or stay) to: 0, the snapshots and the present offset."""
-        return sorted({0, self.offset, *(p for p in self._snapshots if p <= self.offset)})
+        held = {*self._snapshots, *self._passing}
+        return sorted({0, self.offset, *(p for p in held if p <= self.offset)})
 
     def trim(self, n: int) -> int:
         """Go back n tokens if a snapshot allows it exactly; returns n, or 0 (nothing changed) when it does not:
@@ -73,9 +89,11 @@ class RecurrentCache:
         if target == 0:
             self.conv_tail = self.recurrent_state = None
         else:
-            self.conv_tail, self.recurrent_state = self._snapshots[target]
+            self.conv_tail, self.recurrent_state = self._snapshots.get(target) or self._passing[target]
         self._snapshots = {p: s for p, s in self._snapshots.items() if p <= target}
+        self._passing = {p: s for p, s in self._passing.items() if p <= target}
         self._wanted = {p for p in self._wanted if p > target}
+        self._passing_wanted = {p for p in self._passing_wanted if p > target}
         self.offset = target
         return n
 
@@ -100,22 +118,25 @@ class RecurrentCache:
 
     @property
     def nbytes(self) -> int:
-        held = [*self.state, *(a for pair in self._snapshots.values() for a in pair)]
+        held = [*self.state, *(a for pair in [*self._snapshots.values(), *self._passing.values()] for a in pair)]
         return sum(a.nbytes for a in held)
 
 
-def keep_snapshots(caches: Iterable, positions: Iterable[int]) -> None:
-    """Ask every recurrent cache of the list for a snapshot at each position (KV caches need none)."""
+def keep_snapshots(caches: Iterable, positions: Iterable[int], *, passing: bool = False) -> None:
+    """Ask every recurrent cache of the list for a snapshot at each position (KV caches need none); passing ones
+    last until `forget_passing`."""
     positions = list(positions)
     for cache in caches:
         if isinstance(cache, RecurrentCache):
             for p in positions:
-                cache.want_snapshot(p)
+                cache.want_snapshot(p, passing=passing)
 
 
-def snapshot_positions(caches: Iterable) -> set[int]:
-    """The positions ahead at which the list's recurrent caches want a snapshot."""
-    return {p for cache in caches if isinstance(cache, RecurrentCache) for p in cache.wanted}
+def forget_passing(caches: Iterable) -> None:
+    """Drop every recurrent cache's passing snapshots (the end of a speculative round)."""
+    for cache in caches:
+        if isinstance(cache, RecurrentCache):
+            cache.forget_passing()
 
 
 def restore_point(caches: Sequence, position: int) -> int:

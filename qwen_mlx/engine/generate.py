@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from qwen_mlx.cache.recurrent import snapshot_positions
 from qwen_mlx.engine.step import compiled_forward
 from qwen_mlx.models.qwen3 import Cache, Model
 
@@ -113,15 +112,11 @@ def decode_forward(model: Model, cache: list[Cache], *, compiled: bool = True) -
 def prefill(model: Model, tokens: mx.array, cache: list[Cache], *, chunk: int = 512,
             stop: threading.Event | None = None) -> bool:
     """Run tokens (L,) into the cache in chunks of `chunk` tokens (bounded activation memory for long prompts).
-    A chunk also ends where a recurrent cache wants a snapshot (cache.recurrent). Returns False if `stop` was set
-    between chunks."""
-    held = cache[0].offset
-    cuts = {p - held for p in snapshot_positions(cache) if 0 < p - held < tokens.size}
-    bounds = sorted({*range(0, tokens.size, chunk), *cuts, tokens.size})
-    for start, end in zip(bounds, bounds[1:]):
+    Returns False if `stop` was set between chunks."""
+    for start in range(0, tokens.size, chunk):
         if stop is not None and stop.is_set():
             return False
-        mx.eval(fill(model, tokens[start:end], cache))
+        mx.eval(fill(model, tokens[start : start + chunk], cache))
     return True
 
 
@@ -138,19 +133,15 @@ def generate_tokens(model: Model, prompt: list[int], cache: list[Cache], *, samp
     """Yield up to max_tokens new token ids after `prompt`, which is appended to `cache` (possibly already
     holding earlier tokens: then pass only the tokens it does not hold). The common case of `decode`: one process,
     the whole model, each decode step compiled where it can be (`compiled`; see decode_forward)."""
-    held = cache[0].offset  # a prefill chunk ends where a recurrent cache wants a snapshot (cache.recurrent)
-    cuts = [p - held for p in snapshot_positions(cache)]
     return decode(decode_forward(model, cache, compiled=compiled), lambda tokens: fill(model, tokens, cache),
-                  prompt, sampler=sampler, max_tokens=max_tokens, prefill_chunk=prefill_chunk, stats=stats, stop=stop,
-                  cuts=cuts)
+                  prompt, sampler=sampler, max_tokens=max_tokens, prefill_chunk=prefill_chunk, stats=stats, stop=stop)
 
 
 def decode(forward: Forward, fill: Fill, prompt: list[int], *, sampler: Sampler = greedy, max_tokens: int = 256,
            prefill_chunk: int = 512, stats: GenerationStats | None = None, stop: threading.Event | None = None,
-           lockstep: Lockstep | None = None, eos: Collection[int] = (), cuts: Collection[int] = ()) -> Iterator[int]:
+           lockstep: Lockstep | None = None, eos: Collection[int] = ()) -> Iterator[int]:
     """Yield up to max_tokens new token ids after `prompt`: all but its last token go through `fill` in chunks of
-    `prefill_chunk` (a chunk also ends at each position of `cuts`, counted from the prompt's start), then each
-    step runs one token through `forward` and samples the next.
+    `prefill_chunk`, then each step runs one token through `forward` and samples the next.
 
     Overlap: step n + 1 is built from the lazy token n and queued on the device (`mx.async_eval`) before token n
     is read, so building a step's graph overlaps the device's work on the previous one, and the caller's work on
@@ -164,8 +155,7 @@ def decode(forward: Forward, fill: Fill, prompt: list[int], *, sampler: Sampler 
     closing = threading.Event()  # the caller closed the generator: processes in lockstep still run to the stop
     asked = lambda: closing.is_set() or (stop is not None and stop.is_set())
     with mx.stream(generation_stream()):
-        steps = _steps(forward, fill, prompt, sampler, max_tokens, prefill_chunk, stats, asked, lockstep, set(eos),
-                       cuts)
+        steps = _steps(forward, fill, prompt, sampler, max_tokens, prefill_chunk, stats, asked, lockstep, set(eos))
         first = None
         for n, token in enumerate(steps):
             now = time.perf_counter()
@@ -192,19 +182,17 @@ def read(y: mx.array) -> list[int]:
 
 def _steps(forward: Forward, fill: Fill, prompt: list[int], sampler: Sampler, max_tokens: int, prefill_chunk: int,
            stats: GenerationStats, asked: Callable[[], bool], lockstep: Lockstep | None,
-           eos: set[int], cuts: Collection[int] = ()) -> Iterator[int]:
+           eos: set[int]) -> Iterator[int]:
     """The tokens to hand to the caller: each one read whose next step was built before this process asked to stop
     (so the cache holds exactly the tokens handed over, plus the prompt). In lockstep the loop goes on, without
     handing tokens over, until every process reads the stop."""
     stats._start = time.perf_counter()
     mx.reset_peak_memory()
     ids = mx.array(prompt, dtype=mx.uint32)  # (T,)
-    n = ids.size - 1
-    bounds = sorted({*range(0, n, prefill_chunk), *(c for c in cuts if 0 < c < n), n})
-    for start, end in zip(bounds, bounds[1:]):
+    for start in range(0, ids.size - 1, prefill_chunk):
         if lockstep is None and asked():
             return
-        mx.eval(fill(ids[start:end]))
+        mx.eval(fill(ids[start : min(start + prefill_chunk, ids.size - 1)]))
         if lockstep is not None and read(lockstep.share(None, asked()))[1]:
             return
 

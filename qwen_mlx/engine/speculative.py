@@ -9,7 +9,10 @@ more comes from the target's distribution after them. p and q are the distributi
 the one-hot case, where this reduces to "keep the drafted tokens while they equal the target's argmax".
 
 After a round every cache holds exactly the accepted tokens: the target's KV caches are trimmed by the rejected
-tokens, the draft's likewise. How many tokens to draft adapts to the measured acceptance and costs (DraftLength).
+tokens, the draft's likewise. A recurrent state (the hybrid models' Gated DeltaNet layers) cannot forget tokens:
+it keeps a passing snapshot at every position of the round (the layer runs the verify's tokens one by one), is
+restored from the one at the accepted prefix, and the round's snapshots are dropped.
+How many tokens to draft adapts to the measured acceptance and costs (DraftLength).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Protocol
 import mlx.core as mx
 import numpy as np
 
+from qwen_mlx.cache.recurrent import forget_passing, keep_snapshots, restore_point
 from qwen_mlx.engine.generate import GenerationStats, generation_stream, prefill
 from qwen_mlx.engine.sampling import SamplingParams, probabilities
 from qwen_mlx.models.qwen3 import Cache, Model
@@ -177,6 +181,8 @@ def _speculate(model: Model, draft: Draft, prompt: list[int], cache: list[Cache]
         started = time.perf_counter()
         k = min(length.next(), max_tokens - produced - 1)
         drafted, q = draft.propose(seen, history, k, params, rng) if k > 0 else ([], None)
+        held = cache[0].offset  # the context and history but its last token
+        keep_snapshots(cache, range(held + 1, held + k + 1), passing=True)  # each acceptable prefix
         logits = model(mx.array([history[-1], *drafted], dtype=mx.uint32)[None], cache)[0]  # (k + 1, vocab)
         if greedy and params.repetition_penalty == 1.0:
             out = verify_greedy(drafted, mx.argmax(logits, axis=-1).tolist())
@@ -187,6 +193,7 @@ def _speculate(model: Model, draft: Draft, prompt: list[int], cache: list[Cache]
         rejected = k + 1 - len(out)  # the target ran k + 1 tokens; it keeps history[-1] and the accepted ones
         if rejected and any(c.trim(rejected) != rejected for c in cache):
             raise RuntimeError("a cache could not forget the rejected draft tokens (rotating cache slack too small)")
+        forget_passing(cache)
         history.extend(out)
         seen.extend(out)
         draft.accepted(seen)
@@ -227,6 +234,7 @@ class DraftModel:
                 rng: np.random.Generator) -> tuple[list[int], np.ndarray | None]:
         pending = seen[len(self.held):]  # accepted tokens it has not run yet (at least the last one)
         self.held = list(seen)
+        keep_snapshots(self.cache, range(len(seen), len(seen) + k), passing=True)  # where the round may end
         drafted, qs = [], []
         for i in range(k):
             logits = self.model(mx.array(pending, dtype=mx.uint32)[None], self.cache)[0, -1:]
@@ -246,13 +254,16 @@ class DraftModel:
         self._forget_after(seen)
 
     def _forget_after(self, tokens: list[int]) -> None:
-        """Trim the cache to the longest prefix it shares with `tokens` (start over if it cannot trim)."""
+        """Trim the cache to the longest prefix it shares with `tokens` (a recurrent draft: to its latest restore
+        point within it, possibly the start)."""
         keep = 0
         for a, b in zip(self.held, tokens):
             if a != b:
                 break
             keep += 1
+        keep = restore_point(self.cache, keep)
         extra = len(self.held) - keep
         if extra and any(c.trim(extra) != extra for c in self.cache):
             raise RuntimeError("the draft's cache could not forget its rejected tokens")
+        forget_passing(self.cache)
         self.held = self.held[:keep]

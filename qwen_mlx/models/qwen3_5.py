@@ -45,6 +45,10 @@ class RecurrentState(Protocol):
         """Hold these after n more tokens."""
         ...
 
+    def cuts(self, n: int) -> list[int]:
+        """Where among the next n tokens to stop for a snapshot (counts of tokens in 1..n-1, sorted)."""
+        ...
+
 
 # ------------------------------------------------------------------------------------------------ the delta rule
 
@@ -210,13 +214,19 @@ class GatedDeltaNet(nn.Module):
         beta = mx.sigmoid(b.astype(mx.float32))
         state = cache.recurrent_state if cache is not None and cache.recurrent_state is not None else \
             mx.zeros((B, self.Hv, self.Dk, self.Dv), mx.float32)
-        if L == 1:
-            y, state = delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state)
-            y = y[:, None]
-        else:
-            y, state = chunked_delta_rule(q, k, v, g, beta, state)
-        if cache is not None:
-            cache.advance(window[:, L:], state, L)
+        bounds = [0, *(cache.cuts(L) if cache is not None else []), L]  # pieces end where a snapshot is wanted
+        ys = []
+        for start, end in zip(bounds, bounds[1:]):
+            if end - start == 1:
+                y, state = delta_rule_step(q[:, start], k[:, start], v[:, start], g[:, start], beta[:, start], state)
+                y = y[:, None]
+            else:
+                y, state = chunked_delta_rule(q[:, start:end], k[:, start:end], v[:, start:end], g[:, start:end],
+                                              beta[:, start:end], state)
+            ys.append(y)  # (B, end - start, Hv, Dv)
+            if cache is not None:
+                cache.advance(window[:, end : end + width - 1], state, end - start)
+        y = ys[0] if len(ys) == 1 else mx.concatenate(ys, axis=1)
         y = self.norm(y, z).astype(x.dtype)  # (B, L, Hv, Dv)
         return self.out_proj(y.reshape(B, L, -1))
 
