@@ -383,3 +383,21 @@ def test_emulator_builds_with_and_without_fma_contraction():
                             [mx.float32])
     assert {build: emulated([(fma, launch)], build)[0][0][0].item() for build in ("O0", "O2")} == {
         "O0": 0.0, "O2": 2.0 ** -24}
+
+
+@pytest.mark.parametrize("variant", ["qwen3_5", "qwen3_next"])
+def test_hybrid_greedy_tokens_with_the_emulated_gated_delta_kernel_equal_the_page(hybrid_checkpoint, emulated_gpu,
+                                                                                 variant):
+    """A tiny hybrid model fused for a GPU decodes every linear-attention token through the gated-delta kernel's
+    own text (emulated): the same greedy tokens as the model page, logits within 1e-4."""
+    model, _ = load_model(hybrid_checkpoint(variant))
+    cfg = model.config
+    prompt = [9707, 11, 1879, 0, 358, 1079]
+    fuse(model, "cuda")
+    ours, ours_logits = greedy(model, cfg, prompt, 16)
+    assert "qwen_gated_delta" in set(emulated_gpu)
+    assert emulated_gpu.count("qwen_gated_delta") >= 16 * sum(map(cfg.is_linear_layer, range(cfg.num_hidden_layers)))
+    fuse(model, "reference")
+    reference, reference_logits = greedy(model, cfg, prompt, 16)
+    assert ours == reference and len(set(ours)) > 3
+    assert error(ours_logits, reference_logits) <= 1e-4

@@ -14,6 +14,7 @@ from qwen_mlx.kernels import dialect, ops, router
 from qwen_mlx.kernels import rope as rope_kernel
 from qwen_mlx.kernels.quantized import QuantizedEmbedding, QuantizedLinear, QuantizedSwitchLinear
 from qwen_mlx.models.qwen3 import MLP, Attention, SparseMoE, SwitchLinear, SwitchMLP
+from qwen_mlx.models.qwen3_5 import GatedDeltaNet
 
 
 class FusedAttention(Attention):
@@ -50,6 +51,12 @@ class FusedSwitchMLP(SwitchMLP):
         return ops.expert_sum(h, self.down_proj, experts, weights)
 
 
+class FusedGatedDeltaNet(GatedDeltaNet):
+    def step(self, q: mx.array, k: mx.array, v: mx.array, g: mx.array, beta: mx.array,
+             state: mx.array) -> tuple[mx.array, mx.array]:
+        return ops.gated_delta_step(q, k, v, g, beta, state)  # the kernel where it covers the case, else the page's
+
+
 class FusedQuantizedLinear(QuantizedLinear):
     def __call__(self, x: mx.array) -> mx.array:
         y = ops.qmatmul(x, self["weight"], self["scales"], self.get("biases"), self.group_size, self.bits, self.mode)
@@ -79,7 +86,8 @@ class Float32SwitchLinear(SwitchLinear):
 
 
 GPU_FORMS: dict[type, type] = {Attention: FusedAttention, MLP: FusedMLP, SparseMoE: FusedSparseMoE,
-                               SwitchMLP: FusedSwitchMLP, QuantizedLinear: FusedQuantizedLinear,
+                               SwitchMLP: FusedSwitchMLP, GatedDeltaNet: FusedGatedDeltaNet,
+                               QuantizedLinear: FusedQuantizedLinear,
                                QuantizedEmbedding: FusedQuantizedEmbedding,
                                QuantizedSwitchLinear: FusedQuantizedSwitchLinear}
 CPU_FORMS: dict[type, type] = {SwitchLinear: Float32SwitchLinear}

@@ -197,6 +197,11 @@ class GatedDeltaNet(nn.Module):
         qkv = mx.concatenate([t.reshape(B, L, -1) for t in (q, k, v)], axis=-1)
         return qkv, z.reshape(B, L, self.Hv, self.Dv), b.reshape(B, L, self.Hv), a.reshape(B, L, self.Hv)
 
+    def step(self, q: mx.array, k: mx.array, v: mx.array, g: mx.array, beta: mx.array,
+             state: mx.array) -> tuple[mx.array, mx.array]:
+        """One token of the delta rule (the decode kernel is swapped in here on a GPU: models/fused.py)."""
+        return delta_rule_step(q, k, v, g, beta, state)
+
     def __call__(self, x: mx.array, cache: RecurrentState | None) -> mx.array:
         B, L, _ = x.shape
         qkv, z, b, a = self.project(x)
@@ -218,7 +223,7 @@ class GatedDeltaNet(nn.Module):
         ys = []
         for start, end in zip(bounds, bounds[1:]):
             if end - start == 1:
-                y, state = delta_rule_step(q[:, start], k[:, start], v[:, start], g[:, start], beta[:, start], state)
+                y, state = self.step(q[:, start], k[:, start], v[:, start], g[:, start], beta[:, start], state)
                 y = y[:, None]
             else:
                 y, state = chunked_delta_rule(q[:, start:end], k[:, start:end], v[:, start:end], g[:, start:end],
