@@ -17,6 +17,7 @@ from mlx.nn.layers.distributed import shard_linear
 from qwen_mlx.distributed.plan import DistributedError, check_tensor_split, expert_range, pipeline_plan
 from qwen_mlx.models.config import ModelConfig
 from qwen_mlx.models.qwen3 import MLP, Model, SparseMoE, SwitchMLP
+from qwen_mlx.models.qwen3_5 import SharedExpertMoE
 from qwen_mlx.weights.loader import TensorInfo, load_config, load_model
 from qwen_mlx.weights.names import LoadError
 
@@ -107,6 +108,8 @@ class ExpertShard(SparseMoE):
                              f"those {len(experts)} experts, not {held}: load it with HeldExperts")
         self.top_k, self.norm_topk_prob = moe.top_k, moe.norm_topk_prob
         self.gate, self.switch_mlp = moe.gate, moe.switch_mlp
+        if isinstance(moe, SharedExpertMoE):  # the hybrid models' shared expert: whole on every rank
+            self.shared_expert, self.shared_expert_gate = moe.shared_expert, moe.shared_expert_gate
         self._first, self._count, self._group = experts.start, len(experts), group
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -115,7 +118,10 @@ class ExpertShard(SparseMoE):
         mine = (local >= 0) & (local < self._count)
         # Pairs routed elsewhere run through local expert 0 and weigh zero (a gather needs a valid index).
         y = self.switch_mlp(x, mx.where(mine, local, 0).astype(experts.dtype), mx.where(mine, weights, 0.0))
-        return mx.distributed.all_sum(y, group=self._group)  # (B, L, dim)
+        y = mx.distributed.all_sum(y, group=self._group)  # (B, L, dim)
+        if "shared_expert" in self:  # after the sum, so that it counts once
+            y = y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return y
 
 
 def shard_experts(model: Model, group: mx.distributed.Group) -> None:
