@@ -76,3 +76,19 @@ def test_convert_4bit_loads_in_mlx_lm_with_our_logits_and_keeps_the_float_tensor
     assert mx.abs(a - b).max().item() <= 1e-4
     config = json.loads((out / "config.json").read_text())
     assert config["quantization"] == config["quantization_config"]
+
+
+def test_mixed_recipe_on_an_image_text_moe_loads_in_mlx_lm_with_the_head_at_8_bits(hybrid_checkpoint, tmp_path):
+    """A mixed recipe's per-layer keys name mlx-lm's module paths (`language_model.lm_head`), so both engines build
+    the head at 8 bits, the rest at 4, and agree."""
+    from mlx_lm.utils import load_model as mlx_lm_load
+
+    out = tmp_path / "out"
+    result = convert(hybrid_checkpoint("qwen3_5_moe_default"), out, recipe="mixed_4_6", progress=False)
+    assert result.quantization["language_model.lm_head"]["bits"] == 8
+    ours, _ = load_model(out)
+    theirs = mlx_lm_load(out)[0]
+    assert ours.lm_head.bits == theirs.language_model.lm_head.bits == 8
+    assert ours.layers[0].linear_attn.in_proj_qkv.bits == theirs.language_model.layers[0].linear_attn.in_proj_qkv.bits == 4
+    ids = mx.array(prompt_ids(12))[None]
+    assert mx.abs(ours(ids) - theirs(ids)).max().item() <= 1e-4

@@ -79,8 +79,8 @@ def model_name(name: str) -> str | None:
     if name.startswith(_NOT_TEXT):
         return None
     for old, new in _PREFIXES:
-        if name.startswith(old):
-            name = new + name[len(old):]
+        if (name + ".").startswith(old):  # a tensor under the prefix, or the layer path itself (quantization keys)
+            name = (new + (name + ".")[len(old):]).removesuffix(".")
             break
     return _STACKED_EXPERTS.sub(r".mlp.switch_mlp.\1.weight", name)
 
@@ -135,7 +135,8 @@ def mlx_lm_name(name: str, model_type: str) -> str:
     """The model's checkpoint name -> the name mlx-lm's own convert writes: Qwen3.5's image-text classes hold the
     text model under `language_model.` (mlx_lm.models.qwen3_5.Model), and mlx-lm's per-layer quantization keys are
     module paths of that class, so a converted file uses them; the MTP head and other families keep theirs."""
-    if model_type in ("qwen3_5", "qwen3_5_moe") and name.startswith(("model.", "lm_head.")) and not is_mtp(name):
+    if model_type in ("qwen3_5", "qwen3_5_moe") and (name == "lm_head" or name.startswith(("model.", "lm_head."))) \
+            and not is_mtp(name):
         return f"language_model.{name}"
     return name
 
