@@ -73,7 +73,7 @@ def test_moe_bytes_per_token_counts_only_routed_experts(tiny_checkpoint):
 def test_context_cases_json_and_plot(tiny_checkpoint, tmp_path):
     out, svg = tmp_path / "bench.json", tmp_path / "context.svg"
     run = bench_cli("--model", str(tiny_checkpoint("qwen3")), "--context", "40,300", "--cache",
-                    "plain,rotating,kv8,rotating-kv4", "--max-kv-size", "64", "--gen-tokens", "3", "--repeats", "1",
+                    "plain,rotating,kv8,rotating-kv4", "--max-kv-size", "64", "--gen-tokens", "4", "--repeats", "1",
                     "--warmup", "0", "--json", str(out), "--plot", str(svg))
     assert run.returncode == 0, run.stderr
     result = json.loads(out.read_text())
@@ -124,14 +124,14 @@ def test_rotating_run_reports_flat_memory(tiny_checkpoint, tmp_path):
 def test_overhead_cli_prints_and_writes_each_figure(tiny_checkpoint, tmp_path):
     out = tmp_path / "bench.json"
     run = bench_cli("--overhead", "--model", str(tiny_checkpoint("qwen3")), "--prompt-tokens", "5", "--gen-tokens",
-                    "3", "--repeats", "1", "--warmup", "0", "--bandwidth", "100", "--json", str(out))
+                    "4", "--repeats", "1", "--warmup", "0", "--bandwidth", "100", "--json", str(out))
     assert run.returncode == 0, run.stderr
     result = json.loads(out.read_text())
     assert set(result) == DOC_KEYS and result["cases"] == [] and result["context_cases"] == []
     cases = result["overhead_cases"]
     assert [c["engine"] for c in cases] == ["qwen-mlx", "mlx-lm"]
     for case in cases:
-        assert set(case) == OVERHEAD_KEYS and (case["prompt_tokens"], case["gen_tokens"]) == (5, 3)
+        assert set(case) == OVERHEAD_KEYS and (case["prompt_tokens"], case["gen_tokens"]) == (5, 4)
         assert case["decode_ms_per_token"] > 0 and case["build_ms_per_token"] > 0
         assert case["graph_nodes"] > case["graph_ops"] > 10 * case["layers"]  # a transformer step, weights as leaves
     [ratio] = result["overhead_ratios"]
@@ -176,3 +176,24 @@ def test_docs_list_every_json_key():
     keys = DOC_KEYS | CASE_KEYS | CONTEXT_KEYS | ROTATING_KEYS | SAMPLE_KEYS | OVERHEAD_KEYS | OVERHEAD_RATIO_KEYS
     missing = [key for key in keys if f'"{key}"' not in schema]
     assert not missing, f"docs/bench.md does not document {missing}"
+
+
+@pytest.mark.parametrize("preset", ["qwen3.5-4b", "qwen3.5-35b-a3b", "qwen3-next-80b-a3b"])
+def test_hybrid_preset_twin_is_mlx_lms_model_on_our_weights(preset):
+    """The bench's mlx-lm side of a hybrid preset (shrunk: 4 layers, narrow, few experts) computes what ours does
+    on the same arrays: mlx-lm's own qwen3_5 / qwen3_5_moe / qwen3_next class, rope read as ours reads it."""
+    from qwen_mlx.bench.run import PRESETS, random_model
+    from qwen_mlx.models.config import ModelConfig
+
+    small = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                 intermediate_size=192, vocab_size=512, linear_num_key_heads=2, linear_num_value_heads=4,
+                 linear_key_head_dim=32, linear_value_head_dim=32)
+    if "num_experts" in PRESETS[preset]:
+        small.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=64)
+    cfg = ModelConfig.from_dict({**PRESETS[preset], **small}, preset)
+    mx.random.seed(0)
+    model = random_model(cfg, "bf16")
+    model.set_dtype(mx.float32)
+    twin = mlx_lm_twin(model, cfg, "bf16")
+    ids = mx.array([[3, 14, 159, 26, 53, 58, 97, 93, 238, 46, 264, 33]])
+    assert mx.abs(model(ids) - twin(ids)).max().item() <= 1e-3

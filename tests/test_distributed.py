@@ -346,3 +346,19 @@ def test_distributed_without_a_launcher_runs_in_one_process_with_a_note(tiny_che
                            timeout=60)
     assert alone.returncode == 0 and alone.stdout == plain.stdout
     assert "--distributed auto: one process, not several started by mlx.launch" in alone.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant,mode", [("qwen3_5", "pipeline"), ("qwen3_5_moe", "expert")])
+def test_hybrid_model_over_two_ranks_equals_single_process(hybrid_checkpoint, tmp_path, variant, mode):
+    """A hybrid model's stages hold whatever layers fall to them (each linear layer's recurrent cache with it; the
+    image-text file's vision tower read by no rank); expert mode splits the routed experts and runs the shared
+    expert whole on every rank."""
+    result = check_equal_to_single_process(hybrid_checkpoint(variant), 2, mode, tmp_path)
+    assert result["weights_bytes"] == pytest.approx(memory_plan(hybrid_checkpoint(variant), 2)[mode], rel=1e-3)
+
+
+def test_tensor_mode_refuses_a_hybrid_model_in_one_line(hybrid_checkpoint):
+    with pytest.raises(DistributedError, match="^--mode tensor does not split a qwen3_5 model's Gated DeltaNet "
+                                                "layers: use --mode pipeline$"):
+        check_tensor_split(load_config(hybrid_checkpoint("qwen3_5")), 2)

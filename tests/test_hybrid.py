@@ -294,7 +294,7 @@ def test_chat_app_runs_two_turns_on_a_hybrid_model(llm):
             await send(pilot, "hi")
             await wait_until(pilot, lambda: not app.generating and app.query(Turn), timeout=30)
             await send(pilot, "and again")
-            await wait_until(pilot, lambda: not app.generating and len(app.query(Turn)) == 2, timeout=30)
+            await wait_until(pilot, lambda: not app.generating and len(engine.messages()) == 4, timeout=60)
         return engine
 
     engine = asyncio.run(run())

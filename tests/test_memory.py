@@ -118,3 +118,13 @@ def test_no_check_without_a_reported_working_set(tiny_checkpoint, monkeypatch):
     monkeypatch.setattr(mx, "set_wired_limit", lambda n: pytest.fail("the wired limit must not change"))
     load_model(tiny_checkpoint("qwen3"), memory=MemoryPlan(context=10**9))
     assert cli.main(["generate", "-m", str(tiny_checkpoint("qwen3")), "-p", "hi", "--max-tokens", "1"]) == 0
+
+
+def test_kv_estimate_counts_the_recurrent_state_of_a_hybrid_model(hybrid_checkpoint):
+    """Linear-attention layers hold a conv tail and a float32 state instead of K and V: the estimate counts each
+    layer by its kind (measured on the caches make_cache builds, not from the formula)."""
+    model, _ = load_model(hybrid_checkpoint("qwen3_5_moe"))
+    plan = MemoryPlan(context=300)
+    cache = make_cache(model.config)
+    prefill(model, mx.arange(plan.context), cache, chunk=64)
+    assert kv_cache_bytes(model.config, plan, 4) == sum(c.nbytes for c in cache)

@@ -25,14 +25,20 @@ from qwen_mlx.engine.generate import GenerationStats, generate_tokens
 from qwen_mlx.errors import UserError
 from qwen_mlx.files import write_atomically
 from qwen_mlx.kernels.ops import choose_backend
-from qwen_mlx.models.config import ModelConfig
+from qwen_mlx.models.build import build_model
+from qwen_mlx.models.config import HYBRID_MODEL_TYPES, ModelConfig
 from qwen_mlx.models.fused import fuse
-from qwen_mlx.models.qwen3 import Model, checkpoint_weights
+from qwen_mlx.models.qwen3 import checkpoint_weights
 from qwen_mlx.weights.memory import MemoryPlan, check_fits, kv_cache_bytes
+from qwen_mlx.weights.names import mlx_lm_name
 from qwen_mlx.weights.quant import quantize_model
 
 _QWEN3 = dict(model_type="qwen3", vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1000000.0,
               max_position_embeddings=40960, head_dim=128, attention_bias=False)
+_QWEN3_5 = dict(model_type="qwen3_5", vocab_size=248320, rms_norm_eps=1e-6, rope_theta=10000000.0,
+                partial_rotary_factor=0.25, max_position_embeddings=262144, head_dim=256, attention_bias=False,
+                full_attention_interval=4, linear_num_key_heads=16, linear_key_head_dim=128,
+                linear_value_head_dim=128, linear_conv_kernel_dim=4)
 PRESETS: dict[str, dict] = {  # dimensions of the real checkpoints' config.json
     "qwen3-0.6b": dict(_QWEN3, hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
                        num_key_value_heads=8, intermediate_size=3072, tie_word_embeddings=True),
@@ -50,6 +56,24 @@ PRESETS: dict[str, dict] = {  # dimensions of the real checkpoints' config.json
                           num_attention_heads=32, num_key_value_heads=4, intermediate_size=6144,
                           moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
                           decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False),
+    # The hybrid models (3 Gated DeltaNet layers, then 1 gated attention layer): their released config.json text
+    # configs (Qwen/Qwen3.5-4B, -27B, -35B-A3B, Qwen/Qwen3-Next-80B-A3B-Instruct); see docs/bench.md for sources.
+    "qwen3.5-4b": dict(_QWEN3_5, hidden_size=2560, num_hidden_layers=32, num_attention_heads=16,
+                       num_key_value_heads=4, intermediate_size=9216, linear_num_value_heads=32,
+                       tie_word_embeddings=True),
+    "qwen3.5-27b": dict(_QWEN3_5, hidden_size=5120, num_hidden_layers=64, num_attention_heads=24,
+                        num_key_value_heads=4, intermediate_size=17408, linear_num_value_heads=48,
+                        tie_word_embeddings=False),
+    "qwen3.5-35b-a3b": dict(_QWEN3_5, model_type="qwen3_5_moe", hidden_size=2048, num_hidden_layers=40,
+                            num_attention_heads=16, num_key_value_heads=2, linear_num_value_heads=32,
+                            num_experts=256, num_experts_per_tok=8, moe_intermediate_size=512,
+                            shared_expert_intermediate_size=512, tie_word_embeddings=False),
+    "qwen3-next-80b-a3b": dict(_QWEN3_5, model_type="qwen3_next", vocab_size=151936, hidden_size=2048,
+                               num_hidden_layers=48, num_attention_heads=16, num_key_value_heads=2,
+                               intermediate_size=5120, linear_num_value_heads=32, num_experts=512,
+                               num_experts_per_tok=10, moe_intermediate_size=512, shared_expert_intermediate_size=512,
+                               norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                               tie_word_embeddings=False),
 }
 
 # Memory bandwidth in GB/s by device name (Apple's and NVIDIA's published figures).
@@ -107,10 +131,10 @@ def preset_config(name: str, layers: int | None) -> ModelConfig:
     return ModelConfig.from_dict(raw, f"preset {name}")
 
 
-def random_model(cfg: ModelConfig, bits: str, memory: MemoryPlan | None = None) -> Model:
+def random_model(cfg: ModelConfig, bits: str, memory: MemoryPlan | None = None) -> nn.Module:
     """A model with random bf16 weights, quantized to `bits` (mlx-lm's affine layout, group 64). With `memory`,
     one that would not fit the GPU's recommended working set is refused before its weights are made."""
-    model = Model(cfg)
+    model = build_model(cfg)
     model.set_dtype(mx.bfloat16)
     if bits != "bf16":
         quantize_model(model, {"group_size": 64, "bits": int(bits)})
@@ -122,16 +146,20 @@ def random_model(cfg: ModelConfig, bits: str, memory: MemoryPlan | None = None) 
     return model
 
 
-def mlx_lm_twin(model: Model, cfg: ModelConfig, bits: str) -> nn.Module:
+def mlx_lm_twin(model: nn.Module, cfg: ModelConfig, bits: str) -> nn.Module:
     """mlx-lm's own model class for this config, holding the very same weight arrays; the experts' gate and up,
     which mlx-lm holds apart, as contiguous copies (so that its gathers read them as they would its checkpoint's)."""
-    from mlx_lm.models import qwen3, qwen3_moe
+    import importlib
 
-    module = qwen3_moe if cfg.model_type == "qwen3_moe" else qwen3
+    module = importlib.import_module(f"mlx_lm.models.{MLX_LM_MODULES.get(cfg.model_type, 'qwen3')}")
     raw = cfg.to_dict()
+    if cfg.model_type in HYBRID_MODEL_TYPES:  # mlx-lm reads rope from rope_parameters only
+        raw["rope_parameters"] = {"type": "default", "rope_theta": cfg.rope_theta,
+                                  "partial_rotary_factor": cfg.partial_rotary_factor}
     twin = module.Model(module.ModelArgs.from_dict(raw))
     ours = dict(tree_flatten(model.parameters()))
-    weights = {name: w if name in ours else mx.contiguous(w) for name, w in checkpoint_weights(ours).items()}
+    weights = {mlx_lm_name(name, cfg.model_type): w if name in ours else mx.contiguous(w)
+               for name, w in checkpoint_weights(ours).items()}
     if bits != "bf16":
         nn.quantize(twin, group_size=64, bits=int(bits),
                     class_predicate=lambda path, m: hasattr(m, "to_quantized") and f"{path}.scales" in weights)
@@ -141,13 +169,18 @@ def mlx_lm_twin(model: Model, cfg: ModelConfig, bits: str) -> nn.Module:
     return twin
 
 
+# model_type -> mlx-lm's module for it (the rest: mlx_lm.models.qwen3)
+MLX_LM_MODULES = {"qwen3_moe": "qwen3_moe", "qwen3_5": "qwen3_5", "qwen3_5_moe": "qwen3_5_moe",
+                  "qwen3_next": "qwen3_next"}
+
+
 def own_bytes(module: nn.Module, other: nn.Module | None) -> int:
     """Bytes of the arrays `module` holds and `other` does not share."""
     shared = {id(p) for _, p in tree_flatten(other.parameters())} if other is not None else set()
     return sum(p.nbytes for _, p in tree_flatten(module.parameters()) if id(p) not in shared)
 
 
-def weight_bytes_per_token(model: Model, cfg: ModelConfig) -> int:
+def weight_bytes_per_token(model: nn.Module, cfg: ModelConfig) -> int:
     """Weight bytes one decode token reads: every matrix once, the routed experts' share of the expert stacks,
     one row of an untied embedding."""
     total = 0
@@ -187,7 +220,7 @@ def measure_bandwidth(n_bytes: int = 256 * 2**20, repeats: int = 5) -> float:
     return 2 * n_bytes / best / 1e9
 
 
-def time_ours(model: Model, prompt: list[int], gen: int, cache: list | None = None) -> Timing:
+def time_ours(model: nn.Module, prompt: list[int], gen: int, cache: list | None = None) -> Timing:
     """Generate `gen` tokens after `prompt` through generate_tokens, into `cache` (a fresh one by default)."""
     cache = make_cache(model.config) if cache is None else cache
     stats = GenerationStats()

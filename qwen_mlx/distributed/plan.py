@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from qwen_mlx.errors import UserError
-from qwen_mlx.models.config import ModelConfig
-from qwen_mlx.weights.loader import load_config, read_index
+from qwen_mlx.models.config import HYBRID_MODEL_TYPES, ModelConfig
+from qwen_mlx.weights.loader import load_config, model_names, read_index
 
 MODES = ("pipeline", "tensor", "expert")
 _DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4}
@@ -54,7 +54,7 @@ def pipeline_plan(path: Path, cfg: ModelConfig, n: int) -> list[range]:
     """The stages for n ranks, balanced by the checkpoint's tensor bytes (read from the headers only)."""
     costs = [0] * cfg.num_hidden_layers
     first = last = 0
-    for name, info in read_index(path).items():
+    for name, info in _text_index(path).items():
         size = _DTYPE_BYTES.get(info.dtype, 4) * int(np.prod(info.shape))
         if name.startswith("model.layers."):
             costs[int(name.split(".")[2])] += size
@@ -66,15 +66,26 @@ def pipeline_plan(path: Path, cfg: ModelConfig, n: int) -> list[range]:
     return plan_stages(costs, n, first, last)
 
 
+def _text_index(path: Path) -> dict:
+    """The checkpoint's tensors that the text model reads, by the model's names (a hybrid image-text file's
+    `model.language_model.*` as `model.*`; its vision tower and MTP head left out)."""
+    index = read_index(path)
+    names = model_names(index)
+    return {names[k]: v for k, v in index.items() if k in names}
+
+
 def memory_plan(path: Path, n: int) -> dict[str, list[int] | str]:
     """Weight bytes each of n ranks holds in each mode (from the checkpoint headers, nothing read), or the reason a
     mode does not apply; plus "kv_per_token": KV-cache bytes per token of context on each rank, per mode."""
     cfg = load_config(path)
-    index = read_index(path)
+    index = _text_index(path)
     size = {name: _DTYPE_BYTES.get(info.dtype, 4) * int(np.prod(info.shape)) for name, info in index.items()}
     norm = next((info for name, info in index.items() if name.endswith("input_layernorm.weight")), None)
     kv_item = _DTYPE_BYTES.get(norm.dtype, 2) if norm else 2  # the cache holds the activations' dtype
     kv_layer = 2 * cfg.num_key_value_heads * cfg.head_dim * kv_item  # keys and values of one token, one layer
+
+    def attention(layers: range) -> int:  # layers with a KV cache (a linear layer's state does not grow)
+        return sum(not cfg.is_linear_layer(i) for i in layers)
     plan: dict = {}
     try:
         stages = pipeline_plan(path, cfg, n)
@@ -90,7 +101,7 @@ def memory_plan(path: Path, n: int) -> dict[str, list[int] | str]:
             else:
                 per[-1] += b
         plan["pipeline"] = per
-        plan["pipeline_kv_per_token"] = [len(st) * kv_layer for st in stages]
+        plan["pipeline_kv_per_token"] = [attention(st) * kv_layer for st in stages]
     except DistributedError as e:
         plan["pipeline"] = str(e)
     expert_share = max(len(expert_range(cfg.num_experts, r, n)) for r in range(n)) / cfg.num_experts \
@@ -120,12 +131,16 @@ def memory_plan(path: Path, n: int) -> dict[str, list[int] | str]:
         plan["expert"] = f"{cfg.num_experts} experts cannot be split over {n} ranks"
     else:
         plan["expert"] = [share(False)] * n
-        plan["expert_kv_per_token"] = [cfg.num_hidden_layers * kv_layer] * n
+        plan["expert_kv_per_token"] = [attention(range(cfg.num_hidden_layers)) * kv_layer] * n
     return plan
 
 
 def check_tensor_split(cfg: ModelConfig, n: int) -> None:
     """Raise naming the -n values that work when the heads (or MLP columns) of this model do not split n ways."""
+    if cfg.model_type in HYBRID_MODEL_TYPES:
+        raise DistributedError(f"--mode tensor does not split a {cfg.model_type} model's Gated DeltaNet layers: use "
+                               "--mode pipeline" + (" or expert" if cfg.num_experts else ""))
+
     def ok(k: int) -> bool:
         if cfg.num_key_value_heads % k:
             return False

@@ -15,6 +15,7 @@ import mlx.nn as nn
 from mlx.nn.layers.distributed import shard_linear
 
 from qwen_mlx.distributed.plan import DistributedError, check_tensor_split, expert_range, pipeline_plan
+from qwen_mlx.models.build import build_model
 from qwen_mlx.models.config import ModelConfig
 from qwen_mlx.models.qwen3 import MLP, Model, SparseMoE, SwitchMLP
 from qwen_mlx.weights.loader import TensorInfo, load_config, load_model
@@ -36,7 +37,7 @@ class Stage:
         if not (0 <= layers.start < layers.stop <= cfg.num_hidden_layers and layers.step == 1):
             raise LoadError(f"layers {layers.start}..{layers.stop - 1} are not a stage of this "
                             f"{cfg.num_hidden_layers}-layer model")
-        model = Model(cfg, layers)
+        model = build_model(cfg, layers)
         first, last = layers.start == 0, layers.stop == cfg.num_hidden_layers
         if not first and not (last and cfg.tie_word_embeddings):
             del model.model["embed_tokens"]
@@ -81,7 +82,7 @@ class HeldExperts:
         if not (cfg.num_experts and 0 <= experts.start < experts.stop <= cfg.num_experts and experts.step == 1):
             raise LoadError(f"experts {experts.start}..{experts.stop - 1} are not a range of this model's "
                             f"{cfg.num_experts} experts")
-        model = Model(cfg)
+        model = build_model(cfg)
         for layer in model.layers:
             if isinstance(layer.mlp, SparseMoE):
                 layer.mlp.switch_mlp = SwitchMLP(cfg.hidden_size, cfg.moe_intermediate_size, len(experts))

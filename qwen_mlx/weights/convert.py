@@ -20,13 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
 from qwen_mlx.files import fsync_dir
+from qwen_mlx.models.build import build_model
 from qwen_mlx.models.config import ModelConfig
-from qwen_mlx.models.qwen3 import Model, checkpoint_weights
+from qwen_mlx.models.qwen3 import checkpoint_weights
 from qwen_mlx.weights.loader import SAFETENSORS_DTYPES, check_weights
+from qwen_mlx.weights.names import is_mtp, mlx_lm_name
 from qwen_mlx.weights.quant import layer_settings, plan_quantization, quantizable_layers
 from qwen_mlx.weights.sources import DTYPES, ConvertError, Source, SourceTensor, open_source
 
@@ -68,18 +71,21 @@ def convert(src: str | Path, out: str | Path, *, bits: int | None = None, group_
     _refuse_existing(out, force)
     source = open_source(src)
     cfg = ModelConfig.from_dict(source.config, f"{src} (config)")
-    model = Model(cfg)  # a skeleton for names and shapes; its random weights are lazy and never computed
+    model = build_model(cfg)  # a skeleton for names and shapes; its random weights are lazy and never computed
     check_weights(_checkpoint_shapes(model), source.index, source.tensors, cfg)
     quantization = None if dequantize else plan_quantization(model, bits, group_size, mode, recipe)
     out_dtype = DTYPES[dtype] if dtype else source.dtype
 
     config = {**source.config, "torch_dtype": _DTYPE_NAMES[out_dtype]}
+    if isinstance(config.get("text_config"), dict):  # mlx-lm reads the text config's tie, transformers the top's
+        config["text_config"] = {**config["text_config"], "tie_word_embeddings": cfg.tie_word_embeddings}
     if quantization:
+        quantization = {mlx_lm_name(k, cfg.model_type): v for k, v in quantization.items()}
         config["quantization"] = quantization
         config["quantization_config"] = quantization  # mlx-lm writes both names (transformers reads the second)
     ModelConfig.from_dict(config, "the converted config.json")  # what we write must load
 
-    jobs = _plan(source, model, quantization, out_dtype)
+    jobs = _plan(source, model, quantization, out_dtype, cfg.model_type)
     errors: dict[str, float] = {}
     with _output_dir(out, force) as tmp:
         weight_map, total = _write_weights(tmp, jobs, shard_size, progress, errors if report else None)
@@ -99,9 +105,10 @@ def convert(src: str | Path, out: str | Path, *, bits: int | None = None, group_
 
 @dataclass(frozen=True)
 class _Out:
-    name: str
+    name: str  # the model's checkpoint name (mlx-lm's layout)
     shape: tuple[int, ...]
     dtype: mx.Dtype
+    stored: str  # the name written, mlx-lm's own (names.mlx_lm_name)
 
     @property
     def nbytes(self) -> int:
@@ -138,30 +145,39 @@ class _Job:
         return dict(zip((o.name for o in self.outs), q))
 
 
-def _checkpoint_shapes(model: Model) -> dict[str, tuple[int, ...]]:
+def _checkpoint_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor of `model` in the checkpoint layout (mlx-lm's), which is what we write."""
     return {name: tuple(p.shape) for name, p in checkpoint_weights(dict(tree_flatten(model.parameters()))).items()}
 
 
-def _plan(source: Source, model: Model, quantization: dict | None, dtype: mx.Dtype) -> list[_Job]:
+def _plan(source: Source, model: nn.Module, quantization: dict | None, dtype: mx.Dtype,
+          model_type: str) -> list[_Job]:
     layers = quantizable_layers(model)
     jobs = []
+
+    def stored(name: str) -> str:
+        return mlx_lm_name(name, model_type)
+
     for name in sorted(_checkpoint_shapes(model)):
         tensor = source.tensors[name]
         layer, kind = name.rsplit(".", 1)
-        settings = layer_settings(quantization, layer) if quantization and kind == "weight" and layer in layers \
-            else None
+        settings = layer_settings(quantization, stored(layer)) if quantization and kind == "weight" and \
+            layer in layers else None
         if settings is None:
-            outs = (_Out(name, tensor.shape, dtype),)
+            # A_log stays float32 whatever --dtype says: exp(A_log) is the decay rate (mlx-lm's cast_predicate)
+            own = mx.float32 if name.endswith(".A_log") else dtype
+            outs = (_Out(name, tensor.shape, own, stored(name)),)
         else:
             group_size, bits, mode = settings
             *rows, cols = tensor.shape
             scale_dtype = dtype if mode == "affine" else mx.uint8
-            outs = (_Out(f"{layer}.weight", (*rows, cols * bits // 32), mx.uint32),
-                    _Out(f"{layer}.scales", (*rows, cols // group_size), scale_dtype))
+            outs = (_Out(f"{layer}.weight", (*rows, cols * bits // 32), mx.uint32, stored(f"{layer}.weight")),
+                    _Out(f"{layer}.scales", (*rows, cols // group_size), scale_dtype, stored(f"{layer}.scales")))
             if mode == "affine":
-                outs += (_Out(f"{layer}.biases", (*rows, cols // group_size), dtype),)
-        jobs.append(_Job(name, tensor, settings, dtype, outs))
+                outs += (_Out(f"{layer}.biases", (*rows, cols // group_size), dtype, stored(f"{layer}.biases")),)
+        jobs.append(_Job(name, tensor, settings, outs[0].dtype if settings is None else dtype, outs))
+    for name in sorted(source.extra):  # the MTP head, as it is (floating point in the output dtype)
+        jobs.append(_Job(name, source.extra[name], None, dtype, (_Out(name, source.extra[name].shape, dtype, name),)))
     return jobs
 
 
@@ -181,9 +197,12 @@ def _write_weights(tmp: Path, jobs: list[_Job], shard_size: int, progress: bool,
     from tqdm import tqdm
 
     outs = [o for job in jobs for o in job.outs]
+    # The MTP head (last in the plan) goes into a file of its own, outside the model*.safetensors that mlx-lm
+    # globs: mlx-lm has no MTP module and would refuse its tensors; the index lists it, so qwen-mlx reads it.
+    head = [o for o in outs if is_mtp(o.stored)]
     shards: list[list[_Out]] = []
     size = 0
-    for o in outs:
+    for o in outs[:len(outs) - len(head)]:
         if not shards or size + o.nbytes > shard_size:
             shards.append([])
             size = 0
@@ -191,7 +210,10 @@ def _write_weights(tmp: Path, jobs: list[_Job], shard_size: int, progress: bool,
         size += o.nbytes
     names = ["model.safetensors"] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {o.name: names[i] for i, shard in enumerate(shards) for o in shard}
+    if head:
+        shards.append(head)
+        names.append("mtp.safetensors")
+    weight_map = {o.stored: names[i] for i, shard in enumerate(shards) for o in shard}
     total = sum(o.nbytes for o in outs)
 
     writer = _ShardWriter(tmp, shards, names)
@@ -240,7 +262,7 @@ def _safetensors_header(outs: list[_Out]) -> bytes:
     header: dict = {"__metadata__": {"format": "mlx"}}
     offset = 0
     for o in outs:
-        header[o.name] = {"dtype": _SAFETENSORS_NAMES[o.dtype], "shape": list(o.shape),
+        header[o.stored] = {"dtype": _SAFETENSORS_NAMES[o.dtype], "shape": list(o.shape),
                           "data_offsets": [offset, offset + o.nbytes]}
         offset += o.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()

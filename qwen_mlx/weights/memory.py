@@ -52,7 +52,21 @@ def kv_cache_bytes(cfg: ModelConfig, plan: MemoryPlan, element_bytes: int) -> in
     else:
         group = plan.kv_group_size or (64 if d % 64 == 0 else 32)
         per_vector = d * plan.kv_bits // 8 + 2 * (d // group) * element_bytes  # packed values, scales, biases
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * tokens * per_vector  # K and V
+    attention = sum(not cfg.is_linear_layer(i) for i in range(cfg.num_hidden_layers))
+    return 2 * attention * cfg.num_key_value_heads * tokens * per_vector + recurrent_state_bytes(cfg, element_bytes)
+
+
+def recurrent_state_bytes(cfg: ModelConfig, element_bytes: int) -> int:
+    """The linear-attention layers' caches (cache.recurrent.RecurrentCache), whatever the context: the conv's last
+    width - 1 inputs (activations' dtype) and the float32 state (value heads, key dim, value dim)."""
+    linear = sum(cfg.is_linear_layer(i) for i in range(cfg.num_hidden_layers))
+    if not linear:
+        return 0
+    conv_dim = 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim + \
+        cfg.linear_num_value_heads * cfg.linear_value_head_dim
+    tail = (cfg.linear_conv_kernel_dim - 1) * conv_dim * element_bytes
+    state = cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim * 4
+    return linear * (tail + state)
 
 
 def check_fits(what: str, weights: int, kv_cache: int, force: bool) -> None:

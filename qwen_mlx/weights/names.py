@@ -79,8 +79,8 @@ def model_name(name: str) -> str | None:
     if name.startswith(_NOT_TEXT):
         return None
     for old, new in _PREFIXES:
-        if name.startswith(old):
-            name = new + name[len(old):]
+        if (name + ".").startswith(old):  # a tensor under the prefix, or the layer path itself (quantization keys)
+            name = (new + (name + ".")[len(old):]).removesuffix(".")
             break
     return _STACKED_EXPERTS.sub(r".mlp.switch_mlp.\1.weight", name)
 
@@ -99,11 +99,46 @@ def hybrid_hf_layout(tensors: dict) -> bool:
 def hybrid_values(weights: dict[str, mx.array]) -> None:
     """A hybrid model's Hugging Face tensors in the model's layout, in place: conv1d.weight (C, 1, width) becomes
     (C, width, 1) and each zero-centred norm's w becomes 1 + w (mlx-lm's files hold both already)."""
-    for name in [n for n in weights if n.endswith(".conv1d.weight")]:
-        weights[name] = weights[name].moveaxis(2, 1)
-    for name in [n for n in weights if _ZERO_CENTRED.search(n)]:
-        w = weights[name]
-        weights[name] = (w.astype(mx.float32) + 1.0).astype(w.dtype)
+    for name in [n for n in weights if n.endswith(".conv1d.weight") or _ZERO_CENTRED.search(n)]:
+        weights[name] = hybrid_value(name, weights[name])
+
+
+def hybrid_value(name: str, w: mx.array) -> mx.array:
+    """One tensor of hybrid_values (model name, Hugging Face value -> the model's value; others unchanged)."""
+    if name.endswith(".conv1d.weight"):
+        return w.moveaxis(2, 1)  # (C, 1, width) -> (C, width, 1)
+    if _ZERO_CENTRED.search(name):
+        return (w.astype(mx.float32) + 1.0).astype(w.dtype)
+    return w
+
+
+def hybrid_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape hybrid_value gives a tensor of this name and Hugging Face shape."""
+    return (shape[0], shape[2], shape[1]) if name.endswith(".conv1d.weight") else shape
+
+
+def is_mtp(name: str) -> bool:
+    """A tensor of the multi-token-prediction head (not the text model's; convert copies it as it is)."""
+    return name.startswith(("mtp.", "model.mtp."))
+
+
+def stacked_experts(name: str) -> tuple[str, ...]:
+    """The hub's stacked expert tensor (model name `...switch_mlp.gate_up_proj.weight` (E, 2I, H) or
+    `...switch_mlp.down_proj.weight`) -> the checkpoint names its rows split into (gate rows first); () otherwise."""
+    if name.endswith(".switch_mlp.gate_up_proj.weight"):
+        stem = name.removesuffix(".gate_up_proj.weight")
+        return f"{stem}.gate_proj.weight", f"{stem}.up_proj.weight"
+    return (name,) if name.endswith(".switch_mlp.down_proj.weight") else ()
+
+
+def mlx_lm_name(name: str, model_type: str) -> str:
+    """The model's checkpoint name -> the name mlx-lm's own convert writes: Qwen3.5's image-text classes hold the
+    text model under `language_model.` (mlx_lm.models.qwen3_5.Model), and mlx-lm's per-layer quantization keys are
+    module paths of that class, so a converted file uses them; the MTP head and other families keep theirs."""
+    if model_type in ("qwen3_5", "qwen3_5_moe") and (name == "lm_head" or name.startswith(("model.", "lm_head."))) \
+            and not is_mtp(name):
+        return f"language_model.{name}"
+    return name
 
 
 def expert_stack(name: str) -> tuple[str, int] | None:

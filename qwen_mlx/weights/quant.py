@@ -18,6 +18,7 @@ from mlx.utils import tree_unflatten
 
 from qwen_mlx.errors import UserError
 from qwen_mlx.kernels.quantized import QuantizedEmbedding, QuantizedLinear, QuantizedSwitchLinear
+from qwen_mlx.models.config import HYBRID_MODEL_TYPES
 from qwen_mlx.models.qwen3 import SwitchLinear, SwitchMLP, checkpoint_names
 from qwen_mlx.quant_formats import QUANT_FORMATS, quant_format_problem
 
@@ -85,6 +86,10 @@ RECIPES: dict[str, tuple[int, tuple[tuple[str, int], ...]]] = {
 # The MoE router is a small matrix whose rounding moves whole tokens between experts: 8-bit, as mlx-lm does.
 ROUTER = re.compile(r"\.mlp\.gate$")
 ROUTER_SETTINGS = {"group_size": 64, "bits": 8, "mode": "affine"}
+# The hybrid models' router and shared-expert gate stay in floating point: their few rows decide where every token
+# goes and how much of the shared expert it gets (conv1d, A_log, dt_bias and the norms are no linear layers, so they
+# are never quantized).
+HYBRID_FLOAT = re.compile(r"\.mlp\.(gate|shared_expert_gate)$")
 
 
 def quantizable_layers(model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -126,7 +131,11 @@ def plan_quantization(model: nn.Module, bits: int | None = None, group_size: int
 
     defaults = {"group_size": group_size, "bits": bits, "mode": mode}
     plan: dict = dict(defaults)
+    hybrid = model.config.model_type in HYBRID_MODEL_TYPES
     for path, shape in sorted(quantizable_layers(model).items()):
+        if hybrid and HYBRID_FLOAT.search(path):
+            plan[path] = False
+            continue
         settings = dict(defaults)
         if ROUTER.search(path):
             settings = dict(ROUTER_SETTINGS)

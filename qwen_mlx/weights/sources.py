@@ -12,9 +12,20 @@ from pathlib import Path
 import mlx.core as mx
 
 from qwen_mlx.errors import UserError
+from qwen_mlx.models.config import HYBRID_MODEL_TYPES
 from qwen_mlx.untrusted import read_bytes, read_json
 from qwen_mlx.weights.loader import SAFETENSORS_DTYPES, TensorInfo, load_config, read_index, resolve
-from qwen_mlx.weights.names import expert_piece, expert_stack, unused
+from qwen_mlx.weights.names import (
+    expert_piece,
+    expert_stack,
+    hybrid_hf_layout,
+    hybrid_shape,
+    hybrid_value,
+    is_mtp,
+    model_name,
+    stacked_experts,
+    unused,
+)
 from qwen_mlx.weights.quant import layer_settings
 
 # Copied from the source when present; never code (*.py) and never anything the model does not need.
@@ -47,6 +58,9 @@ class Source:
     files: dict[str, bytes]  # tokenizer and generation config files, by name
     dtype: mx.Dtype  # the output dtype unless --dtype says otherwise
     index: dict[str, TensorInfo] = field(default_factory=dict)  # safetensors sources: where each tensor lives
+    # Tensors the model does not run but a converted checkpoint keeps, by their own name: the MTP head of the
+    # hybrid models (speculative decoding reads it), copied as it is.
+    extra: dict[str, SourceTensor] = field(default_factory=dict)
 
 
 def open_source(src: str | Path) -> Source:
@@ -67,8 +81,8 @@ def _safetensors_source(name: str, path: Path) -> Source:
     for key in ("quantization", "quantization_config", "auto_map", "_name_or_path"):
         raw.pop(key, None)  # auto_map names code that is never run nor copied
     index = read_index(path)
-    for tensor, info in index.items():
-        if info.dtype not in SAFETENSORS_DTYPES:
+    for tensor, info in index.items():  # the vision tower is never read: its dtypes do not matter
+        if info.dtype not in SAFETENSORS_DTYPES and (model_name(tensor) is not None or is_mtp(tensor)):
             raise ConvertError(f"{info.file.name}: tensor {tensor} has dtype {info.dtype}, which qwen-mlx does not "
                                "convert")
     # mx.load is lazy: an array is read from its file when evaluated. Each is taken out of `arrays` when it is
@@ -79,23 +93,40 @@ def _safetensors_source(name: str, path: Path) -> Source:
     take = arrays.pop
 
     tensors: dict[str, SourceTensor] = {}
+    extra: dict[str, SourceTensor] = {}
     experts: dict[str, dict[int, str]] = {}
     quant = cfg.quantization
+    # A hybrid model's Hugging Face values (conv layout, zero-centred norms) become the model's as they are read.
+    hf_values = cfg.model_type in HYBRID_MODEL_TYPES and hybrid_hf_layout(index)
     for tensor, info in index.items():
         if unused(tensor, cfg):
             continue
         if tensor.endswith((".scales", ".biases")) and quant:
             continue  # read with their weight below
-        piece = expert_stack(tensor)
+        name = model_name(tensor)
+        if name is None:  # the vision tower is never read; the MTP head is copied
+            if is_mtp(tensor):
+                extra[tensor] = SourceTensor(info.shape, lambda t=tensor: take(t))
+            continue
+        piece = expert_stack(name)
         if piece:
             stacked, e = piece
             experts.setdefault(stacked, {})[e] = tensor
             continue
         layer = tensor.removesuffix(".weight")
         if quant and f"{layer}.scales" in index:
-            tensors[tensor] = _packed_tensor(layer, index, quant, take)
+            tensors[name] = _packed_tensor(layer, index, quant, take)
+        elif stacked_experts(name):  # the hub's (E, 2I, H) gate and up, or (E, H, I) down: split by rows
+            parts = stacked_experts(name)
+            rows = info.shape[1] // len(parts)
+            for i, part in enumerate(parts):
+                tensors[part] = SourceTensor((info.shape[0], rows, *info.shape[2:]),
+                                             lambda t=tensor, i=i, r=rows: arrays[t][:, i * r:(i + 1) * r])
+        elif hf_values:
+            tensors[name] = SourceTensor(hybrid_shape(name, info.shape),
+                                         lambda t=tensor, n=name: hybrid_value(n, take(t)))
         else:
-            tensors[tensor] = SourceTensor(info.shape, lambda t=tensor: take(t))
+            tensors[name] = SourceTensor(info.shape, lambda t=tensor: take(t))
     for stacked, per_expert in experts.items():
         names = [per_expert[e] for e in sorted(per_expert)]
         if sorted(per_expert) != list(range(cfg.num_experts)):
@@ -107,7 +138,7 @@ def _safetensors_source(name: str, path: Path) -> Source:
             raise ConvertError(f"{index[names[0]].file.name}: the experts of {stacked} differ in shape")
         tensors[stacked] = SourceTensor((len(names), *index[names[0]].shape),
                                         lambda names=names: mx.stack([take(n) for n in names]))
-    return Source(name, raw, tensors, _copy_files(path), _default_dtype(cfg.torch_dtype), index)
+    return Source(name, raw, tensors, _copy_files(path), _default_dtype(cfg.torch_dtype), index, extra)
 
 
 def _packed_tensor(layer: str, index: dict[str, TensorInfo], quant: dict, take) -> SourceTensor:
