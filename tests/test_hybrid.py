@@ -285,14 +285,13 @@ def test_chat_app_runs_two_turns_on_a_hybrid_model(llm):
 
     from tui.app import ChatApp
     from tui.engine import ModelEngine
-    from tui.widgets import Turn
 
     async def run():
         engine = ModelEngine(llm, max_tokens=6)
         app = ChatApp(engine)
         async with app.run_test(size=(100, 30)) as pilot:
             await send(pilot, "hi")
-            await wait_until(pilot, lambda: not app.generating and app.query(Turn), timeout=30)
+            await wait_until(pilot, lambda: not app.generating and len(engine.messages()) == 2, timeout=60)
             await send(pilot, "and again")
             await wait_until(pilot, lambda: not app.generating and len(engine.messages()) == 4, timeout=60)
         return engine
