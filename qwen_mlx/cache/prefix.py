@@ -38,7 +38,7 @@ class PrefixCache:
         (0, None) when none shares any (or a cache cannot forget the entry's other tokens exactly)."""
         best, n = None, 0
         for key in self._entries:
-            m = _common_prefix(key, tokens)
+            m = common_prefix(key, tokens)
             if m > n:
                 best, n = key, m
         if best is None:
@@ -59,7 +59,8 @@ def _nbytes(caches: list) -> int:
     return sum(c.nbytes for c in caches)
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens the two sequences share."""
     n = 0
     for x, y in zip(a, b):
         if x != y:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 
+from qwen_mlx.cache.prefix import common_prefix
 from qwen_mlx.cache.recurrent import keep_snapshots, restore_point
 from qwen_mlx.engine.sampling import SamplingParams
 from qwen_mlx.engine.stream import Event, Generator, check_context, stream_reply
@@ -81,12 +82,12 @@ class ChatSession:
         history = tok.encode_chat(self.messages, enable_thinking=think, add_generation_prompt=False)
         later = [*self.messages, {"role": "assistant", "content": ""}, {"role": "user", "content": ""}]
         as_history = tok.encode_chat(later, enable_thinking=think, add_generation_prompt=False)
-        return [_common_prefix(history, prompt), _common_prefix(as_history, prompt)]
+        return [common_prefix(history, prompt), common_prefix(as_history, prompt)]
 
     def _reuse(self, prompt: list[int]) -> int:
         """Trim the cache to the longest prefix it shares with `prompt` that it can go back to (leaving at least
         one token to run; a recurrent layer, to its latest snapshot within that prefix); returns its length."""
-        common = restore_point(self.cache, min(_common_prefix(self._cached, prompt), len(prompt) - 1))
+        common = restore_point(self.cache, min(common_prefix(self._cached, prompt), len(prompt) - 1))
         held = self.cache[0].offset
         if held - common > 0 and any(c.trim(held - common) != held - common for c in self.cache):
             self.cache, common = self._new_cache(), 0  # this cache cannot forget that far back: start over
@@ -97,11 +98,3 @@ class ChatSession:
         self.messages = [m for m in self.messages if m["role"] == "system"]
         self.cache, self._cached = self._new_cache(), []
 
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n

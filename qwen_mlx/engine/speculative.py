@@ -26,6 +26,7 @@ from typing import Protocol
 import mlx.core as mx
 import numpy as np
 
+from qwen_mlx.cache.prefix import common_prefix
 from qwen_mlx.cache.recurrent import forget_passing, keep_snapshots, restore_point
 from qwen_mlx.engine.generate import GenerationStats, generation_stream, prefill
 from qwen_mlx.engine.sampling import SamplingParams, probabilities
@@ -256,12 +257,7 @@ class DraftModel:
     def _forget_after(self, tokens: list[int]) -> None:
         """Trim the cache to the longest prefix it shares with `tokens` (a recurrent draft: to its latest restore
         point within it, possibly the start)."""
-        keep = 0
-        for a, b in zip(self.held, tokens):
-            if a != b:
-                break
-            keep += 1
-        keep = restore_point(self.cache, keep)
+        keep = restore_point(self.cache, common_prefix(self.held, tokens))
         extra = len(self.held) - keep
         if extra and any(c.trim(extra) != extra for c in self.cache):
             raise RuntimeError("the draft's cache could not forget its rejected tokens")
