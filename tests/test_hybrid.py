@@ -293,7 +293,12 @@ def test_chat_app_runs_two_turns_on_a_hybrid_model(llm):
             await send(pilot, "hi")
             await wait_until(pilot, lambda: not app.generating and len(engine.messages()) == 2, timeout=60)
             await send(pilot, "and again")
-            await wait_until(pilot, lambda: not app.generating and len(engine.messages()) == 4, timeout=60)
+            try:
+                await wait_until(pilot, lambda: not app.generating and len(engine.messages()) == 4, timeout=60)
+            except AssertionError:
+                summaries = [str(s.render()) for s in app.query(".summary")]
+                raise AssertionError(f"turn 2 not done: generating={app.generating} "
+                                     f"messages={engine.messages()} summaries={summaries}") from None
         return engine
 
     engine = asyncio.run(run())

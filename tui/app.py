@@ -223,8 +223,14 @@ class ChatApp(App):
     @work(thread=True, exclusive=True, group="generate")
     def generate(self, turn: Turn, text: str) -> None:
         try:
+            done = None
             for event in self.engine.send(text, think=self.think, stop=self.stop_event):
-                self.post_message(Piece(turn, event))
+                if event.kind == "done":
+                    done = event  # told once the session has filed the reply: the next turn may start then
+                else:
+                    self.post_message(Piece(turn, event))
+            if done is not None:
+                self.post_message(Piece(turn, done))
         except Exception as e:  # shown to the user; the app stays usable
             self.post_message(Failed(turn, f"{type(e).__name__}: {e}"))
 
