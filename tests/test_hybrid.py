@@ -296,7 +296,7 @@ def test_chat_app_runs_two_turns_on_a_hybrid_model(llm):
             try:
                 await wait_until(pilot, lambda: not app.generating and len(engine.messages()) == 4, timeout=60)
             except AssertionError:
-                summaries = [str(s.render()) for s in app.query(".summary")]
+                summaries = [str(s.content) for s in app.query(".summary")]
                 raise AssertionError(f"turn 2 not done: generating={app.generating} "
                                      f"messages={engine.messages()} summaries={summaries}") from None
         return engine
