@@ -178,6 +178,7 @@ def cli(*args: str) -> list[str]:
     return ["-m", "qwen_mlx.cli", *args]
 
 
+@pytest.mark.slow  # 13 s: two ranks launched
 def test_cli_generate_prints_the_single_process_text(tiny_checkpoint):
     """`qwen-mlx generate --distributed auto` on 2 ranks: the text of the single-process command, printed by rank 0
     only (the dense tiny model's 2 KV heads split: auto picks tensor parallel); the same through `qwen-mlx launch`
@@ -195,6 +196,7 @@ def test_cli_generate_prints_the_single_process_text(tiny_checkpoint):
     assert launched.returncode == 0 and launched.stdout == single.stdout, launched.stderr
 
 
+@pytest.mark.slow  # 15 s: two ranks launched
 def test_chat_engine_on_rank_0_with_the_other_rank_serving(tiny_checkpoint):
     """The chat app's engine on rank 0 (no app: driven from a worker thread like the app does) over a pipeline of
     2 ranks: four turns, one stopped early as Esc does, give exactly the single-process replies, the KV cache

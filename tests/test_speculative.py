@@ -126,7 +126,7 @@ def test_greedy_with_a_draft_model_equals_plain_greedy(targets, k):
     assert stats.tokens_per_forward > 1
 
 
-@pytest.mark.parametrize("k", [1, 4, 6])
+@pytest.mark.parametrize("k", [pytest.param(1, marks=pytest.mark.slow), 4, pytest.param(6, marks=pytest.mark.slow)])
 def test_greedy_with_a_hybrid_draft_model_for_a_hybrid_target_equals_plain_greedy(targets, k):
     """Both caches recurrent: the target's and the draft's states are restored from the round's snapshots."""
     model = targets["hybrid"]
@@ -307,6 +307,7 @@ def test_draft_length_turns_itself_off_when_drafting_does_not_pay():
     assert good._best() == good.max_k
 
 
+@pytest.mark.slow  # 25 s
 def test_the_api_speculates_with_a_draft_and_refuses_another_vocabulary(tiny_checkpoint, tmp_path):
     """qwen_mlx.load(..., draft=...) gives the same greedy reply as without; a draft whose tokenizer maps tokens to
     other ids is refused with one line."""
