@@ -13,6 +13,19 @@ check that both read the same metadata and tensor table.
 
 llama.cpp writes Qwen2/Qwen3 Q and K projections unpermuted (its Qwen models use NeoX-style RoPE, the Hugging Face
 layout; only the Llama converter permutes), so no un-permutation is needed.
+
+The hybrid models (llama.cpp's qwen35, qwen35moe, qwen3next) hold values that llama.cpp's converter changed, undone
+here (hybrid_value) into the model's values (models/qwen3_5.py):
+  - ssm_a is -exp(A_log): A_log = log(-ssm_a); dt_bias is written as ssm_dt.bias;
+  - ssm_conv1d is (channels, width), squeezed: the model's (channels, width, 1);
+  - the zero-centred norms hold 1 + w, as the model does (the gated ssm_norm is a plain scale in both);
+  - qwen35/qwen35moe with more value heads than key heads: the value heads are tiled ([v0 of every key head, v1 of
+    every key head, ...]) rather than grouped by key head, in attn_qkv's v rows, attn_gate, ssm_beta, ssm_alpha,
+    ssm_a, ssm_dt, ssm_conv1d's v channels and ssm_out's columns; they are grouped again;
+  - qwen3next's in_proj_qkvz (q, k, v, z interleaved per key head) is written as attn_qkv ([q | k | v]) and
+    attn_gate (z): interleaved again; ssm_ba is in_proj_ba as it is.
+Which layers are linear comes from the tensors each block holds (full_attention_interval cannot say another order).
+Blocks past block_count - nextn_predict_layers are the multi-token-prediction head, not imported.
 """
 
 from __future__ import annotations
@@ -28,8 +41,8 @@ import mlx.core as mx
 import numpy as np
 
 from qwen_mlx.errors import UserError
-from qwen_mlx.models.config import ARCHITECTURES
-from qwen_mlx.weights.names import GGUF_UNUSED, gguf_name
+from qwen_mlx.models.config import ARCHITECTURES, HYBRID_MODEL_TYPES, LAYER_TYPES
+from qwen_mlx.weights.names import GGUF_UNUSED, gguf_layer, gguf_name
 
 # gguf value types: id -> (struct format, size) for scalars
 _SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4), 5: ("<i", 4), 6: ("<f", 4),
@@ -44,7 +57,8 @@ DEFAULT_ALIGNMENT = 32
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
                    "Q6_K")
 
-MODEL_TYPES = {"qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe"}  # llama.cpp architecture -> ours
+MODEL_TYPES = {"qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe",  # llama.cpp architecture -> ours
+               "qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe", "qwen3next": "qwen3_next"}
 
 # Qwen2's pre-tokenizer split (llama.cpp's "qwen2" pre-tokenizer), the same for Qwen2, 2.5 and 3.
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
@@ -239,7 +253,8 @@ def load_tensor(path: Path, info: TensorInfo) -> np.ndarray:
 # --- Qwen model, config and tokenizer -------------------------------------------------------------------------
 
 def read_gguf(path: str | Path) -> GGUFCheckpoint:
-    """A Qwen2/Qwen3/Qwen3-MoE GGUF file as a Hugging Face-named checkpoint (tensors read when loaded)."""
+    """A Qwen2/Qwen3/Qwen3-MoE or hybrid (Qwen3.5, Qwen3.5-MoE, Qwen3-Next) GGUF file as a checkpoint by the
+    model's tensor names and values (tensors read when loaded)."""
     path = Path(path)
     header = read_header(path)
     meta = header.metadata
@@ -247,44 +262,66 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
     if arch not in MODEL_TYPES:
         raise GGUFError(f"{path}: architecture {arch!r} is not a Qwen model qwen-mlx runs "
                         f"({', '.join(MODEL_TYPES)})")
-    tensors = {}
+    get = _Metadata(path, arch, meta)
+    n_blocks = get("block_count", int)
+    nextn = get("nextn_predict_layers", int, 0) if MODEL_TYPES[arch] in HYBRID_MODEL_TYPES else 0
+    if not 0 <= nextn < n_blocks:
+        raise GGUFError(f"{path}: {arch}.nextn_predict_layers {nextn} leaves no layers of the {n_blocks} blocks")
+    n_layers = n_blocks - nextn  # the blocks after them are the multi-token-prediction head
+    infos: dict[str, TensorInfo] = {}  # by Hugging Face name
     layers = set()
     for name, info in header.tensors.items():
         if name in GGUF_UNUSED:
             continue
+        layer = gguf_layer(name)
+        if layer is not None:
+            layers.add(layer)
+            if layer >= n_layers:
+                continue
         hf_name = gguf_name(name)
         if hf_name is None:
             raise GGUFError(f"{path}: tensor {name} is not part of a {arch} model")
-        if name.startswith("blk."):
-            layers.add(int(name.split(".")[1]))
-        tensors[hf_name] = (info.shape, lambda info=info: mx.array(load_tensor(path, info)))
-    config = _config(path, arch, meta, header.tensors, layers)
+        infos[hf_name] = info
+    if layers != set(range(n_blocks)):
+        raise GGUFError(f"{path}: {arch}.block_count is {n_blocks} but the file has tensors for layers "
+                        f"{min(layers, default=0)}..{max(layers, default=-1)}")
+    config = _config(path, arch, get, header.tensors, n_layers)
+    if config["model_type"] in HYBRID_MODEL_TYPES:
+        tensors = _hybrid_tensors(path, infos, config)
+    else:
+        tensors = {hf_name: (info.shape, lambda info=info: mx.array(load_tensor(path, info)))
+                   for hf_name, info in infos.items()}
     files = _tokenizer_files(path, meta, config)
     return GGUFCheckpoint(config, tensors, files)
 
 
-def _config(path: Path, arch: str, meta: dict, tensors: dict[str, TensorInfo], layers: set[int]) -> dict:
-    def get(key: str, kind: type, default=None):
-        full = f"{arch}.{key}"
-        value = meta.get(full, default)
+class _Metadata:
+    """get(key, kind, default): the value of `{arch}.{key}`, checked (a per-layer list that is the same for every
+    layer reads as that value); a missing key without a default is an error."""
+
+    def __init__(self, path: Path, arch: str, meta: dict):
+        self.path, self.arch, self.meta = path, arch, meta
+
+    def __call__(self, key: str, kind: type, default=None):
+        full = f"{self.arch}.{key}"
+        value = self.meta.get(full, default)
         if isinstance(value, list) and value and all(v == value[0] for v in value):
-            value = value[0]  # a per-layer list that is the same for every layer
+            value = value[0]
         if value is None:
-            raise GGUFError(f"{path}: metadata key {full} is missing")
+            raise GGUFError(f"{self.path}: metadata key {full} is missing")
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise GGUFError(f"{path}: metadata key {full} must be {kind.__name__}, got {value!r}")
+            raise GGUFError(f"{self.path}: metadata key {full} must be {kind.__name__}, got {value!r}")
         return value
 
+
+def _config(path: Path, arch: str, get: _Metadata, tensors: dict[str, TensorInfo], n_layers: int) -> dict:
     model_type = MODEL_TYPES[arch]
+    meta = get.meta
     if "token_embd.weight" not in tensors:
         raise GGUFError(f"{path}: tensor token_embd.weight is missing")
     hidden, heads = get("embedding_length", int), get("attention.head_count", int)
-    n_layers = get("block_count", int)
-    if layers != set(range(n_layers)):
-        raise GGUFError(f"{path}: {arch}.block_count is {n_layers} but the file has tensors for layers "
-                        f"{min(layers, default=0)}..{max(layers, default=-1)}")
     vocab = tensors["token_embd.weight"].shape[0]
     cfg = {
         "architectures": [ARCHITECTURES[model_type]],
@@ -306,12 +343,14 @@ def _config(path: Path, arch: str, meta: dict, tensors: dict[str, TensorInfo], l
     dense = [i for i in range(n_layers) if f"blk.{i}.ffn_gate_inp.weight" not in tensors]
     if dense:
         cfg["intermediate_size"] = get("feed_forward_length", int)
-    if model_type == "qwen3_moe":
+    if model_type in ("qwen3_moe", "qwen3_next"):
         cfg.update(num_experts=get("expert_count", int), num_experts_per_tok=get("expert_used_count", int),
                    moe_intermediate_size=get("expert_feed_forward_length", int),
                    # llama.cpp's qwen3moe graph always renormalizes the top-k weights, as Qwen3-MoE configs say
                    norm_topk_prob=get("expert_weights_norm", bool, True),
                    decoder_sparse_step=1, mlp_only_layers=dense)
+    if model_type in HYBRID_MODEL_TYPES:
+        cfg.update(_hybrid_config(path, get, tensors, n_layers, cfg, dense))
     if meta.get(f"{arch}.rope.scaling.type") == "yarn":
         cfg["rope_scaling"] = {"rope_type": "yarn", "factor": get("rope.scaling.factor", float),
                                "original_max_position_embeddings": get("rope.scaling.original_context_length", int)}
@@ -323,6 +362,130 @@ def _config(path: Path, arch: str, meta: dict, tensors: dict[str, TensorInfo], l
                 raise GGUFError(f"{path}: tokenizer.ggml.{gguf_key} {value!r} is not a token id below {vocab}")
             cfg[key] = value
     return cfg
+
+
+def _hybrid_config(path: Path, get: _Metadata, tensors: dict[str, TensorInfo], n_layers: int, cfg: dict,
+                   dense: list[int]) -> dict:
+    """The Gated DeltaNet and gated-attention keys of a qwen35 / qwen35moe / qwen3next file."""
+    model_type = cfg["model_type"]
+    layer_types = []
+    for i in range(n_layers):
+        linear, full = f"blk.{i}.ssm_out.weight" in tensors, f"blk.{i}.attn_q.weight" in tensors
+        if linear == full:
+            raise GGUFError(f"{path}: block {i} holds {'both' if linear else 'neither'} a linear-attention "
+                            "(ssm_out) and a full-attention (attn_q) projection")
+        layer_types.append(LAYER_TYPES[full])
+    head_dim, rotary = cfg["head_dim"], get("rope.dimension_count", int)
+    factor = rotary / head_dim if head_dim else 0.0
+    if not 0 < rotary <= head_dim or int(head_dim * factor) != rotary:
+        raise GGUFError(f"{path}: {get.arch}.rope.dimension_count {rotary} is not a share of the head dim {head_dim}")
+    linear = {key: get(key, int) for key in ("ssm.group_count", "ssm.time_step_rank", "ssm.state_size",
+                                              "ssm.inner_size", "ssm.conv_kernel")}
+    for key, value in linear.items():
+        if value <= 0:
+            raise GGUFError(f"{path}: {get.arch}.{key} must be positive, got {value}")
+    heads_k, heads_v, inner = linear["ssm.group_count"], linear["ssm.time_step_rank"], linear["ssm.inner_size"]
+    if heads_v % heads_k or inner % heads_v:
+        raise GGUFError(f"{path}: {get.arch}.ssm.time_step_rank {heads_v} (value heads) must be a multiple of "
+                        f"ssm.group_count {heads_k} (key heads) and divide ssm.inner_size {inner}")
+    out = {
+        "layer_types": layer_types,
+        "full_attention_interval": get("full_attention_interval", int, 4),  # what mlx-lm reads instead
+        "linear_num_key_heads": heads_k,
+        "linear_num_value_heads": heads_v,
+        "linear_key_head_dim": linear["ssm.state_size"],
+        "linear_value_head_dim": inner // heads_v,
+        "linear_conv_kernel_dim": linear["ssm.conv_kernel"],
+    }
+    if model_type == "qwen3_next":  # mlx-lm's Qwen3-Next reads these at the top level, and needs every key
+        out.update(partial_rotary_factor=factor, intermediate_size=cfg.get("intermediate_size", 0))
+    else:  # mlx-lm's Qwen3.5 reads rope_parameters only
+        out["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg["rope_theta"],
+                                  "partial_rotary_factor": factor}
+    if model_type in ("qwen3_5_moe", "qwen3_next"):
+        if model_type == "qwen3_5_moe":
+            if dense:
+                raise GGUFError(f"{path}: block {dense[0]} has no router (ffn_gate_inp); every layer of a "
+                                f"{get.arch} model is a mixture of experts")
+            out.update(num_experts=get("expert_count", int), num_experts_per_tok=get("expert_used_count", int),
+                       moe_intermediate_size=get("expert_feed_forward_length", int))
+        out["shared_expert_intermediate_size"] = get("expert_shared_feed_forward_length", int)
+    return out
+
+
+def _hybrid_tensors(path: Path, infos: dict[str, TensorInfo], cfg: dict) -> dict:
+    """The hybrid model's tensors (name -> (shape, load)) from the file's, llama.cpp's transforms undone."""
+    Hk, Hv = cfg["linear_num_key_heads"], cfg["linear_num_value_heads"]
+    Dk, Dv = cfg["linear_key_head_dim"], cfg["linear_value_head_dim"]
+    tiled = cfg["model_type"] != "qwen3_next" and Hv != Hk  # llama.cpp's Qwen3.5 converter tiles value heads
+    key_dim, value_dim, hidden = Hk * Dk, Hv * Dv, cfg["hidden_size"]
+    width = cfg["linear_conv_kernel_dim"]
+    # the shapes the metadata implies, as the file holds them
+    shapes = {"in_proj_qkv.weight": (2 * key_dim + value_dim, hidden), "in_proj_z.weight": (value_dim, hidden),
+              "in_proj_b.weight": (Hv, hidden), "in_proj_a.weight": (Hv, hidden),
+              "in_proj_ba.weight": (2 * Hv, hidden), "conv1d.weight": (2 * key_dim + value_dim, width),
+              "A_log": (Hv,), "dt_bias": (Hv,),
+              "norm.weight": (Dv,), "out_proj.weight": (hidden, value_dim)}
+
+    def grouped(x: np.ndarray, axis: int, d: int) -> np.ndarray:
+        """Value heads along `axis` (heads x d) from llama.cpp's tiled order (Hv / Hk, Hk, d) to grouped (Hk, ...)."""
+        if not tiled:
+            return x
+        shape = x.shape
+        x = x.reshape(*shape[:axis], Hv // Hk, Hk, d, *shape[axis + 1:])
+        return np.swapaxes(x, axis, axis + 1).reshape(shape)
+
+    def value(name: str, x: np.ndarray, gguf: str) -> np.ndarray:
+        leaf = name.rpartition(".linear_attn.")[2]
+        if leaf == "in_proj_qkv.weight":
+            return np.concatenate([x[:2 * key_dim], grouped(x[2 * key_dim:], 0, Dv)])
+        if leaf == "in_proj_z.weight":
+            return grouped(x, 0, Dv)
+        if leaf in ("in_proj_b.weight", "in_proj_a.weight", "dt_bias"):
+            return grouped(x, 0, 1)
+        if leaf == "A_log":
+            if not (x < 0).all():
+                raise GGUFError(f"{path}: tensor {gguf} must be negative (llama.cpp stores -exp(A_log))")
+            return grouped(np.log(-x), 0, 1)
+        if leaf == "conv1d.weight":
+            x = np.concatenate([x[:2 * key_dim], grouped(x[2 * key_dim:], 0, Dv)])
+            return x[:, :, None]  # (C, width) -> (C, width, 1)
+        if leaf == "out_proj.weight":
+            return grouped(x, 1, Dv)
+        return x
+
+    out = {}
+    for name, info in infos.items():
+        leaf = name.rpartition(".linear_attn.")[2] if ".linear_attn." in name else None
+        expected = shapes.get(leaf)
+        if expected is not None and info.shape != expected:
+            raise GGUFError(f"{path}: tensor {info.name} has shape {info.shape}; the metadata makes it {expected}")
+        shape = (*info.shape, 1) if leaf == "conv1d.weight" else info.shape
+        out[name] = (shape, lambda n=name, i=info: mx.array(value(n, load_tensor(path, i), i.name)))
+    if cfg["model_type"] == "qwen3_next":
+        _interleave_qkvz(path, infos, out, Hk)
+    return out
+
+
+def _interleave_qkvz(path: Path, infos: dict[str, TensorInfo], out: dict, Hk: int) -> None:
+    """qwen3next: attn_qkv ([q | k | v], all heads each) and attn_gate (z) -> in_proj_qkvz, [q, k, v, z] for each
+    key head in turn (the order Qwen3-Next's checkpoints and the model use), in place."""
+    for qkv_name in [n for n in out if n.endswith(".linear_attn.in_proj_qkv.weight")]:
+        z_name = qkv_name.replace(".in_proj_qkv.", ".in_proj_z.")
+        if z_name not in out:
+            raise GGUFError(f"{path}: tensor {infos[qkv_name].name.replace('attn_qkv', 'attn_gate')} is missing")
+        (qkv_shape, qkv), (z_shape, z) = out.pop(qkv_name), out.pop(z_name)
+        value_rows, hidden = z_shape
+        key_rows = (qkv_shape[0] - value_rows) // 2
+
+        def join(qkv=qkv, z=z, k=key_rows, hidden=hidden) -> mx.array:
+            w, gate = qkv(), z()
+            parts = (w[:k], w[k:2 * k], w[2 * k:], gate)  # q, k, v, z: each (heads * dim, hidden)
+            return mx.concatenate([p.reshape(Hk, -1, p.shape[-1]) for p in parts], axis=1).reshape(-1, hidden)
+
+        out[qkv_name.replace(".in_proj_qkv.", ".in_proj_qkvz.")] = ((2 * key_rows + 2 * value_rows, hidden), join)
+    for z_name in [n for n in out if n.endswith(".linear_attn.in_proj_z.weight")]:
+        raise GGUFError(f"{path}: tensor {infos[z_name].name.replace('attn_gate', 'attn_qkv')} is missing")
 
 
 def _tokenizer_files(path: Path, meta: dict, config: dict) -> dict[str, bytes]:
