@@ -25,7 +25,8 @@ from mlx.utils import tree_flatten
 
 from qwen_mlx.models.qwen3 import Model, checkpoint_weights
 from qwen_mlx.weights.convert import convert
-from qwen_mlx.weights.gguf import GGUFError, load_tensor, read_gguf, read_header
+from qwen_mlx.weights.gguf import read_gguf
+from qwen_mlx.weights.gguf_file import GGUFError, load_tensor, read_header
 from qwen_mlx.weights.loader import load_config, load_model
 from qwen_mlx.weights.quant import logit_agreement
 

@@ -35,7 +35,8 @@ from mlx.utils import tree_flatten
 from safetensors.numpy import save_file
 
 from qwen_mlx.weights.convert import convert
-from qwen_mlx.weights.gguf import GGUFError, read_gguf
+from qwen_mlx.weights.gguf import read_gguf
+from qwen_mlx.weights.gguf_file import GGUFError
 from qwen_mlx.weights.loader import load_config, load_model
 from qwen_mlx.weights.quant import logit_agreement
 
