@@ -33,6 +33,7 @@ import pytest
 from helpers import greedy_ours, prompt_ids
 from mlx.utils import tree_flatten
 from safetensors.numpy import save_file
+from test_gguf import write_vocabulary
 
 from qwen_mlx.weights.convert import convert
 from qwen_mlx.weights.gguf import read_gguf
@@ -143,9 +144,10 @@ def stored(x: np.ndarray, qt: gguf.GGMLQuantizationType) -> np.ndarray:
     return gguf.quants.dequantize(gguf.quants.quantize(x, qt), qt).reshape(x.shape)
 
 
-def write_hybrid_gguf(ckpt: Path, file: Path, qtype: str, change=None) -> dict[str, np.ndarray]:
+def write_hybrid_gguf(ckpt: Path, file: Path, qtype: str, change=None, pre: str | None = None) -> dict[str, np.ndarray]:
     """`ckpt` as llama.cpp writes it (metadata of TextModel, Qwen2MoeModel, Qwen3NextModel and the MRoPE mixin),
-    matrices in `qtype`. `change(metadata, tensors)` may edit both (GGUF names) before they are written.
+    matrices in `qtype`. `change(metadata, tensors)` may edit both (GGUF names) before they are written. With
+    `pre`, the vocabulary too, with that pre-tokenizer.
 
     Returns the source's tensors (Hugging Face names and layout) as the file holds them: each rounded as its type
     rounds it. The converter's transforms only move whole rows (value-head reordering, the qkvz split, expert
@@ -212,6 +214,8 @@ def write_hybrid_gguf(ckpt: Path, file: Path, qtype: str, change=None) -> dict[s
             w.add_array(full, value)
         else:
             w.add_key_value(full, value, vtype)
+    if pre is not None:
+        write_vocabulary(w, ckpt, cfg["vocab_size"], pre)
     f32 = {gguf.TENSOR_NAMES[t].split(".")[-1] for t in KEEP_F32}
     for name, x in tensors.items():
         if x.ndim == 1 or qt == gguf.GGMLQuantizationType.F32 or name.split(".")[-2] in f32:
@@ -255,7 +259,8 @@ MLX_LM = ("qwen3_5_moe_default", "qwen3_next")  # the default layer pattern, whi
 def test_hybrid_gguf_imports_config_weights_and_logits(hybrid_checkpoint, tmp_path, variant, qtype):
     src = hybrid_checkpoint(variant)
     file = tmp_path / f"{variant}-{qtype}.gguf"
-    held = write_hybrid_gguf(src, file, qtype)
+    with_tokenizer = (variant, qtype) == ("qwen3_5", "F16")  # the vocabulary takes the writer seconds
+    held = write_hybrid_gguf(src, file, qtype, pre="qwen35" if with_tokenizer else None)
     out = convert(file, tmp_path / "out", dequantize=True, dtype="fp32", progress=False).path
 
     theirs, ours = load_config(src), load_config(out)
@@ -293,6 +298,37 @@ def test_hybrid_gguf_imports_config_weights_and_logits(hybrid_checkpoint, tmp_pa
         from mlx_lm.utils import load_model as mlx_lm_load
 
         assert np.abs(logits(mlx_lm_load(out)[0], ids) - got).max() <= 1e-4
+    if with_tokenizer:
+        check_qwen35_tokenizer(src, out)
+
+
+# Qwen3.5's tokenizer.json split (llama.cpp's "qwen35" pre-tokenizer): Qwen2's, with combining marks (\p{M}) kept
+# with the letters they follow.
+QWEN35_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+"
+                  r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def check_qwen35_tokenizer(src: Path, out: Path) -> None:
+    """The tokenizer rebuilt from a "qwen35" GGUF vocabulary splits as Qwen3.5's tokenizer.json does: the source's
+    vocabulary with Qwen3.5's split pattern (which differs from Qwen2's on combining marks)."""
+    from tokenizers import Tokenizer
+
+    raw = json.loads((src / "tokenizer.json").read_text())
+    split = raw["pre_tokenizer"]["pretokenizers"][0]
+    assert split["type"] == "Split"
+    qwen2 = Tokenizer.from_str(json.dumps(raw))
+    split["pattern"] = {"Regex": QWEN35_PATTERN}
+    qwen35, got = Tokenizer.from_str(json.dumps(raw)), Tokenizer.from_file(str(out / "tokenizer.json"))
+    text = "नमस्ते दुनिया, café e\u0301 ñ 123 <|im_start|>user\nhi<|im_end|>"
+    assert got.get_vocab() == qwen35.get_vocab()
+    nfc = qwen35.normalizer.normalize_str(text)
+
+    def pieces(tok: Tokenizer) -> list[str]:
+        return [piece for piece, _ in tok.pre_tokenizer.pre_tokenize_str(nfc)]
+
+    assert pieces(got) == pieces(qwen35) != pieces(qwen2)
+    assert got.encode(text).ids == qwen35.encode(text).ids
+    assert got.decode(got.encode(text).ids, skip_special_tokens=False) == nfc
 
 
 def _drop(key):

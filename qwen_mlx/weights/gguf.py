@@ -24,9 +24,13 @@ from qwen_mlx.weights.names import GGUF_UNUSED, gguf_layer, gguf_name
 MODEL_TYPES = {"qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe",  # llama.cpp architecture -> ours
                "qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe", "qwen3next": "qwen3_next"}
 
-# Qwen2's pre-tokenizer split (llama.cpp's "qwen2" pre-tokenizer), the same for Qwen2, 2.5 and 3.
+# The pre-tokenizer splits of llama.cpp's "qwen2" (Qwen2, 2.5 and 3) and "qwen35" (Qwen3.5 and later: combining
+# marks \p{M} stay with their letters) pre-tokenizers, as their tokenizer.json files state them.
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN35_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+SPLITS = {"qwen2": QWEN2_SPLIT, "qwen35": QWEN35_SPLIT}
 _NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = 1, 3, 4, 5
 
 
@@ -138,8 +142,9 @@ def _tokenizer_files(path: Path, meta: dict, config: dict) -> dict[str, bytes]:
     if tokens is None:
         return {}
     model, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "qwen2")
-    if model != "gpt2" or pre != "qwen2":
-        raise GGUFError(f"{path}: tokenizer {model!r} with pre-tokenizer {pre!r} is not Qwen's (gpt2, qwen2)")
+    if model != "gpt2" or pre not in SPLITS:
+        raise GGUFError(f"{path}: tokenizer {model!r} with pre-tokenizer {pre!r} is not Qwen's (gpt2 with "
+                        f"{' or '.join(SPLITS)})")
     types = meta.get("tokenizer.ggml.token_type", [_NORMAL] * len(tokens))
     merges = meta.get("tokenizer.ggml.merges", [])
     if not (isinstance(tokens, list) and isinstance(types, list) and isinstance(merges, list)) \
@@ -165,7 +170,7 @@ def _tokenizer_files(path: Path, meta: dict, config: dict) -> dict[str, bytes]:
             from None
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(SPLITS[pre]), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
     tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
