@@ -360,7 +360,24 @@ def test_hybrid_gguf_inconsistent_is_one_clear_error(hybrid_checkpoint, tmp_path
     file = tmp_path / "bad.gguf"
     write_hybrid_gguf(hybrid_checkpoint("qwen3_5"), file, "F32", change)
     with pytest.raises(GGUFError) as e:
-        checkpoint = read_gguf(file)
-        for _, load in checkpoint.tensors.values():
-            load()
+        read_gguf(file)  # before any tensor is loaded for writing
     assert str(e.value).startswith(f"{file}: ") and message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_hybrid_gguf_mtp_blocks_are_left_out(hybrid_checkpoint, tmp_path):
+    """llama.cpp's Qwen3.5 converter appends the MTP head as blocks past the model's (block_count counts them,
+    nextn_predict_layers says how many): the model's layers are imported, the MTP blocks are not."""
+    def mtp_block(metadata, tensors):
+        n = metadata["block_count"][0]
+        metadata["block_count"] = (n + 1, metadata["block_count"][1])
+        metadata["nextn_predict_layers"] = (1, gguf.GGUFValueType.UINT32)
+        for name in [t for t in tensors if t.startswith("blk.1.")]:  # a full-attention block, as the MTP's is
+            tensors[name.replace("blk.1.", f"blk.{n}.", 1)] = tensors[name]
+        tensors[f"blk.{n}.nextn.eh_proj.weight"] = np.zeros((64, 128), np.float32)
+
+    file = tmp_path / "mtp.gguf"
+    write_hybrid_gguf(hybrid_checkpoint("qwen3_5"), file, "F32", mtp_block)
+    checkpoint = read_gguf(file)
+    assert checkpoint.config["num_hidden_layers"] == 4
+    assert tuple(checkpoint.config["layer_types"]) == load_config(hybrid_checkpoint("qwen3_5")).layer_types
+    assert not [name for name in checkpoint.tensors if name.startswith("model.layers.4.")]

@@ -93,7 +93,7 @@ def hybrid_tensors(path: Path, infos: dict[str, TensorInfo], cfg: dict) -> dict:
         x = x.reshape(*shape[:axis], Hv // Hk, Hk, d, *shape[axis + 1:])
         return np.swapaxes(x, axis, axis + 1).reshape(shape)
 
-    def value(name: str, x: np.ndarray, gguf: str) -> np.ndarray:
+    def value(name: str, x: np.ndarray) -> np.ndarray:
         leaf = name.rpartition(".linear_attn.")[2]
         if leaf == "in_proj_qkv.weight":
             return np.concatenate([x[:2 * key_dim], grouped(x[2 * key_dim:], 0, Dv)])
@@ -102,8 +102,6 @@ def hybrid_tensors(path: Path, infos: dict[str, TensorInfo], cfg: dict) -> dict:
         if leaf in ("in_proj_b.weight", "in_proj_a.weight", "dt_bias"):
             return grouped(x, 0, 1)
         if leaf == "A_log":
-            if not (x < 0).all():
-                raise GGUFError(f"{path}: tensor {gguf} must be negative (llama.cpp stores -exp(A_log))")
             return grouped(np.log(-x), 0, 1)
         if leaf == "conv1d.weight":
             x = np.concatenate([x[:2 * key_dim], grouped(x[2 * key_dim:], 0, Dv)])
@@ -118,8 +116,10 @@ def hybrid_tensors(path: Path, infos: dict[str, TensorInfo], cfg: dict) -> dict:
         expected = shapes.get(leaf)
         if expected is not None and info.shape != expected:
             raise GGUFError(f"{path}: tensor {info.name} has shape {info.shape}; the metadata makes it {expected}")
+        if leaf == "A_log" and not (load_tensor(path, info) < 0).all():  # a few floats, checked before any write
+            raise GGUFError(f"{path}: tensor {info.name} must be negative (llama.cpp stores -exp(A_log))")
         shape = (*info.shape, 1) if leaf == "conv1d.weight" else info.shape
-        out[name] = (shape, lambda n=name, i=info: mx.array(value(n, load_tensor(path, i), i.name)))
+        out[name] = (shape, lambda n=name, i=info: mx.array(value(n, load_tensor(path, i))))
     if cfg["model_type"] == "qwen3_next":
         _interleave_qkvz(path, infos, out, Hk)
     return out
