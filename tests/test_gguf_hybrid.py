@@ -246,8 +246,10 @@ CONFIG_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_
                "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim", "linear_conv_kernel_dim",
                "num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
                "norm_topk_prob", "mlp_only_layers", "decoder_sparse_step")
-CASES = [("qwen3_5", "F32"), ("qwen3_5", "F16"), ("qwen3_5", "Q8_0"), ("qwen3_5_moe", "F32"),
-         ("qwen3_5_moe_default", "Q8_0"), ("qwen3_next", "F32"), ("qwen3_next", "F16"), ("qwen3_next", "Q8_0")]
+_SLOW = pytest.mark.slow  # 8-24 s each; the default run keeps one case per transform (tiling, qkvz, stacked, Q8_0)
+CASES = [("qwen3_5", "F32"), pytest.param("qwen3_5", "F16", marks=_SLOW), pytest.param("qwen3_5", "Q8_0", marks=_SLOW),
+         pytest.param("qwen3_5_moe", "F32", marks=_SLOW), ("qwen3_5_moe_default", "Q8_0"), ("qwen3_next", "F32"),
+         pytest.param("qwen3_next", "F16", marks=_SLOW), pytest.param("qwen3_next", "Q8_0", marks=_SLOW)]
 # max logit error against the source checkpoint, as a share of its largest logit: the format's rounding alone
 # (measured 0.0015 .. 0.079 and 0.064 .. 0.39; on these tiny random models Q8_0 flips MoE routing choices). F32:
 # 1e-4 absolute.
