@@ -82,8 +82,7 @@ def hybrid_tensors(path: Path, infos: dict[str, TensorInfo], cfg: dict) -> dict:
     shapes = {"in_proj_qkv.weight": (2 * key_dim + value_dim, hidden), "in_proj_z.weight": (value_dim, hidden),
               "in_proj_b.weight": (Hv, hidden), "in_proj_a.weight": (Hv, hidden),
               "in_proj_ba.weight": (2 * Hv, hidden), "conv1d.weight": (2 * key_dim + value_dim, width),
-              "A_log": (Hv,), "dt_bias": (Hv,),
-              "norm.weight": (Dv,), "out_proj.weight": (hidden, value_dim)}
+              "A_log": (Hv,), "dt_bias": (Hv,), "norm.weight": (Dv,), "out_proj.weight": (hidden, value_dim)}
 
     def grouped(x: np.ndarray, axis: int, d: int) -> np.ndarray:
         """Value heads along `axis` (heads x d) from llama.cpp's tiled order (Hv / Hk, Hk, d) to grouped (Hk, ...)."""
@@ -142,5 +141,6 @@ def _interleave_qkvz(path: Path, infos: dict[str, TensorInfo], out: dict, Hk: in
             return mx.concatenate([p.reshape(Hk, -1, p.shape[-1]) for p in parts], axis=1).reshape(-1, hidden)
 
         out[qkv_name.replace(".in_proj_qkv.", ".in_proj_qkvz.")] = ((2 * key_rows + 2 * value_rows, hidden), join)
-    for z_name in [n for n in out if n.endswith(".linear_attn.in_proj_z.weight")]:
-        raise GGUFError(f"{path}: tensor {infos[z_name].name.replace('attn_gate', 'attn_qkv')} is missing")
+    unpaired = [n for n in out if n.endswith(".linear_attn.in_proj_z.weight")]
+    if unpaired:
+        raise GGUFError(f"{path}: tensor {infos[unpaired[0]].name.replace('attn_gate', 'attn_qkv')} is missing")
