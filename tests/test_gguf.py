@@ -25,7 +25,8 @@ from mlx.utils import tree_flatten
 
 from qwen_mlx.models.qwen3 import Model, checkpoint_weights
 from qwen_mlx.weights.convert import convert
-from qwen_mlx.weights.gguf import GGUFError, load_tensor, read_gguf, read_header
+from qwen_mlx.weights.gguf import read_gguf
+from qwen_mlx.weights.gguf_file import GGUFError, load_tensor, read_header
 from qwen_mlx.weights.loader import load_config, load_model
 from qwen_mlx.weights.quant import logit_agreement
 
@@ -100,8 +101,8 @@ def write_gguf(ckpt: Path, out: Path, qtype: str, tokenizer: bool = True) -> dic
     return held
 
 
-def write_vocabulary(w: gguf.GGUFWriter, ckpt: Path, vocab_size: int) -> None:
-    """The tokenizer metadata llama.cpp writes for a Qwen (gpt2-style BPE) vocabulary."""
+def write_vocabulary(w: gguf.GGUFWriter, ckpt: Path, vocab_size: int, pre: str = "qwen2") -> None:
+    """The tokenizer metadata llama.cpp writes for a Qwen (gpt2-style BPE) vocabulary, with pre-tokenizer `pre`."""
     tok = json.loads((ckpt / "tokenizer.json").read_text())
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     types = [gguf.TokenType.UNUSED] * vocab_size
@@ -111,7 +112,7 @@ def write_vocabulary(w: gguf.GGUFWriter, ckpt: Path, vocab_size: int) -> None:
         tokens[added["id"]] = added["content"]
         types[added["id"]] = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
+    w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges([" ".join(m) for m in tok["model"]["merges"]])

@@ -10,7 +10,7 @@ A Hugging Face or mlx-lm checkpoint names its tensors by the model's module path
     that the text model does not run (model_name: None, never read); the hub's stacked experts
     (`mlp.experts.gate_up_proj` (E, 2I, H), `mlp.experts.down_proj` (E, H, I)); and two values in Hugging Face's
     files, the zero-centred norms' w (the model holds 1 + w) and conv1d's (C, 1, width) layout (hybrid_values).
-llama.cpp's GGUF names (`blk.{i}.attn_q.weight`, ...) map onto the Hugging Face ones: gguf_name.
+llama.cpp's GGUF names (`blk.{i}.attn_q.weight`, `blk.{i}.ssm_a`, ...) map onto the Hugging Face ones: gguf_name.
 sanitize applies all of it to a checkpoint's tensors, stacking experts without a second copy.
 """
 
@@ -39,8 +39,17 @@ _GGUF_BLOCK = {
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
     "ffn_gate_inp": "mlp.gate", "ffn_gate_exps": "mlp.switch_mlp.gate_proj",
     "ffn_up_exps": "mlp.switch_mlp.up_proj", "ffn_down_exps": "mlp.switch_mlp.down_proj",
+    # the hybrid models (qwen35, qwen35moe, qwen3next); their values differ too (weights.gguf undoes that)
+    "post_attention_norm": "post_attention_layernorm",
+    "attn_qkv": "linear_attn.in_proj_qkv", "attn_gate": "linear_attn.in_proj_z",
+    "ssm_beta": "linear_attn.in_proj_b", "ssm_alpha": "linear_attn.in_proj_a", "ssm_ba": "linear_attn.in_proj_ba",
+    "ssm_conv1d": "linear_attn.conv1d", "ssm_norm": "linear_attn.norm", "ssm_out": "linear_attn.out_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate", "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj", "ffn_down_shexp": "mlp.shared_expert.down_proj",
 }
-_GGUF_LAYER = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+# Hugging Face parameters without a .weight: llama.cpp writes A_log as blk.{i}.ssm_a, dt_bias as dt_proj.bias
+_GGUF_PARAM = {"ssm_a": "linear_attn.A_log", "ssm_dt.bias": "linear_attn.dt_bias"}
+_GGUF_LAYER = re.compile(r"^blk\.(\d+)\.(.+)$")
 GGUF_UNUSED = ("rope_freqs.weight",)  # llama.cpp's precomputed rope factors; we compute our own
 
 
@@ -158,9 +167,21 @@ def gguf_name(name: str) -> str | None:
     if stem in _GGUF_GLOBAL and kind == "weight":
         return f"{_GGUF_GLOBAL[stem]}.weight"
     m = _GGUF_LAYER.match(name)
-    if m and m[2] in _GGUF_BLOCK:
-        return f"model.layers.{int(m[1])}.{_GGUF_BLOCK[m[2]]}.{m[3]}"
+    if m is None:
+        return None
+    layer, rest = int(m[1]), m[2]
+    if rest in _GGUF_PARAM:
+        return f"model.layers.{layer}.{_GGUF_PARAM[rest]}"
+    stem, _, kind = rest.rpartition(".")
+    if stem in _GGUF_BLOCK and kind in ("weight", "bias"):
+        return f"model.layers.{layer}.{_GGUF_BLOCK[stem]}.{kind}"
     return None
+
+
+def gguf_layer(name: str) -> int | None:
+    """The block a llama.cpp tensor belongs to (blk.{i}.*); None for a global one."""
+    m = _GGUF_LAYER.match(name)
+    return None if m is None else int(m[1])
 
 
 def sanitize(weights: dict[str, mx.array | Experts], cfg: ModelConfig, params: set[str],
