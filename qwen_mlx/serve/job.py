@@ -10,10 +10,11 @@ import anyio
 
 from qwen_mlx.engine.sampling import SamplingParams, make_sampler
 from qwen_mlx.engine.stream import stream_reply
+from qwen_mlx.engine.thinking import prompt_opens_thinking
 from qwen_mlx.engine.tokenizer import Tokenizer
 from qwen_mlx.serve.scheduler import Scheduler, Sequence, Submitted, TokenLogprob
-from qwen_mlx.serve.structured import Grammar
-from qwen_mlx.serve.tools import ToolCall, ToolCallParser
+from qwen_mlx.serve.structured import Banned, Grammar, SchemaError
+from qwen_mlx.serve.tools import Markers, ToolCall, ToolCallParser, call_format, call_grammar
 
 
 class ApiError(Exception):
@@ -32,7 +33,8 @@ class Job:
     max_tokens: int
     stop_strings: tuple[str, ...] = ()
     tools: list[dict] = field(default_factory=list)  # OpenAI-shaped; calls are parsed only when tools are given
-    grammar: str | None = None  # llguidance grammar (structured output)
+    grammar: str | None = None  # llguidance grammar (structured output, or the calls a tool_choice demands)
+    banned: tuple[int, ...] = ()  # token ids never sampled (tool_choice "none": the tool-call marker)
     top_logprobs: int | None = None
     stream: bool = False
     include_usage: bool = False
@@ -69,7 +71,12 @@ class Runner:
         """Queue the job (QueueFull when the queue is full: before any response is sent)."""
         constraint = None
         if job.grammar is not None:
-            constraint = Grammar(job.grammar, self.tokenizer_json, self.vocab_size, self.tokenizer.eos_ids)
+            try:
+                constraint = Grammar(job.grammar, self.tokenizer_json, self.vocab_size, self.tokenizer.eos_ids)
+            except SchemaError as e:
+                raise ApiError(400, str(e)) from None
+        elif job.banned:
+            constraint = Banned(job.banned, self.vocab_size)
         seq = Sequence(job.prompt, make_sampler(job.sampling), job.max_tokens, constraint, job.top_logprobs)
         return self.scheduler.submit(seq)
 
@@ -180,6 +187,49 @@ def chat_prompt(llm, messages: list[dict], *, think: bool, tools: list[dict] | N
         return llm.tokenizer.encode_chat(messages, enable_thinking=think, tools=tools or None)
     except TemplateError as e:
         raise ApiError(400, str(e), param="messages") from None
+
+
+@dataclass(frozen=True)
+class ToolChoice:
+    """What a request's tool_choice asks for: "auto" (the model decides), "none" (no calls: the tools stay in the
+    prompt, the call marker is never sampled, nothing is parsed), or "forced": a reply of calls only, to any of
+    `names`, one call or (with `many`) one or more."""
+
+    mode: str
+    names: tuple[str, ...] = ()
+    many: bool = True
+
+
+def tool_choice(mode: str, tools: list[dict], *, name: str | None = None, many: bool = True,
+                param: str = "tool_choice") -> ToolChoice:
+    """A ToolChoice from an API's own words: mode "auto", "none", "any" (a call to any offered tool) or "function"
+    (a call to `name`, exactly one). A call demanded without tools, or to a tool not offered, is a 400."""
+    if mode in ("auto", "none"):
+        return ToolChoice(mode)
+    offered = [t["function"]["name"] for t in tools if isinstance(t["function"].get("name"), str)]
+    if not offered:
+        raise ApiError(400, f"{param} demands a tool call but the request offers no tools", param=param)
+    if mode == "any":
+        return ToolChoice("forced", tuple(offered), many)
+    if name not in offered:
+        raise ApiError(400, f"{param} names the tool {name!r}, which is not among the request's tools", param=param)
+    return ToolChoice("forced", (name,), False)
+
+
+def choice_constraint(llm, tools: list[dict], choice: ToolChoice, prompt: list[int],
+                      think: bool) -> tuple[str | None, tuple[int, ...]]:
+    """(grammar, banned ids) that enforce the choice while sampling: for forced calls, the grammar of the calls in
+    the checkpoint's own format (after a think block when thinking is on); for "none", the call marker banned."""
+    tok = llm.tokenizer
+    if choice.mode == "forced":
+        thinking = "off" if not think else "open" if prompt_opens_thinking(prompt, tok.think_id, tok.think_end_id) \
+            else "may"
+        marks = Markers(tok.token_id("<tool_call>"), tok.token_id("</tool_call>"), tok.think_id, tok.think_end_id)
+        grammar = call_grammar(tools, list(choice.names), call_format(tok.chat_template), marks, many=choice.many,
+                               thinking=thinking)
+        return grammar, ()
+    marker = tok.token_id("<tool_call>")
+    return None, (marker,) if choice.mode == "none" and marker is not None else ()
 
 
 def token_budget(prompt: list[int], max_tokens: int | None, context: int, name: str) -> int:

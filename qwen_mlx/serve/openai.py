@@ -13,10 +13,13 @@ from qwen_mlx.serve.job import (
     Job,
     Outcome,
     Piece,
+    ToolChoice,
     chat_prompt,
+    choice_constraint,
     sampling,
     stop_strings,
     token_budget,
+    tool_choice,
     value,
 )
 from qwen_mlx.serve.structured import SchemaError, grammar_for
@@ -44,8 +47,7 @@ def parse_chat(llm, body: dict, *, max_messages: int, context: int) -> Job:
     tools = value(body, "tools", list, [])
     if not all(isinstance(t, dict) and isinstance(t.get("function"), dict) for t in tools):
         raise ApiError(400, "tools must be an array of {\"type\": \"function\", \"function\": {...}}", param="tools")
-    if value(body, "tool_choice", (str, dict)) == "none":
-        tools = []
+    choice = _tool_choice(body, tools)
     grammar = None
     response_format = value(body, "response_format", dict)
     if response_format is not None:
@@ -53,16 +55,39 @@ def parse_chat(llm, body: dict, *, max_messages: int, context: int) -> Job:
             grammar = grammar_for(response_format)
         except SchemaError as e:
             raise ApiError(400, str(e), param="response_format") from None
+        if grammar is not None and choice.mode == "forced":
+            raise ApiError(400, "response_format cannot be combined with a tool_choice that demands a tool call",
+                           param="response_format")
         think = think and grammar is None  # the grammar holds from the first token: no think block first
     prompt = chat_prompt(llm, [_message(m, i) for i, m in enumerate(messages)], think=think, tools=tools)
+    banned = ()
+    if grammar is None:
+        grammar, banned = choice_constraint(llm, tools, choice, prompt, think)
     max_tokens = value(body, "max_completion_tokens", int, low=1)
     max_tokens = value(body, "max_tokens", int, max_tokens, low=1)
     logprobs = value(body, "logprobs", bool, False)
     top = value(body, "top_logprobs", int, 0, low=0, high=20)
     options = value(body, "stream_options", dict, {})
     return Job(prompt, sampling(llm, body, think), token_budget(prompt, max_tokens, context, "max_tokens"),
-               stop_strings(body.get("stop"), "stop"), tools, grammar, top if logprobs else None,
-               value(body, "stream", bool, False), options.get("include_usage") is True)
+               stop_strings(body.get("stop"), "stop"), [] if choice.mode == "none" else tools, grammar,
+               banned, top if logprobs else None, value(body, "stream", bool, False),
+               options.get("include_usage") is True)
+
+
+def _tool_choice(body: dict, tools: list[dict]) -> ToolChoice:
+    """The request's tool_choice: "auto" (the default), "none", "required" (one or more calls; one with
+    parallel_tool_calls false) or {"type": "function", "function": {"name": NAME}} (one call to NAME)."""
+    choice = value(body, "tool_choice", (str, dict), "auto")
+    many = value(body, "parallel_tool_calls", bool, True)
+    if choice in ("auto", "none"):
+        return tool_choice(choice, tools)
+    if choice == "required":
+        return tool_choice("any", tools, many=many)
+    function = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise ApiError(400, 'tool_choice must be "none", "auto", "required" or {"type": "function", "function": '
+                            '{"name": NAME}}', param="tool_choice")
+    return tool_choice("function", tools, name=function["name"])
 
 
 def _message(message, i: int) -> dict:

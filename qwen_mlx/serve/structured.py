@@ -80,3 +80,19 @@ class Grammar:
 
     def accept(self, token: int) -> None:
         self._matcher.consume_token(token)
+
+
+class Banned:
+    """The Constraint (see scheduler.py) that never lets some tokens be sampled: tool_choice "none" bans the token
+    that opens a tool call."""
+
+    def __init__(self, ids: tuple[int, ...], vocab_size: int):
+        self._allowed = np.ones(vocab_size, dtype=np.bool_)  # (vocab,); numpy: made here, used on the model's thread
+        self._allowed[list(ids)] = False
+
+    def mask(self, logits: mx.array) -> mx.array:
+        """logits (1, vocab) -> the same with the banned tokens at -inf."""
+        return mx.where(mx.array(self._allowed[: logits.shape[-1]])[None], logits, -mx.inf)
+
+    def accept(self, token: int) -> None:
+        pass

@@ -7,6 +7,9 @@
 
 A call that does not parse, names a function the request did not offer, or is never closed is handed back as the
 text it was, never an error.
+
+A tool_choice that demands calls ("required", a named function) is enforced by a grammar of the checkpoint's own
+format (`call_grammar`), so that the reply can be nothing else.
 """
 
 from __future__ import annotations
@@ -19,6 +22,17 @@ from dataclasses import dataclass
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)</function>", re.DOTALL)
 _PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)</parameter>", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Markers:
+    """The ids of the tokens that write `<tool_call>`, `</tool_call>`, `<think>`, `</think>` (None: the tokenizer
+    has no such token, the grammar spells the text)."""
+
+    call: int | None
+    call_end: int | None
+    think: int | None
+    think_end: int | None
 
 
 @dataclass
@@ -150,3 +164,98 @@ def _partial_suffix(text: str, marker: str) -> int:
 def _add_text(out: list, text: str) -> None:
     if text:
         out.append(text)
+
+
+# ------------------------------------------------------------------------------------------ forced calls
+
+def call_format(chat_template: str | None) -> str:
+    """The tool-call format the checkpoint was trained on, as its chat template writes earlier calls: "xml" for
+    Qwen3.5+ (`<function=NAME>`), else "json" (Qwen3)."""
+    return "xml" if chat_template and "<function=" in chat_template else "json"
+
+
+def call_grammar(tools: list[dict], names: list[str], form: str, marks: Markers, *, many: bool,
+                 thinking: str) -> str:
+    """The llguidance grammar of a reply that is only tool calls: one call (or, with `many`, one or more, a newline
+    between them, as the templates write them) to one of `names`, in `form` ("json" or "xml"), its arguments by the
+    tool's JSON schema where llguidance can compile it (else any JSON object). `thinking`: "off" (the reply starts
+    with the call), "may" (a think block may come first), "open" (the prompt opened the think block: the reply
+    starts inside it). After the calls only an end-of-turn token is allowed."""
+    from llguidance import LLMatcher
+
+    schemas = tool_schemas(tools)
+    rules = [f"call: {' | '.join(f'call_{i}' for i in range(len(names)))}",
+             "calls: call" + (' ("\\n" call)*' if many else "")]
+    ends = _literal("<tool_call>", marks.call), _literal("</tool_call>", marks.call_end)
+    for i, name in enumerate(names):
+        rules += (_xml_call if form == "xml" else _json_call)(i, name, schemas[name], *ends)
+    think = f"{_literal('<think>', marks.think)} THINK_TEXT {_literal('</think>', marks.think_end)} NEWLINES?"
+    start = {"off": "start: calls", "may": f"start: ({think})? calls",
+             "open": f"start: THINK_TEXT {_literal('</think>', marks.think_end)} NEWLINES? calls"}[thinking]
+    return LLMatcher.grammar_from_lark("\n".join([start, *rules, "THINK_TEXT: /(?s:.*)/", "NEWLINES: /\\n{1,2}/"]))
+
+
+def _json_call(i: int, name: str, schema: dict, open_: str, close: str) -> list[str]:
+    """Qwen3: <tool_call>\\n{"name": NAME, "arguments": {...}}\\n</tool_call>"""
+    head = '\n{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments": '
+    arguments = _compiled({**schema, "type": "object"}, {"type": "object"})
+    return [f'call_{i}: {open_} {json.dumps(head)} args_{i} "}}\\n" {close}',
+            f"args_{i}: %json {json.dumps(arguments)}"]
+
+
+def _xml_call(i: int, name: str, schema: dict, open_: str, close: str) -> list[str]:
+    """Qwen3.5+: <tool_call>\\n<function=NAME>\\n then per parameter <parameter=P>\\nVALUE\\n</parameter>\\n, then
+    </function>\\n</tool_call>. The declared parameters in their schema's order, the required ones always; a string
+    is written as itself (an enum's values, or any text up to its maxLength without "</parameter>"), any other
+    value as JSON."""
+    properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+    required = schema.get("required") if isinstance(schema.get("required"), list) else []
+    defs = {k: schema[k] for k in ("$defs", "definitions") if k in schema}  # a parameter's $ref may point here
+    parts, rules = [], []
+    for j, (param, spec) in enumerate(properties.items()):
+        spec = spec if isinstance(spec, dict) else {}
+        rule = f"p_{i}_{j}"
+        parts.append(rule if param in required else f"{rule}?")
+        start = json.dumps(f"<parameter={param}>\n")
+        if spec.get("type") == "string":
+            enum = [v for v in spec.get("enum", []) if isinstance(v, str)]
+            if enum:
+                values = " | ".join(json.dumps(v) for v in enum)
+                rules.append(f'{rule}: {start} ({values}) "\\n</parameter>\\n"')
+            else:
+                most = spec.get("maxLength")
+                repeat = f"{{0,{most}}}" if isinstance(most, int) and not isinstance(most, bool) and most >= 0 else "*"
+                rules += [f"{rule}: {start} text_{i}_{j}",
+                          f"text_{i}_{j}[lazy]: /(?s:.{repeat})\\n<\\/parameter>\\n/ & {_ONE_CLOSE}"]
+        else:
+            rules += [f'{rule}: {start} value_{i}_{j} "\\n</parameter>\\n"',
+                      f"value_{i}_{j}: %json {json.dumps(_compiled({**spec, **defs}, {}))}"]
+    if not properties:  # nothing declared: any parameters, as text
+        parts.append(f"p_{i}_any*")
+        rules += [f'p_{i}_any: "<parameter=" /[A-Za-z0-9_.\\-]+/ ">\\n" text_{i}_any',
+                  f"text_{i}_any[lazy]: /(?s:.*)\\n<\\/parameter>\\n/ & {_ONE_CLOSE}"]
+    head = json.dumps(f"\n<function={name}>\n")
+    return [f'call_{i}: {open_} {head} {" ".join(parts)} "</function>\\n" {close}', *rules]
+
+
+# A string value ends at the first "\\n</parameter>\\n" and holds no other "</parameter>" (the parser ends a value at
+# the first one it meets).
+_ONE_CLOSE = "~/(?s:.*<\\/parameter>.*<\\/parameter>.*)/"
+
+
+def _compiled(schema: dict, fallback: dict) -> dict:
+    """The schema with the JSON layout of structured.py, or `fallback` when llguidance cannot compile it."""
+    from llguidance import LLMatcher
+
+    from qwen_mlx.serve.structured import JSON_LAYOUT
+
+    for candidate in (schema, fallback):
+        if not LLMatcher.validate_grammar(LLMatcher.grammar_from_json_schema(candidate, defaults=JSON_LAYOUT)):
+            return {**candidate, "x-guidance": JSON_LAYOUT}
+    return {"x-guidance": JSON_LAYOUT}
+
+
+def _literal(text: str, token: int | None) -> str:
+    """A marker in the grammar: its token (the tokenizers' added tokens are whole tokens to llguidance, never
+    spelled) or, without one, its text."""
+    return f"<[{token}]>" if token is not None else json.dumps(text)
