@@ -1,0 +1,255 @@
+"""The hybrid models' caches in files and in long runs (issue 19): prompt-cache files holding recurrent layers
+(conv tail + float32 state) saved and loaded bit-exactly and checked against the model, hostile hybrid files
+refused, and a rotating window on the attention layers of a hybrid model at flat memory.
+
+"Bit-identical" below means np.array_equal on float32 logits: the loaded cache holds the same bits as the one that
+never left memory, and the same float32 arithmetic runs on it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from helpers import prompt_ids
+
+from qwen_mlx.cache.files import CacheFileError, load_cache, model_fingerprint, save_cache
+from qwen_mlx.cache.kv import KVCache, RotatingKVCache, make_cache
+from qwen_mlx.cache.recurrent import RecurrentCache
+from qwen_mlx.errors import UserError
+from qwen_mlx.weights.loader import load_model
+
+DENSE, MOE = "qwen3_5_default", "qwen3_5_moe"  # the released layer pattern; a non-default order with MoE
+
+
+@pytest.fixture(scope="module")
+def models(hybrid_checkpoint, tiny_checkpoint):
+    loaded = {}
+
+    def get(variant):
+        if variant not in loaded:
+            path = tiny_checkpoint(variant) if variant == "qwen3" else hybrid_checkpoint(variant)
+            loaded[variant] = load_model(path)[0]
+        return loaded[variant]
+
+    return get
+
+
+def prefill(model, caches, ids, chunks) -> None:
+    """Run ids through the model (without its head) in steps of the given lengths, filling the caches."""
+    a = 0
+    for n in chunks:
+        mx.eval(model.model(mx.array(ids[a : a + n])[None], caches))
+        a += n
+    assert a == len(ids)
+
+
+def greedy_with_logits(model, prompt, n, caches):
+    """Greedy tokens after `prompt` and the float32 logits each was chosen from."""
+    logits = model(mx.array(prompt)[None], caches)
+    tokens, rows = [], []
+    for _ in range(n):
+        rows.append(np.array(logits[0, -1].astype(mx.float32)))
+        token = mx.argmax(logits[:, -1], axis=-1)
+        tokens.append(token.item())
+        logits = model(token[:, None], caches)
+    return tokens, np.stack(rows)
+
+
+def refused(model, path, match):
+    with pytest.raises(CacheFileError, match=match) as e:
+        load_cache(path, model=model)
+    assert isinstance(e.value, UserError) and "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------- files: round trip
+
+
+@pytest.mark.parametrize("variant", [DENSE, MOE])
+@pytest.mark.parametrize("window", [None, 24])
+def test_hybrid_prompt_cache_round_trip_is_bit_exact(models, tmp_path, variant, window):
+    """Prefill 49 tokens (a chunked step, one token, a chunked step; with a window of 24 the ring has wrapped),
+    save, load into fresh caches: every array equal bit for bit (the state float32), then 12 greedy tokens with
+    their logits identical to those of the caches that never left memory."""
+    model = models(variant)
+    ids = prompt_ids(50, seed=8)
+    caches = make_cache(model.config, max_size=window, keep=4)
+    prefill(model, caches, ids[:49], [30, 1, 18])
+    kinds = [type(c) for c in caches]
+    assert RecurrentCache in kinds and (RotatingKVCache if window else KVCache) in kinds
+    path = tmp_path / "hybrid.safetensors"
+    save_cache(path, caches, model=model, tokens=ids[:49], metadata={"turn": "1"})
+    loaded = load_cache(path, model=model)
+    assert loaded.tokens == ids[:49].tolist() and loaded.metadata == {"turn": "1"}
+    assert [type(c) for c in loaded.caches] == kinds and all(c.offset == 49 for c in loaded.caches)
+    for a, b in zip(caches, loaded.caches):
+        if isinstance(a, RecurrentCache):
+            assert b.recurrent_state.dtype == mx.float32 and b.conv_tail.shape[1] == 3  # width 4 - 1
+            for x, y in [(a.conv_tail, b.conv_tail), (a.recurrent_state, b.recurrent_state)]:
+                assert x.dtype == y.dtype and x.shape == y.shape and mx.array_equal(x, y).item()
+    mem_tokens, mem_logits = greedy_with_logits(model, ids[49:], 12, caches)
+    file_tokens, file_logits = greedy_with_logits(model, ids[49:], 12, loaded.caches)
+    assert file_tokens == mem_tokens and np.array_equal(file_logits, mem_logits)
+    assert len(set(mem_tokens)) > 3
+
+
+def test_an_empty_hybrid_cache_saves_and_loads(models, tmp_path):
+    model = models(DENSE)
+    path = tmp_path / "empty.safetensors"
+    save_cache(path, make_cache(model.config), model=model)
+    loaded = load_cache(path, model=model)
+    assert [type(c) for c in loaded.caches] == [type(c) for c in make_cache(model.config)]
+    assert all(c.offset == 0 and c.state == [] for c in loaded.caches)
+
+
+def test_snapshots_are_not_saved(models, tmp_path):
+    """A loaded recurrent cache has no snapshots: it can go back to 0 only (the file says so in its docs)."""
+    model = models(DENSE)
+    caches = make_cache(model.config)
+    for c in caches:
+        if isinstance(c, RecurrentCache):
+            c.want_snapshot(10)
+    prefill(model, caches, prompt_ids(20), [20])
+    assert 10 in caches[0].restore_points
+    path = tmp_path / "s.safetensors"
+    save_cache(path, caches, model=model)
+    loaded = load_cache(path, model=model).caches
+    assert loaded[0].restore_points == [0, 20] and loaded[0].trim(10) == 0
+
+
+# ------------------------------------------------------------------------------------- files: refused
+
+
+@pytest.fixture
+def saved_hybrid(models, tmp_path):
+    model = models(DENSE)
+    caches = make_cache(model.config)
+    prefill(model, caches, prompt_ids(20), [20])
+    path = tmp_path / "h.safetensors"
+    save_cache(path, caches, model=model, tokens=prompt_ids(20))
+    return model, path
+
+
+def read(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        header = json.loads(f.metadata()["qwen_mlx"])
+    return header, dict(mx.load(str(path)))
+
+
+def write(path, header, tensors):
+    mx.save_safetensors(str(path), tensors, metadata={"qwen_mlx": json.dumps(header)})
+
+
+def test_a_qwen3_file_is_refused_for_a_hybrid_and_back(models, tmp_path):
+    qwen3, hybrid = models("qwen3"), models(DENSE)
+    for maker, user in [(qwen3, hybrid), (hybrid, qwen3)]:
+        caches = make_cache(maker.config)
+        prefill(maker, caches, prompt_ids(12), [12])
+        path = tmp_path / f"{maker.config.model_type}.safetensors"
+        save_cache(path, caches, model=maker)
+        refused(user, path, "made for another model or config")
+
+
+def test_layer_kinds_are_checked_against_the_layer_types(saved_hybrid, models):
+    """Past the fingerprint (here copied in, as a forger would), each layer's kind must fit its type: a recurrent
+    cache on a full-attention layer, or a KV cache on a linear one, is refused before any tensor is read."""
+    model, path = saved_hybrid
+    header, tensors = read(path)
+    cfg = model.config
+    linear = next(i for i in range(cfg.num_hidden_layers) if cfg.is_linear_layer(i))
+    full = next(i for i in range(cfg.num_hidden_layers) if not cfg.is_linear_layer(i))
+    swapped = dict(header, layers=list(header["layers"]))
+    swapped["layers"][linear], swapped["layers"][full] = header["layers"][full], header["layers"][linear]
+    write(path, swapped, tensors)
+    refused(model, path, f"layer {linear} holds a kv cache, but the model's layer {linear} is linear attention")
+    # A Qwen3 file relabelled with the hybrid's fingerprint and layer count: refused by kind as well.
+    qwen3 = models("qwen3")
+    caches = make_cache(qwen3.config)
+    prefill(qwen3, caches, prompt_ids(20), [20])
+    save_cache(path, caches, model=qwen3)
+    header, tensors = read(path)
+    header.update(model=model_fingerprint(model), layers=header["layers"] * 2)
+    write(path, header, tensors)
+    refused(model, path, "layer 0 holds a kv cache, but the model's layer 0 is linear attention")
+
+
+def test_bad_hybrid_files_are_refused_before_mx_load(saved_hybrid, monkeypatch):
+    model, path = saved_hybrid
+    good = path.read_bytes()
+    cfg = model.config
+    state_shape = [1, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim]
+    conv_dim = 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim + state_shape[1] * state_shape[3]  # q, k, v
+
+    def case(change, match):
+        path.write_bytes(good)
+        header, tensors = read(path)
+        change(header, tensors)
+        write(path, header, tensors)
+        monkeypatch.setattr(mx, "load", lambda *a, **k: pytest.fail("mx.load reached on a bad file"))
+        refused(model, path, match)
+        monkeypatch.undo()
+
+    def half_state(h, t):
+        t["layers.0.recurrent_state"] = t["layers.0.recurrent_state"].astype(mx.float16)
+
+    case(half_state, rf"layers.0.recurrent_state is F16 {state_shape}, expected F32 {state_shape}".replace("[", r"\[")
+         .replace("]", r"\]"))
+    case(lambda h, t: t.update({"layers.0.conv_tail": t["layers.0.conv_tail"][:, :2]}),
+         rf"layers.0.conv_tail is F32 \[1, 2, {conv_dim}\], expected float \[1, 3, {conv_dim}\]")
+    case(lambda h, t: t.update({"layers.1.recurrent_state": t["layers.1.recurrent_state"][..., :8]}),
+         "layers.1.recurrent_state is F32")
+    case(lambda h, t: t.pop("layers.2.conv_tail"), "layers.2.conv_tail is missing")
+    case(lambda h, t: t.update({"layers.0.conv_tail": t["layers.0.conv_tail"].astype(mx.int32)}),
+         "layers.0.conv_tail is I32")
+    case(lambda h, t: h["layers"][0].update(offset=0), "layers disagree|layers.0.conv_tail is not part")
+    case(lambda h, t: h["layers"][1].update(offset="20"), "invalid recurrent cache settings")
+    case(lambda h, t: h["layers"][1].update(snapshots=[3]), "invalid recurrent cache settings")
+    case(lambda h, t: t.update({"layers.3.conv_tail": t["layers.0.conv_tail"]}), "layers.3.conv_tail is not part")
+    case(lambda h, t: t.update({"layers.0.conv_tail": t["layers.0.conv_tail"].astype(mx.float16)}),
+         "mix float dtypes")
+
+
+def test_fuzzed_hybrid_files_are_refused_in_one_line_or_load(saved_hybrid):
+    """300 random mutations of a hybrid file (bytes flipped anywhere, the header JSON's numbers and kinds changed,
+    tensors dropped or reshaped): each either loads as a cache list of the model's shape or is refused with one
+    line (CacheFileError); nothing else escapes, nothing crashes the process."""
+    model, path = saved_hybrid
+    good = path.read_bytes()
+    header, tensors = read(path)
+    rng = random.Random(19)
+    outcomes = {"loaded": 0, "refused": 0}
+    for n in range(300):
+        way = n % 3
+        if way == 0:  # raw bytes: header length, JSON, tensor data
+            data = bytearray(good)
+            for _ in range(rng.randint(1, 4)):
+                i = rng.choice([rng.randrange(8), rng.randrange(8, 400), rng.randrange(len(data))])
+                data[i] = rng.randrange(256)
+            path.write_bytes(bytes(data))
+        elif way == 1:  # the metadata's values
+            h = json.loads(json.dumps(header))
+            layer = h["layers"][rng.randrange(len(h["layers"]))]
+            key = rng.choice(["kind", "offset", "extra"])
+            layer[key] = rng.choice([-1, 0, 1, 19, 21, 2**31, 2**64, 1.5, None, True, "recurrent", "kv", "rotating",
+                                     [], {}])
+            write(path, h, tensors)
+        else:  # the tensors
+            t = dict(tensors)
+            name = rng.choice(sorted(t))
+            a = t[name]
+            t[name] = rng.choice([a[..., :-1], a.astype(mx.bfloat16), a[None], a.reshape(-1), mx.zeros((0,))])
+            write(path, header, t)
+        try:
+            loaded = load_cache(path, model=model)
+        except CacheFileError as e:
+            assert "\n" not in str(e) and str(path) in str(e)
+            outcomes["refused"] += 1
+        else:
+            assert [type(c) for c in loaded.caches] == [type(c) for c in make_cache(model.config)]
+            outcomes["loaded"] += 1
+    assert outcomes["refused"] > 250
