@@ -253,3 +253,113 @@ def test_fuzzed_hybrid_files_are_refused_in_one_line_or_load(saved_hybrid):
             assert [type(c) for c in loaded.caches] == [type(c) for c in make_cache(model.config)]
             outcomes["loaded"] += 1
     assert outcomes["refused"] > 250
+
+
+# ------------------------------------------------------------------------------------- a rotating window
+
+
+WINDOW, KEEP = 64, 4
+
+
+def decode_marks(model, caches, prompt, n, marks):
+    """Greedy tokens through the engine's decode loop; at each count of generated tokens in `marks`, the caches'
+    bytes and MLX's active memory."""
+    from qwen_mlx.engine.generate import generate_tokens
+
+    tokens, memory = [], {}
+    for token in generate_tokens(model, prompt, caches, max_tokens=n):
+        tokens.append(token)
+        if len(tokens) in marks:
+            memory[len(tokens)] = (sum(c.nbytes for c in caches), mx.get_active_memory())
+    return tokens, memory
+
+
+@pytest.mark.slow  # about 50 s each on the shared CPU: 3 x 312 tokens through a 151,680-row LM head
+@pytest.mark.parametrize("variant", [DENSE, MOE])
+def test_a_rotating_window_on_a_hybrid_runs_4x_its_size_at_flat_memory(models, variant):
+    """Window 64 (4 pinned) on the attention layers, the recurrent state fixed: 312 tokens generated after an
+    8-token prompt (5 x the window). Cache bytes are the same once the window is full (offset 64), twice and four
+    times over (offset 128, 256) and at the end; active memory stops growing (allocator noise only). Measured
+    (dense / MoE): 61,056 / 89,856 B of cache at every mark, active memory within 7 KB of the first mark's; the
+    plain cache grows from 155,264 / 278,272 B to 286,336 / 540,416 B. The tokens:
+    the first 56 (while the window still holds every token) equal the unrotated run's, and all 312 equal an oracle
+    whose attention layers keep every key and apply the window rule in float64 NumPy (test_cache.OracleCache)."""
+    from helpers import greedy_ours
+    from test_cache import OracleCache, window_rule
+
+    model = models(variant)
+    cfg = model.config
+    prompt = prompt_ids(8, seed=5).tolist()
+    full = WINDOW - len(prompt)  # generated tokens when the window is first full
+    marks = {full, 2 * WINDOW - 8, 4 * WINDOW - 8, 312}
+    caches = make_cache(cfg, max_size=WINDOW, keep=KEEP)
+    tokens, memory = decode_marks(model, caches, prompt, 312, marks)
+    nbytes = {n: b for n, (b, _) in memory.items()}
+    active = {n: a for n, (_, a) in memory.items()}
+    assert len(set(nbytes.values())) == 1, nbytes
+    assert max(active.values()) - active[full] <= 256 * 1024, active  # flat: no growth with the tokens
+    plain_tokens, plain_memory = decode_marks(model, make_cache(cfg), prompt, 312, marks)
+    assert plain_memory[312][0] > plain_memory[full][0]  # the unbounded cache grows: the measure sees growth
+    assert tokens[:full] == plain_tokens[:full] and tokens != plain_tokens
+    oracle = [RecurrentCache() if cfg.is_linear_layer(i) else OracleCache(window_rule(WINDOW, KEEP))
+              for i in range(cfg.num_hidden_layers)]
+    assert tokens == greedy_ours(model, np.array(prompt), 312, oracle)
+
+
+def test_a_prompt_longer_than_the_context_runs_in_a_hybrid_window(hybrid_checkpoint):
+    """check_context looks for the window on any layer (a hybrid's first layer is often a recurrent one)."""
+    from qwen_mlx.engine.stream import ContextError, check_context
+    from qwen_mlx.weights.loader import load_config
+
+    cfg = load_config(hybrid_checkpoint(DENSE))
+    assert isinstance(make_cache(cfg)[0], RecurrentCache)
+    long = [0] * (cfg.max_position_embeddings + 1)
+    check_context(long, cfg, make_cache(cfg, max_size=WINDOW))
+    with pytest.raises(ContextError, match="--max-kv-size"):
+        check_context(long, cfg, make_cache(cfg))
+
+
+@pytest.fixture(scope="module")
+def llm(hybrid_checkpoint, tmp_path_factory):
+    """The dense hybrid with a Qwen3.5-style template: its generation prompt opens a think block, which the
+    history drops from earlier turns."""
+    import shutil
+
+    from test_hybrid import QWEN3_5_STYLE_TEMPLATE
+
+    import qwen_mlx
+
+    path = tmp_path_factory.mktemp("hybrid_window") / "model"
+    shutil.copytree(hybrid_checkpoint(DENSE), path)
+    (path / "chat_template.jinja").write_text(QWEN3_5_STYLE_TEMPLATE)
+    return qwen_mlx.load(path)
+
+
+@pytest.mark.parametrize("reply", [4, 80])
+def test_chat_turn_two_after_the_window_wrapped(llm, reply):
+    """Chat with window 128 (slack 16) on a hybrid: turn 1 runs a 200-token question, so the ring has wrapped, and
+    `reply` tokens of reasoning; turn 2's rendering drops that reasoning, so it parts from what the cache holds
+    just after turn 1's `<|im_start|>assistant\n`. The recurrent layers restore their snapshot there; the ring can
+    go back only slack + 1 = 17 tokens. A 4-token reply fits: the ring is trimmed after wrapping and turn 2
+    prefills only from the parting point. An 80-token reply has overwritten keys that point's window needs: the
+    session starts over and prefills all of turn 2's prompt (correct, not fast). Either way turn 2 equals a fresh
+    session's with the same history and window."""
+    from qwen_mlx.cache.prefix import common_prefix
+    from qwen_mlx.engine.sampling import SamplingParams
+
+    greedy = SamplingParams(temperature=0.0)
+    chat = llm.chat(max_kv_size=128, sampling=greedy)
+    list(chat.send(" ".join(["window"] * 200), max_tokens=reply))
+    held = list(chat._cached)
+    assert len(held) > 128 + 16 and chat.messages[-1]["content"].startswith("<think>")  # wrapped; all reasoning
+    reply2 = "".join(e.text for e in chat.send("and then?", max_tokens=8))
+    prompt2 = llm.prompt_tokens(chat.messages[:-1])
+    parted = common_prefix(held, prompt2)
+    if reply == 4:
+        assert 0 < len(held) - parted <= 17 and chat.last_prefill == len(prompt2) - parted
+    else:
+        assert len(held) - parted > 17 and chat.last_prefill == len(prompt2)
+    fresh = llm.chat(max_kv_size=128, sampling=greedy)
+    fresh.messages = [dict(m) for m in chat.messages[:-2]]
+    assert "".join(e.text for e in fresh.send("and then?", max_tokens=8)) == reply2
+    assert fresh._cached == chat._cached and fresh.last_prefill == len(prompt2)
