@@ -119,6 +119,8 @@ def generate(args: argparse.Namespace) -> None:
     from qwen_mlx.weights.memory import wired_limit
 
     # Under a launcher only rank 0 reads the prompt, once the model is up; alone, before loading, for the check.
+    if args.prompt_cache is not None and args.distributed is not None:
+        raise UserError("--prompt-cache does not run with --distributed yet")
     prompt = _read_prompt(args) if args.distributed is None else ""
     # A byte-level BPE token is at least one byte: the text's bytes bound its tokens; the template adds a few.
     context = len(prompt.encode()) + len((args.system or "").encode()) + 64 + args.max_tokens
@@ -141,7 +143,7 @@ def generate(args: argparse.Namespace) -> None:
         done = None
         for event in llm.stream(prompt, think=args.think, system=args.system, max_tokens=args.max_tokens,
                                 sampling=sampling, max_kv_size=args.max_kv_size, kv_bits=args.kv_bits,
-                                kv_group_size=args.kv_group_size):
+                                kv_group_size=args.kv_group_size, prompt_cache=args.prompt_cache):
             if event.kind == "answer":
                 sys.stdout.write(answer_text(event.text))
                 sys.stdout.flush()

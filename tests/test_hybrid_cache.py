@@ -363,3 +363,61 @@ def test_chat_turn_two_after_the_window_wrapped(llm, reply):
     fresh.messages = [dict(m) for m in chat.messages[:-2]]
     assert "".join(e.text for e in fresh.send("and then?", max_tokens=8)) == reply2
     assert fresh._cached == chat._cached and fresh.last_prefill == len(prompt2)
+
+
+# ------------------------------------------------------------------------------- prompt-cache files: API, CLI
+
+SYSTEM = " ".join(["document"] * 150)
+
+
+@pytest.mark.parametrize("variant", [DENSE, MOE])
+def test_a_prompt_cache_file_through_the_api(hybrid_checkpoint, tmp_path, variant):
+    """generate(prompt_cache=FILE): the first run saves the cache of everything before the user's text (the system
+    prompt), the next runs load it and prefill only the rest; their replies equal the run without a file."""
+    import qwen_mlx
+    from qwen_mlx.engine.sampling import SamplingParams
+
+    llm = qwen_mlx.load(hybrid_checkpoint(variant))
+    greedy = SamplingParams(temperature=0.0)
+    path = tmp_path / "system.safetensors"
+    plain = llm.generate("what is it?", system=SYSTEM, sampling=greedy, max_tokens=8)
+    first = llm.generate("what is it?", system=SYSTEM, sampling=greedy, max_tokens=8, prompt_cache=path)
+    tokens = llm.prompt_tokens("what is it?", system=SYSTEM)
+    saved = load_cache(path, model=llm.model)
+    system_turn = llm.tokenizer.encode_chat([{"role": "system", "content": SYSTEM}], add_generation_prompt=False)
+    assert saved.tokens == tokens[: len(saved.tokens)] and len(saved.tokens) == len(system_turn) + 3  # <|im_start|>user\n
+    assert llm.tokenizer.decode(tokens[len(saved.tokens):]).startswith("what is it?")
+    second = llm.generate("what is it?", system=SYSTEM, sampling=greedy, max_tokens=8, prompt_cache=path)
+    assert first.text == second.text == plain.text and len(set(plain.text)) > 4
+    assert plain.stats.prompt_tokens == len(tokens) and second.stats.prompt_tokens == len(tokens) - len(saved.tokens)
+    other = llm.generate("and this?", system=SYSTEM, sampling=greedy, max_tokens=8, prompt_cache=path)
+    assert other.text == llm.generate("and this?", system=SYSTEM, sampling=greedy, max_tokens=8).text
+    assert other.stats.prompt_tokens < 10
+    with pytest.raises(UserError, match="saved with other KV cache settings"):
+        llm.generate("what is it?", system=SYSTEM, max_tokens=1, prompt_cache=path, max_kv_size=64)
+
+
+def cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "qwen_mlx.cli", *args], capture_output=True, text=True, timeout=180)
+
+
+def test_a_prompt_cache_file_through_the_cli(hybrid_checkpoint, tiny_checkpoint, tmp_path):
+    """generate --prompt-cache: the second run prints the same answer after prefilling only the user turn; a file
+    made with Qwen3 is refused for the hybrid and the hybrid's for Qwen3, in one line, exit 2."""
+    hybrid, qwen3 = hybrid_checkpoint(MOE), tiny_checkpoint("qwen3")
+    path = tmp_path / "p.safetensors"
+    run = ["generate", "--system", SYSTEM, "-p", "what is it?", "--no-think", "--temp", "0", "--max-tokens", "8",
+           "-v", "--prompt-cache", str(path)]
+    first, second = cli(*run, "-m", str(hybrid)), cli(*run, "-m", str(hybrid))
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    assert first.stdout == second.stdout and len(first.stdout.strip()) > 4 and path.exists()
+    assert "prompt 13 tokens" in second.stderr  # "what is it?" and the template's tail, not the 150-word system
+    other = tmp_path / "q.safetensors"
+    assert cli(*run[:-1], str(other), "-m", str(qwen3)).returncode == 0
+    for model, file in [(hybrid, other), (qwen3, path)]:
+        out = cli(*run[:-1], str(file), "-m", str(model))
+        assert out.returncode == 2 and out.stderr.count("\n") == 1
+        assert "this prompt cache was made for another model or config" in out.stderr
