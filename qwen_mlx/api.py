@@ -19,7 +19,7 @@ from qwen_mlx.cache.kv import make_cache
 from qwen_mlx.cache.prefix import common_prefix
 from qwen_mlx.engine.chat import ChatSession
 from qwen_mlx.engine.generate import GenerationStats, generate_tokens
-from qwen_mlx.engine.prompt_file import open_prompt_cache
+from qwen_mlx.engine.prompt_file import OpenedCache, open_prompt_cache
 from qwen_mlx.engine.sampling import SamplingParams, make_sampler
 from qwen_mlx.engine.speculative import MAX_DRAFT, DraftLength, DraftModel, speculative_tokens
 from qwen_mlx.engine.stream import Event, Reply, check_context, collect, stream_reply
@@ -84,16 +84,22 @@ class LLM:
         def fresh():
             return self.new_cache(max_size=max_kv_size, bits=kv_bits, group_size=kv_group_size)
 
-        cache, held = fresh(), 0
-        check_context(tokens, self.config, cache)
+        opened = OpenedCache(fresh(), 0, 0, 0.0)
+        check_context(tokens, self.config, opened.caches)
         if prompt_cache is not None:
             messages = _messages(prompt, system)
             without_last = self.tokenizer.encode_chat([*messages[:-1], {**messages[-1], "content": ""}],
                                                       enable_thinking=think)
             reusable = min(common_prefix(without_last, tokens), len(tokens) - 1)
-            cache, held = open_prompt_cache(prompt_cache, self.model, tokens, reusable, fresh)
-        yield from stream_reply(self, tokens, cache, tokens[held:], sampling or self.sampling(think),
-                                max_tokens=max_tokens, stop=stop, stop_strings=stop_strings)
+            opened = open_prompt_cache(prompt_cache, self.model, tokens, reusable, fresh)
+        counted = False
+        for event in stream_reply(self, tokens, opened.caches, tokens[opened.held:], sampling or self.sampling(think),
+                                  max_tokens=max_tokens, stop=stop, stop_strings=stop_strings):
+            if not counted:  # the prompt's stats are final once a first event comes: add what was run to save
+                s, counted = event.stats, True
+                s.prompt_tokens, s.prompt_seconds = s.prompt_tokens + opened.ran, s.prompt_seconds + opened.seconds
+                s.time_to_first_token += opened.seconds
+            yield event
 
     def new_cache(self, **options) -> list[Cache]:
         """An empty KV cache for this model (options as cache.make_cache: max_size, bits, group_size)."""

@@ -10,7 +10,9 @@ only be continued, so a file whose tokens are not a prefix of the new prompt is 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -25,8 +27,16 @@ from qwen_mlx.models.qwen3 import Cache, Model
 CHUNK = 512  # tokens run at a time into the cache that is saved
 
 
+@dataclass
+class OpenedCache:
+    caches: list[Cache]
+    held: int  # the prompt's tokens the caches hold
+    ran: int  # of those, the tokens run now (to save them), and how long that took
+    seconds: float
+
+
 def open_prompt_cache(path: str | Path, model: Model, prompt: list[int], reusable: int,
-                      fresh: Callable[[], list[Cache]]) -> tuple[list[Cache], int]:
+                      fresh: Callable[[], list[Cache]]) -> OpenedCache:
     """The caches to run `prompt` with and how many of its tokens they hold, the first `reusable` of them saved
     to `path` on the way (when the file held fewer). `fresh()` makes empty caches with the run's settings: the
     file's must have the same ones."""
@@ -41,12 +51,14 @@ def open_prompt_cache(path: str | Path, model: Model, prompt: list[int], reusabl
         back = saved.caches[0].offset - common
         if saved.tokens and all(c.trim(back) == back for c in saved.caches):
             cache, held = saved.caches, common
-    if reusable > held:
-        for start in range(held, reusable, CHUNK):
-            mx.eval(fill(model, mx.array(prompt[start : min(reusable, start + CHUNK)]), cache))
-        save_cache(path, cache, model=model, tokens=prompt[:reusable])
-        held = reusable
-    return cache, held
+    start = time.perf_counter()
+    if reusable <= held:
+        return OpenedCache(cache, held, 0, 0.0)
+    for a in range(held, reusable, CHUNK):
+        mx.eval(fill(model, mx.array(prompt[a : min(reusable, a + CHUNK)]), cache))
+    seconds = time.perf_counter() - start
+    save_cache(path, cache, model=model, tokens=prompt[:reusable])
+    return OpenedCache(cache, reusable, reusable - held, seconds)
 
 
 def _settings(caches: list[Cache]) -> list[tuple]:
