@@ -16,8 +16,10 @@ from pathlib import Path
 import mlx.core as mx
 
 from qwen_mlx.cache.kv import make_cache
+from qwen_mlx.cache.prefix import common_prefix
 from qwen_mlx.engine.chat import ChatSession
 from qwen_mlx.engine.generate import GenerationStats, generate_tokens
+from qwen_mlx.engine.prompt_file import OpenedCache, open_prompt_cache
 from qwen_mlx.engine.sampling import SamplingParams, make_sampler
 from qwen_mlx.engine.speculative import MAX_DRAFT, DraftLength, DraftModel, speculative_tokens
 from qwen_mlx.engine.stream import Event, Reply, check_context, collect, stream_reply
@@ -62,10 +64,7 @@ class LLM:
     def prompt_tokens(self, prompt: Prompt, *, think: bool = True, system: str | None = None) -> list[int]:
         """The token ids the chat template renders for a message list (a string is one user message); text in
         user, system and tool messages is plain text, never control tokens."""
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        if system is not None:
-            messages = [{"role": "system", "content": system}, *messages]
-        return self.tokenizer.encode_chat(messages, enable_thinking=think)
+        return self.tokenizer.encode_chat(_messages(prompt, system), enable_thinking=think)
 
     def sampling(self, think: bool, **overrides) -> SamplingParams:
         """The checkpoint's recommended sampling for thinking or non-thinking turns, with overrides."""
@@ -74,14 +73,33 @@ class LLM:
     def stream(self, prompt: Prompt, *, think: bool = True, system: str | None = None, max_tokens: int = 1024,
                sampling: SamplingParams | None = None, stop: threading.Event | None = None,
                stop_strings: tuple[str, ...] = (), max_kv_size: int | None = None,
-               kv_bits: int | None = None, kv_group_size: int | None = None) -> Iterator[Event]:
+               kv_bits: int | None = None, kv_group_size: int | None = None,
+               prompt_cache: str | Path | None = None) -> Iterator[Event]:
         """Stream a reply: thinking and answer text as it is decoded, then a "done" event with the stats.
-        `max_kv_size` bounds the KV cache (a rotating window), `kv_bits` quantizes it (see cache.make_cache)."""
+        `max_kv_size` bounds the KV cache (a rotating window), `kv_bits` quantizes it (see cache.make_cache).
+        `prompt_cache` names a file that keeps, across runs, the cache of the prompt up to its last message's text
+        (a long system prompt is prefilled once): see engine.prompt_file."""
         tokens = self.prompt_tokens(prompt, think=think, system=system)
-        cache = self.new_cache(max_size=max_kv_size, bits=kv_bits, group_size=kv_group_size)
-        check_context(tokens, self.config, cache)
-        yield from stream_reply(self, tokens, cache, tokens, sampling or self.sampling(think),
-                                max_tokens=max_tokens, stop=stop, stop_strings=stop_strings)
+
+        def fresh():
+            return self.new_cache(max_size=max_kv_size, bits=kv_bits, group_size=kv_group_size)
+
+        opened = OpenedCache(fresh(), 0, 0, 0.0)
+        check_context(tokens, self.config, opened.caches)
+        if prompt_cache is not None:
+            messages = _messages(prompt, system)
+            without_last = self.tokenizer.encode_chat([*messages[:-1], {**messages[-1], "content": ""}],
+                                                      enable_thinking=think)
+            reusable = min(common_prefix(without_last, tokens), len(tokens) - 1)
+            opened = open_prompt_cache(prompt_cache, self.model, tokens, reusable, fresh)
+        counted = False
+        for event in stream_reply(self, tokens, opened.caches, tokens[opened.held:], sampling or self.sampling(think),
+                                  max_tokens=max_tokens, stop=stop, stop_strings=stop_strings):
+            if not counted:  # the prompt's stats are final once a first event comes: add what was run to save
+                s, counted = event.stats, True
+                s.prompt_tokens, s.prompt_seconds = s.prompt_tokens + opened.ran, s.prompt_seconds + opened.seconds
+                s.time_to_first_token += opened.seconds
+            yield event
 
     def new_cache(self, **options) -> list[Cache]:
         """An empty KV cache for this model (options as cache.make_cache: max_size, bits, group_size)."""
@@ -108,6 +126,11 @@ class LLM:
         """A multi-turn conversation that keeps its KV cache between turns (see engine.chat.ChatSession)."""
         return ChatSession(self, system=system, think=think, max_kv_size=max_kv_size, kv_bits=kv_bits,
                            kv_group_size=kv_group_size, sampling=sampling)
+
+
+def _messages(prompt: Prompt, system: str | None) -> list[dict]:
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    return [{"role": "system", "content": system}, *messages] if system is not None else messages
 
 
 def load(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None, memory: MemoryPlan | None = None,

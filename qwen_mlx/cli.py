@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_argument(generate, DEFAULT_MODEL)
     generate.add_argument("-p", "--prompt", required=True, help="the user message; - reads it from stdin")
     _add_generation_arguments(generate)
+    generate.add_argument("--prompt-cache", metavar="FILE", help="keep the prompt's cache up to the user message "
+                          "(the system prompt) in FILE: made on the first run, reused by the next ones with the "
+                          "same model, system prompt and KV settings")
     generate.add_argument("--hide-think", action="store_true", help="do not print the thinking")
     generate.add_argument("-v", "--verbose", action="store_true", help="print speed and memory to stderr at the end")
     generate.set_defaults(run=commands.generate)

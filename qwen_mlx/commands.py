@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 
 from qwen_mlx.errors import UserError
 from qwen_mlx.terminal import printable
@@ -47,9 +48,8 @@ def info(args: argparse.Namespace) -> None:
         rope += (f", YaRN x{cfg.rope_scaling.factor:g} from {cfg.rope_scaling.original_max_position_embeddings}")
     print(f"rope         {rope}; context {cfg.max_position_embeddings}")
     print(f"vocab        {cfg.vocab_size}, {'tied' if cfg.tie_word_embeddings else 'untied'} LM head")
-    quant = cfg.quantization
-    print(f"weights      {n_bytes / 2**20:.1f} MiB, "
-          + (f"{quant['bits']}-bit group {quant['group_size']}" if quant else cfg.torch_dtype))
+    print(f"weights      {n_bytes / 2**20:.1f} MiB, " + (_recipe(cfg.quantization) if cfg.quantization
+                                                          else cfg.torch_dtype))
     print(f"device       {mx.default_device()}")
     print(f"kernels      {kernels.BACKEND} (set {kernels.ENV}=reference|custom to choose)")
     if args.check:
@@ -67,6 +67,19 @@ def info(args: argparse.Namespace) -> None:
             kv = plan[f"{mode}_kv_per_token"]
             print(f"  {mode:9}  " + ", ".join(f"rank {r}: {b / 2**30:.2f} GiB + KV {k * 1000 / 2**20:.1f} MiB"
                                               for r, (b, k) in enumerate(zip(per, kv))))
+
+
+def _recipe(quant: dict) -> str:
+    """A quantization section in words: the default settings, then how many layers override them (mlx-lm's mixed
+    recipes, its 8-bit routers and gates), e.g. "4-bit group 64; 8 layers 8-bit group 64"."""
+    def words(bits: int, group_size: int) -> str:
+        return f"{bits}-bit group {group_size}"
+
+    others = Counter("unquantized" if v is False else words(v.get("bits", quant["bits"]),
+                                                             v.get("group_size", quant["group_size"]))
+                     for v in quant.values() if isinstance(v, dict) or v is False)
+    return words(quant["bits"], quant["group_size"]) + "".join(f"; {n} layers {what}"
+                                                               for what, n in sorted(others.items()))
 
 
 def _sampling_overrides(args: argparse.Namespace) -> dict:
@@ -106,6 +119,8 @@ def generate(args: argparse.Namespace) -> None:
     from qwen_mlx.weights.memory import wired_limit
 
     # Under a launcher only rank 0 reads the prompt, once the model is up; alone, before loading, for the check.
+    if args.prompt_cache is not None and args.distributed is not None:
+        raise UserError("--prompt-cache does not run with --distributed yet")
     prompt = _read_prompt(args) if args.distributed is None else ""
     # A byte-level BPE token is at least one byte: the text's bytes bound its tokens; the template adds a few.
     context = len(prompt.encode()) + len((args.system or "").encode()) + 64 + args.max_tokens
@@ -128,7 +143,7 @@ def generate(args: argparse.Namespace) -> None:
         done = None
         for event in llm.stream(prompt, think=args.think, system=args.system, max_tokens=args.max_tokens,
                                 sampling=sampling, max_kv_size=args.max_kv_size, kv_bits=args.kv_bits,
-                                kv_group_size=args.kv_group_size):
+                                kv_group_size=args.kv_group_size, prompt_cache=args.prompt_cache):
             if event.kind == "answer":
                 sys.stdout.write(answer_text(event.text))
                 sys.stdout.flush()

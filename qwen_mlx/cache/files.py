@@ -4,6 +4,8 @@ file, written atomically and read as data only.
 The file's "qwen_mlx" metadata is JSON: {"format", "version", "model" (model_fingerprint), "tokens", "metadata",
 "layers": [{"kind", **meta_state}, ...]}; layer i's state arrays are the tensors "layers.{i}.{name}", named as the
 cache kind's state_layout names them. No class is looked up by a name from the file: `kind` picks one of KINDS.
+A hybrid model's linear-attention layers are "recurrent" (conv tail and float32 state; their snapshots are not
+saved), its full-attention layers one of the KV kinds, each checked against the layer's type.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
 _FORMAT = "qwen-mlx prompt cache"
 _VERSION = 1
 _FLOAT_DTYPES = ("F32", "F16", "BF16")  # what a "float" array of a state layout may be
-KINDS = {cls.kind: cls for cls in (KVCache, QuantizedKVCache, RotatingKVCache)}
+KINDS = {cls.kind: cls for cls in (KVCache, QuantizedKVCache, RotatingKVCache, RecurrentCache)}
 
 
 class CacheFileError(UserError):
@@ -71,10 +73,10 @@ def save_cache(path: str | Path, caches: Sequence[LayerCache], *, model: Model, 
     arrays: dict[str, mx.array] = {}
     layers = []
     for i, cache in enumerate(caches):
-        if isinstance(cache, RecurrentCache):
-            raise CacheError(f"{path}: prompt-cache files do not hold a hybrid model's linear-attention layers yet")
         if type(cache) not in KINDS.values():
             raise TypeError(f"cannot save a {type(cache).__name__}")
+        if isinstance(cache, RecurrentCache) != cfg.is_linear_layer(i):
+            raise CacheError(f"{path}: layer {i} is {_layer_type(cfg, i)}, its cache a {type(cache).__name__}")
         names = type(cache).state_layout(cache.meta_state, cfg).arrays
         arrays.update({f"layers.{i}.{name}": a for name, a in zip(names, cache.state)})
         layers.append({"kind": cache.kind, **cache.meta_state})
@@ -168,6 +170,10 @@ def _read_header(path: Path) -> tuple[dict, dict[str, tuple[str, tuple[int, ...]
     return header, tensors
 
 
+def _layer_type(cfg: ModelConfig, i: int) -> str:
+    return "linear attention" if cfg.is_linear_layer(i) else "full attention"
+
+
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -178,18 +184,23 @@ def _check_layer(path: Path, i: int, info: dict, cfg: ModelConfig, tensors: dict
     kind = info.get("kind")
     if not isinstance(kind, str) or kind not in KINDS:
         raise CacheFileError(f"{path}: layer {i} has unknown cache kind {kind!r}")
+    if (kind == RecurrentCache.kind) != cfg.is_linear_layer(i):
+        raise CacheFileError(f"{path}: layer {i} holds a {kind} cache, but the model's layer {i} is "
+                             f"{_layer_type(cfg, i)}")
     try:
         layout = KINDS[kind].state_layout({k: v for k, v in info.items() if k != "kind"}, cfg)
     except CacheError:
         raise CacheFileError(f"{path}: layer {i} has invalid {kind} cache settings") from None
     names = [f"layers.{i}.{name}" for name in layout.arrays]
     least, most = layout.tokens
-    if least == 0 and not any(n in tensors for n in names):
-        return {}
+    _, first_dims = next(iter(layout.arrays.values()))
+    if least == 0 and (None not in first_dims or not any(n in tensors for n in names)):
+        return {}  # nothing stored yet (a fixed-size state holds nothing at offset 0, and any tensor is unexpected)
     missing = [n for n in names if n not in tensors]
     if missing:
         raise CacheFileError(f"{path}: tensor {missing[0]} is missing")
-    _, first_dims = next(iter(layout.arrays.values()))
+    if None not in first_dims:  # a fixed-size state
+        return {n: (dtype, (B, *dims)) for n, (dtype, dims) in zip(names, layout.arrays.values())}
     shape = tensors[names[0]][1]
     slots = shape[1 + first_dims.index(None)] if len(shape) == 1 + len(first_dims) else -1
     if not least <= slots <= most:

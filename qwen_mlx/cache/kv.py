@@ -16,26 +16,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import ClassVar
 
 import mlx.core as mx
 
+from qwen_mlx.cache.layout import MAX_POSITION, StateLayout, read_settings
 from qwen_mlx.cache.recurrent import RecurrentCache
 from qwen_mlx.cache.store import GROUP_SIZES, CacheError, Store, check_quantization, needed_slots
 from qwen_mlx.models.config import ModelConfig
-
-MAX_POSITION = 2**30  # offsets beyond this are not a real cache (and would overflow int32 positions)
-
-
-@dataclass(frozen=True)
-class StateLayout:
-    """What a cache's `state` holds for given settings: its arrays in order, name -> (safetensors dtype, or "float"
-    for the cache's one float dtype; shape after the batch axis, None on the token axis), and how many tokens the
-    token axis holds, (least, most). A cache that stores nothing yet has no arrays at all (allowed when least is 0)."""
-
-    arrays: dict[str, tuple[str, tuple[int | None, ...]]]
-    tokens: tuple[int, int]
 
 
 def _kv_layout(cfg: ModelConfig, bits: int | None, group_size: int, tokens: tuple[int, int]) -> StateLayout:
@@ -52,19 +40,6 @@ def _kv_layout(cfg: ModelConfig, bits: int | None, group_size: int, tokens: tupl
     parts = {"": (packed, q.shape[-1]), "_scales": ("float", scales.shape[-1]), "_biases": ("float", biases.shape[-1])}
     return StateLayout({f"{kv}{suffix}": (dtype, (n_kv, None, last)) for kv in ("keys", "values")
                         for suffix, (dtype, last) in parts.items()}, tokens)
-
-
-def _settings(meta_state: Mapping, names: tuple[str, ...], nullable: tuple[str, ...] = ()) -> list:
-    """The values of `names` in a meta_state that must hold exactly those keys, each a whole number in
-    [0, MAX_POSITION] (or None where nullable)."""
-    if set(meta_state) != set(names):
-        raise CacheError(f"cache settings {sorted(meta_state)}, expected {sorted(names)}")
-    values = [meta_state[n] for n in names]
-    for name, value in zip(names, values):
-        whole = isinstance(value, int) and not isinstance(value, bool)
-        if not (value is None and name in nullable) and not (whole and 0 <= value <= MAX_POSITION):
-            raise CacheError(f"cache setting {name} is {value!r}")
-    return values
 
 
 # ---------------------------------------------------------------------------------------------- growing caches
@@ -152,7 +127,7 @@ class KVCache(_StoredCache):
     @classmethod
     def state_layout(cls, meta_state: Mapping, cfg: ModelConfig) -> StateLayout:
         """The state a KVCache with these settings holds for `cfg`; raises CacheError on invalid settings."""
-        (offset,) = _settings(meta_state, ("offset",))
+        (offset,) = read_settings(meta_state, ("offset",))
         return _kv_layout(cfg, None, 0, (offset, offset))
 
     @classmethod
@@ -201,7 +176,7 @@ class QuantizedKVCache(_StoredCache):
     @classmethod
     def state_layout(cls, meta_state: Mapping, cfg: ModelConfig) -> StateLayout:
         """The state a QuantizedKVCache with these settings holds for `cfg`; raises CacheError on invalid ones."""
-        offset, bits, group_size = _settings(meta_state, ("offset", "bits", "group_size"))
+        offset, bits, group_size = read_settings(meta_state, ("offset", "bits", "group_size"))
         check_quantization(bits, group_size)
         return _kv_layout(cfg, bits, group_size, (offset, offset))
 
@@ -285,7 +260,7 @@ class RotatingKVCache(_StoredCache):
     def state_layout(cls, meta_state: Mapping, cfg: ModelConfig) -> StateLayout:
         """The state a RotatingKVCache with these settings holds for `cfg`: the slots in use, from those that hold
         its valid tokens to the whole capacity. Raises CacheError on invalid settings."""
-        offset, max_size, keep, slack, lo, bits, group_size = _settings(
+        offset, max_size, keep, slack, lo, bits, group_size = read_settings(
             meta_state, ("offset", "max_size", "keep", "slack", "lo", "bits", "group_size"), nullable=("bits",))
         _check_window(max_size, keep, slack)
         check_quantization(bits, group_size)

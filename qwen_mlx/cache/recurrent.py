@@ -14,18 +14,25 @@ The layer splits its input at every position wanted (`cuts`), so a snapshot land
 Speculative decoding asks for passing snapshots (`keep_snapshots(..., passing=True)`): one per position of a
 verify forward, so that any accepted prefix can be restored. They are held apart from the kept ones (they never
 evict a chat's) and live for one round: `forget_passing` drops them once the round's trim is done.
+
+A prompt-cache file (files.py) holds the conv tail, the state and the offset, bit-exactly; not the snapshots.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import mlx.core as mx
+
+from qwen_mlx.cache.layout import StateLayout, read_settings
+from qwen_mlx.models.config import ModelConfig
 
 MAX_SNAPSHOTS = 4
 
 
 class RecurrentCache:
+    kind = "recurrent"  # the cache's name in a prompt-cache file
+
     def __init__(self, max_snapshots: int = MAX_SNAPSHOTS):
         self.offset = 0
         self.conv_tail: mx.array | None = None  # (B, width - 1, conv_dim)
@@ -103,13 +110,26 @@ class RecurrentCache:
         return [a for a in (self.conv_tail, self.recurrent_state) if a is not None]
 
     @property
-    def meta_state(self) -> dict:
-        return {"kind": "recurrent", "offset": self.offset}
+    def meta_state(self) -> dict[str, int]:
+        return {"offset": self.offset}
 
     @classmethod
-    def from_state(cls, state: Sequence[mx.array], meta_state: dict) -> RecurrentCache:
+    def state_layout(cls, meta_state: Mapping, cfg: ModelConfig) -> StateLayout:
+        """The state a RecurrentCache after meta_state["offset"] tokens holds for a linear layer of `cfg`: nothing
+        at offset 0, else the conv tail (width - 1, conv_dim) in the model's float dtype and the state (Hv, Dk, Dv)
+        float32. Raises CacheError on invalid settings."""
+        (offset,) = read_settings(meta_state, ("offset",))
+        conv_dim = 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim + \
+            cfg.linear_num_value_heads * cfg.linear_value_head_dim
+        state = (cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim)
+        return StateLayout({"conv_tail": ("float", (cfg.linear_conv_kernel_dim - 1, conv_dim)),
+                            "recurrent_state": ("F32", state)}, (offset, offset))
+
+    @classmethod
+    def from_state(cls, state: Sequence[mx.array], meta_state: Mapping) -> RecurrentCache:
         """A cache holding `state` ([conv_tail, recurrent_state], or [] when empty) after meta_state["offset"]
-        tokens (the inverse of `state` and `meta_state`)."""
+        tokens (the inverse of `state` and `meta_state`), with no snapshots: a file does not keep them, so a loaded
+        cache can go back only to 0 (re-run the text) until it takes new ones."""
         cache = cls()
         if state:
             cache.conv_tail, cache.recurrent_state = state

@@ -41,9 +41,10 @@ class ContextError(UserError):
 
 def check_context(prompt: list[int], config: ModelConfig, cache: list) -> None:
     """Refuse, before any of it is run, a prompt longer than the model's context, unless the cache is a rotating
-    window (which keeps what fits)."""
+    window (which keeps what fits; on a hybrid model the window is on the attention layers, the recurrent state
+    is fixed size)."""
     context = config.max_position_embeddings
-    if len(prompt) > context and not isinstance(cache[0], RotatingKVCache):
+    if len(prompt) > context and not any(isinstance(c, RotatingKVCache) for c in cache):
         raise ContextError(f"the prompt is {len(prompt)} tokens, longer than the model's context of {context} "
                            "(max_position_embeddings): shorten it, or pass --max-kv-size N to keep a sliding window "
                            "of the latest N tokens")
