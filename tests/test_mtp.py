@@ -257,11 +257,17 @@ def pairs_from_scratch(model, tokens: list[int]) -> KVCache:
     return cache
 
 
+@pytest.fixture(scope="module")
+def plain(mtp_models):
+    """Each model's plain greedy run."""
+    return {variant: list(generate_tokens(model, PROMPT, make_cache(model.config), max_tokens=N_TOKENS))
+            for variant, model in mtp_models.items()}
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 6])
-def test_greedy_with_mtp_equals_plain_greedy(mtp_models, variant, k):
-    model = mtp_models[variant]
-    expected = list(generate_tokens(model, PROMPT, make_cache(model.config), max_tokens=N_TOKENS))
+@pytest.mark.parametrize("k", [1, *(pytest.param(k, marks=pytest.mark.slow) for k in (2, 3, 5)), 4, 6])
+def test_greedy_with_mtp_equals_plain_greedy(mtp_models, plain, variant, k):
+    model, expected = mtp_models[variant], plain[variant]
     assert len(set(expected)) > 8
     for draft, acceptance in ((MTPDraft(model), None), (Agreeing(model, expected), 1.0)):
         stats = GenerationStats()
@@ -364,6 +370,7 @@ def test_a_pair_whose_hidden_state_is_gone_is_made_of_its_token_alone(mtp_models
         assert np.abs(ours[:, :, kept - 1] - theirs[:, :, kept - 1]).max() > 1e-2
 
 
+@pytest.mark.slow
 def test_the_api_speculates_with_the_mtp_head_and_refuses_without_one(hybrid_checkpoint, tiny_checkpoint):
     from qwen_mlx.api import load
     from qwen_mlx.errors import UserError
