@@ -118,8 +118,10 @@ def our_mtp(model, tokens: mx.array, hidden: mx.array) -> mx.array:
 IDS = prompt_ids(12).tolist()
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", [*VARIANTS, pytest.param("qwen3_5_moe_default", marks=pytest.mark.slow),
+                                     pytest.param("qwen3_next", marks=pytest.mark.slow)])
 def test_mtp_logits_equal_the_torch_reference_from_the_hub_layout(hybrid_checkpoint, variant):
+    """Also (slow) the hub's stacked experts (qwen3_5_moe_default) and Qwen3-Next's layout."""
     path = hybrid_checkpoint(variant, mtp=True)
     hf = hf_model(path)
     tensors = checkpoint_tensors(path)
