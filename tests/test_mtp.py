@@ -394,3 +394,12 @@ def test_the_api_speculates_with_the_mtp_head_and_refuses_without_one(hybrid_che
         load(hybrid_checkpoint("qwen3_5"), mtp=True)
     with pytest.raises(UserError, match="Qwen3.5 or Qwen3-Next"):
         load(tiny_checkpoint("qwen3"), mtp=True)
+
+
+def test_mtp_names():
+    from qwen_mlx.weights.names import model_name
+
+    assert model_name("mtp.fc.weight") is None and model_name("model.mtp.fc.weight") is None
+    assert model_name("mtp.fc.weight", mtp=True) == model_name("model.mtp.fc.weight", mtp=True) == "mtp.fc.weight"
+    assert model_name("mtp.layers.0.mlp.experts.gate_up_proj", mtp=True) == \
+        "mtp.layers.0.mlp.switch_mlp.gate_up_proj.weight"
