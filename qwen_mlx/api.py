@@ -21,7 +21,7 @@ from qwen_mlx.engine.chat import ChatSession
 from qwen_mlx.engine.generate import GenerationStats, generate_tokens
 from qwen_mlx.engine.prompt_file import OpenedCache, open_prompt_cache
 from qwen_mlx.engine.sampling import SamplingParams, make_sampler
-from qwen_mlx.engine.speculative import MAX_DRAFT, DraftLength, DraftModel, speculative_tokens
+from qwen_mlx.engine.speculative import MAX_DRAFT, DraftLength, DraftModel, MTPDraft, speculative_tokens
 from qwen_mlx.engine.stream import Event, Reply, check_context, collect, stream_reply
 from qwen_mlx.engine.tokenizer import Tokenizer
 from qwen_mlx.errors import UserError
@@ -37,17 +37,27 @@ class LLM:
 
     def __init__(self, model: Model, tokenizer: Tokenizer, path: Path):
         self.model, self.tokenizer, self.path = model, tokenizer, path
-        self.draft: DraftModel | None = None  # see speculate()
+        self.draft: DraftModel | MTPDraft | None = None  # see speculate()
         self.draft_length = DraftLength()
 
-    def speculate(self, draft: LLM | None, *, tokens: int | None = None) -> None:
-        """Decode speculatively from now on: `draft` (a smaller model with the same vocabulary) proposes tokens
-        and this model checks them, several per forward pass; the output is exactly what plain decoding gives
-        (token for token when greedy, the same distribution when sampling). `tokens` fixes how many are drafted
-        per step (1..8); by default that adapts to the measured acceptance, down to none when drafting does not
-        pay. None turns speculation off."""
+    def speculate(self, draft: LLM | None, *, tokens: int | None = None, mtp: bool = False) -> None:
+        """Decode speculatively from now on: `draft` (a smaller model with the same vocabulary) proposes tokens,
+        or with `mtp` the checkpoint's own multi-token-prediction head does (Qwen3.5, Qwen3-Next: load it with
+        mtp=True), and this model checks them, several per forward pass; the output is exactly what plain decoding
+        gives (token for token when greedy, the same distribution when sampling). `tokens` fixes how many are
+        drafted per step (1..8); by default that adapts to the measured acceptance, down to none when drafting
+        does not pay. None (and no mtp) turns speculation off."""
         if tokens is not None and not 1 <= tokens <= MAX_DRAFT:
             raise UserError(f"--draft-tokens must be between 1 and {MAX_DRAFT}: got {tokens}")
+        if mtp and draft is not None:
+            raise UserError("--mtp and --draft-model are two ways to draft tokens: give one of them")
+        if mtp:
+            if "mtp" not in self.model:
+                raise UserError(f"{self.path}: the model was loaded without its MTP head (load it with mtp=True, "
+                                "or pass --mtp)")
+            self.draft = MTPDraft(self.model)
+            self.draft_length = DraftLength(fixed=tokens)
+            return
         if draft is None:
             self.draft = None
             return
@@ -134,17 +144,21 @@ def _messages(prompt: Prompt, system: str | None) -> list[dict]:
 
 
 def load(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None, memory: MemoryPlan | None = None,
-         draft: str | Path | None = None, draft_tokens: int | None = None) -> LLM:
+         draft: str | Path | None = None, draft_tokens: int | None = None, mtp: bool = False) -> LLM:
     """Load a checkpoint directory or hub id (downloaded once into the Hugging Face cache). With `memory` (the KV
     cache a run will need), a model that would not fit the GPU's recommended working set is refused before any
     weight is read (see weights/memory.py). With `draft`, a smaller checkpoint of the same vocabulary drafts for
-    it (see LLM.speculate)."""
+    it; with `mtp`, the checkpoint's own MTP head does (see LLM.speculate)."""
     if draft_tokens is not None and not 1 <= draft_tokens <= MAX_DRAFT:
         raise UserError(f"--draft-tokens must be between 1 and {MAX_DRAFT}: got {draft_tokens}")
+    if mtp and draft is not None:
+        raise UserError("--mtp and --draft-model are two ways to draft tokens: give one of them")
     path = resolve(path_or_repo)
     tokenizer = Tokenizer.from_dir(path, vocab_size=load_config(path).vocab_size)  # before any weight is read
-    model, path = load_model(path, dtype=dtype, memory=memory)
+    model, path = load_model(path, dtype=dtype, memory=memory, mtp=mtp)
     llm = LLM(model, tokenizer, path)
     if draft is not None:
         llm.speculate(load(draft, dtype=dtype), tokens=draft_tokens)
+    elif mtp:
+        llm.speculate(None, tokens=draft_tokens, mtp=True)
     return llm

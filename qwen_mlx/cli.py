@@ -72,6 +72,9 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-model", metavar="PATH", help="speculative decoding: a smaller checkpoint with the "
                         "same tokenizer drafts tokens that the model checks several at a time (e.g. Qwen3-0.6B for "
                         "Qwen3-8B); the output is unchanged")
+    parser.add_argument("--mtp", action="store_true", help="speculative decoding with the checkpoint's own "
+                        "multi-token-prediction head (Qwen3.5, Qwen3-Next: the mtp.* weights); the output is "
+                        "unchanged")
     parser.add_argument("--draft-tokens", type=number(int, low=1, high=8), metavar="N",
                         help="tokens drafted per step, 1..8 (default: adapts to how many are accepted, and stops "
                              "drafting when it does not pay)")

@@ -107,9 +107,10 @@ def _open_model(args: argparse.Namespace, context: int):
 
         plan = MemoryPlan(context=context, max_kv_size=args.max_kv_size, kv_bits=args.kv_bits,
                           kv_group_size=args.kv_group_size, force=args.force)
-        return nullcontext(load(args.model, memory=plan, draft=args.draft_model, draft_tokens=args.draft_tokens))
-    if args.draft_model is not None:
-        raise UserError("--draft-model does not run with --distributed yet")
+        return nullcontext(load(args.model, memory=plan, draft=args.draft_model, draft_tokens=args.draft_tokens,
+                                mtp=args.mtp))
+    if args.draft_model is not None or args.mtp:
+        raise UserError("speculative decoding (--draft-model, --mtp) does not run with --distributed yet")
     from qwen_mlx.distributed.runtime import run_ranks
 
     return run_ranks(args.model, args.distributed, verbose=getattr(args, "verbose", False))

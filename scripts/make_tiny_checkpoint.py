@@ -173,8 +173,10 @@ HYBRID_VARIANTS: dict[str, tuple[str, dict, dict, tuple[str, ...]]] = {
 }
 
 
-def write_hybrid_checkpoint(out_dir: Path, variant: str, *, seed: int = 0, tokenizer_dir: Path | None = None) -> Path:
-    """A tiny hybrid checkpoint written by transformers' own class (float32), weights redrawn with `seed`."""
+def write_hybrid_checkpoint(out_dir: Path, variant: str, *, seed: int = 0, tokenizer_dir: Path | None = None,
+                            mtp: bool = False) -> Path:
+    """A tiny hybrid checkpoint written by transformers' own class (float32), weights redrawn with `seed`; with
+    `mtp`, plus a random MTP head (`mtp.*`, see add_mtp_head)."""
     import torch
     import transformers
     from safetensors.torch import load_file, save_file
@@ -195,6 +197,8 @@ def write_hybrid_checkpoint(out_dir: Path, variant: str, *, seed: int = 0, token
     model.save_pretrained(out_dir)
     if "stacked" in forms:
         _stack_experts(out_dir / "model.safetensors", load_file, save_file)
+    if mtp:
+        add_mtp_head(out_dir / "model.safetensors", model, stacked="stacked" in forms, seed=seed)
     if "rope_top_level" in forms:
         raw = json.loads((out_dir / "config.json").read_text())
         body = raw.get("text_config", raw)
@@ -242,6 +246,53 @@ def _redraw(model, *, tied: bool, seed: int) -> None:
                 p.copy_(normal(p.shape, gain * p.shape[-1] ** -0.5))
 
 
+def mtp_layer(model):
+    """A fresh full-attention decoder layer of `model`'s own transformers class, built as layer 0 (the MTP head's
+    `mtp.layers.0`: MoE exactly when the model's layer 0 is)."""
+    import copy
+
+    text = copy.deepcopy(model.config.get_text_config())
+    text.layer_types = ["full_attention", *text.layer_types[1:]]
+    text._attn_implementation = "eager"
+    layer_cls = next(type(m) for m in model.modules() if type(m).__name__.endswith("DecoderLayer"))
+    return layer_cls(text, 0).eval()
+
+
+def add_mtp_head(file: Path, model, *, stacked: bool, seed: int) -> None:
+    """Append a random MTP head to the checkpoint file in the hub's names: mtp.fc (H, 2H), the zero-centred norms
+    mtp.pre_fc_norm_embedding, mtp.pre_fc_norm_hidden and mtp.norm, and mtp.layers.0.* (mtp_layer's weights,
+    experts one by one, or as the hub's two stacks when `stacked`). Drawn from their own generator, so the model's
+    weights are those of the checkpoint without the head."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    hidden = model.config.get_text_config().hidden_size
+    layer = mtp_layer(model)
+    head = {f"layers.0.{name}": p.detach() for name, p in layer.state_dict().items()}
+    head.update({"fc.weight": torch.zeros(hidden, 2 * hidden), "norm.weight": torch.zeros(hidden),
+                 "pre_fc_norm_embedding.weight": torch.zeros(hidden), "pre_fc_norm_hidden.weight": torch.zeros(hidden)})
+    tensors = load_file(str(file))
+    for name in sorted(head):
+        p = head[name]
+        if p.ndim == 1:  # zero-centred norms: x * (1 + w)
+            value = torch.randn(p.shape, generator=gen) * 0.2
+        else:  # linear layers and expert stacks (E, out, in): N(0, 1 / fan_in)
+            value = torch.randn(p.shape, generator=gen) * p.shape[-1] ** -0.5
+        experts = name.rsplit(".", 1)
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")) and not stacked:
+            if experts[1] == "gate_up_proj":
+                parts = dict(zip(("gate_proj", "up_proj"), value.chunk(2, dim=1)))
+            else:
+                parts = {"down_proj": value}
+            for proj, stack in parts.items():
+                for e in range(stack.shape[0]):
+                    tensors[f"mtp.{experts[0]}.{e}.{proj}.weight"] = stack[e].contiguous()
+        else:
+            tensors[f"mtp.{name}"] = value.contiguous()
+    save_file(tensors, str(file), metadata={"format": "pt"})
+
+
 def _stack_experts(file: Path, load_file, save_file) -> None:
     """Rewrite per-expert tensors (experts.{e}.gate_proj/up_proj/down_proj.weight) as the hub's two stacks."""
     import re
@@ -270,12 +321,16 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tokenizer-dir", type=Path,
                     help="copy tokenizer files from here (default: write Qwen3's tokenizer, see make_tokenizer.py)")
+    ap.add_argument("--mtp", action="store_true", help="hybrid variants: add a random MTP head (mtp.*)")
     ap.add_argument("--opens-thinking", action="store_true",
                     help="write a chat_template.jinja whose generation prompt opens the think block, as thinking-only "
                          "checkpoints (e.g. Qwen3-4B-Thinking-2507) do: a random model then always 'thinks'")
     args = ap.parse_args()
+    if args.mtp and args.variant not in HYBRID_VARIANTS:
+        ap.error(f"--mtp: only the hybrid variants ({', '.join(HYBRID_VARIANTS)}) have an MTP head")
     if args.variant in HYBRID_VARIANTS:
-        write_hybrid_checkpoint(args.out_dir, args.variant, seed=args.seed, tokenizer_dir=args.tokenizer_dir)
+        write_hybrid_checkpoint(args.out_dir, args.variant, seed=args.seed, tokenizer_dir=args.tokenizer_dir,
+                                mtp=args.mtp)
     else:
         write_tiny_checkpoint(args.out_dir, args.variant, args.dtype, seed=args.seed,
                               tokenizer_dir=args.tokenizer_dir)

@@ -47,13 +47,13 @@ def tiny_checkpoint(tmp_path_factory, tokenizer_dir):
 @pytest.fixture(scope="session")
 def hybrid_checkpoint(tmp_path_factory, tokenizer_dir):
     """hybrid_checkpoint(variant) -> Path: a tiny hybrid checkpoint written by transformers (make_tiny_checkpoint's
-    HYBRID_VARIANTS) with the Qwen tokenizer, each built once per session."""
-    built: dict[str, Path] = {}
+    HYBRID_VARIANTS) with the Qwen tokenizer, each built once per session; `mtp=True`: with a random MTP head."""
+    built: dict[tuple[str, bool], Path] = {}
 
-    def get(variant: str) -> Path:
-        if variant not in built:
-            built[variant] = write_hybrid_checkpoint(tmp_path_factory.mktemp(variant), variant,
-                                                     tokenizer_dir=tokenizer_dir)
-        return built[variant]
+    def get(variant: str, mtp: bool = False) -> Path:
+        if (variant, mtp) not in built:
+            built[variant, mtp] = write_hybrid_checkpoint(tmp_path_factory.mktemp(variant + "_mtp" * mtp), variant,
+                                                          tokenizer_dir=tokenizer_dir, mtp=mtp)
+        return built[variant, mtp]
 
     return get

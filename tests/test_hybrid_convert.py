@@ -1,8 +1,8 @@
 """`convert` for the hybrid models (qwen3_5 image-text, qwen3_5_moe with the hub's stacked experts, qwen3_next):
 the 4-bit output loads in mlx-lm (its own qwen3_5 / qwen3_5_moe / qwen3_next classes and sanitize) with the same
 logits as ours on the same file, the tensors that must stay in floating point do (read from the written file's
-header, not from our loader), and the MTP head is carried over (in a file of its own) while the vision tower
-is not.
+header, not from our loader), and the MTP head is carried over (quantized like the rest, in a file of its own)
+while the vision tower is not.
 
 fp32 compute on both sides over the same 4-bit weights: max abs diff <= 1e-4 (measured 8e-6 .. 1e-5).
 """
@@ -24,7 +24,8 @@ from qwen_mlx.weights.convert import convert
 from qwen_mlx.weights.loader import load_model
 
 MLX_LM = ["qwen3_5_default", "qwen3_5_moe_default", "qwen3_next"]  # mlx-lm assumes full_attention_interval
-FLOAT = re.compile(r"\.(A_log|dt_bias|conv1d\.weight|[a-z_]*norm\.weight|mlp\.gate\.weight|shared_expert_gate\.weight)$")
+FLOAT = re.compile(r"\.(A_log|dt_bias|conv1d\.weight|[a-z_]*norm\.weight|pre_fc_norm_(embedding|hidden)\.weight"
+                   r"|mlp\.gate\.weight|shared_expert_gate\.weight)$")
 
 
 def header(path: Path) -> dict[str, str]:
@@ -42,12 +43,10 @@ def test_convert_4bit_loads_in_mlx_lm_with_our_logits_and_keeps_the_float_tensor
     from mlx_lm.utils import load_model as mlx_lm_load
 
     src = tmp_path / "src"
-    shutil.copytree(hybrid_checkpoint(variant), src)
+    shutil.copytree(hybrid_checkpoint(variant, mtp=True), src)
     from safetensors.numpy import save_file
 
-    mtp = np.arange(6, dtype=np.float32).reshape(2, 3)
-    save_file({"mtp.fc.weight": mtp, "model.visual.blocks.99.attn.qkv.weight": np.zeros((3, 3), np.int64)},
-              str(src / "extra.safetensors"))
+    save_file({"model.visual.blocks.99.attn.qkv.weight": np.zeros((3, 3), np.int64)}, str(src / "extra.safetensors"))
     out = tmp_path / "out"
     result = convert(src, out, bits=4, progress=False)
     assert result.quantization["bits"] == 4
@@ -64,9 +63,9 @@ def test_convert_4bit_loads_in_mlx_lm_with_our_logits_and_keeps_the_float_tensor
         assert any(".switch_mlp.gate_proj." in k for k in quantized)
     prefix = "model." if variant == "qwen3_next" else "language_model.model."  # mlx-lm's own module paths
     assert all(k.startswith((prefix, "mtp.", "lm_head.", "language_model.lm_head.")) for k in dtypes)
-    assert "mtp.fc.weight" in dtypes and not any("visual" in k for k in dtypes)
+    assert "mtp.fc.scales" in dtypes and "mtp.norm.weight" in floats and not any("visual" in k for k in dtypes)
     with safe_open(str(out / "mtp.safetensors"), "np") as f:  # outside mlx-lm's model*.safetensors
-        assert np.array_equal(f.get_tensor("mtp.fc.weight"), mtp)
+        assert set(f.keys()) == {k for k in dtypes if k.startswith("mtp.")}
 
     ours, _ = load_model(out)
     theirs = mlx_lm_load(out)[0]

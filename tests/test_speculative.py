@@ -37,8 +37,9 @@ def tiny_model(seed: int, *, layers: int = 2, moe: bool = False, vocab: int = VO
     return model
 
 
-def tiny_hybrid(seed: int, *, moe: bool = False, spread: float = 4) -> Model:
-    """A tiny Qwen3.5 (MoE) of the test vocabulary: linear, full, linear, linear attention."""
+def tiny_hybrid(seed: int, *, moe: bool = False, spread: float = 4, mtp: bool = False) -> Model:
+    """A tiny Qwen3.5 (MoE) of the test vocabulary: linear, full, linear, linear attention (`mtp`: with an MTP
+    head)."""
     raw = dict(model_type="qwen3_5_moe" if moe else "qwen3_5", hidden_size=64, num_hidden_layers=4,
                num_attention_heads=4, num_key_value_heads=2, head_dim=32, intermediate_size=96, vocab_size=VOCAB,
                rms_norm_eps=1e-6, rope_theta=10000.0, partial_rotary_factor=0.5, max_position_embeddings=4096,
@@ -48,7 +49,7 @@ def tiny_hybrid(seed: int, *, moe: bool = False, spread: float = 4) -> Model:
     if moe:
         raw.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48)
     mx.random.seed(seed)
-    model = build_model(ModelConfig.from_dict(raw))
+    model = build_model(ModelConfig.from_dict(raw), mtp=mtp)
     model.update(tree_map(lambda p: p * spread, model.parameters()))
     mx.eval(model.parameters())
     return model
@@ -71,6 +72,8 @@ def plain_greedy(model: Model, n: int = N_TOKENS, cache=None) -> list[int]:
 class Oracle:
     """Test-only draft: proposes tokens from a script (the target's own greedy run), wrong where `wrong` says."""
 
+    wants_hidden = False
+
     def __init__(self, script: list[int], wrong=lambda position: False):
         self.script, self.wrong = script, wrong
 
@@ -85,7 +88,7 @@ class Oracle:
             out.append((token + 1) % VOCAB if self.wrong(j) else token)
         return out, None
 
-    def accepted(self, history):
+    def accepted(self, history, hidden):
         pass
 
 

@@ -29,6 +29,8 @@ from qwen_mlx.errors import UserError
 class OracleDraft:
     """Proposes the target's own greedy continuation (bench only: it needs the answer in advance)."""
 
+    wants_hidden = False
+
     def __init__(self, continuation: list[int]):
         self.continuation = continuation
 
@@ -39,7 +41,7 @@ class OracleDraft:
         at = len(seen) - self.start
         return [self.continuation[j] if j < len(self.continuation) else 0 for j in range(at, at + k)], None
 
-    def accepted(self, seen) -> None:
+    def accepted(self, seen, hidden) -> None:
         pass
 
 

@@ -13,6 +13,9 @@ tokens, the draft's likewise. A recurrent state (the hybrid models' Gated DeltaN
 it keeps a passing snapshot at every position of the round (the layer runs the verify's tokens one by one), is
 restored from the one at the accepted prefix, and the round's snapshots are dropped.
 How many tokens to draft adapts to the measured acceptance and costs (DraftLength).
+
+Draft sources: DraftModel (a smaller model with its own cache) and MTPDraft (the checkpoint's own MTP head, which
+reads the target's hidden states: the target's forward hands them over, see Draft.wants_hidden).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Protocol
 import mlx.core as mx
 import numpy as np
 
+from qwen_mlx.cache.kv import KVCache
 from qwen_mlx.cache.prefix import common_prefix
 from qwen_mlx.cache.recurrent import forget_passing, keep_snapshots, restore_point
 from qwen_mlx.engine.generate import GenerationStats, generation_stream, prefill
@@ -39,18 +43,25 @@ class Draft(Protocol):
     """Where drafted tokens come from: a smaller model of the same vocabulary, the model's own MTP head, or (in
     tests) an oracle."""
 
+    # Whether it reads the target's hidden states: then `accepted` is handed them, also after each chunk of the
+    # prompt the target runs, and `sync` is not called.
+    wants_hidden: bool
+
     def sync(self, tokens: list[int]) -> None:
         """Hold exactly `tokens` (the whole context before the last token, as the target's cache does), reusing
         what it already holds of them (a chat's earlier turns)."""
 
     def propose(self, seen: list[int], history: list[int], k: int, params: SamplingParams,
                 rng: np.random.Generator) -> tuple[list[int], np.ndarray | None]:
-        """k tokens to follow `seen` (the whole context and the accepted tokens), each drawn from the draft's
-        distribution q given the ones before (its repetition penalty over `history`, as the target's), and those
-        distributions (k, vocab) float64; None for q when each is one-hot at its token (greedy, an oracle)."""
+        """Up to k tokens to follow `seen` (the whole context and the accepted tokens; fewer only when it cannot
+        draft yet), each drawn from the draft's distribution q given the ones before (its repetition penalty over
+        `history`, as the target's), and those distributions (n, vocab) float64; None for q when each is one-hot at
+        its token (greedy, an oracle)."""
 
-    def accepted(self, seen: list[int]) -> None:
-        """The round is over and `seen` is what was accepted: forget what it drafted beyond that."""
+    def accepted(self, seen: list[int], hidden: mx.array | None) -> None:
+        """The round is over and `seen` is what was accepted: forget what it drafted beyond that. `hidden`
+        (wants_hidden only, else None): the target's hidden states (m, dim), after its final norm, at the m
+        positions its cache just gained, the last m of seen[:-1]."""
 
 
 def verify(drafted: list[int], p: np.ndarray, q: np.ndarray | None, rng: np.random.Generator) -> list[int]:
@@ -171,9 +182,13 @@ def _speculate(model: Model, draft: Draft, prompt: list[int], cache: list[Cache]
     rng = np.random.default_rng(params.seed)
     history = list(prompt)  # what the repetition penalty looks at, as in generate_tokens
     seen = context + history  # the whole sequence, for the draft
-    if not prefill(model, mx.array(prompt[:-1], dtype=mx.uint32), cache, chunk=prefill_chunk, stop=stop):
-        return
-    draft.sync(seen[:-1])
+    if draft.wants_hidden:
+        if not _prefill_with_hidden(model, draft, seen, len(context), cache, prefill_chunk, stop):
+            return
+    else:
+        if not prefill(model, mx.array(prompt[:-1], dtype=mx.uint32), cache, chunk=prefill_chunk, stop=stop):
+            return
+        draft.sync(seen[:-1])
     greedy = params.temperature <= 0
     produced, first = 0, None
     while produced < max_tokens:
@@ -182,9 +197,11 @@ def _speculate(model: Model, draft: Draft, prompt: list[int], cache: list[Cache]
         started = time.perf_counter()
         k = min(length.next(), max_tokens - produced - 1)
         drafted, q = draft.propose(seen, history, k, params, rng) if k > 0 else ([], None)
+        k = len(drafted)
         held = cache[0].offset  # the context and history but its last token
         keep_snapshots(cache, range(held + 1, held + k + 1), passing=True)  # each acceptable prefix
-        logits = model(mx.array([history[-1], *drafted], dtype=mx.uint32)[None], cache)[0]  # (k + 1, vocab)
+        hidden = model.model(mx.array([history[-1], *drafted], dtype=mx.uint32)[None], cache)  # (1, k + 1, dim)
+        logits = model.head(hidden)[0]  # (k + 1, vocab)
         if greedy and params.repetition_penalty == 1.0:
             out = verify_greedy(drafted, mx.argmax(logits, axis=-1).tolist())
         else:
@@ -197,7 +214,7 @@ def _speculate(model: Model, draft: Draft, prompt: list[int], cache: list[Cache]
         forget_passing(cache)
         history.extend(out)
         seen.extend(out)
-        draft.accepted(seen)
+        draft.accepted(seen, hidden[0, :len(out)] if draft.wants_hidden else None)  # the positions kept
         stats.forwards += 1
         stats.drafted += k
         stats.accepted += len(out) - 1
@@ -217,9 +234,37 @@ def _speculate(model: Model, draft: Draft, prompt: list[int], cache: list[Cache]
                 return
 
 
+def _prefill_with_hidden(model: Model, draft: Draft, seen: list[int], start: int, cache: list[Cache], chunk: int,
+                         stop: threading.Event | None) -> bool:
+    """prefill() of seen[start:-1] (the target's cache holds seen[:start]) for a draft that reads the target's
+    hidden states: each chunk's go to draft.accepted (at least once, so that it learns the context). Returns False
+    if `stop` was set between chunks."""
+    end = len(seen) - 1
+    for a in range(start, max(end, start + 1), chunk):
+        if stop is not None and stop.is_set():
+            return False
+        b = min(a + chunk, end)
+        hidden = model.model(mx.array(seen[a:b], dtype=mx.uint32)[None], cache)[0] if b > a else \
+            mx.zeros((0, model.config.hidden_size))  # (b - a, dim)
+        mx.eval(hidden, [c.state for c in cache])
+        draft.accepted(seen[:b + 1], hidden)
+    return True
+
+
+def _choose(logits: mx.array, history: list[int], params: SamplingParams,
+            rng: np.random.Generator) -> tuple[int, np.ndarray | None]:
+    """A draft's token from its logits (1, vocab), drawn from its distribution q, and q (None when greedy)."""
+    if params.temperature <= 0 and params.repetition_penalty == 1.0:
+        return int(mx.argmax(logits, axis=-1).item()), None
+    q = np.asarray(probabilities(logits, history, params)[0], dtype=np.float64)
+    return _draw(q, rng), q
+
+
 class DraftModel:
     """A smaller model of the same vocabulary (Qwen3-0.6B for Qwen3-8B, Qwen3.5-0.8B for Qwen3.5-9B) with its
     own cache, drafting autoregressively with the target's sampling settings."""
+
+    wants_hidden = False
 
     def __init__(self, model: Model, cache: list[Cache]):
         self.model, self.cache = model, cache
@@ -239,11 +284,8 @@ class DraftModel:
         drafted, qs = [], []
         for i in range(k):
             logits = self.model(mx.array(pending, dtype=mx.uint32)[None], self.cache)[0, -1:]
-            if params.temperature <= 0 and params.repetition_penalty == 1.0:
-                token = int(mx.argmax(logits, axis=-1).item())
-            else:
-                q = np.asarray(probabilities(logits, history + drafted, params)[0], dtype=np.float64)
-                token = _draw(q, rng)
+            token, q = _choose(logits, history + drafted, params, rng)
+            if q is not None:
                 qs.append(q)
             drafted.append(token)
             pending = [token]
@@ -251,7 +293,7 @@ class DraftModel:
                 self.held.append(token)
         return drafted, (np.stack(qs) if qs else None)
 
-    def accepted(self, seen: list[int]) -> None:
+    def accepted(self, seen: list[int], hidden: mx.array | None) -> None:
         self._forget_after(seen)
 
     def _forget_after(self, tokens: list[int]) -> None:
@@ -263,3 +305,61 @@ class DraftModel:
             raise RuntimeError("the draft's cache could not forget its rejected tokens")
         forget_passing(self.cache)
         self.held = self.held[:keep]
+
+
+class MTPDraft:
+    """The checkpoint's own multi-token-prediction head (Qwen3.5, Qwen3-Next: models.qwen3_5.MTP) as the draft.
+
+    Its layer runs over pairs: pair i is (token i + 1, the target's hidden state at position i), at position i of
+    its own KV cache, and its output h' gives the logits of token i + 2 through the target's head. After each
+    round it holds exactly the pairs of the target's cache positions, made from the target's hidden states; the
+    last one's h' drafts the first token of the next round, and each further token runs one more pair made of
+    the token just drafted and the h' before it (the pairs made of h' are dropped at the end of the round)."""
+
+    wants_hidden = True
+
+    def __init__(self, model: Model):
+        self.model, self.mtp = model, model.mtp
+        self.cache = KVCache()
+        self.seen: list[int] = []  # the tokens its pairs were made of: pair i holds seen[i + 1]
+        self.last: mx.array | None = None  # (1, 1, dim): h' of the last pair
+
+    def sync(self, tokens: list[int]) -> None:
+        """Not called (wants_hidden): it learns the context from `accepted`, which the prefill calls."""
+
+    def propose(self, seen: list[int], history: list[int], k: int, params: SamplingParams,
+                rng: np.random.Generator) -> tuple[list[int], np.ndarray | None]:
+        if self.last is None or self.cache.offset != len(seen) - 1:
+            return [], None  # no pair yet (a one-token prompt): the target's first forward gives one
+        h, drafted, qs = self.last, [], []
+        for i in range(k):
+            token, q = _choose(self.model.head(h)[0], history + drafted, params, rng)
+            if q is not None:
+                qs.append(q)
+            drafted.append(token)
+            if i < k - 1:
+                h = self.mtp(self._embed([token]), h, self.cache)  # the pair at position len(seen) - 1 + i
+        if k > 1 and self.cache.trim(k - 1) != k - 1:
+            raise RuntimeError("the MTP head's cache could not forget its drafted pairs")
+        return drafted, (np.stack(qs) if qs else None)
+
+    def accepted(self, seen: list[int], hidden: mx.array) -> None:
+        start = len(seen) - 1 - hidden.shape[0]  # the position of hidden's first row
+        pairs = self.cache.offset
+        keep = min(pairs, start, max(common_prefix(self.seen, seen) - 1, 0))
+        if keep < pairs:
+            if self.cache.trim(pairs - keep) != pairs - keep:
+                raise RuntimeError("the MTP head's cache could not forget its pairs")
+            self.last = None
+        if keep < start:
+            # Positions whose hidden states the target no longer has (a chat turn resumed inside the earlier
+            # reply): their pairs are made of the token alone (a zero hidden state normalises to zero), so the
+            # later pairs stay at their positions. Drafts may suffer; the output does not (verify decides).
+            hidden = mx.concatenate([mx.zeros((start - keep, hidden.shape[1]), hidden.dtype), hidden])
+        if hidden.shape[0]:
+            self.last = self.mtp(self._embed(seen[keep + 1:]), hidden[None], self.cache)[:, -1:]
+            mx.eval(self.last, self.cache.state)
+        self.seen = list(seen)
+
+    def _embed(self, tokens: list[int]) -> mx.array:
+        return self.model.model.embed_tokens(mx.array(tokens, dtype=mx.uint32)[None])  # (1, L, dim)

@@ -285,9 +285,9 @@ class SharedExpertMoE(SparseMoE):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, rope: Rope, layer: int):
+    def __init__(self, cfg: ModelConfig, rope: Rope, layer: int, *, full_attention: bool = False):
         super().__init__()
-        self.is_linear = cfg.is_linear_layer(layer)
+        self.is_linear = cfg.is_linear_layer(layer) and not full_attention
         if self.is_linear:
             self.linear_attn = GatedDeltaNet(cfg)
         else:
@@ -318,18 +318,47 @@ class HybridModel(nn.Module):
         return self.norm(h)
 
 
+class MTP(nn.Module):
+    """The multi-token-prediction head (one layer, as in vLLM's and SGLang's Qwen3-Next / Qwen3.5 MTP models):
+    from the hidden state h_t of position t (the model's, after its final norm) and the embedding e of token t + 1,
+
+        x = fc([norm_e(e) | norm_h(h_t)])         fc: 2 dim -> dim, the embedding's half first
+        x = layer(x)                              a full-attention decoder layer at position t, with its own KV cache
+        h' = norm(x)                              -> the model's head gives the logits of token t + 2
+
+    and h' stands in for h_{t+1} when it drafts one more token. All four norms are zero-centred (hold 1 + w)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        dim = cfg.hidden_size
+        self.pre_fc_norm_embedding = nn.RMSNorm(dim, eps=cfg.rms_norm_eps)
+        self.pre_fc_norm_hidden = nn.RMSNorm(dim, eps=cfg.rms_norm_eps)
+        self.fc = nn.Linear(2 * dim, dim, bias=False)
+        self.layers = [Block(cfg, make_rope(cfg), 0, full_attention=True)]  # MoE as the model's layer 0 is
+        self.norm = nn.RMSNorm(dim, eps=cfg.rms_norm_eps)
+
+    def __call__(self, embedded: mx.array, hidden: mx.array, cache: Cache | None) -> mx.array:
+        """embedded: the next tokens' embeddings (B, L, dim); hidden: the hidden states before them (B, L, dim)
+        -> h' (B, L, dim)."""
+        x = mx.concatenate([self.pre_fc_norm_embedding(embedded), self.pre_fc_norm_hidden(hidden)], axis=-1)
+        return self.norm(self.layers[0](self.fc(x), cache))
+
+
 class Model(nn.Module):
     """The causal LM: tokens (B, L) -> logits (B, L, vocab); `cache` holds one cache per layer (a KV cache for
     full attention, a RecurrentCache for linear attention: cache.kv.make_cache builds the list).
 
-    `layers` builds only those decoder layers (a pipeline stage; they are then numbered from 0)."""
+    `layers` builds only those decoder layers (a pipeline stage; they are then numbered from 0); `mtp` adds the
+    checkpoint's MTP head (`self.mtp`, run by engine.speculative.MTPDraft, never by __call__)."""
 
-    def __init__(self, cfg: ModelConfig, layers: range | None = None):
+    def __init__(self, cfg: ModelConfig, layers: range | None = None, mtp: bool = False):
         super().__init__()
         self.config = cfg
         self.model = HybridModel(cfg, layers)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if mtp:
+            self.mtp = MTP(cfg)
 
     def __call__(self, tokens: mx.array, cache: list | None = None) -> mx.array:
         return self.head(self.model(tokens, cache))

@@ -71,7 +71,9 @@ def convert(src: str | Path, out: str | Path, *, bits: int | None = None, group_
     _refuse_existing(out, force)
     source = open_source(src)
     cfg = ModelConfig.from_dict(source.config, f"{src} (config)")
-    model = build_model(cfg)  # a skeleton for names and shapes; its random weights are lazy and never computed
+    # A skeleton for names and shapes (with the MTP head when the source has one); its random weights are lazy and
+    # never computed.
+    model = build_model(cfg, mtp=any(is_mtp(name) for name in source.tensors))
     check_weights(_checkpoint_shapes(model), source.index, source.tensors, cfg)
     quantization = None if dequantize else plan_quantization(model, bits, group_size, mode, recipe)
     out_dtype = DTYPES[dtype] if dtype else source.dtype
@@ -158,7 +160,7 @@ def _plan(source: Source, model: nn.Module, quantization: dict | None, dtype: mx
     def stored(name: str) -> str:
         return mlx_lm_name(name, model_type)
 
-    for name in sorted(_checkpoint_shapes(model)):
+    for name in sorted(_checkpoint_shapes(model), key=lambda n: (is_mtp(n), n)):  # the MTP head last
         tensor = source.tensors[name]
         layer, kind = name.rsplit(".", 1)
         settings = layer_settings(quantization, stored(layer)) if quantization and kind == "weight" and \
@@ -176,8 +178,6 @@ def _plan(source: Source, model: nn.Module, quantization: dict | None, dtype: mx
             if mode == "affine":
                 outs += (_Out(f"{layer}.biases", (*rows, cols // group_size), dtype, stored(f"{layer}.biases")),)
         jobs.append(_Job(name, tensor, settings, outs[0].dtype if settings is None else dtype, outs))
-    for name in sorted(source.extra):  # the MTP head, as it is (floating point in the output dtype)
-        jobs.append(_Job(name, source.extra[name], None, dtype, (_Out(name, source.extra[name].shape, dtype, name),)))
     return jobs
 
 
@@ -197,8 +197,9 @@ def _write_weights(tmp: Path, jobs: list[_Job], shard_size: int, progress: bool,
     from tqdm import tqdm
 
     outs = [o for job in jobs for o in job.outs]
-    # The MTP head (last in the plan) goes into a file of its own, outside the model*.safetensors that mlx-lm
-    # globs: mlx-lm has no MTP module and would refuse its tensors; the index lists it, so qwen-mlx reads it.
+    # The MTP head (last in the plan; quantized like the rest, its norms float) goes into a file of its own,
+    # outside the model*.safetensors that mlx-lm globs: mlx-lm has no MTP module and would refuse its tensors;
+    # the index lists it, so qwen-mlx reads it.
     head = [o for o in outs if is_mtp(o.stored)]
     shards: list[list[_Out]] = []
     size = 0

@@ -24,12 +24,12 @@ from mlx.utils import tree_flatten
 from qwen_mlx.errors import one_line
 from qwen_mlx.kernels.ops import choose_backend
 from qwen_mlx.models.build import build_model
-from qwen_mlx.models.config import ConfigError, ModelConfig
+from qwen_mlx.models.config import HYBRID_MODEL_TYPES, ConfigError, ModelConfig
 from qwen_mlx.models.fused import fuse
 from qwen_mlx.models.qwen3 import Model, checkpoint_names
 from qwen_mlx.untrusted import checked_file, read_json
 from qwen_mlx.weights.memory import MemoryPlan, check_fits, kv_cache_bytes
-from qwen_mlx.weights.names import LoadError, hybrid_hf_layout, is_vision_tower, model_name, sanitize
+from qwen_mlx.weights.names import LoadError, hybrid_hf_layout, is_mtp, is_vision_tower, model_name, sanitize
 from qwen_mlx.weights.quant import quantize_model
 
 # What a model needs from the hub: weights, configs, tokenizer and template. Never code.
@@ -120,8 +120,8 @@ class Part(Protocol):
 
 
 def load_model(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None, part: Part | None = None,
-               prepare: Callable[[Model], None] | None = None,
-               memory: MemoryPlan | None = None) -> tuple[Model, Path]:
+               prepare: Callable[[Model], None] | None = None, memory: MemoryPlan | None = None,
+               mtp: bool = False) -> tuple[Model, Path]:
     """Build the model described by config.json and load its weights; returns the model and the checkpoint dir.
 
     Weights keep the checkpoint's dtype unless `dtype` is given (quantized weights keep theirs). They are read
@@ -136,16 +136,21 @@ def load_model(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None, part:
 
     `memory`: refuse (memory.MemoryCheckError), before any weight is read, a model whose weights plus the KV cache
     of the plan exceed the GPU's recommended working set (Apple silicon; unless the plan says force).
+
+    `mtp`: load the checkpoint's multi-token-prediction head too (`model.mtp`; refused for a checkpoint without
+    one). Without it the head's tensors are never read.
     """
     path = resolve(path_or_repo)
     cfg = load_config(path)
     index = read_index(path)
     hf_layout = hybrid_hf_layout(index)
-    renamed = model_names(index)  # checkpoint name -> model name, of the tensors the model may read
+    if mtp:
+        check_mtp(cfg, index, path)
+    renamed = model_names(index, mtp)  # checkpoint name -> model name, of the tensors the model may read
     index = {renamed[k]: v for k, v in index.items() if k in renamed}
     check_config_against_index(cfg, index, path)
-    quantization = cfg.quantization and {model_name(k) or k: v for k, v in cfg.quantization.items()}
-    model = part.build(cfg) if part is not None else build_model(cfg)
+    quantization = cfg.quantization and {model_name(k, mtp) or k: v for k, v in cfg.quantization.items()}
+    model = part.build(cfg) if part is not None else build_model(cfg, mtp=mtp)
     names = part.names(index, model) if part is not None else None  # model name -> part's name, when renamed
     if names is not None:
         index = {names[k]: v for k, v in index.items() if k in names}
@@ -176,10 +181,21 @@ def load_model(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None, part:
     return model, path
 
 
-def model_names(index: dict[str, TensorInfo]) -> dict[str, str]:
-    """Checkpoint tensor name -> model name, for every tensor of `index` that the text model may read."""
-    names = {k: model_name(k) for k in index}
+def model_names(index: dict[str, TensorInfo], mtp: bool = False) -> dict[str, str]:
+    """Checkpoint tensor name -> model name, for every tensor of `index` that the text model (and with `mtp`, its
+    MTP head) may read."""
+    names = {k: model_name(k, mtp) for k in index}
     return {k: v for k, v in names.items() if v is not None}
+
+
+def check_mtp(cfg: ModelConfig, index: dict[str, TensorInfo], path: Path) -> None:
+    """The checkpoint holds a multi-token-prediction head that qwen-mlx runs."""
+    if cfg.model_type not in HYBRID_MODEL_TYPES:
+        raise LoadError(f"{path}: --mtp needs a Qwen3.5 or Qwen3-Next checkpoint with an MTP head; this one is "
+                        f"{cfg.model_type} (use --draft-model instead)")
+    if not any(is_mtp(name) for name in index):
+        raise LoadError(f"{path}: the checkpoint has no MTP head (no mtp.* tensors), so --mtp cannot draft with it "
+                        "(convert it again from the original checkpoint, or use --draft-model)")
 
 
 def has_vision_tower(index: dict[str, TensorInfo]) -> bool:

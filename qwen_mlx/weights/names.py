@@ -6,8 +6,9 @@ A Hugging Face or mlx-lm checkpoint names its tensors by the model's module path
   - the model joins the experts' gate and up stacks into one gate_up_proj (models.qwen3.checkpoint_names);
   - tensors no model uses: the rotary inv_freq buffer, the lm_head of a tied embedding (unused);
   - the hybrid models (models/qwen3_5.py): Qwen3.5's image-text files hold the language model under
-    `model.language_model.` (Hugging Face) or `language_model.model.` (mlx-lm), and a vision tower and an MTP head
-    that the text model does not run (model_name: None, never read); the hub's stacked experts
+    `model.language_model.` (Hugging Face) or `language_model.model.` (mlx-lm), and a vision tower that the text
+    model does not run (model_name: None, never read); the multi-token-prediction head (`mtp.*`, maybe spelled
+    `model.mtp.*`) is read only when asked for (model_name(name, mtp=True)); the hub's stacked experts
     (`mlp.experts.gate_up_proj` (E, 2I, H), `mlp.experts.down_proj` (E, H, I)); and two values in Hugging Face's
     files, the zero-centred norms' w (the model holds 1 + w) and conv1d's (C, 1, width) layout (hybrid_values).
 llama.cpp's GGUF names (`blk.{i}.attn_q.weight`, `blk.{i}.ssm_a`, ...) map onto the Hugging Face ones: gguf_name.
@@ -27,7 +28,7 @@ from qwen_mlx.errors import UserError
 from qwen_mlx.models.config import HYBRID_MODEL_TYPES, ModelConfig
 from qwen_mlx.models.qwen3 import checkpoint_names
 
-_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp)\.experts\.(\d+)\."
+_EXPERT = re.compile(r"^((?:model|mtp)\.layers\.\d+\.mlp)\.experts\.(\d+)\."
                      r"(gate_proj|up_proj|down_proj)\.(weight|scales|biases)$")
 
 # llama.cpp tensor names -> Hugging Face names. The MoE expert stacks (E, out, in) map onto switch_mlp.
@@ -57,12 +58,12 @@ GGUF_UNUSED = ("rope_freqs.weight",)  # llama.cpp's precomputed rope factors; we
 _PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
              ("language_model.lm_head.", "lm_head."))
 _VISION = ("model.visual.", "visual.", "vision_tower.")
-# Not part of the text model: the vision tower, and the multi-token-prediction head (it stays in the checkpoint's
-# index, for speculative decoding; the model never loads it).
-_NOT_TEXT = (*_VISION, "mtp.", "model.mtp.")
+# The multi-token-prediction head, read only for speculative decoding with it (--mtp).
+_MTP = ("mtp.", "model.mtp.")
 _STACKED_EXPERTS = re.compile(r"\.mlp\.experts\.(gate_up_proj|down_proj)$")
 # The zero-centred RMSNorms of the hybrid models (x * (1 + w)); the gated norm of linear attention is not one.
-_ZERO_CENTRED = re.compile(r"(\.input_layernorm|\.post_attention_layernorm|^model\.norm|\.q_norm|\.k_norm)\.weight$")
+_ZERO_CENTRED = re.compile(r"(\.input_layernorm|\.post_attention_layernorm|^model\.norm|\.q_norm|\.k_norm"
+                           r"|^mtp\.(norm|pre_fc_norm_embedding|pre_fc_norm_hidden))\.weight$")
 
 
 class LoadError(UserError):
@@ -83,10 +84,13 @@ def unused(name: str, cfg: ModelConfig) -> bool:
     return name.endswith("rotary_emb.inv_freq") or (cfg.tie_word_embeddings and name.startswith("lm_head."))
 
 
-def model_name(name: str) -> str | None:
-    """The model's name of a checkpoint tensor (or layer path); None for one the text model does not use."""
-    if name.startswith(_NOT_TEXT):
+def model_name(name: str, mtp: bool = False) -> str | None:
+    """The model's name of a checkpoint tensor (or layer path); None for one the text model does not use (the MTP
+    head's unless `mtp`)."""
+    if name.startswith(_VISION) or (is_mtp(name) and not mtp):
         return None
+    if name.startswith("model.mtp."):
+        name = name.removeprefix("model.")
     for old, new in _PREFIXES:
         if (name + ".").startswith(old):  # a tensor under the prefix, or the layer path itself (quantization keys)
             name = (new + (name + ".")[len(old):]).removesuffix(".")
@@ -127,8 +131,8 @@ def hybrid_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def is_mtp(name: str) -> bool:
-    """A tensor of the multi-token-prediction head (not the text model's; convert copies it as it is)."""
-    return name.startswith(("mtp.", "model.mtp."))
+    """A tensor (or layer path) of the multi-token-prediction head."""
+    return name.startswith(_MTP)
 
 
 def stacked_experts(name: str) -> tuple[str, ...]:

@@ -21,7 +21,6 @@ from qwen_mlx.weights.names import (
     hybrid_hf_layout,
     hybrid_shape,
     hybrid_value,
-    is_mtp,
     model_name,
     stacked_experts,
     unused,
@@ -58,9 +57,6 @@ class Source:
     files: dict[str, bytes]  # tokenizer and generation config files, by name
     dtype: mx.Dtype  # the output dtype unless --dtype says otherwise
     index: dict[str, TensorInfo] = field(default_factory=dict)  # safetensors sources: where each tensor lives
-    # Tensors the model does not run but a converted checkpoint keeps, by their own name: the MTP head of the
-    # hybrid models (speculative decoding reads it), copied as it is.
-    extra: dict[str, SourceTensor] = field(default_factory=dict)
 
 
 def open_source(src: str | Path) -> Source:
@@ -82,7 +78,7 @@ def _safetensors_source(name: str, path: Path) -> Source:
         raw.pop(key, None)  # auto_map names code that is never run nor copied
     index = read_index(path)
     for tensor, info in index.items():  # the vision tower is never read: its dtypes do not matter
-        if info.dtype not in SAFETENSORS_DTYPES and (model_name(tensor) is not None or is_mtp(tensor)):
+        if info.dtype not in SAFETENSORS_DTYPES and model_name(tensor, mtp=True) is not None:
             raise ConvertError(f"{info.file.name}: tensor {tensor} has dtype {info.dtype}, which qwen-mlx does not "
                                "convert")
     # mx.load is lazy: an array is read from its file when evaluated. Each is taken out of `arrays` when it is
@@ -92,8 +88,7 @@ def _safetensors_source(name: str, path: Path) -> Source:
         arrays.update(mx.load(str(file)))
     take = arrays.pop
 
-    tensors: dict[str, SourceTensor] = {}
-    extra: dict[str, SourceTensor] = {}
+    tensors: dict[str, SourceTensor] = {}  # the MTP head's (mtp.*) among them, converted like the model's
     experts: dict[str, dict[int, str]] = {}
     quant = cfg.quantization
     # A hybrid model's Hugging Face values (conv layout, zero-centred norms) become the model's as they are read.
@@ -103,10 +98,8 @@ def _safetensors_source(name: str, path: Path) -> Source:
             continue
         if tensor.endswith((".scales", ".biases")) and quant:
             continue  # read with their weight below
-        name = model_name(tensor)
-        if name is None:  # the vision tower is never read; the MTP head is copied
-            if is_mtp(tensor):
-                extra[tensor] = SourceTensor(info.shape, lambda t=tensor: take(t))
+        name = model_name(tensor, mtp=True)
+        if name is None:  # the vision tower is never read
             continue
         piece = expert_stack(name)
         if piece:
@@ -138,7 +131,7 @@ def _safetensors_source(name: str, path: Path) -> Source:
             raise ConvertError(f"{index[names[0]].file.name}: the experts of {stacked} differ in shape")
         tensors[stacked] = SourceTensor((len(names), *index[names[0]].shape),
                                         lambda names=names: mx.stack([take(n) for n in names]))
-    return Source(name, raw, tensors, _copy_files(path), _default_dtype(cfg.torch_dtype), index, extra)
+    return Source(name, raw, tensors, _copy_files(path), _default_dtype(cfg.torch_dtype), index)
 
 
 def _packed_tensor(layer: str, index: dict[str, TensorInfo], quant: dict, take) -> SourceTensor:
