@@ -278,6 +278,31 @@ def test_generate_and_info_through_the_cli(hybrid_checkpoint):
     assert "vision tower present, not used" in info.stdout and "linear attention" in info.stdout
 
 
+def test_chat_turns_on_different_threads_equal_turns_on_one(llm):
+    """MLX evaluates a lazy array only on the thread that built it; the chat app runs each turn on a new worker
+    thread, so a turn must leave nothing lazy in the caches (a recurrent layer's conv tail was)."""
+    import threading
+
+    def converse(threaded: bool) -> list[dict]:
+        chat, failures = llm.chat(think=True, sampling=GREEDY), []
+        for text in ["hi", "and again", "once more"]:
+            def turn(text=text):
+                try:
+                    list(chat.send(text, max_tokens=6))
+                except Exception as e:  # noqa: BLE001 - reported below
+                    failures.append(e)
+            if threaded:
+                worker = threading.Thread(target=turn)
+                worker.start()
+                worker.join()
+            else:
+                turn()
+        assert not failures, failures
+        return chat.messages
+
+    assert converse(threaded=True) == converse(threaded=False)
+
+
 def test_chat_app_runs_two_turns_on_a_hybrid_model(llm):
     import asyncio
 

@@ -138,8 +138,20 @@ class RecurrentCache:
 
     @property
     def nbytes(self) -> int:
-        held = [*self.state, *(a for pair in [*self._snapshots.values(), *self._passing.values()] for a in pair)]
-        return sum(a.nbytes for a in held)
+        return sum(a.nbytes for a in self.held_arrays())
+
+    def held_arrays(self) -> list[mx.array]:
+        """The state and every snapshot's arrays."""
+        return [*self.state, *(a for pair in [*self._snapshots.values(), *self._passing.values()] for a in pair)]
+
+
+def settle(caches: Iterable) -> None:
+    """Evaluate every array the caches hold, a recurrent layer's snapshots included. MLX evaluates a lazy array
+    only on the thread that built it (0.32: "There is no Stream(cpu, N) in current thread"), and a cache outlives
+    the generation that filled it (a chat's next turn may run on another worker thread): a generation settles its
+    caches before it returns. What a step left lazy is the side branches its output did not need (a recurrent
+    layer's conv tail, a snapshot)."""
+    mx.eval([a for c in caches for a in (c.held_arrays() if isinstance(c, RecurrentCache) else c.state)])
 
 
 def keep_snapshots(caches: Iterable, positions: Iterable[int], *, passing: bool = False) -> None:

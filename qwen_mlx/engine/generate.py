@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
+from qwen_mlx.cache.recurrent import settle
 from qwen_mlx.engine.step import compiled_forward
 from qwen_mlx.models.qwen3 import Cache, Model
 
@@ -133,8 +134,12 @@ def generate_tokens(model: Model, prompt: list[int], cache: list[Cache], *, samp
     """Yield up to max_tokens new token ids after `prompt`, which is appended to `cache` (possibly already
     holding earlier tokens: then pass only the tokens it does not hold). The common case of `decode`: one process,
     the whole model, each decode step compiled where it can be (`compiled`; see decode_forward)."""
-    return decode(decode_forward(model, cache, compiled=compiled), lambda tokens: fill(model, tokens, cache),
-                  prompt, sampler=sampler, max_tokens=max_tokens, prefill_chunk=prefill_chunk, stats=stats, stop=stop)
+    try:
+        yield from decode(decode_forward(model, cache, compiled=compiled), lambda tokens: fill(model, tokens, cache),
+                          prompt, sampler=sampler, max_tokens=max_tokens, prefill_chunk=prefill_chunk, stats=stats,
+                          stop=stop)
+    finally:
+        settle(cache)
 
 
 def decode(forward: Forward, fill: Fill, prompt: list[int], *, sampler: Sampler = greedy, max_tokens: int = 256,

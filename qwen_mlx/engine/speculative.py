@@ -31,7 +31,7 @@ import numpy as np
 
 from qwen_mlx.cache.kv import KVCache
 from qwen_mlx.cache.prefix import common_prefix
-from qwen_mlx.cache.recurrent import forget_passing, keep_snapshots, restore_point
+from qwen_mlx.cache.recurrent import forget_passing, keep_snapshots, restore_point, settle
 from qwen_mlx.engine.generate import GenerationStats, generation_stream, prefill
 from qwen_mlx.engine.sampling import SamplingParams, probabilities
 from qwen_mlx.models.qwen3 import Cache, Model
@@ -168,10 +168,13 @@ def speculative_tokens(model: Model, draft: Draft, prompt: list[int], cache: lis
     yielded tokens except possibly the last one (as generate_tokens)."""
     if not prompt:
         raise ValueError("speculative_tokens needs at least one prompt token")
-    with mx.stream(generation_stream()):
-        yield from _speculate(model, draft, prompt, cache, params, list(context), max_tokens,
-                              length or DraftLength(), prefill_chunk, stats if stats is not None else GenerationStats(),
-                              stop)
+    try:
+        with mx.stream(generation_stream()):
+            yield from _speculate(model, draft, prompt, cache, params, list(context), max_tokens,
+                                  length or DraftLength(), prefill_chunk,
+                                  stats if stats is not None else GenerationStats(), stop)
+    finally:
+        settle(cache)  # see settle: the next generation may run on another thread
 
 
 def _speculate(model: Model, draft: Draft, prompt: list[int], cache: list[Cache], params: SamplingParams,
@@ -304,6 +307,7 @@ class DraftModel:
         if extra and any(c.trim(extra) != extra for c in self.cache):
             raise RuntimeError("the draft's cache could not forget its rejected tokens")
         forget_passing(self.cache)
+        settle(self.cache)
         self.held = self.held[:keep]
 
 
