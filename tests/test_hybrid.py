@@ -128,7 +128,8 @@ def delta_rule_float64(q, k, v, g, beta, state):
 
 @pytest.mark.parametrize("L", [1, 37, 64, 150])
 @pytest.mark.parametrize("parallel_keys", [False, True])
-def test_chunked_delta_rule_equals_the_recurrence(L, parallel_keys):
+@pytest.mark.parametrize("chunk", [16, 64])
+def test_chunked_delta_rule_equals_the_recurrence(L, parallel_keys, chunk):
     rng = np.random.default_rng(L)
     B, Hk, Hv, Dk, Dv = 2, 2, 4, 16, 24
     k = rng.standard_normal((B, L, Hk, Dk))
@@ -141,7 +142,7 @@ def test_chunked_delta_rule_equals_the_recurrence(L, parallel_keys):
     beta = mx.array(1 / (1 + np.exp(-3 * rng.standard_normal((B, L, Hv)))), mx.float32)
     state = mx.array(rng.standard_normal((B, Hv, Dk, Dv)), mx.float32)
     y_ref, s_ref = delta_rule_float64(q, k, v, g, beta, state)
-    y, s = chunked_delta_rule(q, k, v, g, beta, state)
+    y, s = chunked_delta_rule(q, k, v, g, beta, state, chunk)
     assert np.abs(np.array(y) - y_ref).max() <= 1e-4 and np.abs(np.array(s) - s_ref).max() <= 1e-4
     step_state, ys = state, []
     for t in range(L):
