@@ -104,21 +104,34 @@ def chunked_delta_rule(q: mx.array, k: mx.array, v: mx.array, g: mx.array, beta:
     G = mx.cumsum(g, axis=-1)  # (n, B, Hv, C): log of the decay from the chunk's start
     i = mx.arange(chunk)
     causal, strict = i[:, None] >= i[None, :], i[:, None] > i[None, :]
-    decay = mx.exp(mx.where(causal, G[..., :, None] - G[..., None, :], -mx.inf))  # (n, B, Hv, C, C)
+    decay = decay_factor(mx.where(causal, G[..., :, None] - G[..., None, :], -mx.inf))  # (n, B, Hv, C, C)
     solve = unit_lower_inverse(mx.where(strict, beta[..., None] * kk * decay, 0.0))  # (I + A)^-1
     U = solve @ (v * beta[..., None])  # (n, B, Hv, C, Dv): the updates before the old state is subtracted
-    W = solve @ (k * (beta * mx.exp(G))[..., None])  # (n, B, Hv, C, Dk): what each update reads of the old state
+    W = flush(solve @ (k * (beta * decay_factor(G))[..., None]))  # (n, B, Hv, C, Dk): what each update reads of S
     inner = qk * decay  # (n, B, Hv, C, C): attention within the chunk (causal, diagonal included)
-    q_state = q * mx.exp(G)[..., None] - inner @ W  # (n, B, Hv, C, Dk): how y reads the state at the chunk's start
+    q_state = flush(q * decay_factor(G)[..., None] - inner @ W)  # (n, B, Hv, C, Dk): how y reads the first S
     inner_U = inner @ U  # (n, B, Hv, C, Dv)
-    k_out = mx.contiguous((k * mx.exp(G[..., -1:] - G)[..., None]).swapaxes(-1, -2))  # (n, B, Hv, Dk, C)
-    chunk_decay = mx.exp(G[..., -1])[..., None, None]  # (n, B, Hv, 1, 1)
+    k_out = mx.contiguous((k * decay_factor(G[..., -1:] - G)[..., None]).swapaxes(-1, -2))  # (n, B, Hv, Dk, C)
+    chunk_decay = decay_factor(G[..., -1])[..., None, None]  # (n, B, Hv, 1, 1)
     ys = []
     for c in range(n):
         ys.append(q_state[c] @ state + inner_U[c])  # (B, Hv, C, Dv)
         state = state * chunk_decay[c] + k_out[c] @ (U[c] - W[c] @ state)
     y = mx.stack(ys, axis=1).swapaxes(2, 3).reshape(B, n * chunk, Hv, Dv)  # (B, n, Hv, C, Dv) -> (B, L', Hv, Dv)
     return y[:, :L], state
+
+
+def decay_factor(log_decay: mx.array) -> mx.array:
+    """exp(log_decay) for log_decay <= 0, with what falls under e^-40 (4e-18, ten orders below float32's resolution
+    of a term of order 1) set to 0. Products of two such factors then stay above float32's smallest normal number
+    (e^-87): on the CPU an operation on subnormal numbers costs ~100x (MLX does not flush them to zero), and strong
+    decays over a chunk otherwise fill the chunk's matrices with them."""
+    return mx.where(log_decay > -40.0, mx.exp(log_decay), 0.0)
+
+
+def flush(x: mx.array) -> mx.array:
+    """x with entries under e^-40 in magnitude set to 0 (the same bound as decay_factor's, for products of them)."""
+    return mx.where(mx.abs(x) > 4.25e-18, x, 0.0)
 
 
 def unit_lower_inverse(A: mx.array) -> mx.array:
@@ -137,7 +150,7 @@ def unit_lower_inverse(A: mx.array) -> mx.array:
         blocks = A.reshape(*lead, n, s, n, s).swapaxes(-3, -2).reshape(*lead, n * n, s, s)
         below = mx.take(blocks, mx.arange(1, n, 2) * n + mx.arange(0, n, 2), axis=-3)  # M21 of each pair
         X11, X22 = X[..., 0::2, :, :], X[..., 1::2, :, :]
-        X21 = -(X22 @ below @ X11)
+        X21 = -flush(flush(X22 @ below) @ X11)
         top = mx.concatenate([X11, mx.zeros_like(X11)], axis=-1)
         X = mx.concatenate([top, mx.concatenate([X21, X22], axis=-1)], axis=-2)  # (..., n / 2, 2s, 2s)
         s *= 2
