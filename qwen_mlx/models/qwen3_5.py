@@ -84,7 +84,7 @@ def chunked_delta_rule(q: mx.array, k: mx.array, v: mx.array, g: mx.array, beta:
         S_out = exp(G_last) S + (exp(G_last - G) k)^T (U - W S)
 
     so everything but three (chunk x Dk)-by-(Dk x Dv) products per chunk is computed for all chunks at once, and
-    only the chunks are a scan."""
+    only the chunks are a scan. Decays and products under e^-40 count as 0 (decay_factor, flush)."""
     B, L, Hk, Dk = k.shape
     Hv, Dv = v.shape[-2:]
     rep = Hv // Hk
@@ -140,7 +140,8 @@ def unit_lower_inverse(A: mx.array) -> mx.array:
         [[M11, 0], [M21, M22]]^-1 = [[X11, 0], [-X22 M21 X11, X22]]     (X = M^-1 of each half)
 
     from 1 x 1 blocks (the unit diagonal) up to C x C: log2(C) rounds of two batched matmuls, stable where the
-    series sum_n (-A)^n is not (nearly parallel keys make its terms large and cancelling)."""
+    series sum_n (-A)^n is not (nearly parallel keys make its terms large and cancelling). Products are flushed
+    (entries under e^-40 set to 0): a chain of decays within the chunk otherwise makes subnormal numbers."""
     C = A.shape[-1]
     lead = A.shape[:-2]
     X = mx.ones((*lead, C, 1, 1), A.dtype)  # the inverses of the diagonal blocks, (..., C / s, s, s)
