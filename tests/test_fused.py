@@ -132,3 +132,19 @@ def test_a_bfloat16_moe_runs_on_the_cpu_through_its_float32_expert_form(tiny_che
         experts.gate_up_proj.__class__ = experts.down_proj.__class__ = SwitchLinear  # the page's own form
     with pytest.raises(RuntimeError, match="float32"):
         decode_step(model)
+
+
+def test_the_cpu_prefills_the_delta_rule_in_its_own_chunks_with_the_same_logits(hybrid_checkpoint, monkeypatch):
+    """On the CPU, fuse gives the Gated DeltaNet layers chunks of 16 (CpuGatedDeltaNet); a prompt longer than 64
+    tokens then gives the logits of the page's chunks of 64."""
+    if mx.default_device() != mx.cpu:
+        pytest.skip("the CPU's chunk size")
+    monkeypatch.setattr(kernels, "BACKEND", kernels.BACKEND)
+    model, _ = load_model(hybrid_checkpoint("qwen3_5"))
+    mixers = [layer.linear_attn for layer in model.layers if layer.is_linear]
+    assert mixers and all(type(m) is fused.CpuGatedDeltaNet and m.chunk == 16 for m in mixers)
+    tokens = mx.array([[(7 * t + 3) % 1000 for t in range(100)]])
+    cpu = model(tokens)
+    for m in mixers:
+        m.chunk = 64
+    assert mx.abs(cpu - model(tokens)).max().item() <= 1e-4

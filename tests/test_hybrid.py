@@ -128,7 +128,9 @@ def delta_rule_float64(q, k, v, g, beta, state):
 
 @pytest.mark.parametrize("L", [1, 37, 64, 150])
 @pytest.mark.parametrize("parallel_keys", [False, True])
-def test_chunked_delta_rule_equals_the_recurrence(L, parallel_keys):
+@pytest.mark.parametrize("chunk", [16, 64])
+@pytest.mark.parametrize("decay", [0.1, 5.0])  # 5: decays past e^-87 within a chunk (decay_factor's, flush's zeros)
+def test_chunked_delta_rule_equals_the_recurrence(L, parallel_keys, chunk, decay):
     rng = np.random.default_rng(L)
     B, Hk, Hv, Dk, Dv = 2, 2, 4, 16, 24
     k = rng.standard_normal((B, L, Hk, Dk))
@@ -137,11 +139,11 @@ def test_chunked_delta_rule_equals_the_recurrence(L, parallel_keys):
     q = l2_normalize(mx.array(rng.standard_normal((B, L, Hk, Dk)), mx.float32)) * Dk**-0.5
     k = l2_normalize(mx.array(k, mx.float32))
     v = mx.array(rng.standard_normal((B, L, Hv, Dv)), mx.float32)
-    g = mx.array(-np.exp(rng.standard_normal((B, L, Hv))) * 0.1, mx.float32)
+    g = mx.array(-np.exp(rng.standard_normal((B, L, Hv))) * decay, mx.float32)
     beta = mx.array(1 / (1 + np.exp(-3 * rng.standard_normal((B, L, Hv)))), mx.float32)
     state = mx.array(rng.standard_normal((B, Hv, Dk, Dv)), mx.float32)
     y_ref, s_ref = delta_rule_float64(q, k, v, g, beta, state)
-    y, s = chunked_delta_rule(q, k, v, g, beta, state)
+    y, s = chunked_delta_rule(q, k, v, g, beta, state, chunk)
     assert np.abs(np.array(y) - y_ref).max() <= 1e-4 and np.abs(np.array(s) - s_ref).max() <= 1e-4
     step_state, ys = state, []
     for t in range(L):

@@ -16,8 +16,8 @@ sigmoid(shared_expert_gate(x)).
 Module paths equal the Hugging Face weight names. Two values differ from a Hugging Face file (the loader converts
 them once): the zero-centred RMSNorms (x * (1 + w): input, post-attention, final, q and k norms) hold 1 + w, and
 conv1d.weight is MLX's (channels, width, 1); both as in mlx-lm's layout, so its files load unchanged. Prefill runs
-the delta rule in chunks of 64 tokens (`chunked_delta_rule`, matmuls within a chunk, a scan across chunks);
-decode (one token) runs the recurrence (`delta_rule_step`).
+the delta rule in chunks of 64 tokens (`chunked_delta_rule`, matmuls within a chunk, a scan across chunks; 16 on
+the CPU backend, see models/fused.py); decode (one token) runs the recurrence (`delta_rule_step`).
 """
 
 from __future__ import annotations
@@ -69,51 +69,69 @@ def delta_rule_step(q: mx.array, k: mx.array, v: mx.array, g: mx.array, beta: mx
     return (state * q).sum(axis=-2), state
 
 
-def chunked_delta_rule(q: mx.array, k: mx.array, v: mx.array, g: mx.array, beta: mx.array,
-                       state: mx.array) -> tuple[mx.array, mx.array]:
-    """The gated delta rule over L tokens in chunks of CHUNK: equal to L calls of delta_rule_step.
+def chunked_delta_rule(q: mx.array, k: mx.array, v: mx.array, g: mx.array, beta: mx.array, state: mx.array,
+                       chunk: int = CHUNK) -> tuple[mx.array, mx.array]:
+    """The gated delta rule over L tokens in chunks of `chunk` (a power of two): equal to L calls of delta_rule_step.
 
     q, k (B, L, Hk, Dk) normalised as for delta_rule_step; v (B, L, Hv, Dv); g, beta (B, L, Hv); state
     (B, Hv, Dk, Dv) float32. Returns y (B, L, Hv, Dv) float32 and the state after the last token.
 
-    Within a chunk (positions i, j; G = cumulative g from the chunk's start) the updates solve the unit lower
-    triangular system (I + A) U = beta V with A_ij = beta_i k_i.k_j exp(G_i - G_j) for j < i (the UT transform of
-    DeltaNet); a chunk then reads and writes the state with a few matmuls, and only the chunks are a scan."""
+    Within a chunk (positions i, j; G = cumulative g from the chunk's start; S the state at the chunk's start) the
+    updates solve the unit lower triangular system (I + A) U = beta V with A_ij = beta_i k_i.k_j exp(G_i - G_j) for
+    j < i (the UT transform of DeltaNet); the updates written are U - W S, and
+
+        y     = exp(G) q S + inner (U - W S) = (exp(G) q - inner W) S + inner U     inner_ij = q_i.k_j exp(G_i - G_j)
+        S_out = exp(G_last) S + (exp(G_last - G) k)^T (U - W S)
+
+    so everything but three (chunk x Dk)-by-(Dk x Dv) products per chunk is computed for all chunks at once, and
+    only the chunks are a scan. Decays and products under e^-40 count as 0 (decay_factor, flush)."""
     B, L, Hk, Dk = k.shape
     Hv, Dv = v.shape[-2:]
     rep = Hv // Hk
-    n = -(-L // CHUNK)
-    pad = n * CHUNK - L
+    n = -(-L // chunk)
+    pad = n * chunk - L
 
-    def chunks(x: mx.array) -> mx.array:  # (B, L, H, ...) -> (B, H, n, CHUNK, ...), padded with zeros
+    def chunks(x: mx.array) -> mx.array:  # (B, L, H, ...) -> (n, B, H, chunk, ...), padded with zeros
         x = mx.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        x = x.reshape(B, n, CHUNK, *x.shape[2:])
-        return mx.moveaxis(x, 3, 1)
+        x = x.reshape(B, n, chunk, *x.shape[2:])
+        return mx.moveaxis(mx.moveaxis(x, 1, 0), 3, 2)
 
-    q = chunks(mx.repeat(q, rep, axis=2))  # (B, Hv, n, C, Dk)
-    k = chunks(mx.repeat(k, rep, axis=2))
-    v, g, beta = chunks(v), chunks(g), chunks(beta)  # (B, Hv, n, C, Dv), (B, Hv, n, C)
-    G = mx.cumsum(g, axis=-1)  # (B, Hv, n, C): log of the decay from the chunk's start
-    i = mx.arange(CHUNK)
+    q, k = chunks(q), chunks(k)  # (n, B, Hk, C, Dk)
+    v, g, beta = chunks(v), chunks(g), chunks(beta)  # (n, B, Hv, C, Dv), (n, B, Hv, C)
+    kk = mx.repeat(k @ k.swapaxes(-1, -2), rep, axis=2)  # (n, B, Hv, C, C): k_i.k_j, once per key head
+    qk = mx.repeat(q @ k.swapaxes(-1, -2), rep, axis=2)
+    q, k = mx.repeat(q, rep, axis=2), mx.repeat(k, rep, axis=2)  # (n, B, Hv, C, Dk)
+    G = mx.cumsum(g, axis=-1)  # (n, B, Hv, C): log of the decay from the chunk's start
+    i = mx.arange(chunk)
     causal, strict = i[:, None] >= i[None, :], i[:, None] > i[None, :]
-    decay = mx.exp(mx.where(causal, G[..., :, None] - G[..., None, :], -mx.inf))  # (B, Hv, n, C, C)
-    kT = k.swapaxes(-1, -2)
-    k_beta = k * beta[..., None]
-    A = mx.where(strict, (k_beta @ kT) * decay, 0.0)
-    solve = unit_lower_inverse(A)  # (I + A)^-1
-    U = solve @ (v * beta[..., None])  # (B, Hv, n, C, Dv): the updates before the old state is subtracted
-    W = solve @ (k_beta * mx.exp(G)[..., None])  # (B, Hv, n, C, Dk): what each update reads of the old state
-    inner = (q @ kT) * decay  # (B, Hv, n, C, C): attention within the chunk (causal, diagonal included)
-    q_in = q * mx.exp(G)[..., None]  # queries reading the state at the chunk's start
-    k_out = k * mx.exp(G[..., -1:] - G)[..., None]  # keys as written into the state at the chunk's end
-    chunk_decay = mx.exp(G[..., -1])[..., None, None]  # (B, Hv, n, 1, 1)
+    decay = decay_factor(mx.where(causal, G[..., :, None] - G[..., None, :], -mx.inf))  # (n, B, Hv, C, C)
+    solve = unit_lower_inverse(mx.where(strict, beta[..., None] * kk * decay, 0.0))  # (I + A)^-1
+    U = solve @ (v * beta[..., None])  # (n, B, Hv, C, Dv): the updates before the old state is subtracted
+    W = flush(solve @ (k * (beta * decay_factor(G))[..., None]))  # (n, B, Hv, C, Dk): what each update reads of S
+    inner = qk * decay  # (n, B, Hv, C, C): attention within the chunk (causal, diagonal included)
+    q_state = flush(q * decay_factor(G)[..., None] - inner @ W)  # (n, B, Hv, C, Dk): how y reads the first S
+    inner_U = inner @ U  # (n, B, Hv, C, Dv)
+    k_out = mx.contiguous((k * decay_factor(G[..., -1:] - G)[..., None]).swapaxes(-1, -2))  # (n, B, Hv, Dk, C)
+    chunk_decay = decay_factor(G[..., -1])[..., None, None]  # (n, B, Hv, 1, 1)
     ys = []
     for c in range(n):
-        new = U[:, :, c] - W[:, :, c] @ state  # (B, Hv, C, Dv)
-        ys.append(q_in[:, :, c] @ state + inner[:, :, c] @ new)
-        state = state * chunk_decay[:, :, c] + k_out[:, :, c].swapaxes(-1, -2) @ new
-    y = mx.stack(ys, axis=2).reshape(B, Hv, n * CHUNK, Dv)[:, :, :L]
-    return y.swapaxes(1, 2), state
+        ys.append(q_state[c] @ state + inner_U[c])  # (B, Hv, C, Dv)
+        state = state * chunk_decay[c] + k_out[c] @ (U[c] - W[c] @ state)
+    y = mx.stack(ys, axis=1).swapaxes(2, 3).reshape(B, n * chunk, Hv, Dv)  # (B, n, Hv, C, Dv) -> (B, L', Hv, Dv)
+    return y[:, :L], state
+
+
+def decay_factor(log_decay: mx.array) -> mx.array:
+    """exp(log_decay) for log_decay <= 0, with what falls under e^-40 (4e-18, ten orders below float32's resolution
+    of a term of order 1) set to 0. Products of two such factors then stay above float32's smallest normal number
+    (e^-87): on the CPU an operation on subnormal numbers costs ~100x (MLX does not flush them to zero), and strong
+    decays over a chunk otherwise fill the chunk's matrices with them."""
+    return mx.where(log_decay > -40.0, mx.exp(log_decay), 0.0)
+
+
+def flush(x: mx.array) -> mx.array:
+    """x with entries under e^-40 in magnitude set to 0 (the same bound as decay_factor's, for products of them)."""
+    return mx.where(mx.abs(x) > 4.25e-18, x, 0.0)
 
 
 def unit_lower_inverse(A: mx.array) -> mx.array:
@@ -122,7 +140,8 @@ def unit_lower_inverse(A: mx.array) -> mx.array:
         [[M11, 0], [M21, M22]]^-1 = [[X11, 0], [-X22 M21 X11, X22]]     (X = M^-1 of each half)
 
     from 1 x 1 blocks (the unit diagonal) up to C x C: log2(C) rounds of two batched matmuls, stable where the
-    series sum_n (-A)^n is not (nearly parallel keys make its terms large and cancelling)."""
+    series sum_n (-A)^n is not (nearly parallel keys make its terms large and cancelling). Products are flushed
+    (entries under e^-40 set to 0): a chain of decays within the chunk otherwise makes subnormal numbers."""
     C = A.shape[-1]
     lead = A.shape[:-2]
     X = mx.ones((*lead, C, 1, 1), A.dtype)  # the inverses of the diagonal blocks, (..., C / s, s, s)
@@ -132,7 +151,7 @@ def unit_lower_inverse(A: mx.array) -> mx.array:
         blocks = A.reshape(*lead, n, s, n, s).swapaxes(-3, -2).reshape(*lead, n * n, s, s)
         below = mx.take(blocks, mx.arange(1, n, 2) * n + mx.arange(0, n, 2), axis=-3)  # M21 of each pair
         X11, X22 = X[..., 0::2, :, :], X[..., 1::2, :, :]
-        X21 = -(X22 @ below @ X11)
+        X21 = -flush(flush(X22 @ below) @ X11)
         top = mx.concatenate([X11, mx.zeros_like(X11)], axis=-1)
         X = mx.concatenate([top, mx.concatenate([X21, X22], axis=-1)], axis=-2)  # (..., n / 2, 2s, 2s)
         s *= 2
@@ -161,6 +180,8 @@ class GatedRMSNorm(nn.Module):
 class GatedDeltaNet(nn.Module):
     """The linear-attention token mixer. Its cache (cache.recurrent.RecurrentCache) holds the conv's last
     width - 1 inputs and the state S."""
+
+    chunk = CHUNK  # tokens per chunk of the prefill's delta rule (models/fused.py gives the CPU its own)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -227,7 +248,7 @@ class GatedDeltaNet(nn.Module):
                 y = y[:, None]
             else:
                 y, state = chunked_delta_rule(q[:, start:end], k[:, start:end], v[:, start:end], g[:, start:end],
-                                              beta[:, start:end], state)
+                                              beta[:, start:end], state, self.chunk)
             ys.append(y)  # (B, end - start, Hv, Dv)
             if cache is not None:
                 cache.advance(window[:, end : end + width - 1], state, end - start)
