@@ -316,10 +316,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _import_mlx_whole() -> None:
+    """Import mlx.core with Ctrl-C held back: a KeyboardInterrupt while its extension module initialises makes
+    nanobind abort the process ("Critical nanobind error", a traceback, no exit status of ours). The signal held
+    during the import (a fraction of a second) arrives right after it, as a KeyboardInterrupt main turns into 130."""
+    import signal
+
+    if "mlx.core" in sys.modules or not hasattr(signal, "pthread_sigmask"):
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        import mlx.core  # noqa: F401
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Exit status: 0 done, 2 bad input (a file, config or flag: one line on stderr), 1 an
     internal error (one line; --debug shows the traceback), 130 interrupted."""
     try:
+        _import_mlx_whole()
         args = build_parser().parse_args(argv)
     except KeyboardInterrupt:  # during start-up: the parser imports the bench presets
         return 130
