@@ -41,6 +41,8 @@ def hf_model(path):
 
 
 def common_prefix(a, b):
+    """The oracle for the chat's prefill counts, written apart from cache.prefix.common_prefix on purpose (the session
+    under test uses that one)."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
