@@ -1,9 +1,11 @@
-"""Reference decoders shared by the parity tests: ours, transformers' and mlx-lm's, all greedy."""
+"""Reference decoders shared by the parity tests (ours, transformers' and mlx-lm's, all greedy), and the slow
+marker for the cases of a parametrized test that the default run leaves to CI."""
 
 from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
+import pytest
 
 from qwen_mlx.cache.kv import make_cache
 
@@ -54,3 +56,9 @@ def joined_gate_up(weights: dict[str, mx.array]) -> dict[str, mx.array]:
         up = name.replace(".gate_proj.", ".up_proj.")
         out[name.replace(".gate_proj.", ".gate_up_proj.")] = mx.concatenate([out.pop(name), out.pop(up)], axis=-2)
     return out
+
+
+def slow_except(cases: list, *default) -> list:
+    """`cases` for parametrize, each not in `default` marked slow: the default run keeps those, CI runs all."""
+    return [case if case in default else pytest.param(*(case if isinstance(case, tuple) else (case,)),
+                                                      marks=pytest.mark.slow) for case in cases]

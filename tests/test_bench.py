@@ -70,6 +70,7 @@ def test_moe_bytes_per_token_counts_only_routed_experts(tiny_checkpoint):
     assert weight_bytes_per_token(model, cfg) == total - embed - experts + experts * 2 // 8
 
 
+@pytest.mark.slow  # 7 s: a bench run end to end (two context cases, the plot); the parts have default tests
 def test_context_cases_json_and_plot(tiny_checkpoint, tmp_path):
     out, svg = tmp_path / "bench.json", tmp_path / "context.svg"
     run = bench_cli("--model", str(tiny_checkpoint("qwen3")), "--context", "40,300", "--cache",

@@ -118,7 +118,7 @@ def test_stop_returns_within_a_second_and_the_next_turn_equals_a_fresh_session(l
     assert fresh.last_prefill > chat.last_prefill  # and the stopped session did reuse its cache
 
 
-@pytest.mark.parametrize("kv_bits", [None, 8])
+@pytest.mark.parametrize("kv_bits", [None, pytest.param(8, marks=pytest.mark.slow)])  # 6 s each
 def test_fifty_turns_overflowing_a_rotating_window_keep_memory_flat(llm, kv_bits):
     import mlx.core as mx
 

@@ -38,9 +38,10 @@ def mlx_lm(path, ids: np.ndarray) -> np.ndarray:
 # qwen3 (hidden 128 where the group is 128, so that its layers have whole groups), the MoE with its experts'
 # down_proj left unquantized (group 64 > its 32 inputs) and fully quantized (group 32), qwen2 (QKV bias, untied
 # head, a two-shard source).
-CASES = [("qwen3", {}, 4, 32), ("qwen3", {}, 8, 64), ("qwen3", {"hidden_size": 128}, 4, 128),
-         ("qwen3", {"hidden_size": 128}, 8, 128), ("qwen3_moe", {}, 4, 64), ("qwen3_moe", {}, 8, 32),
-         ("qwen2", {}, 8, 32)]
+CASES = [("qwen3", {}, 4, 32), ("qwen3", {}, 8, 64),
+         *(pytest.param(*case, marks=pytest.mark.slow)  # 1.5-2.3 s each: CI runs them
+           for case in [("qwen3", {"hidden_size": 128}, 4, 128), ("qwen3", {"hidden_size": 128}, 8, 128)]),
+         ("qwen3_moe", {}, 4, 64), ("qwen3_moe", {}, 8, 32), ("qwen2", {}, 8, 32)]
 
 
 @pytest.mark.parametrize("variant,overrides,bits,group_size", CASES)
@@ -130,23 +131,23 @@ def test_mlx_lm_checkpoint_with_gate_and_up_quantized_apart(tiny_checkpoint, tmp
     assert np.abs(ours(out, ids) - mlx_lm(out, ids)).max() <= 1e-4
 
 
-def test_mixed_recipe_beats_uniform_4_bit(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("variant,group_size", [("qwen3", 64), pytest.param("qwen3_moe", 32, marks=pytest.mark.slow)])
+def test_mixed_recipe_beats_uniform_4_bit(tiny_checkpoint, tmp_path, variant, group_size):
     """mixed_4_6 (down_proj 6-bit, embeddings/head 8-bit) against uniform 4-bit at the same group size."""
     ids = prompt_ids(48)
-    for variant, group_size in (("qwen3", 64), ("qwen3_moe", 32)):
-        src = tiny_checkpoint(variant)
-        source = load_model(src)[0](mx.array(ids)[None])
-        figures = {}
-        for name, kwargs in (("uniform 4-bit", {"bits": 4}), ("mixed_4_6", {"recipe": "mixed_4_6"})):
-            result = convert(src, tmp_path / f"{variant}-{name}", group_size=group_size, progress=False, **kwargs)
-            m = logit_agreement(source, load_model(result.path)[0](mx.array(ids)[None]))
-            figures[name] = (m["kl_mean"], m["top1"], result.total_bytes)
-        (kl4, top4, size4), (klm, topm, sizem) = figures["uniform 4-bit"], figures["mixed_4_6"]
-        print(f"\n{variant} g{group_size}: uniform 4-bit KL {kl4:.4f} top-1 {top4:.1%} {size4 / 2**20:.2f} MiB; "
-              f"mixed_4_6 KL {klm:.4f} top-1 {topm:.1%} {sizem / 2**20:.2f} MiB (x{sizem / size4:.2f} size)")
-        assert klm < 0.6 * kl4 and topm >= top4
-        # the size cost: the 8-bit embedding is most of these tiny models (151,936 x 64); see docs/convert.md
-        assert sizem < 1.8 * size4
+    src = tiny_checkpoint(variant)
+    source = load_model(src)[0](mx.array(ids)[None])
+    figures = {}
+    for name, kwargs in (("uniform 4-bit", {"bits": 4}), ("mixed_4_6", {"recipe": "mixed_4_6"})):
+        result = convert(src, tmp_path / f"{variant}-{name}", group_size=group_size, progress=False, **kwargs)
+        m = logit_agreement(source, load_model(result.path)[0](mx.array(ids)[None]))
+        figures[name] = (m["kl_mean"], m["top1"], result.total_bytes)
+    (kl4, top4, size4), (klm, topm, sizem) = figures["uniform 4-bit"], figures["mixed_4_6"]
+    print(f"\n{variant} g{group_size}: uniform 4-bit KL {kl4:.4f} top-1 {top4:.1%} {size4 / 2**20:.2f} MiB; "
+          f"mixed_4_6 KL {klm:.4f} top-1 {topm:.1%} {sizem / 2**20:.2f} MiB (x{sizem / size4:.2f} size)")
+    assert klm < 0.6 * kl4 and topm >= top4
+    # the size cost: the 8-bit embedding is most of these tiny models (151,936 x 64); see docs/convert.md
+    assert sizem < 1.8 * size4
 
 
 def test_convert_streams_one_tensor_at_a_time(tiny_checkpoint, tmp_path):

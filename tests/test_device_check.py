@@ -151,6 +151,7 @@ def test_gated_delta_bench_runs(reference_only, monkeypatch):
     assert rows[0]["ours_gbs"] * 1e3 > 2 * state_bytes  # bytes per µs: at least the state read and written
 
 
+@pytest.mark.slow  # 7 s: every part end to end, each of which has its own default test above
 def test_main_runs_every_part_and_writes_the_json(reference_only, monkeypatch, tmp_path):
     """The whole command on tiny shapes (the reference path standing in for the kernels), so that the one device
     call is not spent on a wiring mistake: every part runs, the JSON holds each part's results, exit status 0."""

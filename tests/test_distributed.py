@@ -113,10 +113,13 @@ def check_equal_to_single_process(path: Path, n: int, mode: str, tmp_path: Path)
     return result
 
 
-@pytest.mark.parametrize("variant,mode,n", [
-    ("qwen3", "pipeline", 2), ("qwen3", "tensor", 2), ("qwen2", "pipeline", 2), ("qwen2", "tensor", 2),
-    ("qwen3_moe", "tensor", 2), ("qwen3_moe", "expert", 2),
-    ("qwen3_moe", "pipeline", 3), ("qwen3_moe", "expert", 3),  # uneven: 8 experts as 3 + 3 + 2
+@pytest.mark.parametrize("variant,mode,n", [  # 3-6 s each: the default run keeps one per mode, CI runs all
+    ("qwen3", "pipeline", 2), pytest.param("qwen3", "tensor", 2, marks=pytest.mark.slow),
+    pytest.param("qwen2", "pipeline", 2, marks=pytest.mark.slow), ("qwen2", "tensor", 2),
+    pytest.param("qwen3_moe", "tensor", 2, marks=pytest.mark.slow),
+    pytest.param("qwen3_moe", "expert", 2, marks=pytest.mark.slow),
+    pytest.param("qwen3_moe", "pipeline", 3, marks=pytest.mark.slow),
+    ("qwen3_moe", "expert", 3),  # uneven: 8 experts as 3 + 3 + 2
 ])
 def test_distributed_equals_single_process(tiny_checkpoint, tmp_path, variant, mode, n):
     result = check_equal_to_single_process(tiny_checkpoint(variant), n, mode, tmp_path)
@@ -133,7 +136,7 @@ def test_distributed_equals_single_process(tiny_checkpoint, tmp_path, variant, m
 
 @pytest.mark.parametrize("variant,mode,options", [
     ("qwen3", "pipeline", dict(max_size=20)), ("qwen3", "tensor", dict(max_size=20, bits=8)),
-    ("qwen3_moe", "expert", dict(bits=4)),
+    pytest.param("qwen3_moe", "expert", dict(bits=4), marks=pytest.mark.slow),  # 3.4 s: CI runs it
 ])
 def test_kv_caches(tiny_checkpoint, tmp_path, variant, mode, options):
     """A rotating window that wraps (12 prompt + 24 new tokens in 20) and quantized caches: the same tokens as the
@@ -167,7 +170,9 @@ def write_quantized(src: Path, dst: Path, group_size: int, bits: int) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("variant,mode", [("qwen3", "tensor"), ("qwen3_moe", "expert"), ("qwen3_moe", "pipeline")])
+@pytest.mark.parametrize("variant,mode", [("qwen3", "tensor"),  # 4 s each: the default run keeps one, CI runs all
+                                          pytest.param("qwen3_moe", "expert", marks=pytest.mark.slow),
+                                          pytest.param("qwen3_moe", "pipeline", marks=pytest.mark.slow)])
 def test_quantized_checkpoint(tiny_checkpoint, tmp_path, variant, mode):
     path = write_quantized(tiny_checkpoint(variant), tmp_path / "q", 32, 8)
     result = check_equal_to_single_process(path, 2, mode, tmp_path)

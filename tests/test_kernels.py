@@ -485,7 +485,8 @@ def without_const_x(kernel: Kernel) -> Kernel:
                                                                                   "GLOBAL T* x_rows = x"))
 
 
-@pytest.mark.parametrize("name", QUANTIZED)
+@pytest.mark.parametrize("name", [name if name in ("qmatmul", "gather_qmv") else  # 1-1.5 s each: nvcc
+                                  pytest.param(name, marks=pytest.mark.slow) for name in QUANTIZED])
 def test_nvcc_check_catches_a_broken_variant_of_the_kernel(name, tmp_path):
     kernel, launches = LAUNCHES[name]
     result = nvcc([cuda_source(without_const_x(kernel), next(launches()))], tmp_path)

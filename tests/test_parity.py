@@ -99,7 +99,8 @@ def test_chunked_prefill_equals_one_pass(tiny_checkpoint):
 
     model, _ = load_model(tiny_checkpoint("qwen3"))
     ids = prompt_ids(300, seed=4)  # crosses the cache's 256-token growth step
-    full = np.array(model(mx.array(ids)[None])[0])
+    # the final hidden states (the head is the same matrix for both: 300 rows of it cost seconds on a CPU)
+    full = np.array(model.model(mx.array(ids)[None], None)[0])
     cache = make_cache(model.config)
-    chunks = [np.array(model(mx.array(ids[a:b])[None], cache)[0]) for a, b in ((0, 100), (100, 257), (257, 300))]
-    assert np.abs(np.concatenate(chunks) - full).max() <= 1e-4
+    chunks = [np.array(model.model(mx.array(ids[a:b])[None], cache)[0]) for a, b in ((0, 100), (100, 257), (257, 300))]
+    assert np.abs(np.concatenate(chunks) - full).max() <= 1e-5 * np.abs(full).max() + 1e-6

@@ -111,7 +111,9 @@ def check_openai(message, name: str | None) -> None:
     jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
 
 
-@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
+# 2-4 s a case (a request sampled to its end): one choice per API by default, both with the slow marker (CI).
+@pytest.mark.parametrize("choice", ["required", pytest.param({"type": "function", "function": {"name": "get_time"}},
+                                                             marks=pytest.mark.slow)])
 def test_openai_required_and_named_choice_always_give_a_valid_call(server, choice):
     client, _ = clients(server)
     name = None if choice == "required" else "get_time"
@@ -129,7 +131,8 @@ def test_openai_required_and_named_choice_always_give_a_valid_call(server, choic
     jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
 
 
-@pytest.mark.parametrize("choice", [{"type": "any", "disable_parallel_tool_use": True},
+@pytest.mark.parametrize("choice", [pytest.param({"type": "any", "disable_parallel_tool_use": True},
+                                                 marks=pytest.mark.slow),
                                     {"type": "tool", "name": "get_weather"}])
 def test_anthropic_any_and_tool_choice_always_give_a_valid_call(server, choice):
     _, client = clients(server)

@@ -59,7 +59,9 @@ def test_compiled_step_equals_eager_under_every_cache_kind(tiny_checkpoint, vari
     assert fast == eager and diff <= TOLERANCE["float32"], (diff, eager, fast)
 
 
-@pytest.mark.parametrize("kind", [{}, dict(bits=8, group_size=GS), dict(max_size=24, keep=2)])
+@pytest.mark.parametrize("kind", [pytest.param({}, marks=pytest.mark.slow),  # 3 s each: the default run keeps one
+                                  pytest.param(dict(bits=8, group_size=GS), marks=pytest.mark.slow),
+                                  dict(max_size=24, keep=2)])
 def test_compiled_step_in_bfloat16_from_a_short_prompt(tiny_checkpoint, kind):
     """Attention reads 64 slots, then 128 (a prefix of the 256-slot buffer); the 24-token window wraps."""
     model, _ = load_model(tiny_checkpoint("qwen3", "bfloat16"))
