@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -23,6 +24,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_tiny_checkpoint import write_tiny_checkpoint  # noqa: E402
 
+from qwen_mlx.cli import Parser  # noqa: E402
+from qwen_mlx.flags import number  # noqa: E402
+
 SHAPES = {
     "dense": ("qwen3", dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
                             head_dim=32, intermediate_size=768)),
@@ -32,8 +36,14 @@ SHAPES = {
 }
 
 
-def free_port(n: int) -> int:
-    while True:
+LAUNCH = Path(sys.executable).parent / "mlx.launch"  # MLX's launcher, beside this Python or on the PATH
+if not LAUNCH.exists():
+    LAUNCH = Path(shutil.which("mlx.launch") or "mlx.launch")
+
+
+def free_ports(n: int) -> int:
+    """A starting port with n free ports after it (other runs may share this machine)."""
+    for _ in range(50):
         start = random.randint(20000, 60000)
         try:
             for p in range(start, start + n):
@@ -41,16 +51,21 @@ def free_port(n: int) -> int:
                     s.bind(("127.0.0.1", p))
             return start
         except OSError:
-            pass
+            continue
+    raise RuntimeError("no free ports")
+
+
+def ring_command(n: int, *command: str) -> list[str]:
+    """`mlx.launch --backend ring -n n` of `python command...` on 127.0.0.1, on free ports (tests/test_distributed.py
+    launches its ranks with it too)."""
+    return [str(LAUNCH), "--backend", "ring", "-n", str(n), "--starting-port", str(free_ports(n)),
+            "--python", sys.executable, "--", *command]
 
 
 def run(path: Path, mode: str, ranks: int, tokens: int, prompt: str) -> dict:
-    launcher = Path(sys.executable).parent / "mlx.launch"
-    cmd = [str(launcher), "--backend", "ring", "-n", str(ranks), "--starting-port", str(free_port(ranks)),
-           "--python", sys.executable, "--", "-m", "qwen_mlx.distributed", "generate", "--model", str(path),
-           "--mode", mode, "--prompt-ids", prompt, "--max-tokens", str(tokens)]
-    if ranks == 1:
-        cmd = [sys.executable, *cmd[cmd.index("-m"):]]
+    command = ["-m", "qwen_mlx.distributed", "generate", "--model", str(path), "--mode", mode, "--prompt-ids",
+               prompt, "--max-tokens", str(tokens)]
+    cmd = ring_command(ranks, *command) if ranks > 1 else [sys.executable, *command]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300).stdout
     lines = [line for line in out.splitlines() if line.startswith("{")]
     if not lines:
@@ -59,10 +74,10 @@ def run(path: Path, mode: str, ranks: int, tokens: int, prompt: str) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ranks", type=int, default=2)
-    ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=2, help="best of this many runs")
+    ap = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ranks", type=number(int, low=2), default=2)
+    ap.add_argument("--tokens", type=number(int, low=1), default=64)
+    ap.add_argument("--repeats", type=number(int, low=1), default=2, help="best of this many runs")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     prompt = ",".join(str(i) for i in range(1000, 1032))

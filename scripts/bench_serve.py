@@ -17,14 +17,19 @@ import json
 import platform
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-from qwen_mlx.bench.run import preset_config, random_model
+from qwen_mlx.bench.run import PRESETS, preset_config, random_model
 from qwen_mlx.cache.kv import make_cache
+from qwen_mlx.cli import Parser
 from qwen_mlx.engine.batch import decode_logits
 from qwen_mlx.engine.generate import greedy
+from qwen_mlx.files import write_atomically
+from qwen_mlx.flags import number
+from qwen_mlx.quant_formats import QUANT_FORMATS
 from qwen_mlx.serve.scheduler import ModelForward, Scheduler, Sequence
 
 
@@ -48,6 +53,8 @@ def run(model, streams: int, prompt_tokens: int, tokens: int, seed: int) -> dict
     ramp, while the others are still being prefilled one by one, is left out)."""
     rng = np.random.default_rng(seed)
     scheduler = Scheduler(ModelForward(Model(model)), NoEos(), max_batch=streams, prefix_cache_bytes=0)
+    failed = []  # a failed step ends its sequences early: the figures would be wrong, so it is raised here
+    scheduler.on_error = failed.append
     steps = []  # (batch size, seconds, CPU seconds) of each decode step, sampling and evaluation included
 
     def timed(batch, decode=scheduler._decode):
@@ -56,13 +63,15 @@ def run(model, streams: int, prompt_tokens: int, tokens: int, seed: int) -> dict
         steps.append((len(batch), time.perf_counter() - start, time.process_time() - cpu))
 
     scheduler._decode = timed
-    prompts = [rng.integers(0, 151643, prompt_tokens).tolist() for _ in range(streams)]
+    prompts = [rng.integers(0, model.config.vocab_size, prompt_tokens).tolist() for _ in range(streams)]
     seqs = [scheduler.submit(Sequence(p, greedy, tokens)) for p in prompts]
     scheduler.start()
     for seq in seqs:
         while seq.out.get() is not None:
             pass
     scheduler.close()
+    if failed:
+        raise failed[0]
     full = [seconds for size, seconds, _ in steps if size == streams]
     cpu = sum(c for size, _, c in steps if size == streams)
     return {"streams": streams, "full_steps": len(full), "seconds": round(sum(full), 3),
@@ -95,7 +104,7 @@ def profile(model, counts: list[int], prompt_tokens: int, repeats: int, seed: in
         scheduler = Scheduler(forward, NoEos(), max_batch=n, prefix_cache_bytes=0)
         seqs = []
         for _ in range(n):
-            seq = Sequence(rng.integers(0, 151643, prompt_tokens).tolist(), greedy, 10 ** 6)
+            seq = Sequence(rng.integers(0, model.config.vocab_size, prompt_tokens).tolist(), greedy, 10 ** 6)
             scheduler._admit(seq)
             forward.prefill(seq._todo, seq.cache)
             seqs.append(seq)
@@ -152,30 +161,46 @@ class Ready:
         return self.logits
 
 
+def stream_counts(text: str) -> list[int]:
+    """--streams: comma-separated counts, each at least 1."""
+    try:
+        return [number(int, low=1)(n) for n in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated counts like 1,8, got {text!r}") from None
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="qwen3-0.6b")
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--bits", default="4")
-    parser.add_argument("--streams", default="1,8")
-    parser.add_argument("--prompt-tokens", type=int, default=32)
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = Parser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=PRESETS, default="qwen3-0.6b")
+    parser.add_argument("--layers", type=number(int, low=1), default=4)
+    parser.add_argument("--bits", choices=["bf16", *map(str, QUANT_FORMATS["affine"][0])], default="4")
+    parser.add_argument("--streams", type=stream_counts, default=[1, 8], metavar="LIST",
+                        help="the stream counts compared, e.g. 1,8 (the first is the base of the ratios)")
+    parser.add_argument("--prompt-tokens", type=number(int, low=1), default=32)
+    parser.add_argument("--tokens", type=number(int, low=1), default=64,
+                        help="tokens each stream generates, at least the largest --streams count")
+    parser.add_argument("--repeats", type=number(int, low=1), default=3)
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                         help="activations, norms and quantization scales (MLX's CPU quantized matmul is far slower "
                              "in bfloat16 than in float32)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--seed", type=number(int, low=0, high=2**32 - 1), default=0)
+    parser.add_argument("--json", type=Path, metavar="PATH")
     parser.add_argument("--profile", action="store_true",
                         help="also break one decode step of each stream count into matmuls, the rest of the "
                              "forward and the scheduler's own work")
     args = parser.parse_args()
+    counts = args.streams
+    # The n-th stream joins at decode step n: then the n streams decode together tokens - n + 1 times.
+    if args.tokens < max(counts):
+        parser.error(f"argument --tokens: must be at least the largest --streams count ({max(counts)}), "
+                     f"got {args.tokens}")
+    if args.json is not None and not args.json.parent.is_dir():
+        parser.error(f"argument --json: no such directory: {args.json.parent}")
     mx.random.seed(args.seed)
     model = random_model(preset_config(args.preset, args.layers), args.bits)
     model.set_dtype(getattr(mx, args.dtype))  # quantized weights stay packed uint32
     mx.eval(model.parameters())
-    counts = [int(n) for n in args.streams.split(",")]
-    run(model, counts[0], args.prompt_tokens, 8, args.seed)  # warm-up
+    run(model, counts[0], args.prompt_tokens, min(args.tokens, max(8, counts[0])), args.seed)  # warm-up
     runs = {n: [] for n in counts}
     for r in range(args.repeats):  # the counts in turn, so that each sees the same machine
         for n in counts:
@@ -198,12 +223,11 @@ def main() -> None:
     for r in results[1:]:
         print(f"{r['streams']} streams / {results[0]['streams']}: {r['tokens_per_second'] / base:.2f}x tokens/s, "
               f"{r['tokens_per_cpu_second'] / results[0]['tokens_per_cpu_second']:.2f}x tokens per CPU-second")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"preset": args.preset, "layers": args.layers, "bits": args.bits, "dtype": args.dtype,
-                       "tokens": args.tokens, "prompt_tokens": args.prompt_tokens, "device":
-                       str(mx.default_device()), "machine": platform.processor() or platform.machine(),
-                       "results": results, "profiles": profiles}, f, indent=1)
+    if args.json is not None:
+        report = {"preset": args.preset, "layers": args.layers, "bits": args.bits, "dtype": args.dtype,
+                  "tokens": args.tokens, "prompt_tokens": args.prompt_tokens, "device": str(mx.default_device()),
+                  "machine": platform.processor() or platform.machine(), "results": results, "profiles": profiles}
+        write_atomically(args.json, json.dumps(report, indent=1).encode())
 
 
 if __name__ == "__main__":

@@ -44,6 +44,14 @@ def greedy_mlx_lm_model(model, prompt: np.ndarray, n: int) -> list[int]:
     return [int(token) for token, _ in steps]
 
 
+def common_prefix(a, b) -> int:
+    """How many leading tokens two id sequences share: the oracle for a chat's prefill counts, written apart from
+    cache.prefix.common_prefix on purpose (the session under test uses that one)."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(differ[0]) if differ.size else n
+
+
 def prompt_ids(n: int, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 151643, n)
 

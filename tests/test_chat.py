@@ -4,6 +4,7 @@ import threading
 import time
 
 import pytest
+from helpers import common_prefix
 
 import qwen_mlx
 from qwen_mlx.engine.sampling import SamplingParams
@@ -14,15 +15,6 @@ GREEDY = SamplingParams(temperature=0.0)
 @pytest.fixture(scope="module")
 def llm(tiny_checkpoint):
     return qwen_mlx.load(tiny_checkpoint("qwen3"))
-
-
-def common_prefix(a, b):
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def test_stream_events_then_done(llm):

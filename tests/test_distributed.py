@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from bench_distributed import free_ports, ring_command
 from helpers import greedy_ours, prompt_ids
 from mlx.utils import tree_flatten
 
@@ -35,23 +33,6 @@ from qwen_mlx.weights.quant import quantize_model
 TOL = 1e-4  # max abs difference of fp32 logits (only the order of additions differs)
 N_TOKENS = 24
 PROMPT = prompt_ids(12, seed=3)
-LAUNCH = Path(sys.executable).parent / "mlx.launch"
-if not LAUNCH.exists():
-    LAUNCH = Path(shutil.which("mlx.launch") or "mlx.launch")
-
-
-def _free_ports(n: int) -> int:
-    """A starting port with n free ports after it (other test runs may share this machine)."""
-    for _ in range(50):
-        start = random.randint(20000, 60000)
-        try:
-            for p in range(start, start + n):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", p))
-            return start
-        except OSError:
-            continue
-    raise RuntimeError("no free ports")
 
 
 def errors(out: str) -> list[str]:
@@ -63,8 +44,7 @@ def run_launcher(n: int, *command: str, timeout: float = 60) -> tuple[str, str, 
     """`mlx.launch --backend ring -n n` of `python command...` on 127.0.0.1: the ranks' stdout, their stderr (each
     in one stream, as mlx.launch passes them on) and the seconds it took. Every process is killed if it runs past
     `timeout`."""
-    cmd = [str(LAUNCH), "--backend", "ring", "-n", str(n), "--starting-port", str(_free_ports(n)),
-           "--python", sys.executable, "--", *command]
+    cmd = ring_command(n, *command)
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -195,7 +175,7 @@ def test_cli_generate_prints_the_single_process_text(tiny_checkpoint):
     out, err, _ = run_launcher(2, *cli(*args, "--distributed", "auto", "--verbose"))
     assert out == single.stdout, err
     assert "qwen-mlx: --distributed auto: tensor (" in err and "finished: length" in err and not errors(err)
-    launched = subprocess.run([sys.executable, *cli("launch", "-n", "2", "--port", str(_free_ports(2)), "--", *args,
+    launched = subprocess.run([sys.executable, *cli("launch", "-n", "2", "--port", str(free_ports(2)), "--", *args,
                                                     "--distributed", "pipeline")],
                               capture_output=True, text=True, timeout=60)
     assert launched.returncode == 0 and launched.stdout == single.stdout, launched.stderr
@@ -236,10 +216,8 @@ def test_killed_rank_ends_the_others_with_one_clear_error(tiny_checkpoint):
     """`qwen-mlx generate --distributed pipeline` on 2 ranks; rank 1 is killed (SIGKILL) once rank 0 streams text:
     rank 0 stops with one line well within 10 s."""
     path = tiny_checkpoint("qwen3")
-    cmd = [str(LAUNCH), "--backend", "ring", "-n", "2", "--starting-port", str(_free_ports(2)),
-           "--python", sys.executable, "--", *cli("generate", "-m", str(path), "-p", "Tell me a long story",
-                                                   "--max-tokens", "100000", "--temp", "0", "--distributed",
-                                                   "pipeline")]
+    cmd = ring_command(2, *cli("generate", "-m", str(path), "-p", "Tell me a long story", "--max-tokens", "100000",
+                               "--temp", "0", "--distributed", "pipeline"))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                             start_new_session=True)
     try:

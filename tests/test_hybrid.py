@@ -18,7 +18,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from helpers import greedy_mlx_lm, greedy_ours, greedy_transformers, prompt_ids
+from helpers import common_prefix, greedy_mlx_lm, greedy_ours, greedy_transformers, prompt_ids
 
 import qwen_mlx
 from qwen_mlx.cache.kv import KVCache, RotatingKVCache, make_cache
@@ -38,17 +38,6 @@ def hf_model(path):
 
     arch = json.loads((path / "config.json").read_text())["architectures"][0]
     return getattr(transformers, arch).from_pretrained(path, dtype=torch.float32).eval()
-
-
-def common_prefix(a, b):
-    """The oracle for the chat's prefill counts, written apart from cache.prefix.common_prefix on purpose (the session
-    under test uses that one)."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import random
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import prompt_ids
+from helpers import common_prefix, prompt_ids
 
 from qwen_mlx.cache.files import CacheFileError, load_cache, model_fingerprint, save_cache
 from qwen_mlx.cache.kv import KVCache, RotatingKVCache, make_cache
@@ -344,7 +344,6 @@ def test_chat_turn_two_after_the_window_wrapped(llm, reply):
     prefills only from the parting point. An 80-token reply has overwritten keys that point's window needs: the
     session starts over and prefills all of turn 2's prompt (correct, not fast). Either way turn 2 equals a fresh
     session's with the same history and window."""
-    from qwen_mlx.cache.prefix import common_prefix
     from qwen_mlx.engine.sampling import SamplingParams
 
     greedy = SamplingParams(temperature=0.0)

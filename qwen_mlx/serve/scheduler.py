@@ -135,6 +135,15 @@ class Scheduler:
     # ------------------------------------------------------------------------------------------- the thread
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            # MLX (0.32) leaves each thread to free its streams and compile cache: left to the thread's exit, that
+            # teardown takes the GIL and aborts the process when it races Python's own shutdown (a script that
+            # closes its scheduler and ends at once: exit status 134 in most runs).
+            mx.clear_streams()
+
+    def _loop(self) -> None:
         with mx.stream(generation_stream()):
             while True:
                 try:
