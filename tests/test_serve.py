@@ -129,12 +129,15 @@ def test_completions_continue_raw_text(llm, server):
 def test_json_schema_response_validates_from_random_weights(server):
     client, anthropic_client = clients(server)
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
+    no_thinking = {"chat_template_kwargs": {"enable_thinking": False}}  # random weights would think to max_tokens
     reply = client.chat.completions.create(model="tiny-qwen3", messages=[{"role": "user", "content": "A person?"}],
-                                           response_format=fmt, max_tokens=200, seed=3, temperature=1.0)
+                                           response_format=fmt, max_tokens=200, seed=3, temperature=1.0,
+                                           extra_body=no_thinking)
     assert reply.choices[0].finish_reason == "stop"
     jsonschema.validate(json.loads(reply.choices[0].message.content), SCHEMA)
     reply = client.chat.completions.create(model="tiny-qwen3", messages=[{"role": "user", "content": "JSON!"}],
-                                           response_format={"type": "json_object"}, max_tokens=200, temperature=0)
+                                           response_format={"type": "json_object"}, max_tokens=200, temperature=0,
+                                           extra_body=no_thinking)
     assert isinstance(json.loads(reply.choices[0].message.content), dict)
     message = anthropic_client.messages.create(model="tiny-qwen3", max_tokens=200, messages=QUESTION,
                                                output_config={"format": {"type": "json_schema", "schema": SCHEMA}},

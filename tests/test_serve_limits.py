@@ -56,6 +56,9 @@ def anthropic_error(response, status: int) -> str:
     (json.dumps({"messages": HELLO, "response_format": {"type": "yaml"}}), "response_format"),
     (json.dumps({"messages": HELLO, "response_format": {"type": "json_schema", "json_schema": {"schema": 3}}}),
      "response_format"),
+    (json.dumps({"messages": HELLO, "response_format": {"type": "json_schema",
+                                                        "json_schema": {"schema": {"type": "decimal"}}}}),
+     "response_format"),  # a schema the grammar engine cannot compile
     (json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}), "messages[0]"),
 ])
 def test_openai_bad_requests_get_400_with_the_field(server, body, field):

@@ -19,7 +19,7 @@ from test_chat_template import QWEN35_STYLE
 
 import qwen_mlx
 from qwen_mlx.serve.app import ServeOptions, create_app
-from qwen_mlx.serve.job import choice_constraint, tool_choice
+from qwen_mlx.serve.job import choice_constraint, format_grammar, tool_choice
 from qwen_mlx.serve.structured import Grammar
 
 PARAMETERS = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
@@ -203,6 +203,95 @@ def test_the_call_marker_is_never_sampled_under_none(llm, scripted):
     assert "<tool_call>" not in [e.token for e in reply.choices[0].logprobs.content]
 
 
+def opens_thinking(llm) -> bool:
+    """The Qwen3.5-style template opens the think block in the prompt itself; Qwen3's leaves it to the model."""
+    return llm.tokenizer.chat_template == QWEN35_STYLE
+
+
+def thought(llm, text: str) -> list[int]:
+    """A think block as the model writes it (its opening marker only where the prompt did not write it)."""
+    tok = llm.tokenizer
+    return ([] if opens_thinking(llm) else [tok.think_id]) + tok.encode(text) + [tok.think_end_id]
+
+
+def test_auto_with_parallel_calls_off_gives_one_call(llm, scripted):
+    """The model wants two calls; with parallel calls off the turn ends after the first (a call written inside
+    the think block does not count), with them on both come back."""
+    url, forward = scripted
+    tok = llm.tokenizer
+    weather = template_call(llm, "get_weather", {"city": "Paris", "unit": "C"})
+    clock = template_call(llm, "get_time", {"zone": "CET"})
+    both = tok.encode("\n\n" + weather + "\n" + clock) + [tok.token_id("<|im_end|>")]
+    client, anthropic_client = clients(url)
+    forward.script = thought(llm, "Maybe " + clock) + both
+    for parallel, names in ((False, ["get_weather"]), (True, ["get_weather", "get_time"])):
+        reply = client.chat.completions.create(model="x", messages=ASK, tools=TOOLS, parallel_tool_calls=parallel,
+                                               temperature=0)
+        message = reply.choices[0].message
+        assert message.reasoning_content == "Maybe " + clock and reply.choices[0].finish_reason == "tool_calls"
+        assert [c.function.name for c in message.tool_calls] == names
+    chunks = list(client.chat.completions.create(model="x", messages=ASK, tools=TOOLS, parallel_tool_calls=False,
+                                                 temperature=0, stream=True))
+    assert [tc.function.name for c in chunks for tc in c.choices[0].delta.tool_calls or []] == ["get_weather"]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+    forward.script = both  # Anthropic: thinking off by default
+    for choice, names in (({"type": "auto", "disable_parallel_tool_use": True}, ["get_weather"]),
+                          ({"type": "auto"}, ["get_weather", "get_time"])):
+        message = anthropic_client.messages.create(model="x", max_tokens=200, messages=ASK, tools=ANTHROPIC_TOOLS,
+                                                   tool_choice=choice, extra_body={"temperature": 0})
+        assert [b.name for b in message.content if b.type == "tool_use"] == names
+        assert message.stop_reason == "tool_use"
+
+
+PERSON_SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                                  "age": {"type": "integer", "minimum": 0}},
+                 "required": ["name", "age"], "additionalProperties": False}
+PERSON = {"name": "Ada", "age": 36}
+PERSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON_SCHEMA}}
+
+
+def test_response_format_lets_the_model_think_first(llm, scripted):
+    """With thinking on, a think block may come before the JSON: the thinking arrives apart, the content is the
+    JSON alone (the newlines the model writes after the think block are not part of it)."""
+    url, forward = scripted
+    tok = llm.tokenizer
+    forward.script = thought(llm, "A mathematician.") + tok.encode("\n\n" + json.dumps(PERSON)) + \
+        [tok.token_id("<|im_end|>")]
+    client, anthropic_client = clients(url)
+    reply = client.chat.completions.create(model="x", messages=ASK, response_format=PERSON_FORMAT, temperature=0)
+    message = reply.choices[0].message
+    assert message.reasoning_content == "A mathematician." and reply.choices[0].finish_reason == "stop"
+    assert message.content == json.dumps(PERSON)
+    jsonschema.validate(json.loads(message.content), PERSON_SCHEMA)
+    chunks = list(client.chat.completions.create(model="x", messages=ASK, response_format=PERSON_FORMAT,
+                                                 temperature=0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == json.dumps(PERSON)
+    message = anthropic_client.messages.create(
+        model="x", max_tokens=200, messages=ASK, thinking={"type": "enabled", "budget_tokens": 1024},
+        output_config={"format": {"type": "json_schema", "schema": PERSON_SCHEMA}}, extra_body={"temperature": 0})
+    assert [(b.type, getattr(b, "thinking", None) or b.text) for b in message.content] == \
+        [("thinking", "A mathematician."), ("text", json.dumps(PERSON))]
+
+
+def test_response_format_without_thinking_masks_the_think_token(llm, scripted):
+    tok = llm.tokenizer
+    for think in (False, True):
+        prompt = tok.encode_chat(ASK, enable_thinking=think)
+        first = allowed(Grammar(format_grammar(llm, PERSON_SCHEMA, prompt, think), llm.path / "tokenizer.json",
+                                llm.config.vocab_size, tok.eos_ids), llm.config.vocab_size)
+        assert (tok.think_id in first) == (think and not opens_thinking(llm))
+        assert tok.encode(json.dumps(PERSON))[0] in first  # (with the block open: as think text)
+    url, forward = scripted
+    forward.script = thought(llm, "Hmm.") + tok.encode(json.dumps(PERSON)) + [tok.token_id("<|im_end|>")]
+    client, _ = clients(url)
+    reply = client.chat.completions.create(model="x", messages=ASK, response_format=PERSON_FORMAT, temperature=0,
+                                           max_tokens=3, logprobs=True, extra_body=NO_THINKING)
+    assert "reasoning_content" not in reply.choices[0].message.model_extra
+    assert reply.choices[0].message.content.startswith("{")
+    assert "<think>" not in [e.token for e in reply.choices[0].logprobs.content]
+
+
 # ------------------------------------------------------------------------------------------------ refusals
 
 @pytest.mark.parametrize("body", [
@@ -220,7 +309,9 @@ def test_openai_bad_tool_choice_is_a_400(server, body):
     assert "Traceback" not in error["message"]
 
 
-@pytest.mark.parametrize("choice", [{"type": "tool", "name": "delete_all"}, {"type": "tool"}, {"type": "maybe"}])
+@pytest.mark.parametrize("choice", [{"type": "tool", "name": "delete_all"}, {"type": "tool"}, {"type": "maybe"},
+                                    {"type": "maybe", "disable_parallel_tool_use": True},
+                                    {"type": "auto", "disable_parallel_tool_use": "yes"}])
 def test_anthropic_bad_tool_choice_is_a_400(server, choice):
     response = httpx.post(server + "/v1/messages", json={"max_tokens": 10, "messages": ASK, "tools": ANTHROPIC_TOOLS,
                                                          "tool_choice": choice})

@@ -15,13 +15,14 @@ from qwen_mlx.serve.job import (
     ToolChoice,
     chat_prompt,
     choice_constraint,
+    format_grammar,
     sampling,
     stop_strings,
     token_budget,
     tool_choice,
     value,
 )
-from qwen_mlx.serve.structured import SchemaError, grammar_for
+from qwen_mlx.serve.structured import SchemaError, schema_for
 
 KINDS = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
          413: "request_too_large", 429: "rate_limit_error", 500: "api_error"}
@@ -48,40 +49,44 @@ def parse_messages(llm, body: dict, *, max_messages: int, context: int) -> Job:
     think = thinking.get("type") in ("enabled", "adaptive")
     tools = [_tool(t, i) for i, t in enumerate(value(body, "tools", list, []))]
     choice = _tool_choice(value(body, "tool_choice", dict, {}), tools)
-    grammar = None
+    schema = None
     output = value(body, "output_config", dict, {}).get("format")
     if output is not None:  # structured output: {"type": "json_schema", "schema": {...}}
         if not isinstance(output, dict) or output.get("type") != "json_schema":
             raise ApiError(400, "output_config.format must be {\"type\": \"json_schema\", \"schema\": {...}}",
                            param="output_config")
         try:
-            grammar = grammar_for({"type": "json_schema", "json_schema": {"schema": output.get("schema")}})
+            schema = schema_for({"type": "json_schema", "json_schema": {"schema": output.get("schema")}})
         except SchemaError as e:
             raise ApiError(400, str(e).replace("response_format", "output_config.format"),
                            param="output_config") from None
         if choice.mode == "forced":
             raise ApiError(400, "output_config.format cannot be combined with a tool_choice that demands a tool call",
                            param="output_config")
-        think = False  # the grammar holds from the first token: no think block first
     prompt = chat_prompt(llm, messages, think=think, tools=tools)
-    banned = ()
-    if grammar is None:
+    if schema is not None:
+        grammar, banned = format_grammar(llm, schema, prompt, think), ()
+    else:
         grammar, banned = choice_constraint(llm, tools, choice, prompt, think)
     return Job(prompt, sampling(llm, body, think), token_budget(prompt, max_tokens, context, "max_tokens"),
                stop_strings(body.get("stop_sequences"), "stop_sequences"), [] if choice.mode == "none" else tools,
-               grammar, banned, stream=value(body, "stream", bool, False))
+               grammar, banned, choice.mode == "auto" and not choice.many, schema is not None,
+               stream=value(body, "stream", bool, False))
 
 
 def _tool_choice(choice: dict, tools: list[dict]) -> ToolChoice:
     """{"type": "auto"} (the default), {"type": "none"}, {"type": "any"} (one or more calls) or {"type": "tool",
-    "name": NAME} (one call to NAME); "disable_parallel_tool_use": true allows one call only."""
+    "name": NAME} (one call to NAME); "disable_parallel_tool_use": true allows one call at most."""
     kind = choice.get("type", "auto")
     if kind not in ("auto", "none", "any", "tool"):
         raise ApiError(400, "tool_choice.type must be auto, any, tool or none", param="tool_choice")
     name = choice.get("name")
     if kind == "tool" and not isinstance(name, str):
         raise ApiError(400, "tool_choice of type tool needs the tool's name", param="tool_choice")
-    many = choice.get("disable_parallel_tool_use") is not True
+    single = choice.get("disable_parallel_tool_use")
+    if single is not None and not isinstance(single, bool):
+        raise ApiError(400, "tool_choice.disable_parallel_tool_use must be a boolean", param="tool_choice")
+    many = single is not True
     return tool_choice("function" if kind == "tool" else kind, tools, name=name, many=many)
 
 

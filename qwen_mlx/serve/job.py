@@ -10,10 +10,10 @@ import anyio
 
 from qwen_mlx.engine.sampling import SamplingParams, make_sampler
 from qwen_mlx.engine.stream import stream_reply
-from qwen_mlx.engine.thinking import prompt_opens_thinking
+from qwen_mlx.engine.thinking import ThinkingSplitter, prompt_opens_thinking
 from qwen_mlx.engine.tokenizer import Tokenizer
 from qwen_mlx.serve.scheduler import Scheduler, Sequence, Submitted, TokenLogprob
-from qwen_mlx.serve.structured import Banned, Grammar, SchemaError
+from qwen_mlx.serve.structured import Banned, Grammar, OneCall, SchemaError, json_grammar
 from qwen_mlx.serve.tools import Markers, ToolCall, ToolCallParser, call_format, call_grammar
 
 
@@ -35,6 +35,8 @@ class Job:
     tools: list[dict] = field(default_factory=list)  # OpenAI-shaped; calls are parsed only when tools are given
     grammar: str | None = None  # llguidance grammar (structured output, or the calls a tool_choice demands)
     banned: tuple[int, ...] = ()  # token ids never sampled (tool_choice "none": the tool-call marker)
+    one_call: bool = False  # tool_choice "auto" with parallel calls off: after the first call, only end-of-turn
+    json_reply: bool = False  # response_format: the answer is the JSON alone (newlines after thinking dropped)
     top_logprobs: int | None = None
     stream: bool = False
     include_usage: bool = False
@@ -77,8 +79,21 @@ class Runner:
                 raise ApiError(400, str(e)) from None
         elif job.banned:
             constraint = Banned(job.banned, self.vocab_size)
+        elif job.one_call:
+            constraint = self._one_call(job.prompt)
         seq = Sequence(job.prompt, make_sampler(job.sampling), job.max_tokens, constraint, job.top_logprobs)
         return self.scheduler.submit(seq)
+
+    def _one_call(self, prompt: list[int]) -> OneCall | None:
+        """The one-call constraint; None when the tokenizer has no `<tool_call>` / `</tool_call>` tokens (every Qwen
+        tokenizer since Qwen2.5 has them)."""
+        tok = self.tokenizer
+        call, call_end = tok.token_id("<tool_call>"), tok.token_id("</tool_call>")
+        if call is None or call_end is None:
+            return None
+        splitter = ThinkingSplitter(tok.think_id, tok.think_end_id,
+                                    prompt_opens_thinking(prompt, tok.think_id, tok.think_end_id))
+        return OneCall(call, call_end, splitter, tok.eos_ids, self.vocab_size)
 
     async def pieces(self, job: Job, seq: Sequence, id_prefix: str = "call_") -> AsyncIterator[Piece]:
         """The reply's pieces. Leaving the loop early (a client that disconnected) cancels the sequence."""
@@ -87,6 +102,7 @@ class Runner:
                               stop_strings=job.stop_strings)
         parser = ToolCallParser(job.tools, id_prefix) if job.tools else None
         logprobs: list[TokenLogprob] = []  # handed out, not yet attached to a piece
+        lead = job.json_reply  # the answer's leading newlines are still to drop
         try:
             while True:
                 event = await anyio.to_thread.run_sync(next, events, None, abandon_on_cancel=True,
@@ -98,7 +114,11 @@ class Runner:
                     yield Piece("thinking", event.text, logprobs=logprobs)
                     logprobs = []
                     continue
-                for item in parser.feed(event.text) if parser else [event.text]:
+                text = event.text.lstrip("\n") if lead else event.text
+                if not text:
+                    continue  # the newlines before the JSON: their logprobs go with the next piece
+                lead = False
+                for item in parser.feed(text) if parser else [text]:
                     yield _piece(item, logprobs)
                     logprobs = []
             for item in parser.finish() if parser else []:
@@ -191,9 +211,9 @@ def chat_prompt(llm, messages: list[dict], *, think: bool, tools: list[dict] | N
 
 @dataclass(frozen=True)
 class ToolChoice:
-    """What a request's tool_choice asks for: "auto" (the model decides), "none" (no calls: the tools stay in the
-    prompt, the call marker is never sampled, nothing is parsed), or "forced": a reply of calls only, to any of
-    `names`, one call or (with `many`) one or more."""
+    """What a request's tool_choice asks for: "auto" (the model decides; without `many`, one call at most), "none"
+    (no calls: the tools stay in the prompt, the call marker is never sampled, nothing is parsed), or "forced": a
+    reply of calls only, to any of `names`, one call or (with `many`) one or more."""
 
     mode: str
     names: tuple[str, ...] = ()
@@ -204,7 +224,9 @@ def tool_choice(mode: str, tools: list[dict], *, name: str | None = None, many: 
                 param: str = "tool_choice") -> ToolChoice:
     """A ToolChoice from an API's own words: mode "auto", "none", "any" (a call to any offered tool) or "function"
     (a call to `name`, exactly one). A call demanded without tools, or to a tool not offered, is a 400."""
-    if mode in ("auto", "none"):
+    if mode == "auto":
+        return ToolChoice(mode, many=many)
+    if mode == "none":
         return ToolChoice(mode)
     offered = [t["function"]["name"] for t in tools if isinstance(t["function"].get("name"), str)]
     if not offered:
@@ -219,17 +241,31 @@ def tool_choice(mode: str, tools: list[dict], *, name: str | None = None, many: 
 def choice_constraint(llm, tools: list[dict], choice: ToolChoice, prompt: list[int],
                       think: bool) -> tuple[str | None, tuple[int, ...]]:
     """(grammar, banned ids) that enforce the choice while sampling: for forced calls, the grammar of the calls in
-    the checkpoint's own format (after a think block when thinking is on); for "none", the call marker banned."""
+    the checkpoint's own format (after a think block when thinking is on); for "none", the call marker banned.
+    ("auto" with one call at most is Job.one_call: the Runner's OneCall constraint.)"""
     tok = llm.tokenizer
     if choice.mode == "forced":
-        thinking = "off" if not think else "open" if prompt_opens_thinking(prompt, tok.think_id, tok.think_end_id) \
-            else "may"
         marks = Markers(tok.token_id("<tool_call>"), tok.token_id("</tool_call>"), tok.think_id, tok.think_end_id)
         grammar = call_grammar(tools, list(choice.names), call_format(tok.chat_template), marks, many=choice.many,
-                               thinking=thinking)
+                               thinking=thinking_mode(tok, prompt, think))
         return grammar, ()
     marker = tok.token_id("<tool_call>")
     return None, (marker,) if choice.mode == "none" and marker is not None else ()
+
+
+def format_grammar(llm, schema: dict, prompt: list[int], think: bool) -> str:
+    """The grammar of a structured reply (response_format, Anthropic's output_config.format): the JSON of
+    `schema`, after a think block when thinking is on."""
+    tok = llm.tokenizer
+    return json_grammar(schema, thinking_mode(tok, prompt, think), tok.think_id, tok.think_end_id)
+
+
+def thinking_mode(tok: Tokenizer, prompt: list[int], think: bool) -> str:
+    """How a constrained reply begins (structured.think_first): "open" when the prompt opened the think block (the
+    reply closes it first), else "may" (a think block may come first) with thinking on, "off" without."""
+    if prompt_opens_thinking(prompt, tok.think_id, tok.think_end_id):
+        return "open"
+    return "may" if think else "off"
 
 
 def token_budget(prompt: list[int], max_tokens: int | None, context: int, name: str) -> int:

@@ -16,13 +16,14 @@ from qwen_mlx.serve.job import (
     ToolChoice,
     chat_prompt,
     choice_constraint,
+    format_grammar,
     sampling,
     stop_strings,
     token_budget,
     tool_choice,
     value,
 )
-from qwen_mlx.serve.structured import SchemaError, grammar_for
+from qwen_mlx.serve.structured import SchemaError, schema_for
 from qwen_mlx.serve.tools import ToolCall
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -48,20 +49,20 @@ def parse_chat(llm, body: dict, *, max_messages: int, context: int) -> Job:
     if not all(isinstance(t, dict) and isinstance(t.get("function"), dict) for t in tools):
         raise ApiError(400, "tools must be an array of {\"type\": \"function\", \"function\": {...}}", param="tools")
     choice = _tool_choice(body, tools)
-    grammar = None
+    schema = None
     response_format = value(body, "response_format", dict)
     if response_format is not None:
         try:
-            grammar = grammar_for(response_format)
+            schema = schema_for(response_format)
         except SchemaError as e:
             raise ApiError(400, str(e), param="response_format") from None
-        if grammar is not None and choice.mode == "forced":
+        if schema is not None and choice.mode == "forced":
             raise ApiError(400, "response_format cannot be combined with a tool_choice that demands a tool call",
                            param="response_format")
-        think = think and grammar is None  # the grammar holds from the first token: no think block first
     prompt = chat_prompt(llm, [_message(m, i) for i, m in enumerate(messages)], think=think, tools=tools)
-    banned = ()
-    if grammar is None:
+    if schema is not None:
+        grammar, banned = format_grammar(llm, schema, prompt, think), ()
+    else:
         grammar, banned = choice_constraint(llm, tools, choice, prompt, think)
     max_tokens = value(body, "max_completion_tokens", int, low=1)
     max_tokens = value(body, "max_tokens", int, max_tokens, low=1)
@@ -70,17 +71,17 @@ def parse_chat(llm, body: dict, *, max_messages: int, context: int) -> Job:
     options = value(body, "stream_options", dict, {})
     return Job(prompt, sampling(llm, body, think), token_budget(prompt, max_tokens, context, "max_tokens"),
                stop_strings(body.get("stop"), "stop"), [] if choice.mode == "none" else tools, grammar,
-               banned, top if logprobs else None, value(body, "stream", bool, False),
-               options.get("include_usage") is True)
+               banned, choice.mode == "auto" and not choice.many, schema is not None, top if logprobs else None,
+               value(body, "stream", bool, False), options.get("include_usage") is True)
 
 
 def _tool_choice(body: dict, tools: list[dict]) -> ToolChoice:
-    """The request's tool_choice: "auto" (the default), "none", "required" (one or more calls; one with
-    parallel_tool_calls false) or {"type": "function", "function": {"name": NAME}} (one call to NAME)."""
+    """The request's tool_choice: "auto" (the default), "none", "required" (one or more calls) or {"type":
+    "function", "function": {"name": NAME}} (one call to NAME); parallel_tool_calls false allows one call at most."""
     choice = value(body, "tool_choice", (str, dict), "auto")
     many = value(body, "parallel_tool_calls", bool, True)
     if choice in ("auto", "none"):
-        return tool_choice(choice, tools)
+        return tool_choice(choice, tools, many=many)
     if choice == "required":
         return tool_choice("any", tools, many=many)
     function = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None

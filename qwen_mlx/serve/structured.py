@@ -1,4 +1,6 @@
-"""Structured output: `response_format` enforced while sampling, by a grammar that masks the logits every step.
+"""Structured output: `response_format` enforced while sampling, by a grammar that masks the logits every step (the
+JSON after a think block when thinking is on); and the Constraints tool_choice needs besides its grammar (Banned,
+OneCall).
 
 The grammar engine is llguidance (microsoft/llguidance, MIT): a Rust core with no Python dependencies that
 computes each step's mask on demand from a lexer over the tokenizer's byte strings, so a new schema costs nothing
@@ -11,10 +13,13 @@ token can be sampled.
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+
+from qwen_mlx.engine.thinking import ThinkingSplitter
 
 # JSON as json.dumps writes it: whitespace only in the separators, so a model cannot pad the reply with whitespace
 # until max_tokens (which a grammar that allows any whitespace between tokens permits).
@@ -33,10 +38,10 @@ def _tokenizer(tokenizer_json: str, vocab_size: int, eos_ids: tuple[int, ...]):
                                   eos_token=list(eos_ids))
 
 
-def grammar_for(response_format: dict) -> str | None:
-    """The llguidance grammar of an OpenAI response_format ({"type": "text" | "json_object" | "json_schema"});
-    None for plain text."""
-    import llguidance
+def schema_for(response_format: dict) -> dict | None:
+    """The JSON schema an OpenAI response_format asks for ({"type": "text" | "json_object" | "json_schema"}); None
+    for plain text. A schema the grammar engine cannot compile is a SchemaError."""
+    from llguidance import LLMatcher
 
     kind = response_format.get("type")
     if kind == "text":
@@ -50,10 +55,37 @@ def grammar_for(response_format: dict) -> str | None:
             raise SchemaError("response_format.json_schema.schema must be a JSON schema object")
     else:
         raise SchemaError("response_format.type must be text, json_object or json_schema")
-    try:
-        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT)
-    except ValueError as e:
-        raise SchemaError(f"response_format: {e}") from None
+    error = LLMatcher.validate_grammar(LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT))
+    if error:
+        raise SchemaError("response_format: " + " ".join(error.split()))
+    return schema
+
+
+def json_grammar(schema: dict, thinking: str, think: int | None, think_end: int | None) -> str:
+    """The llguidance grammar of a reply that is the JSON of `schema` (laid out as JSON_LAYOUT), after a think
+    block as `thinking` says (see think_first)."""
+    return think_first([f"reply: %json {json.dumps({**schema, 'x-guidance': JSON_LAYOUT})}"], thinking, think,
+                       think_end)
+
+
+def think_first(rules: list[str], thinking: str, think: int | None, think_end: int | None) -> str:
+    """The llguidance grammar (lark) of a reply that is the rule `reply` (defined in `rules`) after a think block:
+    `thinking` "off" (the reply starts with `reply`), "may" (`<think>` ... `</think>` may come first), "open" (the
+    prompt opened the think block: the reply starts inside it and closes it). The think text is not constrained;
+    the newlines the templates write after `</think>` are allowed. `think`, `think_end`: the markers' token ids
+    (None: spelled as text)."""
+    from llguidance import LLMatcher
+
+    close = f"{literal('</think>', think_end)} NEWLINES?"
+    start = {"off": "start: reply", "may": f"start: ({literal('<think>', think)} THINK_TEXT {close})? reply",
+             "open": f"start: THINK_TEXT {close} reply"}[thinking]
+    return LLMatcher.grammar_from_lark("\n".join([start, *rules, "THINK_TEXT: /(?s:.*)/", "NEWLINES: /\\n{1,2}/"]))
+
+
+def literal(text: str, token: int | None) -> str:
+    """A marker in a lark grammar: its token (the tokenizers' added tokens are whole tokens to llguidance, never
+    spelled) or, without one, its text."""
+    return f"<[{token}]>" if token is not None else json.dumps(text)
 
 
 class Grammar:
@@ -96,3 +128,30 @@ class Banned:
 
     def accept(self, token: int) -> None:
         pass
+
+
+class OneCall:
+    """The Constraint (see scheduler.py) of tool_choice "auto" with parallel calls off: the model answers or calls
+    as it likes until its first call is closed (`</tool_call>` after `<tool_call>`, in the answer, not in a think
+    block); after that only an end-of-sequence token is allowed."""
+
+    def __init__(self, call: int, call_end: int, splitter: ThinkingSplitter, eos_ids: tuple[int, ...],
+                 vocab_size: int):
+        self._call, self._call_end, self._splitter = call, call_end, splitter
+        self._eos = np.zeros(vocab_size, dtype=np.bool_)  # (vocab,)
+        self._eos[list(eos_ids)] = True
+        self._calling = self._called = False
+
+    def mask(self, logits: mx.array) -> mx.array:
+        """logits (1, vocab) -> the same, or only the end-of-sequence tokens' once a call is complete."""
+        if not self._called:
+            return logits
+        return mx.where(mx.array(self._eos[: logits.shape[-1]])[None], logits, -mx.inf)
+
+    def accept(self, token: int) -> None:
+        if self._splitter.feed(token) != "answer":
+            return
+        if token == self._call:
+            self._calling = True
+        elif token == self._call_end and self._calling:
+            self._called = True

@@ -19,6 +19,8 @@ import re
 import secrets
 from dataclasses import dataclass
 
+from qwen_mlx.serve.structured import JSON_LAYOUT, literal, think_first
+
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)</function>", re.DOTALL)
 _PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)</parameter>", re.DOTALL)
@@ -178,21 +180,16 @@ def call_grammar(tools: list[dict], names: list[str], form: str, marks: Markers,
                  thinking: str) -> str:
     """The llguidance grammar of a reply that is only tool calls: one call (or, with `many`, one or more, a newline
     between them, as the templates write them) to one of `names`, in `form` ("json" or "xml"), its arguments by the
-    tool's JSON schema where llguidance can compile it (else any JSON object). `thinking`: "off" (the reply starts
-    with the call), "may" (a think block may come first), "open" (the prompt opened the think block: the reply
-    starts inside it). After the calls only an end-of-turn token is allowed."""
-    from llguidance import LLMatcher
-
+    tool's JSON schema where llguidance can compile it (else any JSON object), after a think block as `thinking`
+    says ("off", "may", "open": see structured.think_first). After the calls only an end-of-turn token is
+    allowed."""
     schemas = tool_schemas(tools)
     rules = [f"call: {' | '.join(f'call_{i}' for i in range(len(names)))}",
-             "calls: call" + (' ("\\n" call)*' if many else "")]
-    ends = _literal("<tool_call>", marks.call), _literal("</tool_call>", marks.call_end)
+             "reply: call" + (' ("\\n" call)*' if many else "")]
+    ends = literal("<tool_call>", marks.call), literal("</tool_call>", marks.call_end)
     for i, name in enumerate(names):
         rules += (_xml_call if form == "xml" else _json_call)(i, name, schemas[name], *ends)
-    think = f"{_literal('<think>', marks.think)} THINK_TEXT {_literal('</think>', marks.think_end)} NEWLINES?"
-    start = {"off": "start: calls", "may": f"start: ({think})? calls",
-             "open": f"start: THINK_TEXT {_literal('</think>', marks.think_end)} NEWLINES? calls"}[thinking]
-    return LLMatcher.grammar_from_lark("\n".join([start, *rules, "THINK_TEXT: /(?s:.*)/", "NEWLINES: /\\n{1,2}/"]))
+    return think_first(rules, thinking, marks.think, marks.think_end)
 
 
 def _json_call(i: int, name: str, schema: dict, open_: str, close: str) -> list[str]:
@@ -247,15 +244,7 @@ def _compiled(schema: dict, fallback: dict) -> dict:
     """The schema with the JSON layout of structured.py, or `fallback` when llguidance cannot compile it."""
     from llguidance import LLMatcher
 
-    from qwen_mlx.serve.structured import JSON_LAYOUT
-
     for candidate in (schema, fallback):
         if not LLMatcher.validate_grammar(LLMatcher.grammar_from_json_schema(candidate, defaults=JSON_LAYOUT)):
             return {**candidate, "x-guidance": JSON_LAYOUT}
     return {"x-guidance": JSON_LAYOUT}
-
-
-def _literal(text: str, token: int | None) -> str:
-    """A marker in the grammar: its token (the tokenizers' added tokens are whole tokens to llguidance, never
-    spelled) or, without one, its text."""
-    return f"<[{token}]>" if token is not None else json.dumps(text)
