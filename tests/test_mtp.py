@@ -373,9 +373,9 @@ def test_mtp_under_a_window_keeps_flat_memory_and_the_plain_greedy_output(mtp_mo
     draft = MTPDraft(model)
     got, memory = windowed_run(model, draft, PROMPT, bits, k, N_WINDOWED)
     assert got == expected
+    assert memory[2] == memory[3] == memory[4], memory
     assert isinstance(draft.cache, RotatingKVCache) and draft.cache.bits == bits
     assert draft.cache.max_size == WINDOW and draft.cache.offset == len(PROMPT) + N_WINDOWED - 1
-    assert memory[2] == memory[3] == memory[4], memory
     if bits is None:  # (quantized: hidden states a rounding apart may quantize a step apart)
         reference = last_pair_from_scratch(model, PROMPT + got, bits)
         assert np.abs(np.array(draft.last - reference)).max() <= 1e-4 * np.abs(np.array(reference)).max()
@@ -395,6 +395,19 @@ def test_mtp_starts_over_where_its_window_cannot_go_back(mtp_models):
     assert np.abs(np.array(draft.last - reference)).max() <= 1e-4 * np.abs(np.array(reference)).max()
 
 
+def test_many_pairs_run_in_chunks(mtp_models):
+    """Pairs handed over in one piece (a prompt, starting over) run CHUNK at a time: the same pairs and h'."""
+    model = mtp_models["qwen3_5"]
+    tokens = PROMPT + [1, 2, 3, 4, 5]
+    hidden = model.model(mx.array(tokens)[None], None)[0, :-1]
+    whole, chunked = MTPDraft(model), MTPDraft(model)
+    chunked.CHUNK = 3
+    for draft in (whole, chunked):
+        draft.accepted(tokens, hidden)
+    assert_same_pairs(chunked.cache, whole.cache)
+    assert np.abs(np.array(chunked.last - whole.last)).max() <= 1e-4 * np.abs(np.array(whole.last)).max()
+
+
 @pytest.mark.slow
 def test_mtp_follows_a_change_of_cache_kind(mtp_models):
     """The same draft for a plain run, then a windowed one, then a quantized one: its cache follows each."""
@@ -409,10 +422,31 @@ def test_mtp_follows_a_change_of_cache_kind(mtp_models):
 
 
 @pytest.mark.slow
+def test_a_windowed_chat_with_mtp_equals_one_without(hybrid_checkpoint):
+    """Three turns through LLM.chat(max_kv_size=32) with the head drafting 4: the ring wraps within each turn and
+    each next turn parts from the cache inside the earlier reply; the replies are those without --mtp, and the
+    head's cache ends as large as each attention layer's."""
+    from qwen_mlx.api import load
+
+    path = hybrid_checkpoint("qwen3_5", mtp=True)
+    with_mtp = load(path, mtp=True, draft_tokens=4)
+    replies = []
+    for llm in (with_mtp, load(path)):
+        chat = llm.chat(max_kv_size=32, sampling=SamplingParams(temperature=0.0))
+        replies.append(["".join(e.text for e in chat.send(q, max_tokens=40)) for q in ("one", "two", "three")])
+    assert replies[0] == replies[1]
+    head = with_mtp.draft.cache
+    assert isinstance(head, RotatingKVCache) and head.max_size == 32
+    assert head.nbytes == next(c for c in chat.cache if not isinstance(c, RecurrentCache)).nbytes
+
+
+@pytest.mark.slow
 def test_cli_generate_with_mtp_under_a_window(hybrid_checkpoint):
+    """(main's code raised "a cache could not forget the rejected draft tokens" here: a window of 32 had 4 slack
+    slots, fewer than the 6 drafts a round may reject.)"""
     args = ["generate", "--model", str(hybrid_checkpoint("qwen3_5", mtp=True)), "--prompt", "Count to ten.",
             "--max-kv-size", "32", "--max-tokens", "80", "--temp", "0"]
-    with_mtp, plain = run_cli(*args, "--mtp"), run_cli(*args)
+    with_mtp, plain = run_cli(*args, "--mtp", "--draft-tokens", "6"), run_cli(*args)
     assert with_mtp.returncode == plain.returncode == 0, with_mtp.stderr + plain.stderr
     assert with_mtp.stdout == plain.stdout and len(with_mtp.stdout) > 80
 
