@@ -262,8 +262,8 @@ def test_rotating_memory_is_constant_over_4x_window(models):
     window, shows +265 KB there (nbytes 262,144 -> 524,288): the measure sees growth."""
     model = models("qwen3")
     M = 24
-    nbytes, peaks = decode_memory(model, make_cache(model.config, max_size=M, keep=4), 4 * M)
-    full = M + 3  # default slack: 24 // 8
+    nbytes, peaks = decode_memory(model, make_cache(model.config, max_size=M, keep=4, slack=3), 4 * M)
+    full = M + 3
     assert (nbytes[full:] == nbytes[full]).all() and nbytes[full] == 2 * 2 * (2 * full * 32 * 4)
     early, late = peaks[full : 2 * M].max(), peaks[3 * M :].max()
     assert late <= early + PEAK_TOLERANCE, (early, late)

@@ -17,12 +17,13 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import prompt_ids
+from helpers import prompt_ids, slow_except
 from make_tiny_checkpoint import mtp_layer
 from safetensors import safe_open
 from test_speculative import tiny_hybrid
 
-from qwen_mlx.cache.kv import KVCache, make_cache
+from qwen_mlx.cache.kv import KVCache, QuantizedKVCache, RotatingKVCache, make_cache
+from qwen_mlx.cache.recurrent import RecurrentCache
 from qwen_mlx.engine import speculative
 from qwen_mlx.engine.generate import GenerationStats, generate_tokens
 from qwen_mlx.engine.sampling import SamplingParams
@@ -324,6 +325,130 @@ def test_a_chat_turn_resumes_the_heads_pairs(mtp_models):
                             max_tokens=10, length=DraftLength(fixed=2)))
     assert draft.cache.offset == cache[0].offset
     assert_same_pairs(draft.cache, pairs_from_scratch(model, draft.seen))
+
+
+# ------------------------------------------------------------------------------------- under a window, KV bits
+
+
+WINDOW = 16  # 4 pinned tokens, a ring of 12 + 8 (the slack) slots
+N_WINDOWED = 60  # the sequence reaches 67 positions: the ring wraps three times
+
+
+def windowed_cache(model, bits: int | None) -> list:
+    return make_cache(model.config, max_size=WINDOW, bits=bits)
+
+
+def last_pair_from_scratch(model, tokens: list[int], bits: int | None) -> mx.array:
+    """h' of the last pair of a head that saw every pair of `tokens` at once, under the window (one forward: each
+    query gets its own window) with hidden states from one windowed target forward: (1, 1, dim)."""
+    hidden = model.model(mx.array(tokens)[None], windowed_cache(model, bits))
+    cache = next(c for c in windowed_cache(model, bits) if not isinstance(c, RecurrentCache))
+    return model.mtp(model.model.embed_tokens(mx.array(tokens[1:])[None]), hidden[:, :-1], cache)[:, -1:]
+
+
+def windowed_run(model, draft: MTPDraft, prompt: list[int], bits: int | None, k: int, n: int,
+                 context: list[int] = (), cache: list | None = None) -> tuple[list[int], dict[int, tuple[int, int]]]:
+    """Speculative greedy tokens under the window, and the head's cache's (nbytes, bytes of the arrays it holds)
+    when the sequence first reaches 2, 3, 4 windows."""
+    cache = windowed_cache(model, bits) if cache is None else cache
+    got, memory = [], {}
+    for token in speculative_tokens(model, draft, prompt, cache, SamplingParams(), context=list(context),
+                                    max_tokens=n, length=DraftLength(fixed=k)):
+        got.append(token)
+        for m in (2, 3, 4):
+            if m not in memory and len(context) + len(prompt) + len(got) >= m * WINDOW:
+                memory[m] = (draft.cache.nbytes, sum(a.nbytes for a in draft.cache.state))
+    return got, memory
+
+
+@pytest.mark.parametrize(("variant", "bits", "k"), slow_except(
+    [("qwen3_5", None, 6), ("qwen3_5_moe", 8, 3), ("qwen3_5", 8, 3), ("qwen3_5_moe", None, 6)],
+    ("qwen3_5", None, 6), ("qwen3_5_moe", 8, 3)))
+def test_mtp_under_a_window_keeps_flat_memory_and_the_plain_greedy_output(mtp_models, variant, bits, k):
+    """--mtp --max-kv-size 16 [--kv-bits 8]: the ring wraps; the tokens are plain greedy's under the
+    same cache settings; the head's cache is a window of the same kind (quantized alike) whose memory stops
+    growing once it is full; its last pair's h' is that of a head that ran every pair at once under the window."""
+    model = mtp_models[variant]
+    expected = list(generate_tokens(model, PROMPT, windowed_cache(model, bits), max_tokens=N_WINDOWED))
+    draft = MTPDraft(model)
+    got, memory = windowed_run(model, draft, PROMPT, bits, k, N_WINDOWED)
+    assert got == expected
+    assert memory[2] == memory[3] == memory[4], memory
+    assert isinstance(draft.cache, RotatingKVCache) and draft.cache.bits == bits
+    assert draft.cache.max_size == WINDOW and draft.cache.offset == len(PROMPT) + N_WINDOWED - 1
+    if bits is None:  # (quantized: hidden states a rounding apart may quantize a step apart)
+        reference = last_pair_from_scratch(model, PROMPT + got, bits)
+        assert np.abs(np.array(draft.last - reference)).max() <= 1e-4 * np.abs(np.array(reference)).max()
+
+
+def test_mtp_starts_over_where_its_window_cannot_go_back(mtp_models):
+    """A second generation on a fresh target cache (another prompt) after the ring has wrapped: the head cannot
+    trim back to the start, so it starts over; its pairs are then those of a fresh head, the output plain greedy's."""
+    model = mtp_models["qwen3_5"]
+    draft = MTPDraft(model)
+    windowed_run(model, draft, PROMPT, None, 2, 2 * WINDOW)
+    other = [9, 8, 7, 6, 5]
+    got, _ = windowed_run(model, draft, other, None, 2, 12)
+    assert got == list(generate_tokens(model, other, windowed_cache(model, None), max_tokens=12))
+    assert draft.cache.offset == len(other) + 11
+    reference = last_pair_from_scratch(model, other + got, None)
+    assert np.abs(np.array(draft.last - reference)).max() <= 1e-4 * np.abs(np.array(reference)).max()
+
+
+def test_many_pairs_run_in_chunks(mtp_models):
+    """Pairs handed over in one piece (a prompt, starting over) run CHUNK at a time: the same pairs and h'."""
+    model = mtp_models["qwen3_5"]
+    tokens = PROMPT + [1, 2, 3, 4, 5]
+    hidden = model.model(mx.array(tokens)[None], None)[0, :-1]
+    whole, chunked = MTPDraft(model), MTPDraft(model)
+    chunked.CHUNK = 3
+    for draft in (whole, chunked):
+        draft.accepted(tokens, hidden)
+    assert_same_pairs(chunked.cache, whole.cache)
+    assert np.abs(np.array(chunked.last - whole.last)).max() <= 1e-4 * np.abs(np.array(whole.last)).max()
+
+
+@pytest.mark.slow
+def test_mtp_follows_a_change_of_cache_kind(mtp_models):
+    """The same draft for a plain run, then a windowed one, then a quantized one: its cache follows each."""
+    model = mtp_models["qwen3_5"]
+    draft = MTPDraft(model)
+    for options, kind in (({}, KVCache), (dict(max_size=WINDOW), RotatingKVCache), (dict(bits=8), QuantizedKVCache)):
+        cache = make_cache(model.config, **options)
+        got = list(speculative_tokens(model, draft, PROMPT, cache, SamplingParams(), max_tokens=40,
+                                      length=DraftLength(fixed=3)))
+        assert got == list(generate_tokens(model, PROMPT, make_cache(model.config, **options), max_tokens=40))
+        assert type(draft.cache) is kind and draft.cache.offset == cache[1].offset
+
+
+@pytest.mark.slow
+def test_a_windowed_chat_with_mtp_equals_one_without(hybrid_checkpoint):
+    """Three turns through LLM.chat(max_kv_size=32) with the head drafting 4: the ring wraps within each turn and
+    each next turn parts from the cache inside the earlier reply; the replies are those without --mtp, and the
+    head's cache ends as large as each attention layer's."""
+    from qwen_mlx.api import load
+
+    path = hybrid_checkpoint("qwen3_5", mtp=True)
+    with_mtp = load(path, mtp=True, draft_tokens=4)
+    replies = []
+    for llm in (with_mtp, load(path)):
+        chat = llm.chat(max_kv_size=32, sampling=SamplingParams(temperature=0.0))
+        replies.append(["".join(e.text for e in chat.send(q, max_tokens=40)) for q in ("one", "two", "three")])
+    assert replies[0] == replies[1]
+    head = with_mtp.draft.cache
+    assert isinstance(head, RotatingKVCache) and head.max_size == 32
+    assert head.nbytes == next(c for c in chat.cache if not isinstance(c, RecurrentCache)).nbytes
+
+
+@pytest.mark.slow
+def test_cli_generate_with_mtp_under_a_window(hybrid_checkpoint):
+    """(main's code raised "a cache could not forget the rejected draft tokens" here: a window of 32 had 4 slack
+    slots, fewer than the 6 drafts a round may reject.)"""
+    args = ["generate", "--model", str(hybrid_checkpoint("qwen3_5", mtp=True)), "--prompt", "Count to ten.",
+            "--max-kv-size", "32", "--max-tokens", "80", "--temp", "0"]
+    with_mtp, plain = run_cli(*args, "--mtp", "--draft-tokens", "6"), run_cli(*args)
+    assert with_mtp.returncode == plain.returncode == 0, with_mtp.stderr + plain.stderr
+    assert with_mtp.stdout == plain.stdout and len(with_mtp.stdout) > 80
 
 
 # --------------------------------------------------------------------------------------------------- refusals

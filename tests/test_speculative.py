@@ -77,6 +77,9 @@ class Oracle:
     def __init__(self, script: list[int], wrong=lambda position: False):
         self.script, self.wrong = script, wrong
 
+    def follow(self, cache):
+        pass
+
     def sync(self, tokens):
         self.start = len(tokens) + 1  # sequence length when the first generated token is next
 

@@ -34,6 +34,9 @@ class OracleDraft:
     def __init__(self, continuation: list[int]):
         self.continuation = continuation
 
+    def follow(self, cache) -> None:
+        pass
+
     def sync(self, tokens: list[int]) -> None:
         self.start = len(tokens) + 1
 

@@ -120,6 +120,10 @@ class KVCache(_StoredCache):
         self._store = Store(None, 0)
         self.offset = 0
 
+    def empty(self) -> KVCache:
+        """A new empty cache of the same kind and settings."""
+        return KVCache()
+
     @property
     def meta_state(self) -> dict[str, int]:
         return {"offset": self.offset}
@@ -168,6 +172,10 @@ class QuantizedKVCache(_StoredCache):
         self.bits, self.group_size = bits, group_size
         self._store = Store(bits, group_size)
         self.offset = 0
+
+    def empty(self) -> QuantizedKVCache:
+        """A new empty cache of the same kind and settings."""
+        return QuantizedKVCache(self.bits, self.group_size)
 
     @property
     def meta_state(self) -> dict[str, int]:
@@ -250,6 +258,10 @@ class RotatingKVCache(_StoredCache):
         self.offset = 0
         self._lo = keep  # oldest non-pinned position still held; held: [max(_lo, keep), offset)
         self._used = 0  # slots ever written (the prefix of the storage that holds data)
+
+    def empty(self) -> RotatingKVCache:
+        """A new empty cache of the same kind and settings."""
+        return RotatingKVCache(self.max_size, self.keep, slack=self.slack, bits=self.bits, group_size=self.group_size)
 
     @property
     def meta_state(self) -> dict[str, int | None]:
@@ -394,9 +406,13 @@ def _check_window(max_size: int, keep: int, slack: int) -> None:
         raise CacheError(f"the rotating cache's slack must not be negative: got {slack}")
 
 
+MIN_SLACK = 8  # a speculative round's rejected drafts (up to engine.speculative.MAX_DRAFT) stay trimmable
+
+
 def default_slack(max_size: int) -> int:
-    """Extra ring slots kept beyond the window, for exact trims after wrapping: max_size / 8, at most 256."""
-    return min(256, max_size // 8)
+    """Extra ring slots kept beyond the window, for exact trims after wrapping: max_size / 8, at least MIN_SLACK,
+    at most 256."""
+    return max(MIN_SLACK, min(256, max_size // 8))
 
 
 LayerCache = KVCache | QuantizedKVCache | RotatingKVCache | RecurrentCache

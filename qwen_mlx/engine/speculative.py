@@ -29,14 +29,14 @@ from typing import Protocol
 import mlx.core as mx
 import numpy as np
 
-from qwen_mlx.cache.kv import KVCache
+from qwen_mlx.cache.kv import KVCache, LayerCache
 from qwen_mlx.cache.prefix import common_prefix
-from qwen_mlx.cache.recurrent import forget_passing, keep_snapshots, restore_point, settle
+from qwen_mlx.cache.recurrent import RecurrentCache, forget_passing, keep_snapshots, restore_point, settle
 from qwen_mlx.engine.generate import GenerationStats, generation_stream, prefill
 from qwen_mlx.engine.sampling import SamplingParams, probabilities
 from qwen_mlx.models.qwen3 import Cache, Model
 
-MAX_DRAFT = 8
+MAX_DRAFT = 8  # a rotating cache's slack (cache.kv.MIN_SLACK) keeps a round's rejected drafts trimmable
 
 
 class Draft(Protocol):
@@ -46,6 +46,10 @@ class Draft(Protocol):
     # Whether it reads the target's hidden states: then `accepted` is handed them, also after each chunk of the
     # prompt the target runs, and `sync` is not called.
     wants_hidden: bool
+
+    def follow(self, cache: list[Cache]) -> None:
+        """Called as a generation starts, with the target's cache (its kinds: window, KV bits): a draft whose own
+        cache lines up with the target's positions keeps it of the same kind."""
 
     def sync(self, tokens: list[int]) -> None:
         """Hold exactly `tokens` (the whole context before the last token, as the target's cache does), reusing
@@ -185,6 +189,7 @@ def _speculate(model: Model, draft: Draft, prompt: list[int], cache: list[Cache]
     rng = np.random.default_rng(params.seed)
     history = list(prompt)  # what the repetition penalty looks at, as in generate_tokens
     seen = context + history  # the whole sequence, for the draft
+    draft.follow(cache)
     if draft.wants_hidden:
         if not _prefill_with_hidden(model, draft, seen, len(context), cache, prefill_chunk, stop):
             return
@@ -273,6 +278,9 @@ class DraftModel:
         self.model, self.cache = model, cache
         self.held: list[int] = []  # the tokens its cache holds
 
+    def follow(self, cache: list[Cache]) -> None:
+        """Nothing: its cache is its own model's, made with the draft (its positions run ahead of the target's)."""
+
     def sync(self, tokens: list[int]) -> None:
         self._forget_after(tokens)
         if len(tokens) > len(self.held):
@@ -318,15 +326,28 @@ class MTPDraft:
     its own KV cache, and its output h' gives the logits of token i + 2 through the target's head. After each
     round it holds exactly the pairs of the target's cache positions, made from the target's hidden states; the
     last one's h' drafts the first token of the next round, and each further token runs one more pair made of
-    the token just drafted and the h' before it (the pairs made of h' are dropped at the end of the round)."""
+    the token just drafted and the h' before it (the pairs made of h' are dropped at the end of the round).
+
+    Its cache is of the kind the target's attention layers use (follow): under a window (a RotatingKVCache of the
+    same size, pinned tokens and slack) its memory stays flat as the target's does, with KV bits it is quantized
+    alike. Where it cannot go back as far as a new sequence parts from the one it holds (the ring has moved on:
+    another prompt, a chat turn resumed inside an earlier reply), it starts over from an empty cache and runs the
+    pairs again: from the target's hidden states where the target hands them over (it then ran the whole sequence
+    too), from the tokens alone before that. Drafts may suffer; the output does not (verify decides)."""
 
     wants_hidden = True
+    CHUNK = 512  # pairs per forward when it runs many (a prompt, starting over): attention's memory stays bounded
 
     def __init__(self, model: Model):
         self.model, self.mtp = model, model.mtp
-        self.cache = KVCache()
+        self.cache: LayerCache = KVCache()
         self.seen: list[int] = []  # the tokens its pairs were made of: pair i holds seen[i + 1]
         self.last: mx.array | None = None  # (1, 1, dim): h' of the last pair
+
+    def follow(self, cache: list[Cache]) -> None:
+        like = next(c for c in cache if not isinstance(c, RecurrentCache)).empty()  # the target's attention kind
+        if (like.kind, like.meta_state) != (self.cache.kind, self.cache.empty().meta_state):
+            self.cache, self.seen, self.last = like, [], None
 
     def sync(self, tokens: list[int]) -> None:
         """Not called (wants_hidden): it learns the context from `accepted`, which the prefill calls."""
@@ -352,16 +373,17 @@ class MTPDraft:
         pairs = self.cache.offset
         keep = min(pairs, start, max(common_prefix(self.seen, seen) - 1, 0))
         if keep < pairs:
-            if self.cache.trim(pairs - keep) != pairs - keep:
-                raise RuntimeError("the MTP head's cache could not forget its pairs")
             self.last = None
+            if self.cache.trim(pairs - keep) != pairs - keep:  # a window that moved on: start over
+                self.cache, keep = self.cache.empty(), 0
         if keep < start:
             # Positions whose hidden states the target no longer has (a chat turn resumed inside the earlier
-            # reply): their pairs are made of the token alone (a zero hidden state normalises to zero), so the
-            # later pairs stay at their positions. Drafts may suffer; the output does not (verify decides).
+            # reply, starting over): their pairs are made of the token alone (a zero hidden state normalises to
+            # zero), so the later pairs stay at their positions.
             hidden = mx.concatenate([mx.zeros((start - keep, hidden.shape[1]), hidden.dtype), hidden])
-        if hidden.shape[0]:
-            self.last = self.mtp(self._embed(seen[keep + 1:]), hidden[None], self.cache)[:, -1:]
+        for a in range(0, hidden.shape[0], self.CHUNK):
+            b = min(a + self.CHUNK, hidden.shape[0])
+            self.last = self.mtp(self._embed(seen[keep + 1 + a:keep + 1 + b]), hidden[None, a:b], self.cache)[:, -1:]
             mx.eval(self.last, self.cache.state)
         self.seen = list(seen)
 
