@@ -52,6 +52,27 @@ def common_prefix(a, b) -> int:
     return int(differ[0]) if differ.size else n
 
 
+def greedy_with_logits(model, prompt, n, caches) -> tuple[list[int], np.ndarray]:
+    """greedy_ours through the given caches, also returning the float32 logits each token was chosen from (n, V)."""
+    logits = model(mx.array(prompt)[None], caches)
+    tokens, rows = [], []
+    for _ in range(n):
+        rows.append(np.array(logits[0, -1].astype(mx.float32)))
+        token = mx.argmax(logits[:, -1], axis=-1)
+        tokens.append(token.item())
+        logits = model(token[:, None], caches)
+    return tokens, np.stack(rows)
+
+
+def prefill(model, caches, ids, chunks) -> None:
+    """Run ids through the model (without its head) in steps of the given lengths, filling the caches."""
+    assert sum(chunks) == len(ids)
+    a = 0
+    for n in chunks:
+        mx.eval(model.model(mx.array(ids[a : a + n])[None], caches))
+        a += n
+
+
 def prompt_ids(n: int, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 151643, n)
 

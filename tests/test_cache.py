@@ -23,7 +23,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import greedy_ours, prompt_ids, slow_except
+from helpers import greedy_ours, greedy_with_logits, prefill, prompt_ids, slow_except
 
 from qwen_mlx.cache.files import CacheFileError, load_cache, save_cache
 from qwen_mlx.cache.kv import KVCache, QuantizedKVCache, RotatingKVCache, make_cache
@@ -59,27 +59,6 @@ def feed(model, caches, ids, chunks) -> np.ndarray:
         out.append(np.array(model(mx.array(ids[a : a + n])[None], caches)[0].astype(mx.float32)))
         a += n
     return np.concatenate(out)
-
-
-def prefill(model, caches, ids, chunks) -> None:
-    """feed() without the LM head: fills the caches only."""
-    assert sum(chunks) == len(ids)
-    a = 0
-    for n in chunks:
-        mx.eval(model.model(mx.array(ids[a : a + n])[None], caches))
-        a += n
-
-
-def greedy_with_logits(model, prompt, n, caches):
-    """greedy_ours, also returning the logits each token was chosen from."""
-    logits = model(mx.array(prompt)[None], caches)
-    tokens, rows = [], []
-    for _ in range(n):
-        rows.append(np.array(logits[0, -1].astype(mx.float32)))
-        token = mx.argmax(logits[:, -1], axis=-1)
-        tokens.append(token.item())
-        logits = model(token[:, None], caches)
-    return tokens, np.stack(rows)
 
 
 def window_rule(max_size, keep):

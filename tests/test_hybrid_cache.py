@@ -14,7 +14,7 @@ import random
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import common_prefix, prompt_ids
+from helpers import common_prefix, greedy_with_logits, prefill, prompt_ids
 
 from qwen_mlx.cache.files import CacheFileError, load_cache, model_fingerprint, save_cache
 from qwen_mlx.cache.kv import KVCache, RotatingKVCache, make_cache
@@ -36,27 +36,6 @@ def models(hybrid_checkpoint, tiny_checkpoint):
         return loaded[variant]
 
     return get
-
-
-def prefill(model, caches, ids, chunks) -> None:
-    """Run ids through the model (without its head) in steps of the given lengths, filling the caches."""
-    a = 0
-    for n in chunks:
-        mx.eval(model.model(mx.array(ids[a : a + n])[None], caches))
-        a += n
-    assert a == len(ids)
-
-
-def greedy_with_logits(model, prompt, n, caches):
-    """Greedy tokens after `prompt` and the float32 logits each was chosen from."""
-    logits = model(mx.array(prompt)[None], caches)
-    tokens, rows = [], []
-    for _ in range(n):
-        rows.append(np.array(logits[0, -1].astype(mx.float32)))
-        token = mx.argmax(logits[:, -1], axis=-1)
-        tokens.append(token.item())
-        logits = model(token[:, None], caches)
-    return tokens, np.stack(rows)
 
 
 def refused(model, path, match):
