@@ -127,7 +127,7 @@ def test_greedy_with_a_draft_model_equals_plain_greedy(targets, k):
     model = targets["dense"]
     expected = plain_greedy(model)
     for draft_model in (tiny_model(5, layers=1), model):  # a stranger (mostly rejected), itself (all accepted)
-        draft = DraftModel(draft_model, make_cache(draft_model.config))
+        draft = DraftModel(draft_model)
         got, stats, _ = run_speculative(model, draft, k)
         assert got == expected
     assert stats.accepted == stats.drafted  # the model drafting for itself
@@ -140,7 +140,7 @@ def test_greedy_with_a_hybrid_draft_model_for_a_hybrid_target_equals_plain_greed
     model = targets["hybrid"]
     expected = plain_greedy(model)
     for draft_model in (tiny_hybrid(9), model):  # a stranger (mostly rejected), itself (all accepted)
-        draft = DraftModel(draft_model, make_cache(draft_model.config))
+        draft = DraftModel(draft_model)
         got, stats, cache = run_speculative(model, draft, k)
         assert got == expected
     assert stats.accepted == stats.drafted and stats.tokens_per_forward > 1
@@ -228,7 +228,7 @@ def test_after_a_rejection_the_cache_matches_a_cache_fed_only_the_accepted_token
     of a plain cache fed the prompt and the accepted tokens (1e-5: chunk shapes differ, so not bitwise)."""
     model = targets["dense"]
     draft_model = tiny_model(5, layers=1)
-    got, _, cache = run_speculative(model, DraftModel(draft_model, make_cache(draft_model.config)), 4, n=40)
+    got, _, cache = run_speculative(model, DraftModel(draft_model), 4, n=40)
     held = cache[0].offset
     fresh = make_cache(model.config)
     model(mx.array((PROMPT + got)[:held])[None], fresh)
@@ -296,7 +296,7 @@ def test_sampled_speculation_is_reproducible_and_stays_in_the_mask(targets):
     model = targets["dense"]
     draft_model = tiny_model(5, layers=1)
     params = SamplingParams(temperature=0.8, top_k=5, seed=7, repetition_penalty=1.2)
-    runs = [run_speculative(model, DraftModel(draft_model, make_cache(draft_model.config)), 3, n=24,
+    runs = [run_speculative(model, DraftModel(draft_model), 3, n=24,
                             params=params)[0] for _ in range(2)]
     assert runs[0] == runs[1]
 
