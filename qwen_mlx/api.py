@@ -64,7 +64,7 @@ class LLM:
         if not self.tokenizer.same_vocabulary(draft.tokenizer):
             raise UserError(f"the draft model {draft.path} has another vocabulary than {self.path}: a draft must "
                             "use the same tokenizer (e.g. Qwen3-0.6B for Qwen3-8B)")
-        self.draft = DraftModel(draft.model, draft.new_cache())
+        self.draft = DraftModel(draft.model)
         self.draft_length = DraftLength(fixed=tokens)
 
     @property

@@ -6,9 +6,10 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import slow_except
 from mlx.utils import tree_map
 
-from qwen_mlx.cache.kv import make_cache
+from qwen_mlx.cache.kv import KVCache, QuantizedKVCache, RotatingKVCache, make_cache
 from qwen_mlx.cache.recurrent import RecurrentCache, forget_passing, keep_snapshots
 from qwen_mlx.engine import speculative
 from qwen_mlx.engine.generate import GenerationStats, generate_tokens
@@ -22,9 +23,10 @@ VOCAB = 384
 N_TOKENS = 64
 
 
-def tiny_model(seed: int, *, layers: int = 2, moe: bool = False, vocab: int = VOCAB, spread: float = 4) -> Model:
+def tiny_model(seed: int, *, layers: int = 2, moe: bool = False, vocab: int = VOCAB, spread: float = 4,
+               head_dim: int = 32) -> Model:
     raw = dict(model_type="qwen3_moe" if moe else "qwen3", hidden_size=64, num_hidden_layers=layers,
-               num_attention_heads=4, num_key_value_heads=2, head_dim=32, intermediate_size=128,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, intermediate_size=128,
                vocab_size=vocab, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=4096,
                tie_word_embeddings=seed % 2 == 0, attention_bias=False)
     if moe:
@@ -127,7 +129,7 @@ def test_greedy_with_a_draft_model_equals_plain_greedy(targets, k):
     model = targets["dense"]
     expected = plain_greedy(model)
     for draft_model in (tiny_model(5, layers=1), model):  # a stranger (mostly rejected), itself (all accepted)
-        draft = DraftModel(draft_model, make_cache(draft_model.config))
+        draft = DraftModel(draft_model)
         got, stats, _ = run_speculative(model, draft, k)
         assert got == expected
     assert stats.accepted == stats.drafted  # the model drafting for itself
@@ -140,7 +142,7 @@ def test_greedy_with_a_hybrid_draft_model_for_a_hybrid_target_equals_plain_greed
     model = targets["hybrid"]
     expected = plain_greedy(model)
     for draft_model in (tiny_hybrid(9), model):  # a stranger (mostly rejected), itself (all accepted)
-        draft = DraftModel(draft_model, make_cache(draft_model.config))
+        draft = DraftModel(draft_model)
         got, stats, cache = run_speculative(model, draft, k)
         assert got == expected
     assert stats.accepted == stats.drafted and stats.tokens_per_forward > 1
@@ -228,7 +230,7 @@ def test_after_a_rejection_the_cache_matches_a_cache_fed_only_the_accepted_token
     of a plain cache fed the prompt and the accepted tokens (1e-5: chunk shapes differ, so not bitwise)."""
     model = targets["dense"]
     draft_model = tiny_model(5, layers=1)
-    got, _, cache = run_speculative(model, DraftModel(draft_model, make_cache(draft_model.config)), 4, n=40)
+    got, _, cache = run_speculative(model, DraftModel(draft_model), 4, n=40)
     held = cache[0].offset
     fresh = make_cache(model.config)
     model(mx.array((PROMPT + got)[:held])[None], fresh)
@@ -296,7 +298,7 @@ def test_sampled_speculation_is_reproducible_and_stays_in_the_mask(targets):
     model = targets["dense"]
     draft_model = tiny_model(5, layers=1)
     params = SamplingParams(temperature=0.8, top_k=5, seed=7, repetition_penalty=1.2)
-    runs = [run_speculative(model, DraftModel(draft_model, make_cache(draft_model.config)), 3, n=24,
+    runs = [run_speculative(model, DraftModel(draft_model), 3, n=24,
                             params=params)[0] for _ in range(2)]
     assert runs[0] == runs[1]
 
@@ -313,6 +315,129 @@ def test_draft_length_turns_itself_off_when_drafting_does_not_pay():
         k = good.next()
         good.update(k, k, 1.0 + 0.05 * k)  # cheap drafts, all accepted
     assert good._best() == good.max_k
+
+
+# ------------------------------------------------------------------------------------- under a window, KV bits
+
+
+WINDOW = 16  # 4 pinned tokens, a ring of 12 + 8 (the slack) slots
+N_WINDOWED = 60  # the sequence reaches 67 positions: the ring wraps three times
+
+
+def windowed_run(model, draft, prompt: list[int], k: int, n: int, **options):
+    """Speculative greedy tokens under the window (and make_cache `options`), the stats, and the draft's memory
+    (its caches' nbytes, bytes of the arrays they hold) when the sequence first reaches 2, 3, 4 windows."""
+    cache, stats = make_cache(model.config, max_size=WINDOW, **options), GenerationStats()
+    got, memory = [], {}
+    for token in speculative_tokens(model, draft, prompt, cache, SamplingParams(), max_tokens=n,
+                                    length=DraftLength(fixed=k), stats=stats):
+        got.append(token)
+        for m in (2, 3, 4):
+            if m not in memory and len(prompt) + len(got) >= m * WINDOW:
+                memory[m] = (sum(c.nbytes for c in draft.cache), sum(a.nbytes for c in draft.cache for a in c.state))
+    return got, stats, memory
+
+
+def assert_holds_what_it_ran(draft, **options):
+    """The draft's cache gives the next logits of a cache of its settings that ran the tokens it holds at once."""
+    fresh = make_cache(draft.model.config, **options)
+    assert draft.cache[0].offset == len(draft.held)
+    draft.model(mx.array(draft.held)[None], fresh)
+    nxt = mx.array([[1]])
+    ours, theirs = np.array(draft.model(nxt, draft.cache)), np.array(draft.model(nxt, fresh))
+    assert np.abs(ours - theirs).max() <= 1e-4 * np.abs(theirs).max()
+
+
+@pytest.mark.parametrize(("target", "drafter", "bits"), slow_except(
+    [("dense", "stranger", None), ("dense", "itself", None), ("dense", "stranger", 8), ("hybrid", "hybrid", None)],
+    ("dense", "stranger", None), ("dense", "itself", None), ("dense", "stranger", 8)))
+def test_a_draft_model_under_a_window_keeps_flat_memory_and_the_plain_greedy_output(targets, target, drafter, bits):
+    """--draft-model --max-kv-size 16 [--kv-bits 8], k = 4: the ring wraps three times; the tokens are plain
+    greedy's under the same cache settings; the draft's attention caches are windows of the same size (quantized
+    alike) whose memory stops growing once full, and hold what a windowed cache that ran its tokens holds."""
+    model = targets[target]
+    draft_model = {"stranger": lambda: tiny_model(5, layers=1), "itself": lambda: model,
+                   "hybrid": lambda: tiny_hybrid(9)}[drafter]()
+    expected = list(generate_tokens(model, PROMPT, make_cache(model.config, max_size=WINDOW, bits=bits),
+                                    max_tokens=N_WINDOWED))
+    assert len(set(expected)) > 8
+    draft = DraftModel(draft_model)
+    got, stats, memory = windowed_run(model, draft, PROMPT, 4, N_WINDOWED, bits=bits)
+    assert got == expected
+    assert memory[2] == memory[3] == memory[4], memory
+    attention = [c for c in draft.cache if not isinstance(c, RecurrentCache)]
+    assert all(isinstance(c, RotatingKVCache) and (c.max_size, c.bits) == (WINDOW, bits) for c in attention)
+    if drafter == "itself":
+        assert stats.accepted == stats.drafted and stats.tokens_per_forward > 4
+    if bits is None:  # (quantized: the steps' shapes differ, so values a rounding apart may quantize a step apart)
+        assert_holds_what_it_ran(draft, max_size=WINDOW)
+
+
+def test_a_draft_model_starts_over_where_its_window_cannot_go_back(targets):
+    """After the ring has wrapped, a new sequence that shares only its first 20 tokens (another prompt, a chat turn
+    resumed inside the earlier reply) is further back than the window can trim: the draft starts over (a new
+    cache), runs the tokens again, and then holds what a fresh draft holds; the output is plain greedy's."""
+    model = targets["dense"]
+    draft_model = tiny_model(5, layers=1)
+    draft = DraftModel(draft_model)
+    first, _, _ = windowed_run(model, draft, PROMPT, 4, 2 * WINDOW)
+    before = draft.cache
+    prompt = (PROMPT + first)[:20] + [9, 8, 7]
+    got, _, _ = windowed_run(model, draft, prompt, 4, 12)
+    assert draft.cache is not before  # it started over
+    assert got == list(generate_tokens(model, prompt, make_cache(model.config, max_size=WINDOW), max_tokens=12))
+    fresh = DraftModel(draft_model)
+    windowed_run(model, fresh, prompt, 4, 12)
+    assert draft.held == fresh.held
+    assert_holds_what_it_ran(draft, max_size=WINDOW)
+
+
+def test_a_draft_model_quantizes_its_kv_cache_as_the_target_does():
+    """--kv-bits 8 with a target of head_dim 64 (KV groups of 64) and a draft of head_dim 32, which 64 does not
+    divide: the draft's caches are 8-bit in groups of 32 (what make_cache picks for it); greedy equals plain greedy
+    with 8-bit KV."""
+    model = tiny_model(11, head_dim=64)
+    expected = list(generate_tokens(model, PROMPT, make_cache(model.config, bits=8), max_tokens=N_TOKENS))
+    assert len(set(expected)) > 8
+    draft = DraftModel(tiny_model(5, layers=1))
+    got, _, cache = run_speculative(model, draft, 4, cache=make_cache(model.config, bits=8))
+    assert got == expected
+    assert all((c.bits, c.group_size) == (8, 64) for c in cache)
+    assert all(isinstance(c, QuantizedKVCache) and (c.bits, c.group_size) == (8, 32) for c in draft.cache)
+
+
+@pytest.mark.slow
+def test_a_draft_model_follows_a_change_of_cache_kind(targets):
+    """The same draft for a plain run, a windowed one, a quantized one, then a plain one: its cache follows each
+    (a new one each time the settings change) and the output is plain greedy's under the same settings."""
+    model = targets["dense"]
+    draft = DraftModel(tiny_model(5, layers=1))
+    for options, kind in (({}, KVCache), (dict(max_size=WINDOW), RotatingKVCache), (dict(bits=8), QuantizedKVCache),
+                          ({}, KVCache)):
+        cache = make_cache(model.config, **options)
+        got = list(speculative_tokens(model, draft, PROMPT, cache, SamplingParams(), max_tokens=40,
+                                      length=DraftLength(fixed=3)))
+        assert got == list(generate_tokens(model, PROMPT, make_cache(model.config, **options), max_tokens=40))
+        assert all(type(c) is kind for c in draft.cache) and draft.cache[0].offset == len(draft.held)
+
+
+@pytest.mark.slow
+def test_a_windowed_chat_with_a_draft_model_equals_one_without(tiny_checkpoint):
+    """Three turns through LLM.chat(max_kv_size=32) with a draft model drafting 4: the ring wraps within each turn
+    and each next turn parts from the cache inside the earlier reply; the replies are those without the draft,
+    and the draft's caches end as windows as large as the target's."""
+    from qwen_mlx.api import load
+
+    target = tiny_checkpoint("qwen3")
+    with_draft = load(target, draft=tiny_checkpoint("qwen2"), draft_tokens=4)
+    replies = []
+    for llm in (with_draft, load(target)):
+        chat = llm.chat(max_kv_size=32, sampling=SamplingParams(temperature=0.0))
+        replies.append(["".join(e.text for e in chat.send(q, max_tokens=40)) for q in ("one", "two", "three")])
+    assert replies[0] == replies[1]
+    draft = with_draft.draft
+    assert all(isinstance(c, RotatingKVCache) and c.max_size == 32 for c in draft.cache)
+    assert sum(c.nbytes for c in draft.cache) == sum(c.nbytes for c in draft.cache[:1]) * len(draft.cache)
 
 
 @pytest.mark.slow  # 25 s

@@ -86,8 +86,7 @@ def run(preset: str, layers: int | None, bits: str, draft: str, k: int, *, promp
         if with_mlx_lm and draft_model is not None else None
 
     def draft_source():
-        return OracleDraft(continuation) if draft_model is None else DraftModel(draft_model,
-                                                                                make_cache(draft_model.config))
+        return OracleDraft(continuation) if draft_model is None else DraftModel(draft_model)
 
     plain, spec, per_forward, acceptance, theirs = [], [], [], [], []
     for repeat in range(repeats + 1):  # the first round warms up and is not counted

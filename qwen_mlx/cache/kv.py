@@ -51,6 +51,11 @@ class _StoredCache:
     kind: ClassVar[str]  # the cache's name in a prompt-cache file
     _store: Store
     offset: int
+    options: dict  # the make_cache options (and constructor arguments) that build caches of this kind and settings
+
+    def empty(self) -> _StoredCache:
+        """A new empty cache of the same kind and settings."""
+        return type(self)(**self.options)
 
     def trim(self, n: int) -> int:
         """Forget the last n tokens (n is clipped to what is held); returns how many were removed. Exact."""
@@ -120,9 +125,9 @@ class KVCache(_StoredCache):
         self._store = Store(None, 0)
         self.offset = 0
 
-    def empty(self) -> KVCache:
-        """A new empty cache of the same kind and settings."""
-        return KVCache()
+    @property
+    def options(self) -> dict:
+        return {}
 
     @property
     def meta_state(self) -> dict[str, int]:
@@ -173,9 +178,9 @@ class QuantizedKVCache(_StoredCache):
         self._store = Store(bits, group_size)
         self.offset = 0
 
-    def empty(self) -> QuantizedKVCache:
-        """A new empty cache of the same kind and settings."""
-        return QuantizedKVCache(self.bits, self.group_size)
+    @property
+    def options(self) -> dict:
+        return {"bits": self.bits, "group_size": self.group_size}
 
     @property
     def meta_state(self) -> dict[str, int]:
@@ -259,9 +264,10 @@ class RotatingKVCache(_StoredCache):
         self._lo = keep  # oldest non-pinned position still held; held: [max(_lo, keep), offset)
         self._used = 0  # slots ever written (the prefix of the storage that holds data)
 
-    def empty(self) -> RotatingKVCache:
-        """A new empty cache of the same kind and settings."""
-        return RotatingKVCache(self.max_size, self.keep, slack=self.slack, bits=self.bits, group_size=self.group_size)
+    @property
+    def options(self) -> dict:
+        return {"max_size": self.max_size, "keep": self.keep, "slack": self.slack, "bits": self.bits,
+                "group_size": self.group_size}
 
     @property
     def meta_state(self) -> dict[str, int | None]:

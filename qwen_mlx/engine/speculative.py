@@ -29,7 +29,7 @@ from typing import Protocol
 import mlx.core as mx
 import numpy as np
 
-from qwen_mlx.cache.kv import KVCache, LayerCache
+from qwen_mlx.cache.kv import KVCache, LayerCache, make_cache
 from qwen_mlx.cache.prefix import common_prefix
 from qwen_mlx.cache.recurrent import RecurrentCache, forget_passing, keep_snapshots, restore_point, settle
 from qwen_mlx.engine.generate import GenerationStats, generation_stream, prefill
@@ -48,8 +48,8 @@ class Draft(Protocol):
     wants_hidden: bool
 
     def follow(self, cache: list[Cache]) -> None:
-        """Called as a generation starts, with the target's cache (its kinds: window, KV bits): a draft whose own
-        cache lines up with the target's positions keeps it of the same kind."""
+        """Called as a generation starts, with the target's cache (its kinds: window, KV bits): a draft with a
+        cache of its own keeps it of the same kind, so that its memory follows the target's."""
 
     def sync(self, tokens: list[int]) -> None:
         """Hold exactly `tokens` (the whole context before the last token, as the target's cache does), reusing
@@ -270,16 +270,30 @@ def _choose(logits: mx.array, history: list[int], params: SamplingParams,
 
 class DraftModel:
     """A smaller model of the same vocabulary (Qwen3-0.6B for Qwen3-8B, Qwen3.5-0.8B for Qwen3.5-9B) with its
-    own cache, drafting autoregressively with the target's sampling settings."""
+    own cache, drafting autoregressively with the target's sampling settings.
+
+    Its cache is built for its own model (cache.kv.make_cache over its config: its layer kinds and head_dim) with
+    the target's settings (follow): under a window its attention layers are windows of the same size, pinned
+    tokens and slack, so its memory stays flat as the target's does; with KV bits they are quantized alike. Where
+    it cannot go back as far as a new sequence parts from the one it holds (the ring has moved on: another prompt,
+    a chat turn resumed inside an earlier reply), it starts over from an empty cache and runs the tokens again."""
 
     wants_hidden = False
 
-    def __init__(self, model: Model, cache: list[Cache]):
-        self.model, self.cache = model, cache
+    def __init__(self, model: Model):
+        self.model = model
+        self.options: dict = {}  # the make_cache options of its cache
+        self.cache: list[Cache] = make_cache(model.config)
         self.held: list[int] = []  # the tokens its cache holds
 
     def follow(self, cache: list[Cache]) -> None:
-        """Nothing: its cache is its own model's, made with the draft (its positions run ahead of the target's)."""
+        """Take the settings of the target's attention caches (window, KV bits); a KV group size that does not
+        divide the draft's head_dim falls back to make_cache's default for it. New settings: a new, empty cache."""
+        options = next(c for c in cache if not isinstance(c, RecurrentCache)).options
+        if "group_size" in options and self.model.config.head_dim % options["group_size"]:
+            options = {**options, "group_size": None}
+        if options != self.options:
+            self.options, self.cache, self.held = options, make_cache(self.model.config, **options), []
 
     def sync(self, tokens: list[int]) -> None:
         self._forget_after(tokens)
@@ -309,11 +323,12 @@ class DraftModel:
 
     def _forget_after(self, tokens: list[int]) -> None:
         """Trim the cache to the longest prefix it shares with `tokens` (a recurrent draft: to its latest restore
-        point within it, possibly the start)."""
+        point within it, possibly the start); where it cannot go back that far, start over from an empty cache
+        (the tokens are run again: by sync, or by the next propose)."""
         keep = restore_point(self.cache, common_prefix(self.held, tokens))
         extra = len(self.held) - keep
-        if extra and any(c.trim(extra) != extra for c in self.cache):
-            raise RuntimeError("the draft's cache could not forget its rejected tokens")
+        if extra and any(c.trim(extra) != extra for c in self.cache):  # a window that moved on: start over
+            self.cache, keep = make_cache(self.model.config, **self.options), 0
         forget_passing(self.cache)
         settle(self.cache)
         self.held = self.held[:keep]
