@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 
 import pytest
@@ -97,31 +96,6 @@ def test_message_streams_and_thinking_collapses_when_the_answer_starts():
             assert "5 tokens" in str(turn.query_one(".summary").render())
 
     asyncio.run(run())
-
-
-def test_a_turns_thread_frees_its_mlx_streams_when_it_ends(monkeypatch):
-    """MLX's rule for a thread that ran it (mx.clear_streams before it ends; else its teardown may race the
-    interpreter's and abort a quitting app): called once per turn, on the thread that generated, after the reply."""
-    import tui.app
-
-    class Engine(ScriptedEngine):
-        def send(self, text, *, think, stop):
-            sent_on.append(threading.get_ident())
-            yield from super().send(text, think=think, stop=stop)
-
-    engine, freed, sent_on = Engine(SCRIPT), [], []
-    monkeypatch.setattr(tui.app.mx, "clear_streams", lambda: freed.append((threading.get_ident(), engine.used)))
-
-    async def run():
-        app = ChatApp(engine)
-        async with app.run_test(size=(100, 40)) as pilot:
-            for text in ("hi", "again"):
-                await send(pilot, text)
-                await wait_until(pilot, lambda: not app.generating and len(freed) == len(sent_on))
-
-    asyncio.run(run())
-    assert [thread for thread, _ in freed] == sent_on and threading.get_ident() not in sent_on
-    assert [used for _, used in freed] == [len(SCRIPT), 2 * len(SCRIPT)]  # each after its whole reply
 
 
 def test_status_bar_shows_live_tokens_per_second_while_generating():

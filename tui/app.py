@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 
-import mlx.core as mx
 from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
@@ -234,10 +233,6 @@ class ChatApp(App):
                 self.post_message(Piece(turn, done))
         except Exception as e:  # shown to the user; the app stays usable
             self.post_message(Failed(turn, f"{type(e).__name__}: {e}"))
-        finally:
-            # MLX's rule for a thread that ran it: free its streams before it ends (left to the thread's exit, the
-            # teardown can race the interpreter's and abort the process: a turn's thread ending as the app quits)
-            mx.clear_streams()
 
     async def on_failed(self, message: Failed) -> None:
         message.turn.query_one(".summary", Static).update(f"error: {printable(message.error)}")
