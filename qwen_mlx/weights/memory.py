@@ -100,8 +100,8 @@ def check_fits(what: str, model: Footprint, force: bool, beside: dict[str, Footp
     kv_cache = " + ".join(f"{name} {_gib(p.kv_cache)}".lstrip() for name, p in parts.items())
     raise MemoryCheckError(
         f"{what}: needs about {_gib(total)} (weights {weights}, KV cache {kv_cache}), more than the {_gib(limit)} "
-        f"this GPU can use without paging; choose a smaller or more quantized model{' or draft' if beside else ''} "
-        "or a smaller --max-tokens or --max-kv-size, or pass --force to load it anyway")
+        f"this GPU can use without paging; choose a smaller or more quantized model{' (or draft)' if beside else ''}"
+        " or a smaller --max-tokens or --max-kv-size, or pass --force to load it anyway")
 
 
 @contextmanager
