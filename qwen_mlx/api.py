@@ -26,7 +26,7 @@ from qwen_mlx.engine.stream import Event, Reply, check_context, collect, stream_
 from qwen_mlx.engine.tokenizer import Tokenizer
 from qwen_mlx.errors import UserError
 from qwen_mlx.models.qwen3 import Cache, Model
-from qwen_mlx.weights.loader import load_config, load_model, resolve
+from qwen_mlx.weights.loader import check_memory, load_config, load_model, resolve
 from qwen_mlx.weights.memory import MemoryPlan
 
 Prompt = str | list[dict]
@@ -146,19 +146,23 @@ def _messages(prompt: Prompt, system: str | None) -> list[dict]:
 def load(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None, memory: MemoryPlan | None = None,
          draft: str | Path | None = None, draft_tokens: int | None = None, mtp: bool = False) -> LLM:
     """Load a checkpoint directory or hub id (downloaded once into the Hugging Face cache). With `memory` (the KV
-    cache a run will need), a model that would not fit the GPU's recommended working set is refused before any
-    weight is read (see weights/memory.py). With `draft`, a smaller checkpoint of the same vocabulary drafts for
-    it; with `mtp`, the checkpoint's own MTP head does (see LLM.speculate)."""
+    cache a run will need), a model that would not fit the GPU's recommended working set beside its draft model or
+    MTP head is refused before any weight of either is read (see weights/memory.py). With `draft`, a smaller
+    checkpoint of the same vocabulary drafts for it; with `mtp`, the checkpoint's own MTP head does (see
+    LLM.speculate)."""
     if draft_tokens is not None and not 1 <= draft_tokens <= MAX_DRAFT:
         raise UserError(f"--draft-tokens must be between 1 and {MAX_DRAFT}: got {draft_tokens}")
     if mtp and draft is not None:
         raise UserError("--mtp and --draft-model are two ways to draft tokens: give one of them")
     path = resolve(path_or_repo)
+    draft_path = resolve(draft) if draft is not None else None
     tokenizer = Tokenizer.from_dir(path, vocab_size=load_config(path).vocab_size)  # before any weight is read
-    model, path = load_model(path, dtype=dtype, memory=memory, mtp=mtp)
+    if memory is not None:  # the whole run: the model with its draft model or MTP head
+        check_memory(path, memory, dtype=dtype, mtp=mtp, draft=draft_path)
+    model, path = load_model(path, dtype=dtype, mtp=mtp)
     llm = LLM(model, tokenizer, path)
-    if draft is not None:
-        llm.speculate(load(draft, dtype=dtype), tokens=draft_tokens)
+    if draft_path is not None:
+        llm.speculate(load(draft_path, dtype=dtype), tokens=draft_tokens)
     elif mtp:
         llm.speculate(None, tokens=draft_tokens, mtp=True)
     return llm

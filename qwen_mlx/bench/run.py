@@ -29,7 +29,7 @@ from qwen_mlx.models.build import build_model
 from qwen_mlx.models.config import HYBRID_MODEL_TYPES, ModelConfig
 from qwen_mlx.models.fused import fuse
 from qwen_mlx.models.qwen3 import checkpoint_weights
-from qwen_mlx.weights.memory import MemoryPlan, check_fits, kv_cache_bytes
+from qwen_mlx.weights.memory import Footprint, MemoryPlan, check_fits, kv_cache_bytes
 from qwen_mlx.weights.names import mlx_lm_name
 from qwen_mlx.weights.quant import quantize_model
 
@@ -141,7 +141,7 @@ def random_model(cfg: ModelConfig, bits: str, memory: MemoryPlan | None = None) 
     fuse(model, choose_backend())
     if memory is not None:  # the arrays are still lazy: their sizes are known, nothing is allocated yet
         weights = sum(p.nbytes for _, p in tree_flatten(model.parameters()))
-        check_fits(f"preset {cfg.model_type} {bits}", weights, kv_cache_bytes(cfg, memory, 2), memory.force)
+        check_fits(f"preset {cfg.model_type} {bits}", Footprint(weights, kv_cache_bytes(cfg, memory, 2)), memory.force)
     mx.eval(model.parameters())
     return model
 

@@ -28,7 +28,7 @@ from qwen_mlx.models.config import HYBRID_MODEL_TYPES, ConfigError, ModelConfig
 from qwen_mlx.models.fused import fuse
 from qwen_mlx.models.qwen3 import Model, checkpoint_names
 from qwen_mlx.untrusted import checked_file, read_json
-from qwen_mlx.weights.memory import MemoryPlan, check_fits, kv_cache_bytes
+from qwen_mlx.weights.memory import Footprint, MemoryPlan, attention_layer_bytes, check_fits, kv_cache_bytes
 from qwen_mlx.weights.names import LoadError, hybrid_hf_layout, is_mtp, is_vision_tower, model_name, sanitize
 from qwen_mlx.weights.quant import quantize_model
 
@@ -134,8 +134,9 @@ def load_model(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None, part:
     The kernels backend is chosen here, once (kernels.ops.choose_backend: the device and QWEN_MLX_KERNELS), and the
     model comes back in its layer forms (models.fused.fuse: the fused kernels on a GPU, the plain page otherwise).
 
-    `memory`: refuse (memory.MemoryCheckError), before any weight is read, a model whose weights plus the KV cache
-    of the plan exceed the GPU's recommended working set (Apple silicon; unless the plan says force).
+    `memory`: refuse (memory.MemoryCheckError), before anything is built or read, a model whose weights plus the KV
+    cache of the plan (with `mtp`, its MTP head's too) exceed the GPU's recommended working set (Apple silicon;
+    unless the plan says force): see check_memory. The whole checkpoint is counted, not a `part`'s share.
 
     `mtp`: load the checkpoint's multi-token-prediction head too (`model.mtp`; refused for a checkpoint without
     one). Without it the head's tensors are never read.
@@ -146,6 +147,8 @@ def load_model(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None, part:
     hf_layout = hybrid_hf_layout(index)
     if mtp:
         check_mtp(cfg, index, path)
+    if memory is not None:
+        check_memory(path, memory, dtype=dtype, mtp=mtp)
     renamed = model_names(index, mtp)  # checkpoint name -> model name, of the tensors the model may read
     index = {renamed[k]: v for k, v in index.items() if k in renamed}
     check_config_against_index(cfg, index, path)
@@ -161,9 +164,6 @@ def load_model(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None, part:
     if quantization:
         quantize_model(model, quantization, present=set(index))
     _check_dtypes(index)
-    if memory is not None:
-        weight_bytes, element_bytes = _weight_bytes(index, dtype)
-        check_fits(str(path), weight_bytes, kv_cache_bytes(cfg, memory, element_bytes), memory.force)
     expected = {name: tuple(p.shape) for name, p in tree_flatten(model.parameters())}
     weights = _load_weights(index, cfg, set(expected), renamed, experts, hf_layout)
     check_weights(expected, index, weights, cfg)
@@ -179,6 +179,40 @@ def load_model(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None, part:
         mx.eval(p)
     model.eval()
     return model, path
+
+
+def check_memory(path: Path, plan: MemoryPlan, *, dtype: mx.Dtype | None = None, mtp: bool = False,
+                 draft: Path | None = None) -> None:
+    """Refuse (memory.MemoryCheckError) a run of the checkpoint at `path` whose weights and KV caches under `plan`
+    exceed the GPU's recommended working set: the model's, with `mtp` its MTP head's, with `draft` (a checkpoint
+    directory) the draft model's, its cache under the same plan. From config.json and the headers alone: nothing
+    is built or read, so it runs before either model loads."""
+    cfg, index = load_config(path), read_index(path)
+    if mtp:
+        check_mtp(cfg, index, path)  # a head that is not there is not counted, it is refused
+    model, head = footprint(cfg, index, plan, dtype)
+    if draft is not None:
+        beside = footprint(load_config(draft), read_index(draft), plan, dtype)[0]
+        check_fits(f"{path} with the draft model {draft}", model, plan.force, {"draft": beside})
+    elif mtp:
+        check_fits(f"{path} with its MTP head", model, plan.force, {"MTP head": head})
+    else:
+        check_fits(str(path), model, plan.force)
+
+
+def footprint(cfg: ModelConfig, index: dict[str, TensorInfo], plan: MemoryPlan,
+              dtype: mx.Dtype | None = None) -> tuple[Footprint, Footprint]:
+    """(the model's, its MTP head's) bytes in a run of `plan`, from a checkpoint's config and tensor index
+    (read_index): weights once loaded (floats cast to `dtype`) and the most the caches reach (the head's: its one
+    attention layer, a cache of the model's kind). The head's is zero for a checkpoint without one."""
+    _check_dtypes(index)
+    renamed = model_names(index, mtp=True)
+    index = {renamed[k]: v for k, v in index.items() if k in renamed}
+    weights, element = _weight_bytes({k: v for k, v in index.items() if not is_mtp(k)}, dtype)
+    head = {k: v for k, v in index.items() if is_mtp(k)}
+    head_weights = _weight_bytes(head, dtype)[0]
+    head_cache = attention_layer_bytes(cfg, plan, element) if head else 0
+    return Footprint(weights, kv_cache_bytes(cfg, plan, element)), Footprint(head_weights, head_cache)
 
 
 def model_names(index: dict[str, TensorInfo], mtp: bool = False) -> dict[str, str]:

@@ -1,6 +1,7 @@
-"""Will a run fit in GPU memory? Weights plus the KV cache against the working set the GPU can use without paging
-(Apple silicon: `max_recommended_working_set_size` in MLX's device info), checked before any weight is read; and
-the wired-memory limit, raised while a command runs and restored however it ends.
+"""Will a run fit in GPU memory? Weights plus the KV cache, the model's and its draft model's or MTP head's, against
+the working set the GPU can use without paging (Apple silicon: `max_recommended_working_set_size` in MLX's device
+info), checked before any weight is read; and the wired-memory limit, raised while a command runs and restored
+however it ends.
 
 Where MLX reports no working set (the CPU backend, CUDA) nothing is checked and no limit is changed.
 """
@@ -24,6 +25,14 @@ class MemoryCheckError(UserError):
 
 
 @dataclass(frozen=True)
+class Footprint:
+    """What one model of a run holds, in bytes: its weights once loaded and the most its caches reach."""
+
+    weights: int
+    kv_cache: int
+
+
+@dataclass(frozen=True)
 class MemoryPlan:
     """What a run will hold besides its weights: the KV cache it is asked for."""
 
@@ -41,8 +50,17 @@ def recommended_working_set() -> int | None:
 
 
 def kv_cache_bytes(cfg: ModelConfig, plan: MemoryPlan, element_bytes: int) -> int:
-    """The most bytes the caches make_cache builds for `plan` reach: storage grows in steps of 256 tokens, a
-    rotating cache stops at its window plus slack. `element_bytes`: the size of the activations' dtype."""
+    """The most bytes the caches make_cache builds for `plan` reach: each attention layer's K and V
+    (attention_layer_bytes) and each linear-attention layer's state. `element_bytes`: the size of the activations'
+    dtype."""
+    attention = sum(not cfg.is_linear_layer(i) for i in range(cfg.num_hidden_layers))
+    return attention * attention_layer_bytes(cfg, plan, element_bytes) + recurrent_state_bytes(cfg, element_bytes)
+
+
+def attention_layer_bytes(cfg: ModelConfig, plan: MemoryPlan, element_bytes: int) -> int:
+    """The most bytes one attention layer's K and V reach (a model's layer, or the MTP head's one): storage grows
+    in steps of 256 tokens, a rotating cache stops at its window plus slack. A KV group size that does not divide
+    head_dim counts as make_cache's default (what a draft model's cache falls back to)."""
     tokens = -(-plan.context // STEP) * STEP
     if plan.max_kv_size is not None:
         tokens = min(tokens, plan.max_kv_size + default_slack(plan.max_kv_size))
@@ -50,10 +68,11 @@ def kv_cache_bytes(cfg: ModelConfig, plan: MemoryPlan, element_bytes: int) -> in
     if plan.kv_bits is None:
         per_vector = d * element_bytes
     else:
-        group = plan.kv_group_size or (64 if d % 64 == 0 else 32)
+        group = plan.kv_group_size
+        if group is None or d % group:  # make_cache's default, which a draft's cache falls back to
+            group = 64 if d % 64 == 0 else 32
         per_vector = d * plan.kv_bits // 8 + 2 * (d // group) * element_bytes  # packed values, scales, biases
-    attention = sum(not cfg.is_linear_layer(i) for i in range(cfg.num_hidden_layers))
-    return 2 * attention * cfg.num_key_value_heads * tokens * per_vector + recurrent_state_bytes(cfg, element_bytes)
+    return 2 * cfg.num_key_value_heads * tokens * per_vector
 
 
 def recurrent_state_bytes(cfg: ModelConfig, element_bytes: int) -> int:
@@ -69,15 +88,20 @@ def recurrent_state_bytes(cfg: ModelConfig, element_bytes: int) -> int:
     return linear * (tail + state)
 
 
-def check_fits(what: str, weights: int, kv_cache: int, force: bool) -> None:
-    """Refuse (MemoryCheckError) when weights + KV cache exceed the recommended working set, unless `force`."""
+def check_fits(what: str, model: Footprint, force: bool, beside: dict[str, Footprint] | None = None) -> None:
+    """Refuse (MemoryCheckError) when the weights + KV caches of the model and of what runs beside it (`beside`,
+    by name: a draft model, an MTP head) exceed the recommended working set, unless `force`."""
     limit = recommended_working_set()
-    if limit is None or force or weights + kv_cache <= limit:
+    parts = {"": model, **(beside or {})}
+    total = sum(p.weights + p.kv_cache for p in parts.values())
+    if limit is None or force or total <= limit:
         return
+    weights = " + ".join(f"{name} {_gib(p.weights)}".lstrip() for name, p in parts.items())
+    kv_cache = " + ".join(f"{name} {_gib(p.kv_cache)}".lstrip() for name, p in parts.items())
     raise MemoryCheckError(
-        f"{what}: needs about {_gib(weights + kv_cache)} (weights {_gib(weights)}, KV cache {_gib(kv_cache)}), "
-        f"more than the {_gib(limit)} this GPU can use without paging; choose a smaller or more quantized model "
-        "or a smaller --max-tokens or --max-kv-size, or pass --force to load it anyway")
+        f"{what}: needs about {_gib(total)} (weights {weights}, KV cache {kv_cache}), more than the {_gib(limit)} "
+        f"this GPU can use without paging; choose a smaller or more quantized model{' (or draft)' if beside else ''}"
+        " or a smaller --max-tokens or --max-kv-size, or pass --force to load it anyway")
 
 
 @contextmanager
