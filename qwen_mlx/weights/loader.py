@@ -148,7 +148,7 @@ def load_model(path_or_repo: str | Path, *, dtype: mx.Dtype | None = None, part:
     if mtp:
         check_mtp(cfg, index, path)
     if memory is not None:
-        check_memory(path, memory, dtype=dtype, mtp=mtp)
+        _check_run(path, cfg, index, memory, dtype, mtp)
     renamed = model_names(index, mtp)  # checkpoint name -> model name, of the tensors the model may read
     index = {renamed[k]: v for k, v in index.items() if k in renamed}
     check_config_against_index(cfg, index, path)
@@ -190,6 +190,12 @@ def check_memory(path: Path, plan: MemoryPlan, *, dtype: mx.Dtype | None = None,
     cfg, index = load_config(path), read_index(path)
     if mtp:
         check_mtp(cfg, index, path)  # a head that is not there is not counted, it is refused
+    _check_run(path, cfg, index, plan, dtype, mtp, draft)
+
+
+def _check_run(path: Path, cfg: ModelConfig, index: dict[str, TensorInfo], plan: MemoryPlan, dtype: mx.Dtype | None,
+               mtp: bool, draft: Path | None = None) -> None:
+    """check_memory with the checkpoint's config and index in hand (a head asked for already checked present)."""
     model, head = footprint(cfg, index, plan, dtype)
     if draft is not None:
         beside = footprint(load_config(draft), read_index(draft), plan, dtype)[0]
