@@ -268,6 +268,11 @@ def _choose(logits: mx.array, history: list[int], params: SamplingParams,
     return _draw(q, rng), q
 
 
+def _attention_cache(cache: list[Cache]) -> LayerCache:
+    """The target's first attention-layer cache: the kind and settings (window, KV bits) a draft's caches follow."""
+    return next(c for c in cache if not isinstance(c, RecurrentCache))
+
+
 class DraftModel:
     """A smaller model of the same vocabulary (Qwen3-0.6B for Qwen3-8B, Qwen3.5-0.8B for Qwen3.5-9B) with its
     own cache, drafting autoregressively with the target's sampling settings.
@@ -289,7 +294,7 @@ class DraftModel:
     def follow(self, cache: list[Cache]) -> None:
         """Take the settings of the target's attention caches (window, KV bits); a KV group size that does not
         divide the draft's head_dim falls back to make_cache's default for it. New settings: a new, empty cache."""
-        options = next(c for c in cache if not isinstance(c, RecurrentCache)).options
+        options = _attention_cache(cache).options
         if "group_size" in options and self.model.config.head_dim % options["group_size"]:
             options = {**options, "group_size": None}
         if options != self.options:
@@ -360,9 +365,9 @@ class MTPDraft:
         self.last: mx.array | None = None  # (1, 1, dim): h' of the last pair
 
     def follow(self, cache: list[Cache]) -> None:
-        like = next(c for c in cache if not isinstance(c, RecurrentCache)).empty()  # the target's attention kind
-        if (like.kind, like.meta_state) != (self.cache.kind, self.cache.empty().meta_state):
-            self.cache, self.seen, self.last = like, [], None
+        like = _attention_cache(cache)
+        if (type(like), like.options) != (type(self.cache), self.cache.options):
+            self.cache, self.seen, self.last = like.empty(), [], None
 
     def sync(self, tokens: list[int]) -> None:
         """Not called (wants_hidden): it learns the context from `accepted`, which the prefill calls."""
