@@ -70,7 +70,7 @@ def parse_messages(llm, body: dict, *, max_messages: int, context: int) -> Job:
         grammar, banned = choice_constraint(llm, tools, choice, prompt, think)
     return Job(prompt, sampling(llm, body, think), token_budget(prompt, max_tokens, context, "max_tokens"),
                stop_strings(body.get("stop_sequences"), "stop_sequences"), [] if choice.mode == "none" else tools,
-               grammar, banned, choice.mode == "auto" and not choice.many, schema is not None,
+               grammar, banned, one_call=choice.mode == "auto" and not choice.many, json_reply=schema is not None,
                stream=value(body, "stream", bool, False))
 
 

@@ -71,8 +71,9 @@ def parse_chat(llm, body: dict, *, max_messages: int, context: int) -> Job:
     options = value(body, "stream_options", dict, {})
     return Job(prompt, sampling(llm, body, think), token_budget(prompt, max_tokens, context, "max_tokens"),
                stop_strings(body.get("stop"), "stop"), [] if choice.mode == "none" else tools, grammar,
-               banned, choice.mode == "auto" and not choice.many, schema is not None, top if logprobs else None,
-               value(body, "stream", bool, False), options.get("include_usage") is True)
+               banned, one_call=choice.mode == "auto" and not choice.many, json_reply=schema is not None,
+               top_logprobs=top if logprobs else None, stream=value(body, "stream", bool, False),
+               include_usage=options.get("include_usage") is True)
 
 
 def _tool_choice(body: dict, tools: list[dict]) -> ToolChoice:
