@@ -78,6 +78,13 @@ def test_anthropic_bad_requests_get_400(server, body):
     assert anthropic_error(httpx.post(server + MESSAGES, json=body), 400) == "invalid_request_error"
 
 
+def test_anthropic_bad_output_schema_names_its_own_field(server):
+    body = {"max_tokens": 10, "messages": HELLO, "output_config": {"format": {"type": "json_schema", "schema": 5}}}
+    response = httpx.post(server + MESSAGES, json=body)
+    assert anthropic_error(response, 400) == "invalid_request_error"
+    assert response.json()["error"]["message"] == "output_config.format.schema must be a JSON schema object"
+
+
 def test_bodies_over_the_limit_get_413(server):
     big = {"messages": [{"role": "user", "content": "x" * 5000}], "max_tokens": 10}
     assert openai_error(httpx.post(server + CHAT, json=big), 413) == "request_too_large"

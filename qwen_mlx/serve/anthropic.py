@@ -58,7 +58,8 @@ def parse_messages(llm, body: dict, *, max_messages: int, context: int) -> Job:
         try:
             schema = schema_for({"type": "json_schema", "json_schema": {"schema": output.get("schema")}})
         except SchemaError as e:
-            raise ApiError(400, str(e).replace("response_format", "output_config.format"),
+            raise ApiError(400, str(e).replace("response_format.json_schema", "output_config.format")
+                           .replace("response_format", "output_config.format"),
                            param="output_config") from None
         if choice.mode == "forced":
             raise ApiError(400, "output_config.format cannot be combined with a tool_choice that demands a tool call",
