@@ -172,6 +172,20 @@ def test_no_think_changes_the_rendered_prompt_of_the_real_model(tiny_checkpoint)
     asyncio.run(run())
 
 
+def test_status_counts_the_tokens_a_window_holds(tiny_checkpoint):
+    """ctx USED/CAPACITY: under --max-kv-size USED is what the window holds, never more than its size."""
+    import threading
+
+    import qwen_mlx
+    from tui.engine import ModelEngine
+
+    engine = ModelEngine(qwen_mlx.load(tiny_checkpoint("qwen3")), max_kv_size=16, max_tokens=12)
+    for text in ("hi", "and again"):
+        list(engine.send(text, think=False, stop=threading.Event()))
+    assert engine.session.cache[0].offset > 16  # the window has moved on
+    assert engine.context() == (16, 16)
+
+
 class FixedClockEngine(ScriptedEngine):
     """Deterministic stats (a fixed 25 ms per token), so the screen is the same on every run."""
 

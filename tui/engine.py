@@ -63,7 +63,8 @@ class ModelEngine:
         yield from self.session.send(text, think=think, max_tokens=self.max_tokens, stop=stop)
 
     def context(self) -> tuple[int, int | None]:
-        return self.session.cache[0].offset, self.capacity
+        """(tokens the KV cache holds, its capacity): under a window, what the window keeps of the tokens seen."""
+        return min(self.session.cache[0].offset, self.capacity), self.capacity
 
     def restore(self, messages: list[dict]) -> None:
         self.session.reset()
